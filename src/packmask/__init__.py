@@ -1,0 +1,38 @@
+"""packmask: packed rows and per-sample ``[B, N, N]`` attention masks for any transformers model.
+
+``import packmask`` registers the attention implementation ``"packmask"`` with transformers'
+public ``AttentionInterface`` and ``AttentionMaskInterface``.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+from .backends import get_backend, set_backend
+from .errors import PackmaskError, UnsupportedModelError
+from .integration import NAME, enable
+from .layout import DocumentLayout, GeneralLayout, analyse_mask, position_ids_from_mask
+from .masks import block_diagonal_mask, prefix_lm_mask, shared_prefix_tree_mask
+
+# name -> module that defines it; imported on first use so `import packmask` stays light.
+_LAZY = {
+    # packing pipeline
+    "pack_dataset": "packmask.packing",
+    "pack_lengths": "packmask.packing",
+    "pack_iterable": "packmask.packing",
+    "PackingStats": "packmask.packing",
+    "PackedCollator": "packmask.collator",
+    "packed_causal_lm_loss": "packmask.loss",
+    # proof tool
+    "verify": "packmask.verify",
+}
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'packmask' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,280 @@
+"""The transformers integration: ``attn_implementation="packmask"``.
+
+Registered through transformers' public ``AttentionInterface`` / ``AttentionMaskInterface``; no
+model code is edited. Data flows one way:
+
+1. **Model forward pre-hook** (attached to every ``PreTrainedModel`` through PyTorch's public
+   module-registration hook): when the model runs with ``"packmask"`` and ``position_ids`` are
+   omitted, they are derived from the mask / ``cu_seq_lens`` / ``seq_lengths`` so that every
+   packed sequence starts at position 0 (RoPE and learned positions are computed before
+   attention, so this must happen before the model body runs).
+2. **Mask interface** (once per mask type per forward, called by ``create_causal_mask`` & co.):
+   a ``[B, N, N]`` mask is analysed into a compact layout; a 2D padding mask is kept lazily.
+3. **Attention function** (per layer): resolves the layout (cached on the input tensors, so
+   only the first layer pays) and dispatches to a kernel (:mod:`packmask.backends`).
+"""
+from __future__ import annotations
+
+import inspect
+from functools import lru_cache
+
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .backends import AttentionSpec, attend
+from .errors import PackmaskError, UnsupportedModelError
+from .layout import DocumentLayout, GeneralLayout, analyse_mask, cached_on
+
+__all__ = ["NAME", "PackmaskMask", "packmask_attention", "packmask_mask", "enable", "register"]
+
+NAME = "packmask"
+
+
+class PackmaskMask:
+    """What the mask interface hands to the model's layers (like flex's ``BlockMask``, not a tensor).
+
+    Either a ``layout`` analysed from a user's ``[B, N, N]`` mask, or the arguments of
+    transformers' own mask for the ordinary path, materialised only if a layer needs it.
+    """
+
+    def __init__(self, batch_size, q_length, kv_length, layout=None, mask_kwargs=None, padding_mask=None):
+        self.layout = layout
+        self.padding_mask = padding_mask  # 2D [B, kv] bool, None when there is no padding
+        self._mask_kwargs = mask_kwargs
+        self._dense = None
+        self.shape = (batch_size, 1, q_length, kv_length)
+
+    def standard_mask(self):
+        """transformers' 4D bool mask for the unpacked path (None = plain causal)."""
+        if self._mask_kwargs is not None:
+            self._dense = sdpa_mask(**self._mask_kwargs)
+            self._mask_kwargs = None
+        return self._dense
+
+    def __repr__(self):
+        return f"PackmaskMask(shape={self.shape}, layout={type(self.layout).__name__ if self.layout else None})"
+
+
+def packmask_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                  attention_mask=None, **kwargs):
+    """``AttentionMaskInterface`` entry: called by ``create_causal_mask`` & co. once per forward."""
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 3:
+        if kv_length != q_length or (isinstance(q_offset, int) and q_offset != 0):
+            raise PackmaskError(
+                "a [B, N, N] attention_mask describes a whole packed row; it cannot be combined with cached "
+                "past keys. Pass use_cache=False (training) or a 2D mask for generation.")
+        layout = cached_on(attention_mask, "layout",
+                           lambda: _on_device(analyse_mask(attention_mask, batch_size, q_length), kwargs.get("device")))
+        return PackmaskMask(batch_size, q_length, kv_length, layout=layout)
+    padding = None
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        if not bool(attention_mask.all()):
+            padding = attention_mask.bool()
+    mask_kwargs = dict(kwargs, batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                       kv_offset=kv_offset, attention_mask=attention_mask)
+    if mask_function is not None:
+        mask_kwargs["mask_function"] = mask_function
+    mask_kwargs.pop("dtype", None)
+    mask_kwargs.pop("config", None)
+    return PackmaskMask(batch_size, q_length, kv_length, mask_kwargs=mask_kwargs, padding_mask=padding)
+
+
+def _on_device(layout, device):
+    if device is not None and isinstance(layout, DocumentLayout):
+        return layout.to(device)
+    return layout
+
+
+_UNSUPPORTED_KWARGS = {
+    "s_aux": "attention sinks (s_aux)",
+    "sinks": "attention sinks",
+}
+
+
+def _resolve_layout(module, attention_mask, kwargs, B, N, kv_len, device):
+    """The packed layout of this forward, or None for the ordinary path. Cached on the inputs."""
+    causal = getattr(module, "is_causal", True)
+    if isinstance(attention_mask, torch.Tensor):  # a user's [B, 1, N, N] mask, passed as-is by transformers
+        if attention_mask.dim() != 4 or attention_mask.shape[-2:] != (N, kv_len) or N != kv_len:
+            raise PackmaskError(
+                f"attention_mask of shape {tuple(attention_mask.shape)} does not match the inputs "
+                f"[batch={B}, tokens={N}]: pass [B, N, N] or [B, 1, N, N] (and use_cache=False).")
+        return cached_on(attention_mask, "layout", lambda: analyse_mask(attention_mask, B, N))
+    if isinstance(attention_mask, PackmaskMask) and attention_mask.layout is not None:
+        return attention_mask.layout
+    if N != kv_len:  # decoding against a cache: nothing is packed
+        return None
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None:
+        cu_k = kwargs.get("cu_seq_lens_k")
+        if cu_k is not None and cu_k is not cu and not torch.equal(cu_k, cu):
+            raise PackmaskError("cu_seq_lens_k differs from cu_seq_lens_q; packmask packs self-attention, where "
+                                "they must be equal.")
+        layout = cached_on(cu, ("cu", B, N, causal), lambda: DocumentLayout.from_cu_seqlens(
+            cu, B, N, max_seqlen=kwargs.get("max_length_q"), causal=causal))
+        return layout if len(layout.cu_seqlens) - 1 > B else None
+    pos = kwargs.get("position_ids")
+    if pos is None or pos.dim() != 2 or pos.shape[-1] != N:
+        return None
+    padding = attention_mask.padding_mask if isinstance(attention_mask, PackmaskMask) else None
+    key = ("pos", B, causal, None if padding is None else id(padding))
+    return cached_on(pos, key, lambda: _layout_from_positions(pos.expand(B, N), padding, causal))
+
+
+def _layout_from_positions(pos, padding, causal):
+    layout = DocumentLayout.from_position_ids(pos, causal=causal)
+    B = pos.shape[0]
+    if len(layout.cu_seqlens) - 1 == B:
+        return None  # one sequence per row: nothing is packed
+    if padding is None:
+        return layout
+    padding = padding[:, -pos.shape[1]:]
+    # padding runs become documents of their own (their outputs are never used: labels are -100)
+    start = torch.ones_like(pos, dtype=torch.bool)
+    pos_start = start.clone()
+    pos_start[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    pad_change = torch.zeros_like(start)
+    pad_change[:, 1:] = padding[:, 1:] != padding[:, :-1]
+    bad = pad_change & padding & ~pos_start  # a real token continuing a sequence across padding
+    if bool(bad.any()):
+        b, i = torch.nonzero(bad)[0].tolist()
+        raise PackmaskError(
+            f"row {b} has padding inside a packed sequence (before token {i}); put padding at the end of the row or "
+            f"between sequences, or drop the 2D attention_mask and pass a [B, N, N] mask.")
+    start[:, 1:] = pos_start[:, 1:] | pad_change[:, 1:]
+    return DocumentLayout._from_start_flags(start, causal=causal)
+
+
+def packmask_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                       sliding_window=None, softcap=None, **kwargs):
+    """``AttentionInterface`` entry: one call per layer."""
+    for name, what in _UNSUPPORTED_KWARGS.items():
+        if kwargs.get(name) is not None:
+            raise UnsupportedModelError(
+                f"{type(module).__name__} uses {what}, which packmask does not implement yet; use "
+                f"attn_implementation='eager' with a 4D float mask for this model.")
+    B, H, N, D = query.shape
+    kv_len = key.shape[2]
+    layout = _resolve_layout(module, attention_mask, kwargs, B, N, kv_len, query.device)
+    spec = AttentionSpec(
+        scale=float(scaling) if scaling is not None else D ** -0.5,
+        dropout=float(dropout or 0.0),
+        softcap=float(softcap) if softcap else None,
+        sliding_window=int(sliding_window) if sliding_window else None,
+        is_causal=getattr(module, "is_causal", True),
+    )
+    standard = None
+    if layout is None:
+        if isinstance(attention_mask, PackmaskMask):
+            standard = attention_mask.standard_mask()
+        if standard is not None and standard.dim() == 4 and standard.shape[-1] != kv_len:
+            standard = standard[..., :kv_len]
+    else:
+        if spec.sliding_window is not None and spec.sliding_window >= N:
+            spec = AttentionSpec(spec.scale, spec.dropout, spec.softcap, None, spec.is_causal)
+    out = attend(query, key, value, layout, spec, training=module.training, standard_mask=standard)
+    return out, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Deriving position_ids before the model body runs
+# ---------------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=None)
+def _forward_params(cls) -> tuple[tuple[str, ...], bool]:
+    params = inspect.signature(cls.forward).parameters
+    names = tuple(p for p in params if p != "self")
+    return names, "position_ids" in params
+
+
+def _uses_packmask(model) -> bool:
+    config = getattr(model, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    if isinstance(impl, dict):
+        return NAME in impl.values()
+    return impl == NAME
+
+
+def _derive_inputs_hook(model, args, kwargs):
+    """Fill in ``position_ids`` (and varlen keys from ``seq_lengths``) when the user omitted them."""
+    if not _uses_packmask(model):
+        return None
+    names, takes_positions = _forward_params(type(model))
+    if not takes_positions:
+        return None
+    bound = dict(zip(names, args))
+    mask = kwargs.get("attention_mask", bound.get("attention_mask"))
+    seq_lengths = kwargs.pop("seq_lengths", None)
+    ids = kwargs.get("input_ids", bound.get("input_ids"))
+    embeds = kwargs.get("inputs_embeds", bound.get("inputs_embeds"))
+    ref = ids if ids is not None else embeds
+    if seq_lengths is not None and ref is not None:
+        B, N = ref.shape[:2]
+        lengths = seq_lengths.tolist() if isinstance(seq_lengths, torch.Tensor) else seq_lengths
+        layout = DocumentLayout.from_seq_lengths(lengths, N, device=ref.device)
+        kwargs.setdefault("cu_seq_lens_q", layout.cu_seqlens)
+        kwargs.setdefault("cu_seq_lens_k", layout.cu_seqlens)
+        kwargs.setdefault("max_length_q", layout.max_seqlen)
+        kwargs.setdefault("max_length_k", layout.max_seqlen)
+        cached_on(layout.cu_seqlens, ("cu", B, N, True), lambda: layout)
+    if kwargs.get("position_ids", bound.get("position_ids")) is not None:
+        return args, kwargs
+    positions = None
+    if isinstance(mask, torch.Tensor) and mask.dim() in (3, 4):
+        B = ref.shape[0] if ref is not None else None
+        N = ref.shape[1] if ref is not None else None
+        positions = cached_on(mask, "layout", lambda: analyse_mask(mask, B, N)).position_ids
+    elif kwargs.get("cu_seq_lens_q") is not None and ref is not None:
+        B, N = ref.shape[:2]
+        cu = kwargs["cu_seq_lens_q"]
+        positions = cached_on(cu, ("cu", B, N, True), lambda: DocumentLayout.from_cu_seqlens(
+            cu, B, N, max_seqlen=kwargs.get("max_length_q"))).position_ids
+    if positions is not None:
+        kwargs["position_ids"] = positions.to(ref.device if ref is not None else positions.device)
+    return args, kwargs
+
+
+def _attach_hook(model) -> None:
+    if not getattr(model, "_packmask_hooked", False):
+        model.register_forward_pre_hook(_derive_inputs_hook, with_kwargs=True, prepend=True)
+        model._packmask_hooked = True
+
+
+def _on_submodule_registered(module, name, submodule):
+    # Runs while models are being constructed (never per forward). Every PreTrainedModel gets the
+    # cheap pre-hook, which does nothing unless its config selects "packmask".
+    if isinstance(module, PreTrainedModel):
+        _attach_hook(module)
+    return None
+
+
+def enable(model, backend: str | None = None):
+    """Switch an existing model to packmask (needed only for models built before ``import packmask``).
+
+    Sets ``attn_implementation="packmask"`` and attaches the position-deriving hook to every
+    ``PreTrainedModel`` inside it. Returns the model.
+    """
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel):
+            _attach_hook(m)
+    model.set_attn_implementation(NAME)
+    if backend is not None:
+        from .backends import set_backend
+        set_backend(backend)
+    return model
+
+
+_registered = {}
+
+
+def register() -> None:
+    """Register ``"packmask"`` with transformers (idempotent; done by ``import packmask``)."""
+    if _registered:
+        return
+    AttentionInterface.register(NAME, packmask_attention)
+    AttentionMaskInterface.register(NAME, packmask_mask)
+    _registered["hook"] = torch.nn.modules.module.register_module_module_registration_hook(_on_submodule_registered)
+
+
+register()

@@ -1,0 +1,349 @@
+"""Layouts: the compact description of who attends to whom in a batch of packed rows.
+
+Every input form (a dense ``[B, N, N]`` mask, ``cu_seq_lens``, ``seq_lengths``, packed
+``position_ids``) is turned into one of two layouts, once per forward:
+
+* :class:`DocumentLayout` — block-diagonal: each token belongs to one contiguous *document* of its
+  row and attends only inside it (causally, or bidirectionally for encoders). Stored as
+  ``cu_seqlens`` over the flattened ``B * N`` tokens, the form varlen kernels take.
+* :class:`GeneralLayout` — anything else (prefix-LM, trees, mixed blocks): the boolean mask itself,
+  plus the document segmentation and positions derived from it.
+
+Worked example: two rows of 6 tokens, row 0 packs documents ``a`` (3 tokens) and ``b`` (3 tokens),
+row 1 packs ``c`` (4) and ``d`` (2)::
+
+    tokens        a0 a1 a2 b0 b1 b2 | c0 c1 c2 c3 d0 d1
+    position_ids   0  1  2  0  1  2 |  0  1  2  3  0  1
+    cu_seqlens    [0, 3, 6, 10, 12]            (over the 12 flattened tokens)
+
+    causal mask of row 0 (1 = query row may attend key column)
+        a0 a1 a2 b0 b1 b2
+    a0   1  .  .  .  .  .
+    a1   1  1  .  .  .  .
+    a2   1  1  1  .  .  .
+    b0   .  .  .  1  .  .
+    b1   .  .  .  1  1  .
+    b2   .  .  .  1  1  1
+
+>>> layout = DocumentLayout.from_seq_lengths([[3, 3], [4, 2]], seq_len=6)
+>>> layout.cu_seqlens.tolist(), layout.max_seqlen
+([0, 3, 6, 10, 12], 4)
+>>> layout.position_ids.tolist()
+[[0, 1, 2, 0, 1, 2], [0, 1, 2, 3, 0, 1]]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import PackmaskError
+
+__all__ = [
+    "DocumentLayout",
+    "GeneralLayout",
+    "Layout",
+    "analyse_mask",
+    "position_ids_from_mask",
+    "cached_on",
+]
+
+
+def cached_on(tensor: torch.Tensor, key, compute: Callable):
+    """Memoise ``compute()`` on ``tensor`` (its storage owner), invalidated by in-place edits.
+
+    This is what makes analysis happen once per forward: every layer receives the same mask /
+    ``position_ids`` / ``cu_seq_lens`` tensor, so the first layer computes and the rest reuse.
+    The cache lives as an attribute of the tensor and dies with it: no global state, no risk of a
+    new tensor at a recycled address picking up a stale layout.
+    """
+    owner = tensor
+    while owner._base is not None:  # views (mask[:, None]) share their base's cache
+        owner = owner._base
+    store = owner.__dict__.setdefault("_packmask_cache", {})
+    full_key = (key, tuple(tensor.shape), tensor.stride(), tensor.storage_offset(), owner._version)
+    hit = store.get(full_key)
+    if hit is None:
+        if len(store) > 16:  # stale versions of an edited tensor
+            store.clear()
+        hit = store[full_key] = compute()
+    return hit
+
+
+def _positions_and_docs_from_cu(cu: torch.Tensor, total: int):
+    """Document index and position-in-document of every flattened token, from ``cu_seqlens``."""
+    idx = torch.arange(total, device=cu.device)
+    doc = torch.searchsorted(cu[1:].to(torch.long), idx, right=True)
+    return doc, idx - cu.to(torch.long)[doc]
+
+
+@dataclass(eq=False)
+class DocumentLayout:
+    """Block-diagonal layout: contiguous documents, each attending only to itself.
+
+    Attributes:
+        cu_seqlens: int32 ``[num_docs + 1]`` cumulative document lengths over the flattened
+            ``batch_size * seq_len`` tokens (the varlen-kernel convention); row boundaries are
+            always document boundaries.
+        max_seqlen: length of the longest document (a host int: kernels need it).
+        batch_size, seq_len: the ``[B, N]`` shape of the batch.
+        causal: True for decoders (attend to earlier tokens of the document), False for
+            bidirectional documents (encoders).
+    """
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    batch_size: int
+    seq_len: int
+    causal: bool = True
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    # ---- constructors -------------------------------------------------------------------------
+    @classmethod
+    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, batch_size: int, seq_len: int, *, max_seqlen=None,
+                        causal: bool = True, name: str = "cu_seq_lens_q") -> "DocumentLayout":
+        cu = cu_seqlens.reshape(-1)
+        total = batch_size * seq_len
+        cu_host = cu.tolist()  # one small host copy per forward; validation needs it anyway
+        if len(cu_host) < 2 or cu_host[0] != 0 or cu_host[-1] != total:
+            raise PackmaskError(
+                f"{name} must start at 0 and end at batch*tokens = {batch_size}*{seq_len} = {total}; "
+                f"got {cu_host[:3]}...{cu_host[-2:]}. Build it over the flattened batch (row padding "
+                f"counted as a sequence of its own), e.g. with packmask.PackedCollator.")
+        lengths = [b - a for a, b in zip(cu_host, cu_host[1:])]
+        if min(lengths) < 0:
+            raise PackmaskError(f"{name} must be non-decreasing; got {cu_host}.")
+        if batch_size > 1:
+            starts = set(cu_host)
+            missing = [r for r in range(1, batch_size) if r * seq_len not in starts]
+            if missing:
+                raise PackmaskError(
+                    f"{name} has a sequence that crosses from row {missing[0] - 1} into row {missing[0]} "
+                    f"(no boundary at token {missing[0] * seq_len}); a sequence must fit in one row of "
+                    f"{seq_len} tokens. Split or truncate it when packing (packmask.pack_dataset(overflow=...)).")
+        mx = max(lengths)
+        if max_seqlen is not None and int(max_seqlen) < mx:
+            raise PackmaskError(f"max_length_q={int(max_seqlen)} is smaller than the longest sequence ({mx}) in {name}.")
+        return cls(cu.to(torch.int32), mx, batch_size, seq_len, causal)
+
+    @classmethod
+    def from_seq_lengths(cls, seq_lengths: Sequence[Sequence[int]], seq_len: int, *, device=None,
+                         causal: bool = True) -> "DocumentLayout":
+        """From per-row lists of sequence lengths (the ``seq_lengths`` column of packed datasets)."""
+        flat = [0]
+        for r, row in enumerate(seq_lengths):
+            row = [int(x) for x in row]
+            if sum(row) > seq_len or any(x < 0 for x in row):
+                raise PackmaskError(
+                    f"seq_lengths of row {r} sum to {sum(row)} but the row holds {seq_len} tokens: a document "
+                    f"is longer than the row. Re-pack with a larger max_length or overflow='split'.")
+            if sum(row) < seq_len:  # trailing padding is a document of its own
+                row = row + [seq_len - sum(row)]
+            for x in row:
+                flat.append(flat[-1] + x)
+        cu = torch.tensor(flat, dtype=torch.int32, device=device)
+        return cls.from_cu_seqlens(cu, len(seq_lengths), seq_len, causal=causal, name="seq_lengths")
+
+    @classmethod
+    def from_position_ids(cls, position_ids: torch.Tensor, *, causal: bool = True) -> "DocumentLayout":
+        """A new document starts wherever the position does not continue the previous one by +1."""
+        pos = position_ids
+        B, N = pos.shape
+        start = torch.ones_like(pos, dtype=torch.bool)
+        start[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+        return cls._from_start_flags(start, causal=causal)
+
+    @classmethod
+    def _from_start_flags(cls, start: torch.Tensor, *, causal: bool) -> "DocumentLayout":
+        B, N = start.shape
+        flat = start.reshape(-1)
+        starts = torch.nonzero(flat).reshape(-1)
+        total = torch.tensor([B * N], device=start.device, dtype=starts.dtype)
+        cu = torch.cat([starts, total]).to(torch.int32)
+        max_seqlen = int((cu[1:] - cu[:-1]).max())
+        return cls(cu, max_seqlen, B, N, causal)
+
+    # ---- derived views (each computed once per layout) ----------------------------------------
+    def _derive(self):
+        if "doc" not in self._memo:
+            doc, pos = _positions_and_docs_from_cu(self.cu_seqlens, self.batch_size * self.seq_len)
+            self._memo["doc"] = doc.view(self.batch_size, self.seq_len)
+            self._memo["pos"] = pos.view(self.batch_size, self.seq_len)
+        return self._memo["doc"], self._memo["pos"]
+
+    @property
+    def doc_ids(self) -> torch.Tensor:
+        """``[B, N]`` global document index of every token."""
+        return self._derive()[0]
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        """``[B, N]`` position of every token inside its document (restarts at 0)."""
+        return self._derive()[1]
+
+    @property
+    def seq_lengths(self) -> list[int]:
+        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
+
+    def dense_mask(self, sliding_window: int | None = None) -> torch.Tensor:
+        """``[B, 1, N, N]`` bool mask (True = may attend). O(N²): for CPU/reference paths only."""
+        key = ("dense", sliding_window)
+        if key not in self._memo:
+            doc, pos = self.doc_ids, self.position_ids
+            m = doc[:, :, None] == doc[:, None, :]
+            if self.causal:
+                m &= pos[:, :, None] >= pos[:, None, :]
+            if sliding_window is not None:
+                m &= (pos[:, :, None] - pos[:, None, :]) < sliding_window
+            self._memo[key] = m[:, None]
+        return self._memo[key]
+
+    def to(self, device) -> "DocumentLayout":
+        if self.cu_seqlens.device == torch.device(device):
+            return self
+        return DocumentLayout(self.cu_seqlens.to(device, non_blocking=True), self.max_seqlen,
+                              self.batch_size, self.seq_len, self.causal)
+
+
+@dataclass(eq=False)
+class GeneralLayout:
+    """Any mask that is not block-diagonal over contiguous documents.
+
+    Attributes:
+        mask: ``[B, N, N]`` bool, True = query may attend key (exactly what the user gave).
+        doc_ids: ``[B, N]`` connected segments of the mask (no attention crosses a segment edge).
+        position_ids: ``[B, N]`` positions derived from the mask (see :func:`position_ids_from_mask`).
+    """
+
+    mask: torch.Tensor
+    doc_ids: torch.Tensor
+    position_ids: torch.Tensor
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.mask.shape[1]
+
+    def dense_mask(self, sliding_window: int | None = None) -> torch.Tensor:
+        key = ("dense", sliding_window)
+        if key not in self._memo:
+            m = self.mask
+            if sliding_window is not None:
+                pos = self.position_ids
+                m = m & ((pos[:, :, None] - pos[:, None, :]) < sliding_window)
+            self._memo[key] = m[:, None]
+        return self._memo[key]
+
+
+Layout = DocumentLayout | GeneralLayout
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense-mask analysis
+# ---------------------------------------------------------------------------------------------
+
+def _as_bool_mask(mask: torch.Tensor, batch_size: int | None, seq_len: int | None) -> torch.Tensor:
+    """Validate a ``[B, N, N]`` / ``[B, 1, N, N]`` mask and return it as ``[B, N, N]`` bool."""
+    if not isinstance(mask, torch.Tensor):
+        raise PackmaskError(f"attention_mask must be a torch.Tensor, got {type(mask).__name__}.")
+    if mask.dim() == 4:
+        if mask.shape[1] != 1:
+            raise PackmaskError(
+                f"attention_mask of shape {tuple(mask.shape)} has {mask.shape[1]} heads; packmask takes one mask "
+                f"for all heads: pass [B, N, N] or [B, 1, N, N].")
+        mask = mask[:, 0]
+    if mask.dim() != 3 or mask.shape[-1] != mask.shape[-2]:
+        raise PackmaskError(
+            f"attention_mask must be [batch, tokens, tokens] (or [batch, 1, tokens, tokens]); got shape "
+            f"{tuple(mask.shape)}.")
+    B, N, _ = mask.shape
+    if (batch_size is not None and B != batch_size) or (seq_len is not None and N != seq_len):
+        raise PackmaskError(
+            f"attention_mask has shape {tuple(mask.shape)} but the inputs are [batch={batch_size}, "
+            f"tokens={seq_len}]: expected [{batch_size}, {seq_len}, {seq_len}].")
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_floating_point():
+        if bool((mask < 0).any()):
+            # additive convention (0 = attend, very negative = blocked), as transformers' eager uses
+            blocked = mask <= torch.finfo(mask.dtype).min / 2
+            if not bool((blocked | (mask == 0)).all()):
+                raise PackmaskError(
+                    "a float attention_mask must hold 0/1 (1 = attend) or additive 0/-inf values; soft biases are "
+                    "not a mask (use a score_mod / ALiBi-style model instead).")
+            return ~blocked
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise PackmaskError("a float attention_mask must hold only 0 and 1 (1 = attend).")
+        return mask != 0
+    if mask.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64):
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise PackmaskError("an integer attention_mask must hold only 0 and 1 (1 = attend).")
+        return mask != 0
+    raise PackmaskError(f"attention_mask dtype {mask.dtype} is not supported; use bool (True = attend).")
+
+
+def analyse_mask(mask: torch.Tensor, batch_size: int | None = None, seq_len: int | None = None) -> Layout:
+    """Turn a dense ``[B, N, N]`` mask into the most compact layout that reproduces it exactly.
+
+    Reads the mask with a few O(N²) reductions (no per-token Python), then:
+
+    * every query sees exactly ``[doc_start, i]`` → :class:`DocumentLayout` (causal);
+    * every query sees exactly its whole segment → :class:`DocumentLayout` (bidirectional);
+    * otherwise → :class:`GeneralLayout` holding the mask.
+
+    A query that may attend to nothing raises :class:`PackmaskError` naming it (softmax over no
+    keys is undefined: it would be NaN).
+    """
+    m = _as_bool_mask(mask, batch_size, seq_len)
+    B, N, _ = m.shape
+    idx = torch.arange(N, device=m.device)
+    count = m.sum(-1)  # visible keys per query
+    if bool((count == 0).any()):
+        b, i = (torch.nonzero(count == 0)[0]).tolist()
+        raise PackmaskError(
+            f"attention_mask[{b}, {i}] lets query {i} of row {b} attend to no key (its softmax would be NaN). "
+            f"Every query needs at least one visible key; for padding tokens let each attend to itself "
+            f"(mask[b, i, i] = True) and give them label -100.")
+    m8 = m.to(torch.uint8)
+    first = m8.argmax(-1)  # argmax returns the first maximal index
+    last = (N - 1) - m8.flip(-1).argmax(-1)
+    del m8
+    # A segment edge before token i: no query >= i sees a key < i, and no query < i sees a key >= i.
+    suffix_min_first = first.flip(-1).cummin(-1).values.flip(-1)
+    prefix_max_last = last.cummax(-1).values
+    start_flag = torch.ones(B, N, dtype=torch.bool, device=m.device)
+    start_flag[:, 1:] = (suffix_min_first[:, 1:] >= idx[1:]) & (prefix_max_last[:, :-1] < idx[1:])
+    seg_start = torch.where(start_flag, idx, torch.zeros_like(idx)).cummax(-1).values
+    row_lower = (last <= idx).all(-1, keepdim=True)  # causal (lower-triangular) rows
+    positions = torch.where(row_lower, count - 1, idx - seg_start)
+
+    causal_full = bool(((last <= idx) & (count == idx - seg_start + 1)).all())
+    if causal_full:
+        return DocumentLayout._from_start_flags(start_flag, causal=True)
+    # end (exclusive) of each token's segment: the first segment start strictly after it
+    shifted = torch.full_like(start_flag, False)
+    shifted[:, :-1] = start_flag[:, 1:]
+    nxt = torch.where(shifted, idx + 1, torch.full_like(idx, N)).flip(-1).cummin(-1).values.flip(-1)
+    if bool((count == nxt - seg_start).all()):
+        return DocumentLayout._from_start_flags(start_flag, causal=False)
+    doc_ids = start_flag.long().cumsum(-1) - 1
+    return GeneralLayout(m, doc_ids, positions)
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that make each packed sequence start at 0, derived from a ``[B, N, N]`` mask.
+
+    Causal (lower-triangular) rows: the number of visible keys − 1, which is also the depth of a
+    token in a tree / shared-prefix mask. Other rows: the index inside its segment.
+
+    >>> m = torch.ones(5, 5, dtype=torch.bool).tril()
+    >>> m[3:, :3] = False                 # two documents: 3 + 2 tokens
+    >>> position_ids_from_mask(m[None]).tolist()
+    [[0, 1, 2, 0, 1]]
+    """
+    return analyse_mask(mask).position_ids

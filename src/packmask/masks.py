@@ -1,0 +1,137 @@
+"""Mask functions and builders.
+
+Mask functions follow attention-gym / flex attention's ``mask_mod`` signature
+``fn(batch, head, q_idx, kv_idx) -> bool tensor`` and compose with :func:`and_masks` /
+:func:`or_masks`. Builders evaluate them into the dense ``[B, N, N]`` bool masks users pass to
+``model.forward`` (True = query may attend key).
+
+Worked example — a prefix-LM row: one document of 5 tokens whose first 2 tokens (the prompt) see
+each other bidirectionally, then a second document of 3 plain causal tokens::
+
+    >>> m = prefix_lm_mask([[5, 3]], [[2, 0]])[0].int()
+    >>> print("\\n".join(" ".join(map(str, r)) for r in m.tolist()))
+    1 1 0 0 0 0 0 0
+    1 1 0 0 0 0 0 0
+    1 1 1 0 0 0 0 0
+    1 1 1 1 0 0 0 0
+    1 1 1 1 1 0 0 0
+    0 0 0 0 0 1 0 0
+    0 0 0 0 0 1 1 0
+    0 0 0 0 0 1 1 1
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from transformers.masking_utils import and_masks, or_masks
+
+__all__ = [
+    "and_masks", "or_masks", "causal", "bidirectional", "same_document", "sliding_window",
+    "prefix", "document_ids_from_lengths", "materialize", "block_diagonal_mask", "prefix_lm_mask",
+    "shared_prefix_tree_mask",
+]
+
+MaskFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def causal(b, h, q_idx, kv_idx):
+    """A query sees itself and everything before it."""
+    return q_idx >= kv_idx
+
+
+def bidirectional(b, h, q_idx, kv_idx):
+    return q_idx >= 0  # all True, shaped like the indices
+
+
+def same_document(doc_ids: torch.Tensor) -> MaskFn:
+    """``doc_ids[b, i]`` names the document of token ``i``; attention stays inside a document."""
+    def fn(b, h, q_idx, kv_idx):
+        return doc_ids[b, q_idx] == doc_ids[b, kv_idx]
+    return fn
+
+
+def sliding_window(window: int, position_ids: torch.Tensor | None = None) -> MaskFn:
+    """A query sees the ``window`` most recent keys (itself included), counted in positions."""
+    def fn(b, h, q_idx, kv_idx):
+        if position_ids is None:
+            return q_idx - kv_idx < window
+        return position_ids[b, q_idx] - position_ids[b, kv_idx] < window
+    return fn
+
+
+def prefix(prefix_end: torch.Tensor) -> MaskFn:
+    """Keys before ``prefix_end[b, q]`` (the end of the query's prompt) are visible to the query."""
+    def fn(b, h, q_idx, kv_idx):
+        return kv_idx < prefix_end[b, q_idx]
+    return fn
+
+
+def document_ids_from_lengths(seq_lengths: Sequence[Sequence[int]], seq_len: int | None = None,
+                              device=None) -> torch.Tensor:
+    """``[B, N]`` document index per token; trailing padding becomes a document of its own."""
+    rows = [[int(x) for x in r] for r in seq_lengths]
+    N = seq_len if seq_len is not None else max(sum(r) for r in rows)
+    out = torch.empty(len(rows), N, dtype=torch.long)
+    for b, r in enumerate(rows):  # one loop per row, not per token
+        if sum(r) > N:
+            from .errors import PackmaskError
+            raise PackmaskError(f"row {b}: sequences of total length {sum(r)} do not fit in {N} tokens.")
+        if sum(r) < N:
+            r = r + [N - sum(r)]
+        out[b] = torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r))
+    return out.to(device) if device is not None else out
+
+
+def materialize(mask_fn: MaskFn, batch_size: int, seq_len: int, device=None) -> torch.Tensor:
+    """Evaluate a mask function into a ``[B, N, N]`` bool tensor (broadcast, no vmap needed)."""
+    b = torch.arange(batch_size, device=device)[:, None, None]
+    q = torch.arange(seq_len, device=device)[None, :, None]
+    k = torch.arange(seq_len, device=device)[None, None, :]
+    return mask_fn(b, None, q, k).expand(batch_size, seq_len, seq_len).clone()
+
+
+def block_diagonal_mask(seq_lengths: Sequence[Sequence[int]], seq_len: int | None = None, *,
+                        causal_within: bool = True, device=None) -> torch.Tensor:
+    """``[B, N, N]`` mask of packed documents; padding at the row's end is its own block.
+
+    >>> block_diagonal_mask([[2, 1]]).int().tolist()
+    [[[1, 0, 0], [1, 1, 0], [0, 0, 1]]]
+    """
+    doc = document_ids_from_lengths(seq_lengths, seq_len, device=device)
+    fn = same_document(doc)
+    if causal_within:
+        fn = and_masks(fn, causal)
+    return materialize(fn, doc.shape[0], doc.shape[1], device=device)
+
+
+def prefix_lm_mask(seq_lengths: Sequence[Sequence[int]], prefix_lengths: Sequence[Sequence[int]],
+                   seq_len: int | None = None, device=None) -> torch.Tensor:
+    """Packed prefix-LM: inside each document the first ``prefix_lengths`` tokens attend
+    bidirectionally among themselves; the rest is causal."""
+    doc = document_ids_from_lengths(seq_lengths, seq_len, device=device)
+    B, N = doc.shape
+    prefix_end = torch.zeros(B, N, dtype=torch.long, device=device)
+    for b, (lens, pre) in enumerate(zip(seq_lengths, prefix_lengths)):
+        start = 0
+        for length, p in zip(lens, pre):
+            prefix_end[b, start:start + length] = start + int(p)
+            start += length
+    fn = and_masks(same_document(doc), or_masks(causal, prefix(prefix_end)))
+    return materialize(fn, B, N, device=device)
+
+
+def shared_prefix_tree_mask(prefix_length: int, branch_lengths: Sequence[int], device=None) -> torch.Tensor:
+    """``[N, N]`` mask of one shared prompt followed by several branches (completions) that each
+    see the prompt and their own earlier tokens, never each other — e.g. several samples of one
+    prompt in a single row. Derived positions give every branch the depth it has when run alone.
+
+    >>> shared_prefix_tree_mask(2, [2, 1]).int().tolist()
+    [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 0, 0, 1]]
+    """
+    branch = torch.repeat_interleave(torch.arange(1, len(branch_lengths) + 1), torch.tensor(list(branch_lengths)))
+    branch = torch.cat([torch.zeros(prefix_length, dtype=torch.long), branch]).to(device)[None]
+    def tree(b, h, q_idx, kv_idx):
+        kb = branch[b, kv_idx]
+        return (kb == 0) | (kb == branch[b, q_idx])
+    return materialize(and_masks(causal, tree), 1, branch.shape[1], device=device)[0]
