@@ -1,0 +1,147 @@
+"""Packed rows through ``attn_implementation="packmask"`` equal each sequence run alone.
+
+fp32 on CPU, tiny random models: logits and parameter gradients within 1e-5 relative error,
+for every input form (3D mask, 4D mask, collator keys, position_ids pitfalls).
+"""
+import pytest
+import torch
+
+import packmask
+from packmask.testing import grad_rel_err, pack_rows, rel_err, run_alone, tiny_model
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2", "gpt_neox", "olmo2", "qwen3_moe"]
+# two rows; documents longer than mistral's / gemma2's sliding window (4), trailing padding in row 1
+SEQ_LENGTHS = [[5, 9, 4], [11, 6]]
+N = 18
+TOL = 1e-5
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 128, (len(SEQ_LENGTHS), N), generator=g)
+    slices, pos = pack_rows(SEQ_LENGTHS, N)
+    weights = torch.randn(len(SEQ_LENGTHS), N, 128, generator=g)
+    covered = torch.zeros(len(SEQ_LENGTHS), N, 1)
+    for b, s, length in slices:
+        covered[b, s:s + length] = 1
+    return ids, slices, pos, weights * covered  # loss ignores the padding tail
+
+
+def _inputs(form, ids, pos):
+    B = ids.shape[0]
+    mask = packmask.block_diagonal_mask(SEQ_LENGTHS, N)
+    if form == "mask3d":  # positions derived from the mask
+        return dict(attention_mask=mask)
+    if form == "mask4d":
+        return dict(attention_mask=mask[:, None], position_ids=pos)
+    if form == "mask3d_int":
+        return dict(attention_mask=mask.long())
+    if form == "collator":  # transformers.DataCollatorWithFlattening keys: one flattened row
+        flat_pos = pos.reshape(1, -1)
+        layout = packmask.DocumentLayout.from_position_ids(pos)
+        return dict(position_ids=flat_pos, cu_seq_lens_q=layout.cu_seqlens, cu_seq_lens_k=layout.cu_seqlens,
+                    max_length_q=layout.max_seqlen, max_length_k=layout.max_seqlen, _flatten=True)
+    if form == "position_ids_use_cache_default":
+        return dict(position_ids=pos)
+    if form == "position_ids_all_ones_2d":
+        return dict(position_ids=pos, attention_mask=torch.ones(B, N, dtype=torch.long))
+    if form == "seq_lengths":
+        return dict(seq_lengths=SEQ_LENGTHS)
+    raise KeyError(form)
+
+
+def _check(family, form):
+    model = tiny_model(family, "packmask")
+    ref = tiny_model(family, "eager")
+    ref.load_state_dict(model.state_dict())
+    ids, slices, pos, weights = _batch()
+    kwargs = _inputs(form, ids, pos)
+    flatten = kwargs.pop("_flatten", False)
+    if flatten:
+        logits = model(input_ids=ids.reshape(1, -1), **kwargs).logits.reshape(ids.shape + (-1,))
+    else:
+        logits = model(input_ids=ids, **kwargs).logits
+    expected = run_alone(ref, ids, slices)
+    covered = weights.abs().sum(-1, keepdim=True) > 0
+    err = rel_err(logits * covered, expected)
+    assert err <= TOL, f"{family}/{form}: logits rel err {err:.2e}"
+    (logits * weights).sum().backward()
+    (expected * weights).sum().backward()
+    gerr, name = grad_rel_err(model, ref)
+    assert gerr <= TOL, f"{family}/{form}: grad rel err {gerr:.2e} in {name}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("form", ["mask3d", "mask4d", "collator"])
+def test_family_matches_each_sequence_alone(family, form):
+    _check(family, form)
+
+
+@pytest.mark.parametrize("form", ["position_ids_use_cache_default", "position_ids_all_ones_2d", "mask3d_int",
+                                  "seq_lengths"])
+def test_transformers_pitfalls_are_isolated(form):
+    _check("llama", form)
+
+
+def test_contamination_reference_is_detectable():
+    """The comparison must be able to fail: plain causal attention over packed rows is far off."""
+    model = tiny_model("llama", "sdpa")
+    ids, slices, pos, _ = _batch()
+    out = model(input_ids=ids, position_ids=pos).logits  # use_cache default: transformers drops packing
+    expected = run_alone(model, ids, slices)
+    covered = torch.zeros_like(out[..., :1])
+    for b, s, length in slices:
+        covered[b, s:s + length] = 1
+    assert rel_err(out * covered, expected) > 1e-2
+
+
+def test_set_attn_implementation_switches_existing_model():
+    model = tiny_model("llama", "sdpa")
+    model.set_attn_implementation("packmask")
+    ids, slices, pos, _ = _batch()
+    out = model(input_ids=ids, attention_mask=packmask.block_diagonal_mask(SEQ_LENGTHS, N)).logits
+    ref = tiny_model("llama", "eager")
+    ref.load_state_dict(model.state_dict())
+    expected = run_alone(ref, ids, slices)
+    covered = torch.zeros_like(out[..., :1])
+    for b, s, length in slices:
+        covered[b, s:s + length] = 1
+    assert rel_err(out * covered, expected) <= TOL
+
+
+def test_plain_2d_padding_mask_unchanged():
+    """An ordinary right-padded batch gives what sdpa gives."""
+    model = tiny_model("llama", "packmask")
+    ref = tiny_model("llama", "sdpa")
+    ref.load_state_dict(model.state_dict())
+    ids = torch.randint(1, 128, (2, 10))
+    am = torch.ones(2, 10, dtype=torch.long)
+    am[1, 6:] = 0
+    a = model(input_ids=ids, attention_mask=am).logits
+    b = ref(input_ids=ids, attention_mask=am).logits
+    assert rel_err(a[am.bool()], b[am.bool()]) <= TOL
+
+
+def test_generation_with_cache_matches_sdpa():
+    model = tiny_model("llama", "packmask")
+    ref = tiny_model("llama", "sdpa")
+    ref.load_state_dict(model.state_dict())
+    ids = torch.randint(1, 128, (2, 6))
+    am = torch.ones(2, 6, dtype=torch.long)
+    am[0, :2] = 0  # left padding
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, attention_mask=am, **kw), ref.generate(ids, attention_mask=am, **kw))
+
+
+def test_encoder_style_bidirectional_documents():
+    """A bidirectional block-diagonal mask equals each document run with full attention."""
+    model = tiny_model("llama", "packmask")
+    ref = tiny_model("llama", "eager")
+    ref.load_state_dict(model.state_dict())
+    ids, slices, pos, _ = _batch()
+    mask = packmask.block_diagonal_mask(SEQ_LENGTHS, N, causal_within=False)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    for b, s, length in slices:
+        alone = torch.ones(1, 1, length, length, dtype=torch.bool)
+        exp = ref(input_ids=ids[b:b + 1, s:s + length], attention_mask=alone, use_cache=False).logits
+        assert rel_err(out[b:b + 1, s:s + length], exp) <= TOL
