@@ -32,6 +32,7 @@ predict, so keeping it would only create a zero-length segment.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -558,7 +559,10 @@ def _pack_one(dataset, max_length, strategy, overflow, column, shuffle, seed):
                                            pa.array(assignment.length.astype(np.int32)))
     out_columns.append(seq_lengths)
     out_names.append("seq_lengths")
-    packed = Dataset(InMemoryTable(pa.Table.from_arrays(out_columns, names=out_names)))
+    # Name the result after its inputs: letting Dataset() fingerprint it would hash every token (seconds).
+    fingerprint = hashlib.sha256(repr((dataset._fingerprint, int(max_length), strategy, overflow, column, shuffle,
+                                       seed, "packmask.pack_dataset/1")).encode()).hexdigest()[:16]
+    packed = Dataset(InMemoryTable(pa.Table.from_arrays(out_columns, names=out_names)), fingerprint=fingerprint)
 
     fmt = dataset.format
     if fmt.get("type") is not None or fmt.get("columns") is not None:

@@ -1,0 +1,203 @@
+"""Packing speed and fill: packmask against TRL's ``pack_dataset(strategy="bfd")`` in the same run.
+
+    python3 benchmarks/packing.py --out benchmarks/packing.json
+
+Data mirrors ``/work/shared/anchors/packing_anchor.py``: lognormal lengths (median 400, sigma 1.0,
+clipped to [8, 8192]), random int32 token ids, one Arrow list column, rows of 8192, seed 0.
+
+Cases
+  sft      200k documents; TRL bfd with its default per-1000-row map batches and with one global
+           batch, packmask bfd / ffd / sequential on the same Dataset.
+  hard     lengths clustered just above max_length/3 and max_length/2 (50k documents): the case where
+           greedy packers pair badly. TRL global bfd beside packmask.
+  10M      10M documents, lengths only (``pack_lengths``; the token data would be 6.6G tokens, 26 GB of
+           int32 -- more than this machine's memory), plus a full ``pack_dataset`` on a scaled Dataset
+           (``--scaled-docs``, default 1M) whose time is reported as measured, with a linear
+           extrapolation to 10M marked as such.
+
+packmask times are the median of ``--repeats`` warm calls; the first call's numba cost is reported
+separately: JIT compile in a fresh process with an empty numba cache, and the cache load in a fresh
+process with the cache filled.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+
+def sft_lengths(n: int, max_length: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.clip(np.exp(rng.normal(math.log(400), 1.0, n)), 8, max_length).astype(np.int64)
+
+
+def hard_lengths(n: int, max_length: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    width = max(1, max_length // 64)
+    third = max_length // 3 + 1 + rng.integers(0, width, n)
+    half = max_length // 2 + 1 + rng.integers(0, width, n)
+    return np.where(rng.random(n) < 0.5, third, half).astype(np.int64)
+
+
+def make_dataset(lengths: np.ndarray, seed: int = 0):
+    from datasets import Dataset
+
+    rng = np.random.default_rng(seed)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    values = rng.integers(0, 32000, int(offsets[-1]), dtype=np.int32)
+    offset_type = pa.int32() if offsets[-1] < 2**31 else pa.int64()
+    cls = pa.ListArray if offset_type == pa.int32() else pa.LargeListArray
+    column = cls.from_arrays(pa.array(offsets, type=offset_type), pa.array(values))
+    return Dataset(pa.table({"input_ids": column}))
+
+
+def timed(fn, repeats: int):
+    times, result = [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), result
+
+
+def first_call_seconds(empty_cache: bool) -> float:
+    """Time of the first pack_dataset call in a fresh process (numba compile or cache load)."""
+    code = (
+        "import time,sys; sys.path.insert(0, %r); t=time.perf_counter();"
+        "from datasets import Dataset; from packmask.packing import pack_dataset, pack_lengths;"
+        "t=time.perf_counter();"
+        "[pack_lengths([3,5,0,9], 8, strategy=s, overflow='split') for s in ('bfd','ffd','sequential')];"
+        "pack_dataset(Dataset.from_dict({'input_ids':[[1,2],[3]]}), 4);"
+        "print(time.perf_counter()-t)"
+    ) % os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
+    env = dict(os.environ)
+    with tempfile.TemporaryDirectory() as cache:
+        if empty_cache:
+            env["NUMBA_CACHE_DIR"] = cache
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def trl_pack(ds, max_length: int, batch_size):
+    from trl import pack_dataset as trl_pack_dataset
+
+    t = time.perf_counter()
+    out = trl_pack_dataset(ds, max_length, strategy="bfd", map_kwargs=dict(batch_size=batch_size))
+    seconds = time.perf_counter() - t
+    rows = len(out)
+    tokens = int(sum(pa.compute.list_value_length(out.data.table.column("input_ids")).to_numpy()))
+    return dict(rows=rows, tokens=tokens, fill=tokens / (rows * max_length), seconds=seconds)
+
+
+def packmask_pack(ds, max_length: int, strategy: str, repeats: int):
+    from packmask.packing import pack_dataset
+
+    seconds, (out, stats) = timed(lambda: pack_dataset(ds, max_length, strategy=strategy, return_stats=True), repeats)
+    assert sum(pa.compute.list_value_length(out.data.table.column("input_ids")).to_numpy()) == stats.tokens
+    return dict(rows=stats.rows, tokens=stats.tokens, fill=stats.fill, seconds=seconds, lower_bound=stats.lower_bound,
+                truncated=stats.truncated)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--docs", type=int, default=200_000)
+    parser.add_argument("--hard-docs", type=int, default=50_000)
+    parser.add_argument("--big-docs", type=int, default=10_000_000)
+    parser.add_argument("--scaled-docs", type=int, default=1_000_000)
+    parser.add_argument("--max-length", type=int, default=8192)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-trl", action="store_true")
+    parser.add_argument("--out", default=None, help="write results as JSON here")
+    args = parser.parse_args()
+    L = args.max_length
+
+    from rich.console import Console
+    from rich.table import Table
+
+    import datasets
+    import numba
+    from packmask.packing import pack_lengths
+
+    console = Console()
+    results: dict = {"date": time.strftime("%Y-%m-%d", time.gmtime()), "max_length": L, "cases": []}
+    cpu = "unknown"
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        cpu = next(l.split(":", 1)[1].strip() for l in lscpu.splitlines() if l.startswith("Model name"))
+    except Exception:
+        pass
+    versions = dict(python=platform.python_version(), numpy=np.__version__, numba=numba.__version__,
+                    pyarrow=pa.__version__, datasets=datasets.__version__)
+    try:
+        import trl
+        versions["trl"] = trl.__version__
+    except ImportError:
+        args.no_trl = True
+    results.update(cpu=cpu, cores=os.cpu_count(), versions=versions)
+    console.print(f"[bold]device[/] {cpu}, {os.cpu_count()} cores; versions {versions}")
+
+    results["first_call_compile_s"] = first_call_seconds(empty_cache=True)
+    results["first_call_cached_s"] = first_call_seconds(empty_cache=False)
+    console.print(f"first call: numba JIT compile {results['first_call_compile_s']:.2f} s (empty cache), "
+                  f"cache load {results['first_call_cached_s']:.2f} s")
+
+    def add(case, who, strategy, r):
+        r = dict(case=case, packer=who, strategy=strategy, **r)
+        r["lower_bound"] = math.ceil(r["tokens"] / L)
+        results["cases"].append(r)
+        console.print(r)
+
+    for case, lengths in (("sft", sft_lengths(args.docs, L)), ("hard", hard_lengths(args.hard_docs, L))):
+        ds = make_dataset(lengths)
+        pack_lengths(lengths[:10], L)  # load the numba cache outside the timings
+        for strategy in ("bfd", "ffd", "sequential"):
+            add(case, "packmask", strategy, packmask_pack(ds, L, strategy, args.repeats))
+        if not args.no_trl:
+            batches = (1000, None) if case == "sft" else (None,)
+            for bs in batches:
+                add(case, "trl", f"bfd, map batch {bs or 'global'}", trl_pack(ds, L, bs))
+        del ds
+
+    big = sft_lengths(args.big_docs, L, seed=1)
+    for strategy in ("bfd", "ffd", "sequential"):
+        seconds, a = timed(lambda: pack_lengths(big, L, strategy=strategy), args.repeats)
+        add(f"{args.big_docs // 1_000_000}M lengths", "packmask", strategy,
+            dict(rows=a.stats.rows, tokens=a.stats.tokens, fill=a.stats.fill, seconds=seconds))
+    ds = make_dataset(sft_lengths(args.scaled_docs, L, seed=2))
+    r = packmask_pack(ds, L, "bfd", 1)
+    r["extrapolated_10M_s"] = r["seconds"] * args.big_docs / args.scaled_docs
+    add(f"{args.scaled_docs / 1e6:g}M dataset", "packmask", "bfd", r)
+    del ds
+
+    table = Table(title=f"Packing, rows of {L} tokens ({cpu}, {os.cpu_count()} cores)")
+    for col in ("case", "packer", "strategy", "rows", "lower bound", "fill", "seconds", "speedup vs TRL global"):
+        table.add_column(col, justify="right" if col not in ("case", "packer", "strategy") else "left")
+    trl_global = {r["case"]: r["seconds"] for r in results["cases"] if r["packer"] == "trl" and "global" in r["strategy"]}
+    for r in results["cases"]:
+        ref = trl_global.get(r["case"])
+        if ref is not None and r["packer"] == "packmask":
+            r["speedup_vs_trl_global"] = ref / r["seconds"]
+        table.add_row(r["case"], r["packer"], r["strategy"], f"{r['rows']:,}", f"{r['lower_bound']:,}",
+                      f"{r['fill']:.4f}", f"{r['seconds']:.3f}",
+                      f"{r['speedup_vs_trl_global']:.1f}x" if "speedup_vs_trl_global" in r else "")
+    console.print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+        console.print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
