@@ -113,12 +113,61 @@ def _flex_fn():
     return _compiled_flex["fn"]
 
 
+FLEX_BLOCK = 128  # flex attention's default sparse block size
+
+
+def document_block_mask(layout: DocumentLayout, device, block: int = FLEX_BLOCK):
+    """BlockMask of a block-diagonal layout computed from document offsets, O((N/block)²).
+
+    Documents are contiguous, so a ``block x block`` tile is fully visible when its query block
+    and key block lie in one document (and, if causal, the key block is strictly earlier), and
+    partly visible when their document ranges overlap (key block not later, if causal). Only the
+    partly visible tiles evaluate ``mask_mod`` element-wise inside the kernel; no N×N mask is ever
+    evaluated on the host or device.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+    B, N = layout.batch_size, layout.seq_len
+    doc = layout.doc_ids.to(device)
+    nb = (N + block - 1) // block
+    first = torch.arange(nb, device=device) * block
+    last = torch.clamp(first + block, max=N) - 1
+    d_first, d_last = doc[:, first], doc[:, last]  # [B, nb]
+    overlap = torch.maximum(d_first[:, :, None], d_first[:, None, :]) <= torch.minimum(d_last[:, :, None], d_last[:, None, :])
+    i = torch.arange(nb, device=device)
+    complete = (last - first + 1) == block
+    same_doc = torch.minimum(d_first[:, :, None], d_first[:, None, :]) == torch.maximum(d_last[:, :, None], d_last[:, None, :])
+    full = same_doc & complete[None, :, None] & complete[None, None, :]
+    if layout.causal:
+        overlap = overlap & (i[:, None] >= i[None, :])
+        full = full & (i[:, None] > i[None, :])
+    partial = overlap & ~full
+
+    def to_indices(m):
+        counts = m.sum(-1, dtype=torch.int32)[:, None]
+        idx = torch.argsort(m.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)[:, None]
+        return counts, idx
+
+    kv_num, kv_idx = to_indices(partial)
+    full_num, full_idx = to_indices(full)
+    causal = layout.causal
+
+    def mask_mod(b, h, q_idx, kv_idx_):
+        m = doc[b, q_idx] == doc[b, kv_idx_]
+        return m & (q_idx >= kv_idx_) if causal else m
+
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(N, N))
+
+
 def flex_block_mask(layout: Layout, sliding_window: int | None, device):
     """BlockMask for a layout, built once per layout and window (cached on the layout)."""
     from torch.nn.attention.flex_attention import create_block_mask
     key = ("block_mask", sliding_window, str(device))
     memo = layout._memo
     if key in memo:
+        return memo[key]
+    if isinstance(layout, DocumentLayout) and sliding_window is None:
+        memo[key] = document_block_mask(layout, device)
         return memo[key]
     pos = layout.position_ids.to(device)
     if isinstance(layout, DocumentLayout):
@@ -129,9 +178,7 @@ def flex_block_mask(layout: Layout, sliding_window: int | None, device):
             m = doc[b, q_idx] == doc[b, kv_idx]
             if causal:
                 m = m & (q_idx >= kv_idx)
-            if sliding_window is not None:
-                m = m & (pos[b, q_idx] - pos[b, kv_idx] < sliding_window)
-            return m
+            return m & (pos[b, q_idx] - pos[b, kv_idx] < sliding_window)
     else:
         dense = layout.mask.to(device)
 
@@ -145,14 +192,21 @@ def flex_block_mask(layout: Layout, sliding_window: int | None, device):
     return memo[key]
 
 
-def flex_attention_call(q, k, v, layout: Layout, spec: AttentionSpec) -> torch.Tensor:
-    block_mask = flex_block_mask(layout, spec.sliding_window, q.device)
-    score_mod = None
-    if spec.softcap is not None:
-        cap = float(spec.softcap)
+_softcap_mods = {}
 
+
+def _softcap_mod(cap: float):
+    # one function object per cap value, so compiled flex is not re-traced for a fresh closure
+    if cap not in _softcap_mods:
         def score_mod(score, b, h, q_idx, kv_idx):
             return torch.tanh(score / cap) * cap
+        _softcap_mods[cap] = score_mod
+    return _softcap_mods[cap]
+
+
+def flex_attention_call(q, k, v, layout: Layout, spec: AttentionSpec) -> torch.Tensor:
+    block_mask = flex_block_mask(layout, spec.sliding_window, q.device)
+    score_mod = _softcap_mod(float(spec.softcap)) if spec.softcap is not None else None
     out = _flex_fn()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=spec.scale,
                      enable_gqa=k.shape[1] != q.shape[1])
     return out.transpose(1, 2)

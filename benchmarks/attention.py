@@ -1,0 +1,104 @@
+"""Kernel benchmark: document-masked attention forward+backward, bf16, per backend.
+
+TFLOP/s count only in-document work (causal: 4 * sum(l²)/2 * H * D forward, x3.5 fwd+bwd); the
+plain-causal cuDNN / flash rows attend over the whole row and count the whole row — they are the
+ceiling (and contaminated). Same shapes as ../shared/anchors/kernel_anchor.py. Also times the
+flex BlockMask build: create_block_mask (evaluates the mask) vs packmask's build from offsets.
+Writes $OUT/attention.json.
+"""
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import create_block_mask
+
+from packmask.backends import AttentionSpec, _flex_fn, document_block_mask, varlen_attention
+from packmask.layout import DocumentLayout
+
+dev = "cuda"
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def lengths_for(total, median, seed):
+    g = torch.Generator().manual_seed(seed)
+    lens = []
+    while sum(lens) < total:
+        lens.append(int(min(max(8, math.exp(torch.randn(1, generator=g).item() + math.log(median))), total - sum(lens))))
+    return [x for x in lens if x > 0]
+
+
+def run(total, H, Hkv, D, median):
+    lens = lengths_for(total, median, total + H)
+    layout = DocumentLayout.from_seq_lengths([lens], total, device=dev)
+    q = torch.randn(1, H, total, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, Hkv, total, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, Hkv, total, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    do = torch.randn(1, total, H, D, device=dev, dtype=torch.bfloat16)
+    flops_doc = 2 * 2 * sum(x * x / 2 for x in lens) * H * D * 3.5
+    flops_full = 2 * 2 * total * total / 2 * H * D * 3.5
+    rep = H // Hkv
+    spec = AttentionSpec(scale=D ** -0.5)
+    out = {}
+
+    def fb(f, layout_bhnd=False):
+        def step():
+            o = f()
+            o.backward(do.transpose(1, 2) if layout_bhnd else do)
+        return step
+
+    kr, vr = (t.detach().repeat_interleave(rep, 1).requires_grad_() for t in (k, v))
+    for name, backend in [("cudnn_causal_full", SDPBackend.CUDNN_ATTENTION), ("flash_causal_full", SDPBackend.FLASH_ATTENTION)]:
+        try:
+            with sdpa_kernel([backend]):
+                t = bench(fb(lambda: F.scaled_dot_product_attention(q, kr, vr, is_causal=True), True))
+            out[name] = dict(ms=t, tflops=flops_full / t / 1e9)
+        except Exception as e:
+            out[name] = dict(error=repr(e)[:200])
+    t = bench(fb(lambda: varlen_attention(q, k, v, layout, spec)))
+    out["packmask_varlen"] = dict(ms=t, tflops=flops_doc / t / 1e9)
+    flex = _flex_fn()
+    bm = document_block_mask(layout, dev)
+    t = bench(fb(lambda: flex(q, k, v, block_mask=bm, scale=spec.scale, enable_gqa=rep > 1).transpose(1, 2)))
+    out["packmask_flex"] = dict(ms=t, tflops=flops_doc / t / 1e9)
+    doc = layout.doc_ids
+
+    def mm(b, h, qi, ki):
+        return (doc[b, qi] == doc[b, ki]) & (qi >= ki)
+    out["block_mask_build_create_block_mask"] = dict(ms=bench(lambda: create_block_mask(mm, 1, None, total, total, device=dev, _compile=True)))
+    out["block_mask_build_from_offsets"] = dict(ms=bench(lambda: document_block_mask(layout, dev)))
+    dense = layout.dense_mask()
+    t = bench(fb(lambda: F.scaled_dot_product_attention(q, kr, vr, attn_mask=dense), True))
+    out["sdpa_dense_mask"] = dict(ms=t, tflops=flops_doc / t / 1e9)
+    cudnn = out.get("cudnn_causal_full", {}).get("tflops")
+    print(f"total={total} docs={len(lens)} H={H}/{Hkv} D={D} median={median}")
+    for name, r in out.items():
+        extra = f"{r['tflops']:7.1f} TFLOP/s" if "tflops" in r else ""
+        frac = f"  {r['tflops'] / cudnn:5.2f} of cuDNN causal" if cudnn and "tflops" in r else ""
+        print(f"   {name:38s} {r.get('ms', float('nan')):8.3f} ms {extra}{frac}", flush=True)
+    return dict(total=total, H=H, Hkv=Hkv, D=D, docs=len(lens), median=median, results=out)
+
+
+def main():
+    torch.manual_seed(0)
+    rows = []
+    for shape in [(16384, 16, 16, 128, 1500), (16384, 32, 4, 64, 400), (65536, 16, 8, 128, 4000)]:
+        try:
+            rows.append(run(*shape))
+        except Exception as e:
+            print("FAILED", shape, repr(e)[:300])
+            rows.append(dict(shape=shape, error=repr(e)[:300]))
+    env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
+    if os.environ.get("OUT"):
+        json.dump(dict(env=env, rows=rows), open(os.path.join(os.environ["OUT"], "attention.json"), "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
