@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 __all__ = ["pack_lengths", "pack_dataset", "pack_iterable", "PackingStats", "PackAssignment"]
 
@@ -283,17 +283,13 @@ def _group_by_row(row_of, processing_order, rows):
     return grouped, row_offsets
 
 
-@njit(cache=True)
-def _gather_spans(values, src_starts, span_lengths, total):
-    """Concatenate ``values[src_starts[s] : src_starts[s] + span_lengths[s]]`` for every span."""
-    out = np.empty(total, values.dtype)
-    pos = 0
-    for s in range(src_starts.shape[0]):
-        start = src_starts[s]
+@njit(cache=True, parallel=True)
+def _gather_spans(values, src_starts, span_lengths, dst_starts, out):
+    """``out[dst_starts[s] : +span_lengths[s]] = values[src_starts[s] : +span_lengths[s]]`` for every span.
+    Spans are disjoint in ``out``, so they are copied in parallel (memory-bound: 2 threads ~2x)."""
+    for s in prange(src_starts.shape[0]):
         length = span_lengths[s]
-        out[pos:pos + length] = values[start:start + length]
-        pos += length
-    return out
+        out[dst_starts[s]:dst_starts[s] + length] = values[src_starts[s]:src_starts[s] + length]
 
 
 @njit(cache=True)
@@ -491,7 +487,13 @@ def _gather_list_column(array, src_starts: np.ndarray, span_lengths: np.ndarray,
     if values.null_count == 0 and (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)):
         flat = values.to_numpy(zero_copy_only=True)
     if flat is not None:
-        new_values = pa.array(_gather_spans(flat, src_starts, span_lengths, total), type=values.type)
+        # Allocated by numpy, not inside numba: numpy asks for transparent huge pages, which makes
+        # first-touching hundreds of MB several times cheaper than 4 KiB page faults.
+        out = np.empty(total, flat.dtype)
+        dst_starts = np.zeros(span_lengths.shape[0], np.int64)
+        np.cumsum(span_lengths[:-1], out=dst_starts[1:])
+        _gather_spans(flat, src_starts, span_lengths, dst_starts, out)
+        new_values = pa.array(out, type=values.type)
     else:
         new_values = values.take(pa.array(_span_element_indices(src_starts, span_lengths, total)))
     return type(array).from_arrays(pa.array(row_token_offsets.astype(offset_dtype)), new_values, type=array.type)
