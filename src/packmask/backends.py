@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -192,23 +193,29 @@ def flex_block_mask(layout: Layout, sliding_window: int | None, device):
     return memo[key]
 
 
-_softcap_mods = {}
+def _flex_softcap(q, k, v, block_mask, scale, cap, enable_gqa):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # score_mod is created inside the compiled region (a closure made outside and passed in
+    # trips torch 2.11's flex backward tracing when the mask_mod also captures tensors)
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return torch.tanh(score / cap) * cap
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
 
 
-def _softcap_mod(cap: float):
-    # one function object per cap value, so compiled flex is not re-traced for a fresh closure
-    if cap not in _softcap_mods:
-        def score_mod(score, b, h, q_idx, kv_idx):
-            return torch.tanh(score / cap) * cap
-        _softcap_mods[cap] = score_mod
-    return _softcap_mods[cap]
+def _flex_softcap_fn():
+    if "softcap" not in _compiled_flex:
+        _compiled_flex["softcap"] = torch.compile(_flex_softcap, dynamic=True)
+    return _compiled_flex["softcap"]
 
 
 def flex_attention_call(q, k, v, layout: Layout, spec: AttentionSpec) -> torch.Tensor:
     block_mask = flex_block_mask(layout, spec.sliding_window, q.device)
-    score_mod = _softcap_mod(float(spec.softcap)) if spec.softcap is not None else None
-    out = _flex_fn()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=spec.scale,
-                     enable_gqa=k.shape[1] != q.shape[1])
+    gqa = k.shape[1] != q.shape[1]
+    if spec.softcap is not None:
+        out = _flex_softcap_fn()(q, k, v, block_mask, spec.scale, float(spec.softcap), gqa)
+    else:
+        out = _flex_fn()(q, k, v, block_mask=block_mask, scale=spec.scale, enable_gqa=gqa)
     return out.transpose(1, 2)
 
 
@@ -270,7 +277,8 @@ def choose_backend(layout: Layout | None, spec: AttentionSpec, q: torch.Tensor, 
         if (isinstance(layout, DocumentLayout) and spec.softcap is None and varlen_available()
                 and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256):
             return "varlen"
-        return "flex"
+        if spec.softcap is None or "flex_softcap_failed" not in _state:
+            return "flex"
     return "eager" if spec.softcap is not None else "sdpa"
 
 
@@ -282,7 +290,15 @@ def attend(q, k, v, layout: Layout | None, spec: AttentionSpec, *, training: boo
     if backend == "varlen":
         return varlen_attention(q, k, v, layout, spec)
     if backend == "flex":
-        return flex_attention_call(q, k, v, layout, spec)
+        if spec.softcap is None or _state["backend"] == "flex":
+            return flex_attention_call(q, k, v, layout, spec)
+        try:
+            return flex_attention_call(q, k, v, layout, spec)
+        except Exception as e:  # noqa: BLE001 — compiler failure: fall back to exact math, say so once
+            _state["flex_softcap_failed"] = repr(e)[:300]
+            warnings.warn(f"packmask: flex attention with logit softcapping failed to compile on this torch "
+                          f"({type(e).__name__}); using the eager backend (exact, O(N²) memory) instead.")
+            backend = "eager"
     mask = standard_mask if layout is None else layout.dense_mask(spec.sliding_window).to(q.device)
     if backend == "sdpa":
         return sdpa_attention(q, k, v, mask, spec, training)
