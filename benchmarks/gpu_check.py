@@ -41,7 +41,7 @@ def main():
     collator = dict(position_ids=pos, cu_seq_lens_q=layout.cu_seqlens, cu_seq_lens_k=layout.cu_seqlens,
                     max_length_q=layout.max_seqlen, max_length_k=layout.max_seqlen)
     results = []
-    for family in ["llama", "mistral", "gemma2", "qwen3"]:
+    for family in os.environ.get("FAMILIES", "llama,mistral,gemma2,qwen3").split(","):
         kw = dict(SIZES, **FAMILY_SIZES.get(family, {}))
         ref32 = tiny_model(family, "eager", **kw).to(DEV)
         expected = run_alone(ref32, ids, slices)
