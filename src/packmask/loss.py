@@ -38,7 +38,7 @@ __all__ = ["packed_causal_lm_loss", "sequence_ids"]
 
 
 def sequence_ids(*, position_ids: torch.Tensor | None = None, cu_seq_lens: torch.Tensor | None = None,
-                 shape: tuple[int, int]) -> torch.Tensor:
+                 shape: tuple[int, int], device=None) -> torch.Tensor:
     """Global sequence index ``[B, N]`` of every token (sequences numbered over the whole batch)."""
     B, N = shape
     if cu_seq_lens is not None:
@@ -53,7 +53,7 @@ def sequence_ids(*, position_ids: torch.Tensor | None = None, cu_seq_lens: torch
         starts = pos == 0
         starts[:, 0] = True  # every row begins a sequence
         return torch.cumsum(starts.reshape(-1).to(torch.long), 0).reshape(B, N) - 1
-    return torch.arange(B, device=None).unsqueeze(1).expand(B, N)  # one sequence per row
+    return torch.arange(B, device=device).unsqueeze(1).expand(B, N)  # one sequence per row
 
 
 def packed_causal_lm_loss(
@@ -89,7 +89,8 @@ def packed_causal_lm_loss(
         raise ValueError(f"logits must be [B, N, V] and labels [B, N]; got {tuple(logits.shape)} and "
                          f"{tuple(labels.shape)}.")
     B, N, V = logits.shape
-    seq = sequence_ids(position_ids=position_ids, cu_seq_lens=cu_seq_lens, shape=(B, N)).to(labels.device)
+    seq = sequence_ids(position_ids=position_ids, cu_seq_lens=cu_seq_lens, shape=(B, N),
+                       device=labels.device).to(labels.device)
     target = labels[:, 1:]
     valid = (target != ignore_index) & (seq[:, 1:] == seq[:, :-1])  # never score across a boundary
     per_token = F.cross_entropy(logits[:, :-1].float().reshape(-1, V),
