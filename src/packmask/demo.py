@@ -78,7 +78,9 @@ class DemoConfig:
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
-    learning_rate: float = 3e-3
+    # 3e-3 trains no faster here and makes training chaotic: float rounding (1e-7) between the
+    # two runs then grows to 1e-2 in the loss by step 200; at 1e-3 it stays near 1e-6
+    learning_rate: float = 1e-3
     heldout_documents: int = 64    # never trained on; used for the isolation check
 
     @property
@@ -581,8 +583,8 @@ def results_table(result: dict):
                   f"{iso['max_abs_diff_plain_causal_vs_alone']:.1e} plain causal",
                   f"{iso['max_abs_diff_packed_vs_alone']:.1e}")
     table.caption = (
-        "loss diff: step 1 has identical weights (kernel rounding only); later steps add "
-        "rounding that training compounds.\n"
+        "loss diff: same weights and documents at every step; what remains is float rounding "
+        "(different kernels sum in different orders).\n"
         f"per-seq loss: {iso['documents']} held-out documents packed into {iso['rows']} rows vs each "
         "run alone; 'plain causal' = the same rows without packmask (documents see each other)."
     )
