@@ -259,20 +259,20 @@ def choose_backend(layout: Layout | None, spec: AttentionSpec, q: torch.Tensor, 
     dropout = spec.dropout > 0 and training
     cuda = q.is_cuda
     forced = _state["backend"]
+    if layout is None:  # nothing packed in this batch: the ordinary path, whatever backend is forced
+        return "eager" if spec.softcap is not None else "sdpa"
     if forced != "auto":
         why = None
         if forced == "varlen" and not (cuda and isinstance(layout, DocumentLayout) and spec.softcap is None
                                        and not dropout and q.dtype in (torch.float16, torch.bfloat16)):
             why = "varlen needs CUDA, fp16/bf16, a block-diagonal layout, no softcap and no dropout"
-        elif forced == "flex" and (not cuda or dropout or layout is None):
-            why = "flex needs CUDA, a packed layout and no dropout (flex has no backward on CPU)"
+        elif forced == "flex" and (not cuda or dropout):
+            why = "flex needs CUDA and no dropout (flex has no backward on CPU)"
         elif forced == "sdpa" and spec.softcap is not None:
             why = "sdpa cannot apply logit softcapping"
         if why:
             raise PackmaskError(f"backend {forced!r} cannot run this layer: {why}. Use set_backend('auto').")
         return forced
-    if layout is None:
-        return "eager" if spec.softcap is not None else "sdpa"
     if cuda and not dropout:
         if (isinstance(layout, DocumentLayout) and spec.softcap is None and varlen_available()
                 and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256):

@@ -382,7 +382,7 @@ def _resolve_device(name: str | None):
 def cmd_demo(args, console) -> int:
     from .demo import DemoConfig, run_demo
 
-    config = DemoConfig(max_length=args.max_length, seed=args.seed)
+    config = DemoConfig(max_length=args.max_length, seed=args.seed, time_budget_s=args.time_budget)
     run_demo(steps=args.steps, out_dir=args.out_dir, device=_resolve_device(args.device), config=config,
              console=console, show_progress=not args.no_progress)
     return 0
@@ -509,6 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     demo.add_argument("--max-length", type=_positive_int, default=512, help="tokens per packed row")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--time-budget", type=float, default=75.0, metavar="SECONDS",
+                      help="stop both runs at the same step after this much training time, so a busy "
+                           "machine still finishes in about two minutes (default 75; 0 = no limit)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
     demo.set_defaults(func=cmd_demo)
 

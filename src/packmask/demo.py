@@ -82,6 +82,9 @@ class DemoConfig:
     # two runs then grows to 1e-2 in the loss by step 200; at 1e-3 it stays near 1e-6
     learning_rate: float = 1e-3
     heldout_documents: int = 64    # never trained on; used for the isolation check
+    # Training stops (both runs at the same step) once this many seconds have passed, so the demo
+    # stays within about two minutes on a slow or busy machine; 0 = no limit.
+    time_budget_s: float = 75.0
 
     @property
     def tokens_per_step(self) -> int:
@@ -497,7 +500,11 @@ def run_demo(
         tasks = {name: progress.add_task(name, total=steps, loss="-", tps="-") for name in models}
         for model in models.values():
             model.train()
+        train_started = time.perf_counter()
         for step in range(steps):
+            elapsed = time.perf_counter() - train_started
+            if config.time_budget_s and step >= 2 and elapsed > config.time_budget_s:
+                break
             for name, log in logs.items():
                 started = time.perf_counter()
                 loss, slots = run_step[name](step)
@@ -509,7 +516,11 @@ def run_demo(
                 rate = sum(log.real_tokens) / sum(log.seconds)
                 progress.update(tasks[name], advance=1, loss=f"{loss:.3f}", tps=f"{rate:,.0f}")
 
-    warmup = min(3, steps // 5)
+    steps_done = len(logs["packed"].losses)
+    if steps_done < steps:
+        console.print(f"[yellow]time budget of {config.time_budget_s:.0f} s reached: stopped both runs "
+                      f"after {steps_done} of {steps} steps[/] (--time-budget 0 removes the limit)")
+    warmup = min(3, steps_done // 5)
     padded = _summarise(logs["padded"], warmup)
     packed = _summarise(logs["packed"], warmup)
     isolation = _isolation_check(models["packed"], heldout_rows, collator, device)
@@ -523,6 +534,7 @@ def run_demo(
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "packmask": getattr(packmask, "__version__", "?"),
                      "python": platform.python_version()},
+        "steps_done": steps_done,
         "corpus": {"documents": len(corpus), "training_documents": len(training),
                    "training_tokens": train_tokens, "packed_rows": len(train_rows),
                    "pack_seconds": pack_seconds},
