@@ -396,6 +396,29 @@ def _isolation_check(model, heldout_rows, collator, device):
     }
 
 
+def _cpu_threads_for_a_shared_machine() -> int | None:
+    """Fewer torch threads when other processes already keep the cores busy.
+
+    With every core in use elsewhere, a thread of a parallel region waits for its descheduled
+    sibling, and a 2-thread step on a 2-core machine became 3-10x slower than with one thread
+    (measured). Uses the 1-minute load average; leaves an explicit ``OMP_NUM_THREADS`` alone.
+    Returns the thread count it set, or None.
+    """
+    import os
+
+    import torch
+
+    if "OMP_NUM_THREADS" in os.environ or not hasattr(os, "getloadavg"):
+        return None
+    cores = os.cpu_count() or 1
+    idle_cores = cores - os.getloadavg()[0]
+    threads = max(1, min(torch.get_num_threads(), int(idle_cores + 0.5)))
+    if threads < torch.get_num_threads():
+        torch.set_num_threads(threads)
+        return threads
+    return None
+
+
 def _default_device():
     import torch
 
@@ -426,6 +449,10 @@ def run_demo(
     config = config or DemoConfig()
     config.steps = steps
     device = torch.device(device) if device is not None else _default_device()
+    reduced_threads = _cpu_threads_for_a_shared_machine() if device.type == "cpu" else None
+    if reduced_threads is not None:
+        console.print(f"[dim]other processes are busy on this machine: using {reduced_threads} torch "
+                      "thread(s) (set OMP_NUM_THREADS to choose)[/]")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     wall_started = time.perf_counter()
@@ -531,6 +558,7 @@ def run_demo(
     result = {
         "config": asdict(config),
         "device": str(device),
+        "torch_threads": torch.get_num_threads() if device.type == "cpu" else None,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "packmask": getattr(packmask, "__version__", "?"),
                      "python": platform.python_version()},
