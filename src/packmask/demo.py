@@ -43,7 +43,7 @@ import math
 import platform
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -160,7 +160,7 @@ def tiny_llama(config: DemoConfig, attn_implementation: str):
     attention implementation, which is what makes the padded and packed runs comparable.
     """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     model_config = LlamaConfig(
         vocab_size=config.vocab_size,
@@ -174,7 +174,7 @@ def tiny_llama(config: DemoConfig, attn_implementation: str):
         use_cache=False,
     )
     torch.manual_seed(config.seed)
-    return LlamaForCausalLM._from_config(model_config, attn_implementation=attn_implementation)
+    return AutoModelForCausalLM.from_config(model_config, attn_implementation=attn_implementation)
 
 
 # --------------------------------------------------------------------------- batches & losses
@@ -446,8 +446,7 @@ def run_demo(
     import packmask  # registers attn_implementation="packmask"
 
     console = console or Console()
-    config = config or DemoConfig()
-    config.steps = steps
+    config = replace(config or DemoConfig(), steps=steps)  # the caller's config is left as it was
     device = torch.device(device) if device is not None else _default_device()
     reduced_threads = _cpu_threads_for_a_shared_machine() if device.type == "cpu" else None
     if reduced_threads is not None:
@@ -461,7 +460,7 @@ def run_demo(
     corpus = load_demo_corpus()
     texts = [doc["text"] for doc in corpus]
     tokenizer = build_demo_tokenizer(texts, config.vocab_size)
-    config.vocab_size = len(tokenizer)
+    config = replace(config, vocab_size=len(tokenizer))  # BPE may stop short of the target size
     documents = tokenize_documents(tokenizer, texts, config.max_length)
     random.Random(config.seed).shuffle(documents)
     heldout, training = documents[: config.heldout_documents], documents[config.heldout_documents :]
