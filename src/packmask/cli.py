@@ -15,6 +15,7 @@ Unexpected failures print one line too (exit status 1) and ask for ``--debug``.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import shutil
 import sys
@@ -97,7 +98,7 @@ def _load_json(path: Path):
     """JSON lines (one object per line) or one JSON array of objects."""
     import datasets
 
-    opener = __import__("gzip").open if path.suffix == ".gz" else open
+    opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as handle:
         head = handle.read(4096).lstrip()
     if not head:
