@@ -15,9 +15,10 @@ Cases
            (``--scaled-docs``, default 1M) whose time is reported as measured, with a linear
            extrapolation to 10M marked as such.
 
-packmask times are the median of ``--repeats`` warm calls; the first call's numba cost is reported
-separately: JIT compile in a fresh process with an empty numba cache, and the cache load in a fresh
-process with the cache filled.
+packmask times are the median of ``--repeats`` calls, each freeing the previous output first, and the
+first of them ("first call") is listed too. The one-time numba cost per process is reported separately:
+JIT compile in a fresh process with an empty numba cache, and the cache load (plus thread-pool start)
+in a fresh process with the cache filled. TRL runs once per setting (each takes seconds).
 """
 from __future__ import annotations
 
