@@ -45,6 +45,7 @@ __all__ = ["pack_lengths", "pack_dataset", "pack_iterable", "PackingStats", "Pac
 
 STRATEGIES = ("bfd", "ffd", "sequential")
 OVERFLOWS = ("truncate", "split", "drop", "error")
+_MAX_ROW = 1 << 26
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -360,6 +361,10 @@ class PackAssignment:
 def _check_common(max_length: int, strategy: str, overflow: str) -> None:
     if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 1:
         raise ValueError(f"max_length must be a positive integer (tokens per packed row), got {max_length!r}.")
+    if max_length > _MAX_ROW:
+        # bfd indexes rows by free space and the sort counts lengths: both take O(max_length) memory
+        raise ValueError(f"max_length={max_length} is above {_MAX_ROW:,} tokens per row, which this packer does not "
+                         "support; pack into rows of at most that size.")
     if strategy not in STRATEGIES:
         raise ValueError(f"Unknown strategy {strategy!r}; use one of {STRATEGIES} "
                          "('bfd' packs tightest, 'sequential' keeps document order).")
