@@ -1,10 +1,13 @@
 """A real transformers Trainer (and TRL SFTTrainer) run on packed rows: tiny Llama, CPU, loss falls."""
+import math
+
 import pytest
 import torch
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 from packmask.collator import PackedCollator
+from packmask.loss import packed_causal_lm_loss
 from packmask.packing import pack_dataset
 
 VOCAB = 64
@@ -58,6 +61,28 @@ def test_trainer_with_packed_collator(tmp_path):
     assert batch["input_ids"].shape[0] == 4 and batch["cu_seq_lens_q"][-1] == batch["input_ids"].numel()
     trainer.train()
     _assert_loss_falls(_losses(trainer))
+
+
+class SequenceMeanTrainer(Trainer):
+    """The docs' recipe for the per-sequence-mean loss (docs/packing.md)."""
+
+    loss_is_scaled_for_ga = False  # a mean per micro-batch: let the Trainer divide by the accumulation steps
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        outputs = model(**inputs, use_cache=False)
+        loss = packed_causal_lm_loss(outputs.logits, labels, position_ids=inputs["position_ids"], reduction="sequence")
+        return (loss, outputs) if return_outputs else loss
+
+
+def test_trainer_with_sequence_mean_loss_and_gradient_accumulation(tmp_path):
+    trainer = SequenceMeanTrainer(model=_model(), args=_args(TrainingArguments, tmp_path, gradient_accumulation_steps=2),
+                                  train_dataset=_packed_dataset(), data_collator=PackedCollator())
+    trainer.train()
+    losses = _losses(trainer)
+    # a random model starts near log(VOCAB) per token; summed over the 2 micro-batches it would start near 2x that
+    assert 0.8 * math.log(VOCAB) < losses[0] < 1.2 * math.log(VOCAB)
+    _assert_loss_falls(losses)
 
 
 def test_sft_trainer_with_packed_collator(tmp_path):
