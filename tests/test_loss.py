@@ -8,7 +8,7 @@ import importlib.util
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from packmask.collator import PackedCollator
 from packmask.loss import packed_causal_lm_loss, sequence_ids
@@ -23,7 +23,7 @@ def _model(attn_implementation):
     config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     torch.manual_seed(0)
-    return LlamaForCausalLM._from_config(
+    return AutoModelForCausalLM.from_config(
         config, attn_implementation=attn_implementation, dtype=torch.float32)
 
 

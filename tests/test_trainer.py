@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainingArguments
 
 from packmask.collator import PackedCollator
 from packmask.loss import packed_causal_lm_loss
@@ -20,7 +20,7 @@ def _model():
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=ROW,
                          pad_token_id=0, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
-    return LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
 
 
 def _packed_dataset():
