@@ -82,13 +82,6 @@ class PackingStats:
         self.fill = self.tokens / (self.rows * self.max_length) if self.rows else 0.0
         self.lower_bound = math.ceil(self.tokens / self.max_length) if self.tokens else 0
 
-    def merge(self, other: "PackingStats") -> None:
-        """Add ``other``'s counters into this one (used by the streaming packer)."""
-        for name in ("documents", "sequences", "rows", "tokens", "truncated", "truncated_tokens", "split",
-                     "dropped", "dropped_tokens", "empty", "seconds"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self._finish()
-
     def table(self):
         """A ``rich.table.Table`` with one line per field."""
         from rich.table import Table
@@ -498,7 +491,7 @@ def _gather_list_column(array, src_starts: np.ndarray, span_lengths: np.ndarray,
     if total > np.iinfo(offset_dtype).max:
         raise ValueError(f"Packed column has {total} values, too many for {array.type}; cast it to a large_list.")
     flat = None
-    if values.null_count == 0 and (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)):
+    if values.null_count == 0 and (pa.types.is_integer(values.type) or values.type in (pa.float32(), pa.float64())):
         flat = values.to_numpy(zero_copy_only=True)
     if flat is not None:
         dst_starts = np.zeros(span_lengths.shape[0], np.int64)
