@@ -22,6 +22,8 @@ _LAZY = {
     "pack_lengths": "packmask.packing",
     "pack_iterable": "packmask.packing",
     "PackingStats": "packmask.packing",
+    "PackAssignment": "packmask.packing",
+    "sequence_ids": "packmask.loss",
     "PackedCollator": "packmask.collator",
     "packed_causal_lm_loss": "packmask.loss",
     # proof tool
