@@ -84,6 +84,35 @@ def build_packed(lens, bins):
     return pos, seqs
 
 
+def _compiled_graphs():
+    """Graphs torch.compile has produced so far (a recompile per batch would show up here)."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
+def layout_ms(make_step_inputs, reps=5):
+    """Host+device time to turn one step's inputs into packmask's layout (the once-per-forward
+    analysis), to compare with the step time."""
+    from packmask.layout import DocumentLayout, analyse_mask
+    times = []
+    for r in range(reps):
+        kwargs, _, _ = make_step_inputs(r)
+        ids = kwargs["input_ids"]
+        if DEV == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        if "attention_mask" in kwargs:
+            analyse_mask(kwargs["attention_mask"], *ids.shape)
+        elif "cu_seq_lens_q" in kwargs:
+            DocumentLayout.from_cu_seqlens(kwargs["cu_seq_lens_q"], *ids.shape)
+        else:
+            DocumentLayout.from_position_ids(kwargs["position_ids"])
+        if DEV == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
 def timed(fn, steps, warm):
     for _ in range(warm):
         fn()
@@ -189,9 +218,13 @@ def main():
             # count only timed tokens
             timed(step, 0, WARM)
             counter.update(real=0, tot=0)
+            graphs_before = _compiled_graphs()
             dt, mem = timed(step, STEPS, 0)
             tps = counter["real"] / (dt * STEPS)
-            results[name] = dict(tok_s=tps, step_s=dt, mem_gib=mem, pad_frac=1 - counter["real"] / counter["tot"], rel_err_vs_unpacked=err)
+            results[name] = dict(tok_s=tps, step_s=dt, mem_gib=mem, pad_frac=1 - counter["real"] / counter["tot"], rel_err_vs_unpacked=err,
+                                 graphs_compiled_while_timed=_compiled_graphs() - graphs_before)
+            if name.startswith("packmask"):
+                results[name]["layout_ms"] = layout_ms(make_step_inputs)
             print(f"{name:34s} real_tok/s={tps:10.0f} step={dt*1e3:7.1f}ms peak={mem:5.1f}GiB pad={results[name]['pad_frac']:.3f} err_vs_unpacked={err:.2e}", flush=True)
             del model
         except Exception as e:
@@ -278,15 +311,16 @@ def print_table(results, env):
     from rich.table import Table
     base = results.get("packed_posids_sdpa", {}).get("tok_s")
     t = Table(title=f"train step, {env['device']}, DIST={env['dist']}, torch {env['torch']}, transformers {env['transformers']}")
-    for c in ("method", "real tok/s", "vs HF sdpa packing", "step ms", "peak GiB", "rel.err vs alone"):
+    for c in ("method", "real tok/s", "vs HF sdpa packing", "step ms", "peak GiB", "rel.err vs alone", "layout ms", "recompiles"):
         t.add_column(c, justify="right" if c != "method" else "left")
     for name, r in results.items():
         if "error" in r:
-            t.add_row(name, "FAILED", r["error"][:60], "", "", "")
+            t.add_row(name, "FAILED", r["error"][:60], "", "", "", "", "")
             continue
         ratio = f"{r['tok_s'] / base:.2f}x" if base else "-"
         t.add_row(name, f"{r['tok_s']:,.0f}", ratio, f"{r['step_s'] * 1e3:.1f}", f"{r['mem_gib']:.2f}",
-                  f"{r['rel_err_vs_unpacked']:.3g}")
+                  f"{r['rel_err_vs_unpacked']:.3g}", f"{r['layout_ms']:.2f}" if "layout_ms" in r else "",
+                  str(r.get("graphs_compiled_while_timed", "")))
     Console(width=140).print(t)
 
 
