@@ -401,15 +401,19 @@ def _model_for_verify(spec: str, console):
     """A tiny random model of a transformers family, or a local model folder."""
     path = Path(spec)
     if path.exists():
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModel, AutoModelForCausalLM
 
         console.print(f"loading {path} …")
         try:
-            return AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="packmask",
-                                                        local_files_only=True)
+            try:
+                return AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="packmask",
+                                                            local_files_only=True)
+            except ValueError:  # not a causal LM: verify compares encoders on their hidden states
+                return AutoModel.from_pretrained(str(path), attn_implementation="packmask",
+                                                 local_files_only=True)
         except (OSError, ValueError) as error:
             first_line = str(error).strip().splitlines()[0]
-            raise CLIError(f"could not load a causal LM from {path}: {first_line}",
+            raise CLIError(f"could not load a model from {path}: {first_line}",
                            "point --model at a folder written by model.save_pretrained, or pass a family "
                            "name such as llama") from None
     import difflib
@@ -423,6 +427,7 @@ def _model_for_verify(spec: str, console):
                        f"pass a model_type such as llama, mistral, qwen2, gemma2{hint}, or a path to a model folder")
     from .testing import tiny_model
 
+    console.print(f"building a tiny random {spec} from its config (no download) …")
     return tiny_model(spec)
 
 
@@ -445,11 +450,13 @@ def cmd_verify(args, console) -> int:
             raise
         raise CLIError("packmask.verify is not part of this install",
                        "update packmask (pip install -U packmask) or run from a full checkout") from None
-    report = verify(model)
+    forms = tuple(f.strip() for f in args.forms.split(",") if f.strip())
+    report = verify(model, forms=forms, print_table=False)
     _print_report(console, report)
-    passed = getattr(report, "passed", getattr(report, "ok", True))
-    if not passed:
-        console.print("[bold red]verify failed[/]: packed results differ from each sequence run alone")
+    summary = getattr(report, "summary", None)
+    if callable(summary):
+        console.print(summary())
+    if not getattr(report, "passed", True):
         return EXIT_FAILED
     return 0
 
@@ -555,6 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "family, or on a local model folder.")
     verify.add_argument("--model", required=True, metavar="FAMILY|PATH",
                         help="transformers model_type (llama, mistral, qwen2, ...) or a local model folder")
+    verify.add_argument("--forms", default="mask3d,mask4d,collator", metavar="FORM[,FORM...]",
+                        help="packed input forms to check: mask3d, mask4d, collator, position_ids, "
+                             "position_ids_ones_2d, seq_lengths (default mask3d,mask4d,collator)")
     verify.set_defaults(func=cmd_verify)
 
     bench = sub.add_parser("bench", parents=[common], help="train-step throughput on this device",

@@ -673,7 +673,7 @@ def _plot(result: dict, path: Path) -> None:
                         (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=9)
     ax_tps.set_ylim(0, max(rates) * 1.25)
-    ax_tps.set_ylabel("real (non-padding) tokens / s")
+    ax_tps.set_ylabel("real (non-padding) tokens / s, after warm-up")
     ax_tps.set_title(f"throughput on {result['device']}")
     iso = result["isolation"]
     fig.suptitle(
