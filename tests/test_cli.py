@@ -18,9 +18,9 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-def run_cli(*args, cwd=None, timeout=180):
+def run_cli(*args, cwd=None, timeout=180, env=None):
     """``python -m packmask ARGS`` with this checkout first on the path; returns CompletedProcess."""
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["COLUMNS"] = "120"  # rich wraps tables to the terminal width; keep rows on one line
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -147,6 +147,13 @@ def test_verify_llama():
     result = run_cli("verify", "--model", "llama", "--forms", "mask3d,collator")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "collator" in result.stdout and "PASS llama" in result.stdout
+
+
+def test_bench_prints_its_table():
+    # one method keeps the CPU smoke test short (METHODS is the benchmark's own selector)
+    result = run_cli("bench", env={"METHODS": "packmask_collator"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "real tok/s" in result.stdout and "packmask_collator" in result.stdout
 
 
 def test_console_script_is_installed():
