@@ -108,8 +108,17 @@ def _load_json(path: Path):
             try:
                 records = json.load(handle)
             except json.JSONDecodeError as error:
-                raise CLIError(f"{path} is not valid JSON: {error}", "fix the file or write JSON lines") from None
+                raise CLIError(f"{path} starts with '[' but is not one JSON array ({error})",
+                               "write one JSON array of objects, or one object per line such as "
+                               "{\"input_ids\": [1, 2, 3]}") from None
         return datasets.Dataset.from_list(records)
+    import pyarrow as pa
+    import pyarrow.json as pa_json
+
+    try:  # Arrow's reader: fast and memory-lean on big files
+        return datasets.Dataset(pa_json.read_json(str(path)))
+    except pa.ArrowInvalid:
+        pass  # parse again in Python below, to name the offending line
     records = []
     with opener(path, "rt", encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
