@@ -74,23 +74,6 @@ def run(total, H, Hkv, D, median):
         return (doc[b, qi] == doc[b, ki]) & (qi >= ki)
     out["block_mask_build_create_block_mask"] = dict(ms=bench(lambda: create_block_mask(mm, 1, None, total, total, device=dev, _compile=True)))
     out["block_mask_build_from_offsets"] = dict(ms=bench(lambda: document_block_mask(layout, dev)))
-    # candidates beyond varlen: SDPA over a jagged nested tensor (one document per batch entry)
-    def njt(x):
-        flat = x.transpose(1, 2).reshape(total, x.shape[1], D)
-        return torch.nested.nested_tensor_from_jagged(flat, offsets=layout.cu_seqlens.long()).transpose(1, 2)
-    for name, backend in [("njt_cudnn", SDPBackend.CUDNN_ATTENTION), ("njt_flash", SDPBackend.FLASH_ATTENTION)]:
-        try:
-            def f(backend=backend):
-                with sdpa_kernel([backend]):
-                    o = F.scaled_dot_product_attention(njt(q), njt(kr), njt(vr), is_causal=True)
-                return o.transpose(1, 2).values().view(1, total, H, D)
-            ref = varlen_attention(q, k, v, layout, spec)
-            err = ((f().float() - ref.float()).norm() / ref.float().norm()).item()
-            t = bench(fb(f))
-            out[name] = dict(ms=t, tflops=flops_doc / t / 1e9, rel_err_vs_varlen=err)
-        except Exception as e:  # noqa: BLE001
-            out[name] = dict(error=repr(e)[:200])
-            print(name, "failed:", repr(e)[:200])
     dense = layout.dense_mask()
     t = bench(fb(lambda: F.scaled_dot_product_attention(q, kr, vr, attn_mask=dense), True))
     out["sdpa_dense_mask"] = dict(ms=t, tflops=flops_doc / t / 1e9)
