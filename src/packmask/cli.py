@@ -201,7 +201,7 @@ def _tokenize(dataset, text_column: str, args, console):
     token_lists: list[list[int]] = []
     batch = 1000
     with Progress(TextColumn("tokenizing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, transient=True) as progress:
+                  console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task("tokenize", total=len(texts))
         for start in range(0, len(texts), batch):
             chunk = [t or "" for t in texts[start : start + batch]]
@@ -256,7 +256,7 @@ def _pack_report(args, console, write: bool) -> int:
 
     def spinner(text):
         progress = Progress(SpinnerColumn(), TextColumn(text), TimeElapsedColumn(), console=console,
-                            transient=True)
+                            transient=True, disable=not console.is_terminal)
         progress.add_task(text, total=None)
         return progress
 
