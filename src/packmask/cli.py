@@ -382,7 +382,7 @@ def _resolve_device(name: str | None):
         return None
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise CLIError(f"--device {name}: CUDA is not available on this machine",
-                       "drop --device (the demo picks CUDA when present) or pass --device cpu")
+                       "drop --device (CUDA is used when present) or pass --device cpu")
     try:
         return torch.device(name)
     except RuntimeError:
@@ -483,7 +483,7 @@ def cmd_bench(args, console) -> int:
     kwargs = {}
     device = _resolve_device(args.device)
     if device is not None and "device" in inspect.signature(run_train_step_bench).parameters:
-        kwargs["device"] = device
+        kwargs["device"] = str(device)
     result = run_train_step_bench(**kwargs)
     _print_report(console, result)
     return 0
@@ -625,6 +625,12 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         errors.print(f"[bold red]error:[/] {_one_line(str(error))}", markup=True)
         return error.exit_code
+    except OSError as error:  # unwritable --out-dir / -o, a full disk, ...
+        if debug:
+            traceback.print_exc()
+        errors.print(f"[bold red]error:[/] {_one_line(str(error))} (fix: check that the path exists, "
+                     "is writable and has space)", markup=True)
+        return EXIT_USAGE
     except Exception as error:  # noqa: BLE001 -- the last line of defence: no traceback unless --debug
         from .errors import PackmaskError
 
