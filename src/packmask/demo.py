@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import math
 import platform
 import random
 import time
@@ -595,10 +594,6 @@ def run_demo(
 
 # --------------------------------------------------------------------------- report
 
-def _loss_at(losses: list, step: int) -> float:
-    return losses[step - 1]
-
-
 def results_table(result: dict):
     """The demo's rich table: throughput, padding, losses at equal steps, isolation."""
     from rich.table import Table
@@ -627,8 +622,8 @@ def results_table(result: dict):
         table.add_row("training time", f"{padded['train_seconds']:.1f} s", f"{packed['train_seconds']:.1f} s")
     marks = sorted({1, max(1, steps // 2), steps})
     for step in marks:
-        table.add_row(f"loss at step {step}", f"{_loss_at(padded['losses'], step):.4f}",
-                      f"{_loss_at(packed['losses'], step):.4f}")
+        table.add_row(f"loss at step {step}", f"{padded['losses'][step - 1]:.4f}",
+                      f"{packed['losses'][step - 1]:.4f}")
     first_gap = abs(padded["losses"][0] - packed["losses"][0])
     table.add_row("|loss diff| step 1 / max", "",
                   f"{first_gap:.0e} / {result['max_abs_loss_diff_at_equal_steps']:.0e}")
