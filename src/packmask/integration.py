@@ -22,9 +22,10 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .backends import AttentionSpec, attend
+from .backends import AttentionSpec, attend, eager_attention, sdpa_attention
 from .errors import PackmaskError, UnsupportedModelError
 from .layout import DocumentLayout, GeneralLayout, analyse_mask, cached_on
+from .support import check_packed_input, position_offset
 
 __all__ = ["NAME", "PackmaskMask", "packmask_attention", "packmask_mask", "enable", "register"]
 
@@ -173,8 +174,29 @@ def packmask_attention(module, query, key, value, attention_mask, scaling=None, 
     else:
         if spec.sliding_window is not None and spec.sliding_window >= N:
             spec = AttentionSpec(spec.scale, spec.dropout, spec.softcap, None, spec.is_causal)
+        if spec.sliding_window is not None and not spec.is_causal:
+            return _bidirectional_window_attention(query, key, value, layout, spec, module.training), None
     out = attend(query, key, value, layout, spec, training=module.training, standard_mask=standard)
     return out, None
+
+
+def _bidirectional_window_attention(query, key, value, layout, spec, training):
+    """A non-causal layer with a sliding window (ModernBERT's local layers): a key is visible when it
+    is in the query's document and ``|pos_q - pos_k| < sliding_window`` (transformers' convention:
+    the layer passes ``config.sliding_window + 1``). The kernels' windows are one-sided (causal), so
+    this builds the dense mask (O(N²), cached on the layout) and runs SDPA / eager."""
+    window = spec.sliding_window
+    memo = layout._memo
+    key_ = ("bidirectional_window", window)
+    if key_ not in memo:
+        pos = layout.position_ids
+        near = (pos[:, :, None] - pos[:, None, :]).abs() < window
+        memo[key_] = layout.dense_mask(None) & near[:, None]
+    mask = memo[key_].to(query.device)
+    plain = AttentionSpec(spec.scale, spec.dropout, spec.softcap, None, False)
+    if spec.softcap is not None:
+        return eager_attention(query, key, value, mask, plain, training)
+    return sdpa_attention(query, key, value, mask, plain, training)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,16 +221,20 @@ def _uses_packmask(model) -> bool:
 def _derive_inputs_hook(model, args, kwargs):
     """Fill in ``position_ids`` (and varlen keys from ``seq_lengths``) when the user omitted them."""
     if not _uses_packmask(model):
-        return None
+        return _additive_eager_mask(model, args, kwargs)
     names, takes_positions = _forward_params(type(model))
-    if not takes_positions:
-        return None
     bound = dict(zip(names, args))
     mask = kwargs.get("attention_mask", bound.get("attention_mask"))
-    seq_lengths = kwargs.pop("seq_lengths", None)
     ids = kwargs.get("input_ids", bound.get("input_ids"))
     embeds = kwargs.get("inputs_embeds", bound.get("inputs_embeds"))
     ref = ids if ids is not None else embeds
+    # refuse models that cannot isolate packed sequences (recurrent layers, attention outside the interface)
+    check_packed_input(model, mask=mask, position_ids=kwargs.get("position_ids", bound.get("position_ids")),
+                       cu_seq_lens=kwargs.get("cu_seq_lens_q"), seq_lengths=kwargs.get("seq_lengths"),
+                       batch_size=ref.shape[0] if ref is not None else None)
+    if not takes_positions:
+        return None
+    seq_lengths = kwargs.pop("seq_lengths", None)
     if seq_lengths is not None and ref is not None:
         B, N = ref.shape[:2]
         lengths = seq_lengths.tolist() if isinstance(seq_lengths, torch.Tensor) else seq_lengths
@@ -231,7 +257,33 @@ def _derive_inputs_hook(model, args, kwargs):
         positions = cached_on(cu, ("cu", B, N, True), lambda: DocumentLayout.from_cu_seqlens(
             cu, B, N, max_seqlen=kwargs.get("max_length_q"))).position_ids
     if positions is not None:
+        offset = position_offset(model)  # RoBERTa-style embeddings start at padding_idx + 1
+        positions = positions + offset if offset else positions
         kwargs["position_ids"] = positions.to(ref.device if ref is not None else positions.device)
+    return args, kwargs
+
+
+def _additive_eager_mask(model, args, kwargs):
+    """transformers pitfall: ``eager`` *adds* a user's 4D mask to the scores, so a bool / 0-1 mask
+    adds 1 or 0 instead of blocking (packed rows silently attend across sequences). For models on
+    ``eager`` whose attention goes through transformers' interface, turn such a mask into the
+    additive 0 / dtype-min form eager expects. Everything else is left untouched."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "eager" or not getattr(model, "_supports_attention_backend", False):
+        return None
+    names, _ = _forward_params(type(model))
+    in_kwargs = "attention_mask" in kwargs
+    index = names.index("attention_mask") if "attention_mask" in names else None
+    mask = kwargs.get("attention_mask") if in_kwargs else (
+        args[index] if index is not None and index < len(args) else None)
+    if not (isinstance(mask, torch.Tensor) and mask.dim() == 4 and not mask.is_floating_point()):
+        return None
+    dtype = model.dtype if model.dtype.is_floating_point else torch.float32
+    additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask == 0, torch.finfo(dtype).min)
+    if in_kwargs:
+        kwargs["attention_mask"] = additive
+    else:
+        args = args[:index] + (additive,) + args[index + 1:]
     return args, kwargs
 
 
@@ -259,6 +311,12 @@ def enable(model, backend: str | None = None):
         if isinstance(m, PreTrainedModel):
             _attach_hook(m)
     model.set_attn_implementation(NAME)
+    if not _uses_packmask(model):  # e.g. falcon: attention classes chosen by name at construction
+        from .support import unsupported_reason
+        raise UnsupportedModelError(
+            f"{type(model).__name__} stayed on attn_implementation={model.config._attn_implementation!r}: transformers "
+            f"cannot switch this model's attention after construction. {unsupported_reason(model) or ''} Build it with "
+            f"attn_implementation='packmask' if the family supports it (check with packmask.verify), or train unpacked.")
     if backend is not None:
         from .backends import set_backend
         set_backend(backend)

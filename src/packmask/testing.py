@@ -29,11 +29,14 @@ FAMILY_OVERRIDES = {
     "qwen3": dict(head_dim=16),
     "phi3": dict(pad_token_id=0),
     "gpt2": dict(n_positions=256),
+    "modernbert": dict(local_attention=4, global_attn_every_n_layers=2),
 }
 
 _DROPOUT_KEYS = ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
                  "hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "summary_first_dropout",
                  "classifier_dropout", "activation_dropout", "ffn_dropout", "embedding_dropout")
+_SPECIAL_TOKEN_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "cls_token_id", "sep_token_id",
+                       "mask_token_id", "unk_token_id")
 
 
 def tiny_config(family: str, **overrides):
@@ -46,6 +49,11 @@ def tiny_config(family: str, **overrides):
     except ValueError as e:
         raise PackmaskError(f"unknown model family {family!r} ({e}); use a model_type from transformers, "
                             f"e.g. 'llama', 'mistral', 'qwen2'.") from None
+    vocab = getattr(config, "vocab_size", None)
+    for key in _SPECIAL_TOKEN_KEYS:  # ids of the full-size vocabulary do not fit the tiny one
+        value = getattr(config, key, None)
+        if isinstance(vocab, int) and isinstance(value, int) and value >= vocab:
+            setattr(config, key, 0 if key == "pad_token_id" else vocab - 1)
     for key in _DROPOUT_KEYS:  # exact comparisons need deterministic forward passes
         if isinstance(getattr(config, key, None), float):
             setattr(config, key, 0.0)

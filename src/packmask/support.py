@@ -1,0 +1,170 @@
+"""Which models packmask can isolate per sequence, and the guard for those it cannot.
+
+Packing is exact when the *only* way tokens exchange information is attention (which packmask
+masks per document) and the only per-token input that depends on the document is the position
+(which packmask restarts per document). Models that mix tokens some other way cannot be made
+exact by a mask; packmask refuses them **on packed input** with
+:class:`~packmask.UnsupportedModelError` instead of returning a silently wrong result. An
+ordinary unpacked batch is never refused.
+
+Detection is by capability, not by name, so a new family with the same feature is caught too:
+
+==========================  =====================================================================
+capability                  how it is detected
+==========================  =====================================================================
+state-space / recurrent /   a sub-module whose class is a Mamba mixer, a gated-delta-net, linear /
+linear-attention layers     lightning attention, RG-LRU, RWKV, xLSTM or short convolution, or a
+                            depthwise ``nn.Conv1d`` over the sequence (mamba, mamba2, jamba,
+                            bamba, falcon_h1, zamba, zamba2, granitemoehybrid, nemotron_h, lfm2,
+                            qwen3_next, qwen3_5, olmo_hybrid, kimi_linear, minimax,
+                            recurrent_gemma, rwkv, xlstm, …): their state flows across document
+                            boundaries whatever the mask says.
+attention outside           no module of the model comes from a file that uses transformers'
+transformers' interface     ``ALL_ATTENTION_FUNCTIONS``: its own attention code never calls packmask
+                            (bloom and mpt with ALiBi, falcon, xglm, reformer, xlnet, …), so a
+                            packed mask would not reach it. Refused on every call with packmask.
+==========================  =====================================================================
+
+>>> from packmask.testing import tiny_model
+>>> unsupported_reason(tiny_model("llama")) is None
+True
+>>> print(unsupported_reason(tiny_model("mamba")))     # doctest: +ELLIPSIS
+mamba has state-space / recurrent layers (MambaMixer) ...
+"""
+from __future__ import annotations
+
+import re
+import sys
+
+import torch
+
+from .errors import UnsupportedModelError
+
+__all__ = ["unsupported_reason", "check_packed_input", "is_packed_input", "RECURRENT_MODULE_PATTERN"]
+
+#: class names of token-mixing layers other than attention (state-space, recurrent, linear attention)
+RECURRENT_MODULE_PATTERN = re.compile(
+    r"Mamba|Mixer$|GatedDeltaNet|DeltaAttention|DeltaNet|LinearAttention|LightningAttention|ShortConv|Rglru|"
+    r"RecurrentBlock|Rwkv|xLSTM|mLSTM|sLSTM")
+
+_FIX = ("Train this model unpacked (one sequence per row with a 2D padding mask), or pick a model whose "
+        "sequence mixing is attention only (check with packmask.verify(model)).")
+
+
+def _recurrent_modules(model) -> list[str]:
+    found = []
+    for module in model.modules():
+        name = type(module).__name__
+        if RECURRENT_MODULE_PATTERN.search(name) and not name.endswith(("Config", "Cache", "Output")):
+            found.append(name)
+        elif (isinstance(module, torch.nn.Conv1d) and module.groups > 1
+              and module.groups == module.in_channels and module.padding != (0,)):
+            found.append(f"{name} (depthwise causal convolution)")
+    return sorted(set(found))
+
+
+def _uses_attention_interface(model) -> bool:
+    """Whether any module of ``model`` is defined next to transformers' ``ALL_ATTENTION_FUNCTIONS``
+    (the attention-interface dispatch that calls packmask); models with their own attention code
+    (bloom, mpt, falcon, xglm, …) never import it."""
+    seen = set()
+    for module in model.modules():
+        name = type(module).__module__
+        if name in seen or not name.startswith("transformers.models."):
+            continue
+        seen.add(name)
+        if hasattr(sys.modules.get(name), "ALL_ATTENTION_FUNCTIONS"):
+            return True
+    return not seen  # not a transformers model: assume it follows the interface
+
+
+def unsupported_reason(model) -> str | None:
+    """Why packed rows cannot be exact for ``model`` (None when they can). Cached on the model."""
+    return _diagnose(model)[1] or None
+
+
+def _diagnose(model) -> tuple[str, str]:
+    """``(kind, reason)``: kind is "" (supported), "recurrent" or "interface"."""
+    cached = model.__dict__.get("_packmask_unsupported")
+    if cached is not None:
+        return cached
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    kind, reason = "", ""
+    recurrent = _recurrent_modules(model)
+    if recurrent:
+        kind = "recurrent"
+        reason = (f"{model_type} has state-space / recurrent layers ({', '.join(recurrent[:3])}) whose state flows "
+                  f"from one packed sequence into the next; an attention mask cannot isolate them.")
+    elif not _uses_attention_interface(model):
+        alibi = bool(getattr(model.config, "alibi", False)) or model_type in ("bloom", "mpt")
+        what = "ALiBi attention computed by the model's own code" if alibi else "its own attention code"
+        kind = "interface"
+        reason = (f"{model_type} ({type(model).__name__}) uses {what}, which does not go through transformers' "
+                  f"AttentionInterface, so packmask's per-sequence mask never reaches it.")
+    model.__dict__["_packmask_unsupported"] = (kind, reason)
+    return kind, reason
+
+
+def is_packed_input(mask=None, position_ids=None, cu_seq_lens=None, seq_lengths=None, batch_size=None) -> bool:
+    """Whether a forward's inputs put more than one sequence in a row.
+
+    A ``[B, N, N]`` / ``[B, 1, N, N]`` mask that is not plain causal or full, ``cu_seq_lens`` or
+    ``seq_lengths`` with more sequences than rows, or ``position_ids`` that restart inside a row.
+    """
+    if seq_lengths is not None:
+        return any(len(r) > 1 for r in seq_lengths)
+    if cu_seq_lens is not None:
+        return cu_seq_lens.numel() - 1 > (batch_size or 1)
+    if isinstance(mask, torch.Tensor) and mask.dim() in (3, 4) and mask.shape[-1] == mask.shape[-2]:
+        m = mask.reshape(-1, mask.shape[-2], mask.shape[-1])
+        m = m != 0 if m.dtype != torch.bool else m
+        n = m.shape[-1]
+        causal = torch.ones(n, n, dtype=torch.bool, device=m.device).tril()
+        return not (bool((m == causal).all()) or bool(m.all()))
+    if isinstance(position_ids, torch.Tensor) and position_ids.dim() >= 2 and position_ids.shape[-1] > 1:
+        p = position_ids
+        return bool((p[..., 1:] != p[..., :-1] + 1).any())
+    return False
+
+
+def check_packed_input(model, **inputs) -> None:
+    """Raise :class:`UnsupportedModelError` when ``model`` cannot run ``inputs`` exactly with packmask.
+
+    Models with recurrent / state-space layers are refused only when ``inputs`` are packed (see
+    :func:`is_packed_input`); models whose attention bypasses transformers' AttentionInterface are
+    refused on every call, because packmask's attention never runs inside them (their own code would
+    otherwise fail on packmask's mask object with an unrelated TypeError).
+    """
+    kind, reason = _diagnose(model)
+    if kind == "interface":
+        raise UnsupportedModelError(
+            f"packmask cannot run this model: {reason} Use attn_implementation='eager' (or 'sdpa') for it and "
+            f"train unpacked (one sequence per row with a 2D padding mask).")
+    if kind == "recurrent" and is_packed_input(**inputs):
+        raise UnsupportedModelError(f"packmask cannot pack this model: {reason} {_FIX}")
+
+
+def position_offset(model) -> int:
+    """The first position id of a sequence in ``model`` (0 for almost every model).
+
+    RoBERTa-style embeddings (roberta, xlm-roberta, camembert, data2vec-text, …) number real
+    tokens from ``padding_idx + 1`` (``create_position_ids_from_input_ids``); position ids that
+    packmask derives for packed sequences must start there too to equal each sequence alone.
+    Cached on the model.
+
+    >>> from transformers import AutoModel
+    >>> from packmask.testing import tiny_config
+    >>> position_offset(AutoModel.from_config(tiny_config("roberta", pad_token_id=1)))
+    2
+    """
+    cached = model.__dict__.get("_packmask_position_offset")
+    if cached is not None:
+        return cached
+    offset = 0
+    for module in model.modules():
+        if hasattr(type(module), "create_position_ids_from_input_ids") and isinstance(
+                getattr(module, "padding_idx", None), int):
+            offset = module.padding_idx + 1
+            break
+    model.__dict__["_packmask_position_offset"] = offset
+    return offset

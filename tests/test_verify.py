@@ -1,0 +1,76 @@
+"""packmask.verify: passes on a model packmask isolates, and reports — never hides — one it does not."""
+import io
+
+import pytest
+import torch
+from rich.console import Console
+
+import packmask
+from packmask.testing import tiny_model
+from packmask.verify import FORMS, VerifyReport
+
+
+def test_verify_passes_on_llama_every_form():
+    model = tiny_model("llama")
+    report = packmask.verify(model, forms=FORMS, print_table=False)
+    assert isinstance(report, VerifyReport) and report.passed, report.summary()
+    assert [r.form for r in report.rows] == list(FORMS)
+    for row in report.rows:
+        assert row.output_rel_err <= 1e-5 and row.grad_rel_err <= 1e-5 and row.loss_rel_err <= 1e-5
+        assert row.max_abs_err < 1e-4
+    # the model comes back as it went in
+    assert model.config._attn_implementation == "packmask" and not model.training
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_verify_fails_loudly_on_a_contaminating_setup():
+    """sdpa with packed position_ids and use_cache left at its default attends across sequences."""
+    report = packmask.verify(tiny_model("llama", "sdpa"), forms=("position_ids", "collator"), print_table=False)
+    assert not report.passed
+    for row in report.rows:
+        assert row.status == "FAIL" and row.output_rel_err > 1e-2 and row.grad_rel_err > 1e-2
+    assert report.summary().startswith("FAIL")
+
+
+def test_a_form_that_raises_is_reported_as_failed():
+    report = packmask.verify(tiny_model("llama", "sdpa"), forms=("mask3d", "mask4d"), print_table=False)
+    mask3d, mask4d = report.rows
+    assert mask3d.error is not None and mask3d.status == "error" and not mask3d.passed
+    assert mask4d.passed  # sdpa honours a 4D bool mask
+    assert not report.passed
+
+
+def test_table_renders_every_form():
+    report = packmask.verify(tiny_model("qwen2"), forms=("mask3d", "collator"), print_table=False)
+    buf = io.StringIO()
+    Console(file=buf, width=160).print(report.table())
+    text = buf.getvalue()
+    assert "mask3d" in text and "collator" in text and "pass" in text
+
+
+def test_verify_on_an_encoder_compares_hidden_states():
+    from transformers import AutoModel
+
+    from packmask.testing import tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModel.from_config(tiny_config("bert"), attn_implementation="packmask")
+    report = packmask.verify(model, print_table=False)
+    assert report.output_name == "last_hidden_state" and report.passed, report.summary()
+    assert all(r.loss_rel_err is None for r in report.rows)
+
+
+def test_bad_arguments_are_clear_errors():
+    model = tiny_model("llama")
+    with pytest.raises(packmask.PackmaskError, match="unknown verify form"):
+        packmask.verify(model, forms=("mask5d",), print_table=False)
+    with pytest.raises(packmask.PackmaskError, match="at least 2 tokens"):
+        packmask.verify(model, seq_lengths=[[3, 1]], print_table=False)
+
+
+def test_packmask_verify_is_callable_as_function_and_module():
+    import packmask.verify as module
+
+    assert callable(packmask.verify) and callable(module)
+    assert packmask.verify.tiny_model is tiny_model
+    assert module(tiny_model("llama"), forms=("mask4d",), print_table=False).passed
