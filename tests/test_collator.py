@@ -1,5 +1,6 @@
 """PackedCollator: keys, labels at boundaries, padding segments, masks; equal to DataCollatorWithFlattening."""
 import pytest
+from packmask import PackmaskError
 import torch
 from transformers import DataCollatorWithFlattening
 
@@ -78,13 +79,13 @@ def test_completion_mask_and_given_labels_and_empty_examples():
 
 
 def test_bad_inputs_say_what_to_fix():
-    with pytest.raises(ValueError, match="tokenize"):
+    with pytest.raises(PackmaskError, match="tokenize"):
         PackedCollator()([{"text": "hi"}])
-    with pytest.raises(ValueError, match="seq_lengths"):
+    with pytest.raises(PackmaskError, match="seq_lengths"):
         PackedCollator()([{"input_ids": [1, 2, 3], "seq_lengths": [2, 2]}])
-    with pytest.raises(ValueError, match="max_length"):
+    with pytest.raises(PackmaskError, match="max_length"):
         PackedCollator(max_length=2)([{"input_ids": [1, 2, 3]}])
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(PackmaskError, match="empty"):
         PackedCollator()([{"input_ids": []}])
-    with pytest.raises(ValueError, match="pad_to_multiple_of"):
+    with pytest.raises(PackmaskError, match="pad_to_multiple_of"):
         PackedCollator(pad_to_multiple_of=0)

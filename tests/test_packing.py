@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pyarrow as pa
 import pytest
+from packmask import PackmaskError
 from datasets import Dataset, Features, IterableDataset, List, Value, concatenate_datasets
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -152,27 +153,27 @@ def test_overflow_modes_and_empty_documents_are_counted():
     assert s.stats.split == 2 and sorted(s.length.tolist()) == [1, 2, 3, 8, 8, 8, 8]
     d = pack_lengths(lengths, 8, overflow="drop").stats
     assert (d.dropped, d.dropped_tokens) == (2, 35)
-    with pytest.raises(ValueError, match="index 0, 10 tokens.*overflow='truncate'"):
+    with pytest.raises(PackmaskError, match="index 0, 10 tokens.*overflow='truncate'"):
         pack_lengths(lengths, 8, overflow="error")
     assert pack_lengths([0, 0], 8).stats.rows == 0
 
 
 def test_bad_input_errors_name_the_fix():
     ds = Dataset.from_dict({"text": ["a"], "ids": [[1, 2]]})
-    with pytest.raises(ValueError, match="column=<name"):
+    with pytest.raises(PackmaskError, match="column=<name"):
         pack_dataset(ds, 8)
-    with pytest.raises(ValueError, match="positive integer"):
+    with pytest.raises(PackmaskError, match="positive integer"):
         pack_dataset(ds, 0, column="ids")
-    with pytest.raises(ValueError, match="lists of token ids"):
+    with pytest.raises(PackmaskError, match="lists of token ids"):
         pack_dataset(ds, 8, column="text")
-    with pytest.raises(ValueError, match="strategy"):
+    with pytest.raises(PackmaskError, match="strategy"):
         pack_lengths([1], 8, strategy="best")
-    with pytest.raises(ValueError, match="overflow"):
+    with pytest.raises(PackmaskError, match="overflow"):
         pack_lengths([1], 8, overflow="wrap")
     packed = pack_dataset(ds, 8, column="ids")
-    with pytest.raises(ValueError, match="already"):
+    with pytest.raises(PackmaskError, match="already"):
         pack_dataset(packed, 8, column="ids")
-    with pytest.raises(ValueError, match="overflow='truncate'"):
+    with pytest.raises(PackmaskError, match="overflow='truncate'"):
         pack_dataset(ds, 1, column="ids", overflow="error")
 
 

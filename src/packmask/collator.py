@@ -34,6 +34,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .errors import PackmaskError
+
 __all__ = ["PackedCollator"]
 
 _MASK_KEYS = ("completion_mask", "assistant_masks")
@@ -79,24 +81,24 @@ class PackedCollator:
 
     def __post_init__(self):
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
-            raise ValueError(f"pad_to_multiple_of must be >= 1 or None, got {self.pad_to_multiple_of}.")
+            raise PackmaskError(f"pad_to_multiple_of must be >= 1 or None, got {self.pad_to_multiple_of}.")
         if self.max_length is not None and self.max_length < 1:
-            raise ValueError(f"max_length must be >= 1 or None, got {self.max_length}.")
+            raise PackmaskError(f"max_length must be >= 1 or None, got {self.max_length}.")
 
     # -- per-example -------------------------------------------------------------------------------
     def _row(self, feature: dict, index: int):
         if "input_ids" not in feature:
-            raise ValueError(f"Example {index} has no 'input_ids' (keys: {sorted(feature)}); tokenize the dataset "
+            raise PackmaskError(f"Example {index} has no 'input_ids' (keys: {sorted(feature)}); tokenize the dataset "
                              "first, or rename the token column to 'input_ids'.")
         ids = _as_list(feature["input_ids"])
         n = len(ids)
         labels = _as_list(feature["labels"]) if feature.get("labels") is not None else list(ids)
         if len(labels) != n:
-            raise ValueError(f"Example {index}: labels has {len(labels)} entries but input_ids has {n}.")
+            raise PackmaskError(f"Example {index}: labels has {len(labels)} entries but input_ids has {n}.")
         lengths = feature.get("seq_lengths")
         lengths = [n] if lengths is None else [int(x) for x in _as_list(lengths)]
         if sum(lengths) != n or any(x < 0 for x in lengths):
-            raise ValueError(f"Example {index}: seq_lengths {lengths} sum to {sum(lengths)} but the row has {n} tokens; "
+            raise PackmaskError(f"Example {index}: seq_lengths {lengths} sum to {sum(lengths)} but the row has {n} tokens; "
                              "seq_lengths must list the length of every sequence in the row (as pack_dataset writes it).")
         lengths = [x for x in lengths if x > 0]
         if self.use_completion_mask:
@@ -113,7 +115,7 @@ class PackedCollator:
     def _padded_length(self, longest: int) -> int:
         if self.max_length is not None:
             if longest > self.max_length:
-                raise ValueError(f"A row has {longest} tokens, more than max_length={self.max_length}; pack with "
+                raise PackmaskError(f"A row has {longest} tokens, more than max_length={self.max_length}; pack with "
                                  f"pack_dataset(..., max_length={self.max_length}) or raise max_length.")
             longest = self.max_length
         m = self.pad_to_multiple_of
@@ -122,11 +124,11 @@ class PackedCollator:
     # -- batch -------------------------------------------------------------------------------------
     def __call__(self, features: Sequence[dict[str, Any]], return_tensors: str | None = None) -> dict[str, Any]:
         if return_tensors not in (None, "pt"):
-            raise ValueError(f"PackedCollator returns torch tensors only, got return_tensors={return_tensors!r}.")
+            raise PackmaskError(f"PackedCollator returns torch tensors only, got return_tensors={return_tensors!r}.")
         rows = [self._row(f, i) for i, f in enumerate(features)]
         rows = [r for r in rows if len(r[0]) > 0]  # like DataCollatorWithFlattening: empty examples add nothing
         if not rows:
-            raise ValueError("PackedCollator received a batch where every example is empty.")
+            raise PackmaskError("PackedCollator received a batch where every example is empty.")
         if self.flatten:
             ids = [t for r in rows for t in r[0]]
             labels = [t for r in rows for t in r[1]]

@@ -34,6 +34,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .errors import PackmaskError
+
 __all__ = ["packed_causal_lm_loss", "sequence_ids"]
 
 
@@ -44,7 +46,7 @@ def sequence_ids(*, position_ids: torch.Tensor | None = None, cu_seq_lens: torch
     if cu_seq_lens is not None:
         cu = cu_seq_lens.reshape(-1).to(torch.long)
         if int(cu[-1]) != B * N:
-            raise ValueError(f"cu_seq_lens ends at {int(cu[-1])} but the batch holds B*N = {B * N} tokens; "
+            raise PackmaskError(f"cu_seq_lens ends at {int(cu[-1])} but the batch holds B*N = {B * N} tokens; "
                              "cu_seq_lens must cover the flattened batch (PackedCollator writes it that way).")
         token = torch.arange(B * N, device=cu.device)
         return (torch.searchsorted(cu, token, right=True) - 1).reshape(B, N)
@@ -84,9 +86,9 @@ def packed_causal_lm_loss(
         A scalar tensor.
     """
     if reduction not in ("token", "sequence"):
-        raise ValueError(f"reduction must be 'token' or 'sequence', got {reduction!r}.")
+        raise PackmaskError(f"reduction must be 'token' or 'sequence', got {reduction!r}.")
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(f"logits must be [B, N, V] and labels [B, N]; got {tuple(logits.shape)} and "
+        raise PackmaskError(f"logits must be [B, N, V] and labels [B, N]; got {tuple(logits.shape)} and "
                          f"{tuple(labels.shape)}.")
     B, N, V = logits.shape
     seq = sequence_ids(position_ids=position_ids, cu_seq_lens=cu_seq_lens, shape=(B, N),

@@ -41,6 +41,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 from numba import njit, prange
 
+from .errors import PackmaskError
+
 __all__ = ["pack_lengths", "pack_dataset", "pack_iterable", "PackingStats", "PackAssignment"]
 
 STRATEGIES = ("bfd", "ffd", "sequential")
@@ -353,16 +355,16 @@ class PackAssignment:
 
 def _check_common(max_length: int, strategy: str, overflow: str) -> None:
     if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 1:
-        raise ValueError(f"max_length must be a positive integer (tokens per packed row), got {max_length!r}.")
+        raise PackmaskError(f"max_length must be a positive integer (tokens per packed row), got {max_length!r}.")
     if max_length > _MAX_ROW:
         # bfd indexes rows by free space and the sort counts lengths: both take O(max_length) memory
-        raise ValueError(f"max_length={max_length} is above {_MAX_ROW:,} tokens per row, which this packer does not "
+        raise PackmaskError(f"max_length={max_length} is above {_MAX_ROW:,} tokens per row, which this packer does not "
                          "support; pack into rows of at most that size.")
     if strategy not in STRATEGIES:
-        raise ValueError(f"Unknown strategy {strategy!r}; use one of {STRATEGIES} "
+        raise PackmaskError(f"Unknown strategy {strategy!r}; use one of {STRATEGIES} "
                          "('bfd' packs tightest, 'sequential' keeps document order).")
     if overflow not in OVERFLOWS:
-        raise ValueError(f"Unknown overflow {overflow!r}; use one of {OVERFLOWS}.")
+        raise PackmaskError(f"Unknown overflow {overflow!r}; use one of {OVERFLOWS}.")
 
 
 def pack_lengths(
@@ -399,12 +401,12 @@ def pack_lengths(
     max_length = int(max_length)
     lengths = np.asarray(lengths)
     if lengths.ndim != 1:
-        raise ValueError(f"lengths must be one-dimensional, got shape {lengths.shape}.")
+        raise PackmaskError(f"lengths must be one-dimensional, got shape {lengths.shape}.")
     if lengths.size and not np.issubdtype(lengths.dtype, np.integer):
-        raise ValueError(f"lengths must be integers, got dtype {lengths.dtype}.")
+        raise PackmaskError(f"lengths must be integers, got dtype {lengths.dtype}.")
     lengths = lengths.astype(np.int64, copy=False)
     if lengths.size and lengths.min() < 0:
-        raise ValueError("lengths must be >= 0.")
+        raise PackmaskError("lengths must be >= 0.")
     stats = PackingStats(max_length=max_length, strategy=strategy, overflow=overflow, documents=int(lengths.size))
 
     empty = lengths == 0
@@ -413,7 +415,7 @@ def pack_lengths(
     n_long = int(too_long.sum())
     if n_long and overflow == "error":
         first = int(np.flatnonzero(too_long)[0])
-        raise ValueError(
+        raise PackmaskError(
             f"{n_long} document(s) are longer than max_length={max_length} (first: index {first}, "
             f"{int(lengths[first])} tokens). Pass overflow='truncate', 'split' or 'drop', or raise max_length.")
 
@@ -489,7 +491,7 @@ def _gather_list_column(array, src_starts: np.ndarray, span_lengths: np.ndarray,
     total = int(row_token_offsets[-1])
     offset_dtype = np.int64 if pa.types.is_large_list(array.type) else np.int32
     if total > np.iinfo(offset_dtype).max:
-        raise ValueError(f"Packed column has {total} values, too many for {array.type}; cast it to a large_list.")
+        raise PackmaskError(f"Packed column has {total} values, too many for {array.type}; cast it to a large_list.")
     flat = None
     if values.null_count == 0 and (pa.types.is_integer(values.type) or values.type in (pa.float32(), pa.float64())):
         flat = values.to_numpy(zero_copy_only=True)
@@ -510,10 +512,10 @@ def _pack_one(dataset, max_length, strategy, overflow, column, shuffle, seed):
 
     begin = time.perf_counter()
     if column not in dataset.column_names:
-        raise ValueError(f"Column {column!r} not found (columns: {dataset.column_names}). Tokenize first, or pass "
+        raise PackmaskError(f"Column {column!r} not found (columns: {dataset.column_names}). Tokenize first, or pass "
                          f"column=<name of the token-id list column>.")
     if "seq_lengths" in dataset.column_names:
-        raise ValueError("The dataset already has a 'seq_lengths' column, so it looks packed already; pack the "
+        raise PackmaskError("The dataset already has a 'seq_lengths' column, so it looks packed already; pack the "
                          "unpacked dataset, or drop that column first.")
     table = dataset.data.table
     # A shuffled/selected Dataset keeps the full table plus an indices mapping; follow it instead of copying.
@@ -523,7 +525,7 @@ def _pack_one(dataset, max_length, strategy, overflow, column, shuffle, seed):
 
     token_array = _single_chunk(table.column(column))
     if not (pa.types.is_list(token_array.type) or pa.types.is_large_list(token_array.type)):
-        raise ValueError(f"Column {column!r} must hold lists of token ids, got Arrow type {token_array.type}.")
+        raise PackmaskError(f"Column {column!r} must hold lists of token ids, got Arrow type {token_array.type}.")
     token_lengths = _list_lengths(token_array)
 
     carried, dropped_columns = [], []
@@ -632,7 +634,7 @@ def pack_dataset(
     _check_common(max_length, strategy, overflow)
     if isinstance(dataset, (IterableDataset, IterableDatasetDict)):
         if shuffle:
-            raise ValueError("shuffle=True is not available for streaming datasets; call .shuffle(seed, buffer_size) "
+            raise PackmaskError("shuffle=True is not available for streaming datasets; call .shuffle(seed, buffer_size) "
                              "on the IterableDataset instead.")
         if isinstance(dataset, IterableDatasetDict):
             return IterableDatasetDict({k: pack_iterable(v, max_length, strategy=strategy, overflow=overflow,
@@ -684,7 +686,7 @@ def _iter_packed(examples, max_length, strategy, overflow, column, buffer_size, 
                 exhausted = True
                 break
             if column not in example:
-                raise ValueError(f"Column {column!r} not found in example with keys {sorted(example)}; pass column=...")
+                raise PackmaskError(f"Column {column!r} not found in example with keys {sorted(example)}; pass column=...")
             if keys is None:
                 keys = _per_token_keys(example, column)
             doc = {k: list(example[k].tolist() if hasattr(example[k], "tolist") else example[k]) for k in keys}
@@ -695,7 +697,7 @@ def _iter_packed(examples, max_length, strategy, overflow, column, buffer_size, 
                 continue
             if n > max_length:
                 if overflow == "error":
-                    raise ValueError(
+                    raise PackmaskError(
                         f"Document {stats.documents - 1} has {n} tokens, more than max_length={max_length}. "
                         "Pass overflow='truncate', 'split' or 'drop', or raise max_length.")
                 if overflow == "drop":
@@ -785,7 +787,7 @@ def pack_iterable(
     """
     _check_common(max_length, strategy, overflow)
     if buffer_size < 1:
-        raise ValueError(f"buffer_size must be >= 1, got {buffer_size}.")
+        raise PackmaskError(f"buffer_size must be >= 1, got {buffer_size}.")
     if stats is None:
         stats = PackingStats(max_length=int(max_length), strategy=strategy, overflow=overflow)
     else:
