@@ -119,3 +119,24 @@ def test_pitfall_4d_bool_mask_under_eager_is_correct(dtype):
     mask = packmask.block_diagonal_mask(SEQ_LENGTHS, N)[:, None].to(dtype)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
     assert rel_err(out * real, run_alone(model, ids, slices)) <= TOL
+
+
+def test_attention_sinks_are_honoured_packed_and_unpacked():
+    model = tiny_model("gpt_oss")  # per-head sink logits join every softmax
+    assert packmask.verify(model, print_table=False).passed
+    ref = tiny_model("gpt_oss", "eager")
+    ref.load_state_dict(model.state_dict())
+    ids = torch.randint(3, 100, (2, 10))
+    am = torch.ones(2, 10, dtype=torch.long)
+    am[1, 7:] = 0
+    with torch.no_grad():
+        a, b = model(input_ids=ids, attention_mask=am).logits, ref(input_ids=ids, attention_mask=am).logits
+    assert rel_err(a[am.bool()], b[am.bool()]) <= TOL
+
+
+def test_packed_queries_against_extra_keys_are_refused():
+    """dory's later loops attend to keys of an earlier pass: with packed collator keys packmask cannot
+    assign those keys to sequences, so it refuses instead of attending across sequences."""
+    report = packmask.verify(tiny_model("dory"), forms=("collator",), print_table=False)
+    (row,) = report.rows
+    assert row.error_type == "UnsupportedModelError" and "keys" in row.error

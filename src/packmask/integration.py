@@ -104,7 +104,14 @@ def _resolve_layout(module, attention_mask, kwargs, B, N, kv_len, device):
         return cached_on(attention_mask, "layout", lambda: analyse_mask(attention_mask, B, N))
     if isinstance(attention_mask, PackmaskMask) and attention_mask.layout is not None:
         return attention_mask.layout
-    if N != kv_len:  # decoding against a cache: nothing is packed
+    if N != kv_len:  # decoding against a cache: nothing is packed — unless the inputs say otherwise
+        from .support import is_packed_input
+        if is_packed_input(position_ids=kwargs.get("position_ids"), cu_seq_lens=kwargs.get("cu_seq_lens_q"),
+                           batch_size=B):
+            raise UnsupportedModelError(
+                f"{type(module).__name__} attends from {N} packed queries to {kv_len} keys (a cache or keys shared "
+                f"from another pass): packmask cannot tell which of those keys belong to which sequence. Pass "
+                f"use_cache=False for packed training, or train this model unpacked.")
         return None
     cu = kwargs.get("cu_seq_lens_q")
     if cu is not None:
@@ -150,11 +157,7 @@ def _layout_from_positions(pos, padding, causal):
 def packmask_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                        sliding_window=None, softcap=None, **kwargs):
     """``AttentionInterface`` entry: one call per layer."""
-    for name, what in _UNSUPPORTED_KWARGS.items():
-        if kwargs.get(name) is not None:
-            raise UnsupportedModelError(
-                f"{type(module).__name__} uses {what}, which packmask does not implement yet; use "
-                f"attn_implementation='eager' with a 4D float mask for this model.")
+    sinks = next((kwargs[name] for name in _UNSUPPORTED_KWARGS if kwargs.get(name) is not None), None)
     B, H, N, D = query.shape
     kv_len = key.shape[2]
     layout = _resolve_layout(module, attention_mask, kwargs, B, N, kv_len, query.device)
@@ -171,13 +174,44 @@ def packmask_attention(module, query, key, value, attention_mask, scaling=None, 
             standard = attention_mask.standard_mask()
         if standard is not None and standard.dim() == 4 and standard.shape[-1] != kv_len:
             standard = standard[..., :kv_len]
+        if sinks is not None:
+            return _sink_attention(query, key, value, standard, spec, sinks, module.training), None
     else:
         if spec.sliding_window is not None and spec.sliding_window >= N:
             spec = AttentionSpec(spec.scale, spec.dropout, spec.softcap, None, spec.is_causal)
         if spec.sliding_window is not None and not spec.is_causal:
             return _bidirectional_window_attention(query, key, value, layout, spec, module.training), None
+        if sinks is not None:
+            mask = layout.dense_mask(spec.sliding_window).to(query.device)
+            return _sink_attention(query, key, value, mask, spec, sinks, module.training), None
     out = attend(query, key, value, layout, spec, training=module.training, standard_mask=standard)
     return out, None
+
+
+def _sink_attention(query, key, value, mask, spec, sinks, training):
+    """Attention with per-head sink logits (gpt-oss ``s_aux`` / ``sinks``): one extra logit per head
+    joins every query's softmax and is dropped afterwards, exactly as transformers' eager does.
+    ``mask`` is a ``[B, 1, N, K]`` bool mask (None: plain causal, with the layer's window)."""
+    B, H, N, D = query.shape
+    K = key.shape[2]
+    if mask is None:
+        q_pos = torch.arange(K - N, K, device=query.device)[:, None]
+        k_pos = torch.arange(K, device=query.device)[None]
+        mask = k_pos <= q_pos if spec.is_causal else torch.ones(N, K, dtype=torch.bool, device=query.device)
+        if spec.sliding_window is not None:
+            mask = mask & (q_pos - k_pos < spec.sliding_window)
+    if key.shape[1] != H:
+        key, value = key.repeat_interleave(H // key.shape[1], 1), value.repeat_interleave(H // value.shape[1], 1)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * spec.scale
+    if spec.softcap is not None:
+        scores = torch.tanh(scores / spec.softcap) * spec.softcap
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    sink = sinks.reshape(1, -1, 1, 1).expand(B, -1, N, 1).to(scores.dtype)
+    combined = torch.cat([scores, sink], dim=-1)
+    combined = combined - combined.max(dim=-1, keepdim=True).values
+    probs = torch.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
+    probs = torch.nn.functional.dropout(probs, p=spec.dropout, training=training).to(value.dtype)
+    return torch.matmul(probs, value).transpose(1, 2)
 
 
 def _bidirectional_window_attention(query, key, value, layout, spec, training):
@@ -228,12 +262,21 @@ def _derive_inputs_hook(model, args, kwargs):
     ids = kwargs.get("input_ids", bound.get("input_ids"))
     embeds = kwargs.get("inputs_embeds", bound.get("inputs_embeds"))
     ref = ids if ids is not None else embeds
+    if isinstance(mask, torch.Tensor) and mask.dim() == 3:
+        # pass a [B, N, N] mask on as its [B, 1, N, N] view: transformers forwards 4D masks untouched, while
+        # some models reshape anything below 4D as a 2D padding mask (ctrl: mask.view(B, -1))
+        mask = mask[:, None]
+        if "attention_mask" in kwargs:
+            kwargs["attention_mask"] = mask
+        else:
+            i = names.index("attention_mask")
+            args = args[:i] + (mask,) + args[i + 1:]
     # refuse models that cannot isolate packed sequences (recurrent layers, attention outside the interface)
     check_packed_input(model, mask=mask, position_ids=kwargs.get("position_ids", bound.get("position_ids")),
                        cu_seq_lens=kwargs.get("cu_seq_lens_q"), seq_lengths=kwargs.get("seq_lengths"),
                        batch_size=ref.shape[0] if ref is not None else None)
     if not takes_positions:
-        return None
+        return args, kwargs
     seq_lengths = kwargs.pop("seq_lengths", None)
     if seq_lengths is not None and ref is not None:
         B, N = ref.shape[:2]

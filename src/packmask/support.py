@@ -14,7 +14,7 @@ capability                  how it is detected
 ==========================  =====================================================================
 state-space / recurrent /   a sub-module whose class is a Mamba mixer, a gated-delta-net, linear /
 linear-attention layers     lightning attention, RG-LRU, RWKV, xLSTM or short convolution, or a
-                            depthwise ``nn.Conv1d`` over the sequence (mamba, mamba2, jamba,
+                            ``nn.Conv1d`` over the sequence (mamba, mamba2, jamba, zaya,
                             bamba, falcon_h1, zamba, zamba2, granitemoehybrid, nemotron_h, lfm2,
                             qwen3_next, qwen3_5, olmo_hybrid, kimi_linear, minimax,
                             recurrent_gemma, rwkv, xlstm, …): their state flows across document
@@ -23,13 +23,15 @@ attention outside           no module of the model comes from a file that uses t
 transformers' interface     ``ALL_ATTENTION_FUNCTIONS``: its own attention code never calls packmask
                             (bloom and mpt with ALiBi, falcon, xglm, reformer, xlnet, …), so a
                             packed mask would not reach it. Refused on every call with packmask.
+sparse-attention indexer    a sub-module class ending in ``Indexer`` (deepseek_v32, glm_moe_dsa, …):
+                            it reads the raw mask outside the attention function.
 ==========================  =====================================================================
 
 >>> from packmask.testing import tiny_model
 >>> unsupported_reason(tiny_model("llama")) is None
 True
 >>> print(unsupported_reason(tiny_model("mamba")))     # doctest: +ELLIPSIS
-mamba has state-space / recurrent layers (MambaMixer) ...
+mamba has state-space / recurrent layers (...) whose state flows from one packed sequence into the next; ...
 """
 from __future__ import annotations
 
@@ -57,9 +59,8 @@ def _recurrent_modules(model) -> list[str]:
         name = type(module).__name__
         if RECURRENT_MODULE_PATTERN.search(name) and not name.endswith(("Config", "Cache", "Output")):
             found.append(name)
-        elif (isinstance(module, torch.nn.Conv1d) and module.groups > 1
-              and module.groups == module.in_channels and module.padding != (0,)):
-            found.append(f"{name} (depthwise causal convolution)")
+        elif isinstance(module, torch.nn.Conv1d) and module.kernel_size[0] > 1:
+            found.append(f"{name} (convolution over the sequence)")
     return sorted(set(found))
 
 
@@ -95,6 +96,10 @@ def _diagnose(model) -> tuple[str, str]:
         kind = "recurrent"
         reason = (f"{model_type} has state-space / recurrent layers ({', '.join(recurrent[:3])}) whose state flows "
                   f"from one packed sequence into the next; an attention mask cannot isolate them.")
+    elif any(type(m).__name__.endswith("Indexer") for m in model.modules()):
+        kind = "recurrent"  # refused on packed input, like recurrent layers
+        reason = (f"{model_type} has a sparse-attention indexer (DeepSeek sparse attention) that selects keys from the "
+                  f"raw attention mask itself, outside the attention function packmask replaces.")
     elif not _uses_attention_interface(model):
         alibi = bool(getattr(model.config, "alibi", False)) or model_type in ("bloom", "mpt")
         what = "ALiBi attention computed by the model's own code" if alibi else "its own attention code"
