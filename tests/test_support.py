@@ -140,3 +140,19 @@ def test_packed_queries_against_extra_keys_are_refused():
     report = packmask.verify(tiny_model("dory"), forms=("collator",), print_table=False)
     (row,) = report.rows
     assert row.error_type == "UnsupportedModelError" and "keys" in row.error
+
+
+def test_packed_multimodal_rope_positions_without_a_mask_are_refused():
+    """[3, B, N] (temporal, height, width) positions cannot mark sequence starts (image tokens share
+    positions): without a mask or cu_seq_lens packmask refuses instead of attending across sequences."""
+    from packmask.integration import packmask_attention
+
+    module = torch.nn.Module()
+    module.is_causal = True
+    q = k = v = torch.randn(1, 2, 6, 8)
+    pos = torch.tensor([0, 1, 2, 0, 1, 2]).expand(3, 1, 6)
+    with pytest.raises(packmask.UnsupportedModelError, match="multimodal RoPE"):
+        packmask_attention(module, q, k, v, None, position_ids=pos)
+    # one sequence per row: nothing packed, the ordinary path
+    out, _ = packmask_attention(module, q, k, v, None, position_ids=torch.arange(6).expand(3, 1, 6))
+    assert out.shape == (1, 6, 2, 8)

@@ -123,6 +123,13 @@ def _resolve_layout(module, attention_mask, kwargs, B, N, kv_len, device):
             cu, B, N, max_seqlen=kwargs.get("max_length_q"), causal=causal))
         return layout if len(layout.cu_seqlens) - 1 > B else None
     pos = kwargs.get("position_ids")
+    if pos is not None and pos.dim() == 3 and pos.shape[-1] == N and bool((pos[0, :, 1:] != pos[0, :, :-1] + 1).any()):
+        # multimodal RoPE: [3, B, N] (temporal, height, width) positions; image tokens share positions, so
+        # sequence starts cannot be read from them
+        raise UnsupportedModelError(
+            "packed rows with 3D (multimodal RoPE) position_ids and no mask: packmask cannot tell where each sequence "
+            "starts from them. Pass attention_mask=packmask.block_diagonal_mask(seq_lengths) (or [B, 1, N, N]) or "
+            "cu_seq_lens_q/k together with the 3D position_ids.")
     if pos is None or pos.dim() != 2 or pos.shape[-1] != N:
         return None
     padding = attention_mask.padding_mask if isinstance(attention_mask, PackmaskMask) else None
