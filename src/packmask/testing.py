@@ -36,12 +36,13 @@ FAMILY_OVERRIDES = {
     "hunyuan_v1_dense": dict(head_dim=16),
     "hunyuan_v1_moe": dict(head_dim=16, num_experts=4, moe_topk=2),
     "ministral": dict(head_dim=16),
+    "gpt_neo": dict(attention_types=[[["global", "local"], 1]], window_size=4),
     "deepseek_v2": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
 }
 # multi-head latent attention (DeepSeek-style): as many kv heads as query heads
 for _family in ("axk1", "axk2", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa",
                 "longcat_flash", "minicpm3", "sarvam_mla", "youtu"):
-    FAMILY_OVERRIDES[_family] = dict(num_key_value_heads=4)
+    FAMILY_OVERRIDES.setdefault(_family, {})["num_key_value_heads"] = 4
 
 _DROPOUT_KEYS = ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
                  "hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "summary_first_dropout",
