@@ -74,7 +74,9 @@ class FormResult:
     max_abs_err: float = float("nan")  #: largest |packed - alone| over the real tokens' outputs
     output_rel_err: float = float("nan")  #: ||packed - alone|| / ||alone|| of logits / hidden states
     loss_rel_err: float | None = None  #: relative error of the loss (None for models without labels)
-    grad_rel_err: float = float("nan")  #: the worst per-parameter relative gradient error
+    #: the worst per-parameter relative gradient error; each parameter's denominator is its reference
+    #: gradient norm, floored at 1e-4 x the largest one (exactly-zero gradients are rounding noise)
+    grad_rel_err: float = float("nan")
     grad_param: str = ""  #: the parameter with that worst gradient error
     tol: float = 1e-5
     error: str | None = None  #: ``"ErrorType: message"`` when the packed run raised
