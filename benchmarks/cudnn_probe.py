@@ -9,7 +9,6 @@ torch switched that branch off: the output matches FA2 (rel. err 1.6e-3) but dq 
 (rel. err 2e10 / 4e8 at 16384 tokens, 9 docs), fwd+bwd takes 162 ms vs FA2 varlen's 3.7 ms, every
 new layout costs ~65-160 ms, and 65536 tokens hit an illegal memory access.
 """
-import math
 import signal
 import time
 
@@ -19,15 +18,9 @@ import triton
 from packmask.backends import AttentionSpec, varlen_attention
 from packmask.layout import DocumentLayout
 
+from attention import lengths_for  # benchmarks/attention.py: the kernel-anchor document lengths
+
 dev = "cuda"
-
-
-def lengths_for(total, median, seed):
-    g = torch.Generator().manual_seed(seed)
-    lens = []
-    while sum(lens) < total:
-        lens.append(int(min(max(8, math.exp(torch.randn(1, generator=g).item() + math.log(median))), total - sum(lens))))
-    return [x for x in lens if x > 0]
 
 
 def cudnn_varlen(qf, kf, vf, cu, mx, scale):
