@@ -83,23 +83,48 @@ def varlen_available() -> bool:
     return torch.cuda.is_available()
 
 
-def varlen_attention(q, k, v, layout: DocumentLayout, spec: AttentionSpec) -> torch.Tensor:
+@lru_cache(maxsize=None)
+def _gqa_native_varlen() -> bool:
+    """True when torch's varlen custom op can be handed fewer kv heads than query heads.
+
+    torch >= 2.13 says so with ``enable_gqa``; on older torch the public wrapper has no flag, but
+    the custom op passes the tensors straight to FlashAttention-2, which handles
+    ``num_heads % num_heads_kv == 0`` itself (probed on torch 2.11: benchmarks/gqa_varlen_probe.py).
+    """
+    import torch.nn.attention.varlen  # noqa: F401 — registers torch.ops.torch_attn
+    if "enable_gqa" in _varlen_params():
+        return True
+    try:
+        schema = torch.ops.torch_attn._varlen_attn.default._schema
+    except (AttributeError, RuntimeError):
+        return False
+    names = [a.name for a in schema.arguments]
+    return names[:10] == ["query", "key", "value", "cu_seq_q", "cu_seq_k", "max_q", "max_k", "is_causal", "scale",
+                          "window_size"]
+
+
+def varlen_attention(q, k, v, layout: DocumentLayout, spec: AttentionSpec, native_gqa: bool | None = None) -> torch.Tensor:
     """torch's ``varlen_attn`` (FlashAttention-2 inside) over the flattened batch."""
     from torch.nn.attention.varlen import varlen_attn
     B, H, N, D = q.shape
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
-    extra = {}
-    if kf.shape[1] != H:
-        if "enable_gqa" in _varlen_params():
-            extra["enable_gqa"] = True
-        else:  # torch 2.11 has no enable_gqa: expand kv heads (memory, not correctness)
-            kf = kf.repeat_interleave(H // kf.shape[1], dim=1)
-            vf = vf.repeat_interleave(H // vf.shape[1], dim=1)
     left = spec.sliding_window - 1 if spec.sliding_window is not None else -1
     right = 0 if layout.causal else -1
     cu = layout.cu_seqlens.to(q.device)
-    out = varlen_attn(qf, kf, vf, cu, cu, layout.max_seqlen, layout.max_seqlen, scale=spec.scale,
-                      window_size=(left, right), **extra)
+    mx = layout.max_seqlen
+    if kf.shape[1] != H:
+        if "enable_gqa" in _varlen_params():
+            out = varlen_attn(qf, kf, vf, cu, cu, mx, mx, scale=spec.scale, window_size=(left, right), enable_gqa=True)
+            return out.view(B, N, H, D)
+        if native_gqa if native_gqa is not None else _gqa_native_varlen():
+            # torch 2.11: the public wrapper has no enable_gqa; call its custom op, which forwards the
+            # un-expanded kv heads to FlashAttention-2 (saves expanding K/V: memory and copies)
+            out, _, _ = torch.ops.torch_attn._varlen_attn(qf, kf, vf, cu, cu, mx, mx, right == 0, spec.scale,
+                                                          [left, right])
+            return out.view(B, N, H, D)
+        kf = kf.repeat_interleave(H // kf.shape[1], dim=1)
+        vf = vf.repeat_interleave(H // vf.shape[1], dim=1)
+    out = varlen_attn(qf, kf, vf, cu, cu, mx, mx, scale=spec.scale, window_size=(left, right))
     return out.view(B, N, H, D)
 
 
@@ -222,11 +247,10 @@ def flex_attention_call(q, k, v, layout: Layout, spec: AttentionSpec) -> torch.T
 def sdpa_attention(q, k, v, mask: torch.Tensor | None, spec: AttentionSpec, training: bool) -> torch.Tensor:
     """PyTorch SDPA with a dense bool mask (True = attend) or ``is_causal``."""
     is_causal = mask is None and spec.is_causal and q.shape[2] > 1
-    if k.shape[1] != q.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    # enable_gqa: the kernels read shared kv heads in place (no expanded copy kept for backward)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                         dropout_p=spec.dropout if training else 0.0, scale=spec.scale)
+                                         dropout_p=spec.dropout if training else 0.0, scale=spec.scale,
+                                         enable_gqa=k.shape[1] != q.shape[1])
     return out.transpose(1, 2)
 
 
