@@ -35,13 +35,17 @@ def lengths_for(total, median, seed):
     return [x for x in lens if x > 0]
 
 
+def random_qkv(total, H, Hkv, D, device=dev):
+    """bf16 q [1, H, T, D], k / v [1, Hkv, T, D] needing grads, and an output gradient [1, T, H, D]."""
+    def make(*shape, grad=True):
+        return torch.randn(*shape, device=device, dtype=torch.bfloat16, requires_grad=grad)
+    return make(1, H, total, D), make(1, Hkv, total, D), make(1, Hkv, total, D), make(1, total, H, D, grad=False)
+
+
 def run(total, H, Hkv, D, median):
     lens = lengths_for(total, median, total + H)
     layout = DocumentLayout.from_seq_lengths([lens], total, device=dev)
-    q = torch.randn(1, H, total, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(1, Hkv, total, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(1, Hkv, total, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    do = torch.randn(1, total, H, D, device=dev, dtype=torch.bfloat16)
+    q, k, v, do = random_qkv(total, H, Hkv, D)
     flops_doc = 2 * 2 * sum(x * x / 2 for x in lens) * H * D * 3.5
     flops_full = 2 * 2 * total * total / 2 * H * D * 3.5
     rep = H // Hkv

@@ -18,7 +18,7 @@ import triton
 from packmask.backends import AttentionSpec, varlen_attention
 from packmask.layout import DocumentLayout
 
-from attention import lengths_for  # benchmarks/attention.py: the kernel-anchor document lengths
+from attention import lengths_for, random_qkv  # benchmarks/attention.py: the kernel-anchor document lengths
 
 dev = "cuda"
 
@@ -39,10 +39,7 @@ def alarm(*_):
 def run(total, H, Hkv, D, median):
     lens = lengths_for(total, median, total + H)
     layout = DocumentLayout.from_seq_lengths([lens], total, device=dev)
-    q = torch.randn(1, H, total, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(1, Hkv, total, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(1, Hkv, total, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    do = torch.randn(1, total, H, D, device=dev, dtype=torch.bfloat16)
+    q, k, v, do = random_qkv(total, H, Hkv, D)
     spec = AttentionSpec(scale=D ** -0.5)
     rep = H // Hkv
     ref = varlen_attention(q, k, v, layout, spec)

@@ -11,15 +11,14 @@ import triton
 from packmask.backends import AttentionSpec, _gqa_native_varlen, varlen_attention
 from packmask.layout import DocumentLayout
 
+from attention import random_qkv  # benchmarks/attention.py
+
 print(torch.__version__, torch.ops.torch_attn._varlen_attn.default._schema)
 dev = "cuda"
 total, H, Hkv, D = 16384, 32, 4, 64
 lens = [1000, 3000, 500, 2884, 4000, 5000]
 layout = DocumentLayout.from_seq_lengths([lens], total, device=dev)
-q = torch.randn(1, H, total, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
-k = torch.randn(1, Hkv, total, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
-v = torch.randn(1, Hkv, total, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
-do = torch.randn(1, total, H, D, device=dev, dtype=torch.bfloat16)
+q, k, v, do = random_qkv(total, H, Hkv, D)
 spec = AttentionSpec(scale=D ** -0.5)
 res = {}
 for name, native in [("expanded", False), ("native", True)]:
