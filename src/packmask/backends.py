@@ -134,8 +134,10 @@ _compiled_flex = {}
 def _flex_fn():
     from torch.nn.attention.flex_attention import flex_attention
     if "fn" not in _compiled_flex:
-        # dynamic=True: one compile serves every sequence length and layout (no recompile cliff)
-        _compiled_flex["fn"] = torch.compile(flex_attention, dynamic=True)
+        # automatic dynamic shapes: the first shape gets a static (fastest) kernel; a new row length
+        # triggers one recompile into a dynamic-shape kernel that then serves every length. New
+        # layouts of the same shape are new BlockMask tensors, never a recompile.
+        _compiled_flex["fn"] = torch.compile(flex_attention)
     return _compiled_flex["fn"]
 
 
@@ -230,7 +232,7 @@ def _flex_softcap(q, k, v, block_mask, scale, cap, enable_gqa):
 
 def _flex_softcap_fn():
     if "softcap" not in _compiled_flex:
-        _compiled_flex["softcap"] = torch.compile(_flex_softcap, dynamic=True)
+        _compiled_flex["softcap"] = torch.compile(_flex_softcap)
     return _compiled_flex["softcap"]
 
 
