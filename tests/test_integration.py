@@ -21,10 +21,15 @@ def _batch(seed=0):
     ids = torch.randint(1, 128, (len(SEQ_LENGTHS), N), generator=g)
     slices, pos = pack_rows(SEQ_LENGTHS, N)
     weights = torch.randn(len(SEQ_LENGTHS), N, 128, generator=g)
+    return ids, slices, pos, weights * _covered(slices)  # loss ignores the padding tail
+
+
+def _covered(slices):
+    """``[B, N, 1]``: 1 on tokens of real documents, 0 on the padding tail."""
     covered = torch.zeros(len(SEQ_LENGTHS), N, 1)
     for b, s, length in slices:
         covered[b, s:s + length] = 1
-    return ids, slices, pos, weights * covered  # loss ignores the padding tail
+    return covered
 
 
 def _inputs(form, ids, pos):
@@ -89,10 +94,7 @@ def test_contamination_reference_is_detectable():
     ids, slices, pos, _ = _batch()
     out = model(input_ids=ids, position_ids=pos).logits  # use_cache default: transformers drops packing
     expected = run_alone(model, ids, slices)
-    covered = torch.zeros_like(out[..., :1])
-    for b, s, length in slices:
-        covered[b, s:s + length] = 1
-    assert rel_err(out * covered, expected) > 1e-2
+    assert rel_err(out * _covered(slices), expected) > 1e-2
 
 
 def test_set_attn_implementation_switches_existing_model():
@@ -103,10 +105,7 @@ def test_set_attn_implementation_switches_existing_model():
     ref = tiny_model("llama", "eager")
     ref.load_state_dict(model.state_dict())
     expected = run_alone(ref, ids, slices)
-    covered = torch.zeros_like(out[..., :1])
-    for b, s, length in slices:
-        covered[b, s:s + length] = 1
-    assert rel_err(out * covered, expected) <= TOL
+    assert rel_err(out * _covered(slices), expected) <= TOL
 
 
 def test_plain_2d_padding_mask_unchanged():

@@ -174,3 +174,12 @@ def test_attention_dropout_keeps_sequences_isolated():
     embeds.grad = None
     leaky(inputs_embeds=embeds).logits[:, 6:].sum().backward()
     assert embeds.grad[:, :6].abs().max() > 0
+
+
+def test_cu_seq_lens_k_must_equal_q():
+    model = tiny_model("llama", "packmask")
+    cu_q = torch.tensor([0, 3, 8], dtype=torch.int32)
+    cu_k = torch.tensor([0, 4, 8], dtype=torch.int32)
+    with pytest.raises(PackmaskError, match="cu_seq_lens_k differs"):
+        model(input_ids=torch.randint(1, 128, (1, 8)), cu_seq_lens_q=cu_q, cu_seq_lens_k=cu_k,
+              max_length_q=5, max_length_k=5)

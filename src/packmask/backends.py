@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import PackmaskError
-from .layout import DocumentLayout, GeneralLayout, Layout
+from .layout import DocumentLayout, Layout
 
 __all__ = ["AttentionSpec", "BACKENDS", "set_backend", "get_backend", "choose_backend", "attend"]
 
@@ -75,6 +75,7 @@ def _varlen_params() -> frozenset:
     return frozenset(inspect.signature(varlen_attn).parameters)
 
 
+@lru_cache(maxsize=None)
 def varlen_available() -> bool:
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
@@ -154,7 +155,7 @@ def document_block_mask(layout: DocumentLayout, device, block: int = FLEX_BLOCK)
     evaluated on the host or device.
     """
     from torch.nn.attention.flex_attention import BlockMask
-    B, N = layout.batch_size, layout.seq_len
+    N = layout.seq_len
     doc = layout.doc_ids.to(device)
     nb = (N + block - 1) // block
     first = torch.arange(nb, device=device) * block

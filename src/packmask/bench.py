@@ -13,7 +13,7 @@ Real (non-pad) tokens/s, step time, peak memory and a contamination check (first
 logits vs each document alone). Env: DIST=sft|long, METHODS=comma,list, ROW, STEPS, OUT (JSON+PNG).
 On CPU it shrinks to a smoke test.
 """
-import json, math, os, sys, time, traceback
+import json, math, os, time, traceback
 import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, AttentionInterface
@@ -71,17 +71,6 @@ def make_model(impl):
                       attn_implementation=impl)
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).to(DEV, DT)
-
-
-def build_packed(lens, bins):
-    ids, pos, lab = [], [], []
-    seqs = []
-    for b in bins:
-        row_len = [lens[i] for i in b]
-        p = torch.cat([torch.arange(l) for l in row_len] + [torch.arange(ROW - sum(row_len))])
-        seqs.append(row_len + ([ROW - sum(row_len)] if sum(row_len) < ROW else []))
-        pos.append(p)
-    return pos, seqs
 
 
 def _compiled_graphs():
@@ -214,7 +203,7 @@ def main():
                 kwargs, real, tot = make_step_inputs(counter["i"])
                 counter["i"] += 1; counter["real"] += real; counter["tot"] += tot
                 out = model(**kwargs, use_cache=use_cache)
-                out.logits.float().mean().backward() if False else out.loss.backward()
+                out.loss.backward()
             # count only timed tokens
             timed(step, 0, WARM)
             counter.update(real=0, tot=0)

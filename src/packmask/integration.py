@@ -24,7 +24,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .backends import AttentionSpec, attend, eager_attention, sdpa_attention
 from .errors import PackmaskError, UnsupportedModelError
-from .layout import DocumentLayout, GeneralLayout, analyse_mask, cached_on
+from .layout import DocumentLayout, analyse_mask, cached_on
 from .support import check_packed_input, position_offset
 
 __all__ = ["NAME", "PackmaskMask", "packmask_attention", "packmask_mask", "enable", "register"]
@@ -113,17 +113,12 @@ def _resolve_layout(module, attention_mask, kwargs, B, N, kv_len, device):
                 f"from another pass): packmask cannot tell which of those keys belong to which sequence. Pass "
                 f"use_cache=False for packed training, or train this model unpacked.")
         return None
-    cu = kwargs.get("cu_seq_lens_q")
-    if cu is not None:
-        cu_k = kwargs.get("cu_seq_lens_k")
-        if cu_k is not None and cu_k is not cu and not torch.equal(cu_k, cu):
-            raise PackmaskError("cu_seq_lens_k differs from cu_seq_lens_q; packmask packs self-attention, where "
-                                "they must be equal.")
-        layout = cached_on(cu, ("cu", B, N, causal), lambda: DocumentLayout.from_cu_seqlens(
-            cu, B, N, max_seqlen=kwargs.get("max_length_q"), causal=causal))
+    if kwargs.get("cu_seq_lens_q") is not None:
+        layout = _layout_from_cu(kwargs, B, N, causal)
         return layout if len(layout.cu_seqlens) - 1 > B else None
     pos = kwargs.get("position_ids")
-    if pos is not None and pos.dim() == 3 and pos.shape[-1] == N and bool((pos[0, :, 1:] != pos[0, :, :-1] + 1).any()):
+    if pos is not None and pos.dim() == 3 and pos.shape[-1] == N and cached_on(
+            pos, "restarts", lambda: bool((pos[0, :, 1:] != pos[0, :, :-1] + 1).any())):
         # multimodal RoPE: [3, B, N] (temporal, height, width) positions; image tokens share positions, so
         # sequence starts cannot be read from them
         raise UnsupportedModelError(
@@ -135,6 +130,19 @@ def _resolve_layout(module, attention_mask, kwargs, B, N, kv_len, device):
     padding = attention_mask.padding_mask if isinstance(attention_mask, PackmaskMask) else None
     key = ("pos", B, causal, None if padding is None else id(padding))
     return cached_on(pos, key, lambda: _layout_from_positions(pos.expand(B, N), padding, causal))
+
+
+def _layout_from_cu(kwargs, B, N, causal=True) -> DocumentLayout:
+    """The layout of ``cu_seq_lens_q/k`` (validated once per forward: the check syncs the device)."""
+    cu = kwargs["cu_seq_lens_q"]
+
+    def build():
+        cu_k = kwargs.get("cu_seq_lens_k")
+        if cu_k is not None and cu_k is not cu and not torch.equal(cu_k, cu):
+            raise PackmaskError("cu_seq_lens_k differs from cu_seq_lens_q; packmask packs self-attention, where "
+                                "they must be equal.")
+        return DocumentLayout.from_cu_seqlens(cu, B, N, max_seqlen=kwargs.get("max_length_q"), causal=causal)
+    return cached_on(cu, ("cu", B, N, causal), build)
 
 
 def _layout_from_positions(pos, padding, causal):
@@ -302,10 +310,7 @@ def _derive_inputs_hook(model, args, kwargs):
         N = ref.shape[1] if ref is not None else None
         positions = cached_on(mask, "layout", lambda: analyse_mask(mask, B, N)).position_ids
     elif kwargs.get("cu_seq_lens_q") is not None and ref is not None:
-        B, N = ref.shape[:2]
-        cu = kwargs["cu_seq_lens_q"]
-        positions = cached_on(cu, ("cu", B, N, True), lambda: DocumentLayout.from_cu_seqlens(
-            cu, B, N, max_seqlen=kwargs.get("max_length_q"))).position_ids
+        positions = _layout_from_cu(kwargs, *ref.shape[:2]).position_ids
     if positions is not None:
         offset = position_offset(model)  # RoBERTa-style embeddings start at padding_idx + 1
         positions = positions + offset if offset else positions
