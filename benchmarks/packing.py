@@ -79,7 +79,7 @@ def first_call_seconds(empty_cache: bool) -> float:
     """Time of the first pack_dataset call in a fresh process (numba compile or cache load)."""
     code = (
         "import time,sys; sys.path.insert(0, %r); t=time.perf_counter();"
-        "from datasets import Dataset; from packmask.packing import pack_dataset, pack_lengths;"
+        "from datasets import Dataset; from packmask.data.packing import pack_dataset, pack_lengths;"
         "t=time.perf_counter();"
         "[pack_lengths([3,5,0,9], 8, strategy=s, overflow='split') for s in ('bfd','ffd','sequential')];"
         "pack_dataset(Dataset.from_dict({'input_ids':[[1,2],[3]]}), 4);"
@@ -105,7 +105,7 @@ def trl_pack(ds, max_length: int, batch_size):
 
 
 def packmask_pack(ds, max_length: int, strategy: str, repeats: int):
-    from packmask.packing import pack_dataset
+    from packmask.data.packing import pack_dataset
 
     seconds, (out, stats), times = timed(
         lambda: pack_dataset(ds, max_length, strategy=strategy, return_stats=True), repeats)
@@ -132,7 +132,7 @@ def main() -> None:
 
     import datasets
     import numba
-    from packmask.packing import pack_dataset, pack_lengths
+    from packmask.data.packing import pack_dataset, pack_lengths
 
     console = Console(width=160)
     datasets.disable_progress_bars()

@@ -2,7 +2,7 @@
 
     DIST=sft OUT=out python benchmarks/train_step.py     # GPU: 2 rows x 8192 tokens, TinyLlama-shaped
 """
-from packmask.bench import main
+from packmask.cli.bench import main
 
 if __name__ == "__main__":
     main()

@@ -4,7 +4,7 @@ from packmask import PackmaskError
 import torch
 from transformers import DataCollatorWithFlattening
 
-from packmask.collator import PackedCollator
+from packmask.data.collator import PackedCollator
 
 
 def test_worked_example_rows_with_padding():

@@ -60,7 +60,7 @@ def test_encoder_packed_equals_each_sequence_alone(family, form):
         alone_obj = alone_obj + (p_alone * weights[i, :k]).sum() + alone.sum() * 1e-2
     packed_obj.backward()
     alone_obj.backward()
-    from packmask.verify import _compare_grads, _param_grads
+    from packmask.verification import _compare_grads, _param_grads
     err, name = _compare_grads(_param_grads(model), _param_grads(ref))
     assert err <= TOL, f"{family}/{form}: grad rel err {err:.1e} in {name}"
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from packmask.collator import PackedCollator
-from packmask.loss import packed_causal_lm_loss, sequence_ids
-from packmask.packing import pack_lengths
+from packmask.data.collator import PackedCollator
+from packmask.data.loss import packed_causal_lm_loss, sequence_ids
+from packmask.data.packing import pack_lengths
 
 LENGTHS = [5, 9, 4, 11, 6, 3, 1, 7]
 ROW = 16

@@ -10,7 +10,7 @@ from datasets import Dataset, Features, IterableDataset, List, Value, concatenat
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from packmask.packing import PackingStats, pack_dataset, pack_iterable, pack_lengths
+from packmask.data.packing import PackingStats, pack_dataset, pack_iterable, pack_lengths
 
 STRATEGIES = ["bfd", "ffd", "sequential"]
 FEATURES = Features({"input_ids": List(Value("int64")), "labels": List(Value("int64"))})

@@ -6,9 +6,9 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainingArguments
 
-from packmask.collator import PackedCollator
-from packmask.loss import packed_causal_lm_loss
-from packmask.packing import pack_dataset
+from packmask.data.collator import PackedCollator
+from packmask.data.loss import packed_causal_lm_loss
+from packmask.data.packing import pack_dataset
 
 VOCAB = 64
 ROW = 64

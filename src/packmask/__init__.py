@@ -18,16 +18,16 @@ from .masks import block_diagonal_mask, prefix_lm_mask, shared_prefix_tree_mask
 # name -> module that defines it; imported on first use so `import packmask` stays light.
 _LAZY = {
     # packing pipeline
-    "pack_dataset": "packmask.packing",
-    "pack_lengths": "packmask.packing",
-    "pack_iterable": "packmask.packing",
-    "PackingStats": "packmask.packing",
-    "PackAssignment": "packmask.packing",
-    "sequence_ids": "packmask.loss",
-    "PackedCollator": "packmask.collator",
-    "packed_causal_lm_loss": "packmask.loss",
+    "pack_dataset": "packmask.data.packing",
+    "pack_lengths": "packmask.data.packing",
+    "pack_iterable": "packmask.data.packing",
+    "PackingStats": "packmask.data.packing",
+    "PackAssignment": "packmask.data.packing",
+    "sequence_ids": "packmask.data.loss",
+    "PackedCollator": "packmask.data.collator",
+    "packed_causal_lm_loss": "packmask.data.loss",
     # proof tool
-    "verify": "packmask.verify",
+    "verify": "packmask.verification",
 }
 
 

@@ -29,8 +29,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from .errors import PackmaskError
-from .layout import DocumentLayout, Layout
+from ..errors import PackmaskError
+from ..layout import DocumentLayout, Layout
 
 __all__ = ["AttentionSpec", "BACKENDS", "set_backend", "get_backend", "choose_backend", "attend"]
 

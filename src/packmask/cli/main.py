@@ -247,7 +247,7 @@ def _pack_report(args, console, write: bool) -> int:
     """Shared by ``pack`` (``write=True``) and ``stats``: read, check, pack, print, plot."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from .packing import pack_dataset
+    from ..data.packing import pack_dataset
 
     input_path = Path(args.input)
     output = Path(args.output) if write else None
@@ -434,7 +434,7 @@ def _model_for_verify(spec: str, console):
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise CLIError(f"unknown model family {spec!r}: not a transformers model_type nor a local folder",
                        f"pass a model_type such as llama, mistral, qwen2, gemma2{hint}, or a path to a model folder")
-    from .testing import tiny_model
+    from ..testing import tiny_model
 
     console.print(f"building a tiny random {spec} from its config (no download) …")
     return tiny_model(spec)
@@ -453,7 +453,7 @@ def _print_report(console, report) -> None:
 def cmd_verify(args, console) -> int:
     model = _model_for_verify(args.model, console)  # first: a typo in --model is the likelier error
     try:
-        from .verify import verify
+        from ..verification import verify
     except ImportError as error:
         if error.name not in ("packmask.verify",):
             raise
@@ -513,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train transformers models on packed rows with exactly the per-sequence result.",
         epilog="Start with `packmask demo`. Docs: docs/cli.md",
     )
-    from . import __version__
+    from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"packmask {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -632,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
                      "is writable and has space)", markup=True)
         return EXIT_USAGE
     except Exception as error:  # noqa: BLE001 -- the last line of defence: no traceback unless --debug
-        from .errors import PackmaskError
+        from ..errors import PackmaskError
 
         if debug:
             traceback.print_exc()

@@ -44,8 +44,6 @@ cannot isolate (see :mod:`packmask.support`).
 from __future__ import annotations
 
 import inspect
-import sys
-import types
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -401,18 +399,3 @@ def verify(model, *, seq_lengths: Sequence[Sequence[int]] | None = None,
         from rich.console import Console
         Console().print(report.table())
     return report
-
-
-verify.tiny_model = tiny_model  # so `packmask.verify.tiny_model` works whether packmask.verify is the
-verify.tiny_config = tiny_config  # function (lazy export) or this module (after `import packmask.verify`)
-
-
-class _CallableModule(types.ModuleType):
-    """``import packmask.verify`` rebinds the package attribute ``packmask.verify`` to this module;
-    keep ``packmask.verify(model)`` working either way."""
-
-    def __call__(self, *args, **kwargs):
-        return verify(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

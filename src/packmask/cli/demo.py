@@ -99,7 +99,7 @@ def load_demo_corpus() -> list[dict]:
     >>> len(docs) > 3000 and sorted(docs[0])
     ['source', 'text']
     """
-    path = resources.files("packmask") / "data" / CORPUS_FILE
+    path = resources.files("packmask.cli") / "corpus" / CORPUS_FILE
     with path.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as lines:
         return [json.loads(line) for line in lines]
 
@@ -188,7 +188,7 @@ def per_sequence_losses(logits, labels, position_ids) -> list[float]:
     import torch
     import torch.nn.functional as F
 
-    from .loss import sequence_ids
+    from ..data.loss import sequence_ids
 
     B, N, V = logits.shape
     seq = sequence_ids(position_ids=position_ids, shape=(B, N))
@@ -291,7 +291,7 @@ def padded_step(model, optimizer, documents, pad_id, token_budget, device) -> tu
     (``num_items_in_batch``), so the accumulated gradient is that of one mean over the step --
     the packed step's loss. Returns ``(step_loss, token_slots)``.
     """
-    from .loss import packed_causal_lm_loss
+    from ..data.loss import packed_causal_lm_loss
 
     n_targets = sum(len(doc) - 1 for doc in documents)
     step_loss, slots = 0.0, 0
@@ -312,7 +312,7 @@ def packed_step(model, optimizer, rows, collator, device) -> tuple[float, int]:
 
     Returns ``(step_loss, token_slots)``.
     """
-    from .loss import packed_causal_lm_loss
+    from ..data.loss import packed_causal_lm_loss
 
     batch = _to_device(collator(rows), device)
     logits = model(**packed_model_inputs(batch)).logits
@@ -363,7 +363,7 @@ def _isolation_check(model, heldout_rows, collator, device):
     import torch
 
     import packmask
-    from .loss import packed_causal_lm_loss
+    from ..data.loss import packed_causal_lm_loss
 
     model.eval()
     packed_losses, causal_losses, alone_losses = [], [], []

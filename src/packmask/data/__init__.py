@@ -1,0 +1,1 @@
+"""Data around the core: packing datasets into rows, the collator, and the packed loss."""

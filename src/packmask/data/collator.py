@@ -1,0 +1,181 @@
+"""``PackedCollator``: batches of packed rows (or plain examples) for ``Trainer`` / ``SFTTrainer``.
+
+Worked example -- two packed rows, ``seq_lengths`` ``[[3, 2], [4]]``, ``pad_to_multiple_of=6``::
+
+    row 0   input_ids     a0 a1 a2 b0 b1 P        (P = pad_token_id)
+            labels        -100 a1 a2 -100 b1 -100
+            position_ids  0  1  2  0  1  0
+    row 1   input_ids     c0 c1 c2 c3 P  P
+            labels        -100 c1 c2 c3 -100 -100
+            position_ids  0  1  2  3  0  1
+
+    cu_seq_lens_q = cu_seq_lens_k = [0, 3, 5, 6, 10, 12]   (over the 12 flattened tokens;
+                                                            each row's padding is its own segment)
+    max_length_q = max_length_k = 4
+
+Why the label at the *first* token of every sequence is ``-100``: causal-LM losses in transformers shift
+inside the loss (``logits[t]`` is scored against ``labels[t + 1]``), so ``labels[start of b]`` is what the
+last token of ``a`` would be trained to predict -- a prediction across the boundary. Running ``b``
+alone, its first label is never predicted either, so masking it changes nothing else. This is exactly
+what ``transformers.DataCollatorWithFlattening`` does with its ``separator_id=-100``.
+
+With ``flatten=True`` every row is concatenated into one row ``[1, total]`` (the
+``DataCollatorWithFlattening`` layout); with ``return_mask=True`` a bool ``attention_mask`` ``[B, N, N]``
+(block-diagonal causal, each pad token attending to itself only, so no query row is empty) is added.
+
+Use with the HF ``Trainer``: the ``seq_lengths`` column is not a model argument, so set
+``TrainingArguments(remove_unused_columns=False)`` or the Trainer deletes it before collation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import PackmaskError
+
+__all__ = ["PackedCollator"]
+
+_MASK_KEYS = ("completion_mask", "assistant_masks")
+
+
+def _as_list(value) -> list:
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return value.tolist()
+    return list(value)
+
+
+@dataclass
+class PackedCollator:
+    """Collate packed rows (examples with ``seq_lengths``) or plain examples (one sequence each).
+
+    Args:
+        pad_token_id: id written into padding positions of ``input_ids``.
+        pad_to_multiple_of: round the row length (or, with ``flatten``, the total) up to a multiple
+            of this, for static shapes.
+        max_length: pad every row to exactly this many tokens (raises if a row is longer).
+        flatten: one ``[1, total]`` row instead of ``[B, N]`` rows.
+        return_mask: also return ``attention_mask`` bool ``[B, N, N]`` (``[1, T, T]`` when flattened).
+        return_seq_lengths: also return ``seq_lengths`` (list of per-row lists, padding segments
+            excluded).
+        label_pad_token_id: label for padding, sequence starts and masked-out tokens.
+        use_completion_mask: if an example has ``completion_mask`` or ``assistant_masks`` (TRL's
+            columns), tokens where it is 0 get label ``-100``.
+
+    Output keys: ``input_ids``, ``labels``, ``position_ids`` (int64 ``[B, N]``), ``cu_seq_lens_q``,
+    ``cu_seq_lens_k`` (int32, over the ``B * N`` flattened tokens, row padding its own segment, so
+    ``cu[-1] == B * N``), ``max_length_q``, ``max_length_k`` (Python ints), optionally
+    ``attention_mask`` and ``seq_lengths``.
+    """
+
+    pad_token_id: int = 0
+    pad_to_multiple_of: int | None = None
+    max_length: int | None = None
+    flatten: bool = False
+    return_mask: bool = False
+    return_seq_lengths: bool = False
+    label_pad_token_id: int = -100
+    use_completion_mask: bool = True
+
+    def __post_init__(self):
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
+            raise PackmaskError(f"pad_to_multiple_of must be >= 1 or None, got {self.pad_to_multiple_of}.")
+        if self.max_length is not None and self.max_length < 1:
+            raise PackmaskError(f"max_length must be >= 1 or None, got {self.max_length}.")
+
+    # -- per-example -------------------------------------------------------------------------------
+    def _row(self, feature: dict, index: int):
+        if "input_ids" not in feature:
+            raise PackmaskError(f"Example {index} has no 'input_ids' (keys: {sorted(feature)}); tokenize the dataset "
+                             "first, or rename the token column to 'input_ids'.")
+        ids = _as_list(feature["input_ids"])
+        n = len(ids)
+        labels = _as_list(feature["labels"]) if feature.get("labels") is not None else list(ids)
+        if len(labels) != n:
+            raise PackmaskError(f"Example {index}: labels has {len(labels)} entries but input_ids has {n}.")
+        lengths = feature.get("seq_lengths")
+        lengths = [n] if lengths is None else [int(x) for x in _as_list(lengths)]
+        if sum(lengths) != n or any(x < 0 for x in lengths):
+            raise PackmaskError(f"Example {index}: seq_lengths {lengths} sum to {sum(lengths)} but the row has {n} tokens; "
+                             "seq_lengths must list the length of every sequence in the row (as pack_dataset writes it).")
+        lengths = [x for x in lengths if x > 0]
+        if self.use_completion_mask:
+            for key in _MASK_KEYS:
+                if feature.get(key) is not None:
+                    keep = _as_list(feature[key])
+                    labels = [lab if k else self.label_pad_token_id for lab, k in zip(labels, keep)]
+        start = 0
+        for length in lengths:
+            labels[start] = self.label_pad_token_id  # the label a cross-boundary prediction would hit
+            start += length
+        return ids, labels, lengths
+
+    def _padded_length(self, longest: int) -> int:
+        if self.max_length is not None:
+            if longest > self.max_length:
+                raise PackmaskError(f"A row has {longest} tokens, more than max_length={self.max_length}; pack with "
+                                 f"pack_dataset(..., max_length={self.max_length}) or raise max_length.")
+            longest = self.max_length
+        m = self.pad_to_multiple_of
+        return longest if not m else -(-longest // m) * m
+
+    # -- batch -------------------------------------------------------------------------------------
+    def __call__(self, features: Sequence[dict[str, Any]], return_tensors: str | None = None) -> dict[str, Any]:
+        if return_tensors not in (None, "pt"):
+            raise PackmaskError(f"PackedCollator returns torch tensors only, got return_tensors={return_tensors!r}.")
+        rows = [self._row(f, i) for i, f in enumerate(features)]
+        rows = [r for r in rows if len(r[0]) > 0]  # like DataCollatorWithFlattening: empty examples add nothing
+        if not rows:
+            raise PackmaskError("PackedCollator received a batch where every example is empty.")
+        if self.flatten:
+            ids = [t for r in rows for t in r[0]]
+            labels = [t for r in rows for t in r[1]]
+            lengths = [x for r in rows for x in r[2]]
+            rows = [(ids, labels, lengths)]
+        width = self._padded_length(max(len(r[0]) for r in rows))
+        B = len(rows)
+        input_ids = torch.full((B, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((B, width), self.label_pad_token_id, dtype=torch.long)
+        position_ids = torch.empty((B, width), dtype=torch.long)
+        segments: list[int] = []
+        seq_lengths: list[list[int]] = []
+        for b, (row_ids, row_labels, row_lengths) in enumerate(rows):
+            n = len(row_ids)
+            input_ids[b, :n] = torch.tensor(row_ids, dtype=torch.long)
+            labels[b, :n] = torch.tensor(row_labels, dtype=torch.long)
+            row_segments = row_lengths + ([width - n] if width > n else [])
+            position_ids[b] = torch.cat([torch.arange(x, dtype=torch.long) for x in row_segments])
+            segments.extend(row_segments)
+            seq_lengths.append(list(row_lengths))
+        cu = torch.zeros(len(segments) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(torch.tensor(segments, dtype=torch.int64), 0).to(torch.int32)
+        longest = int(max(segments))
+        batch = {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": position_ids,
+            "cu_seq_lens_q": cu,
+            "cu_seq_lens_k": cu,
+            "max_length_q": longest,
+            "max_length_k": longest,
+        }
+        if self.return_mask:
+            batch["attention_mask"] = self._block_mask(rows, width)
+        if self.return_seq_lengths:
+            batch["seq_lengths"] = seq_lengths
+        return batch
+
+    @staticmethod
+    def _block_mask(rows, width: int) -> torch.Tensor:
+        mask = torch.zeros((len(rows), width, width), dtype=torch.bool)
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        for b, (row_ids, _, row_lengths) in enumerate(rows):
+            start = 0
+            for length in row_lengths:
+                mask[b, start:start + length, start:start + length] = causal[:length, :length]
+                start += length
+            pad = torch.arange(start, width)
+            mask[b, pad, pad] = True  # a pad token sees itself only, so no query row is empty
+        return mask

@@ -1,0 +1,116 @@
+"""Causal-LM loss on packed rows that equals the loss of the same sequences run one by one.
+
+Two reductions:
+
+* ``"token"`` (default, what transformers' ``ForCausalLMLoss`` does with ``num_items_in_batch``): the
+  sum of every predicted token's cross-entropy divided by the number of predicted tokens (or by
+  ``num_items_in_batch``, the count over all gradient-accumulation micro-batches, when given).
+  Packing does not change it as long as no prediction crosses a sequence boundary.
+* ``"sequence"``: the mean over sequences of each sequence's mean token loss, so a long and a short
+  sequence weigh the same -- the average of per-sequence ``model(seq, labels=seq).loss``. Packing
+  *does* change a plain mean here (it would weight by tokens), so sequence ids are needed:
+  derived from ``position_ids`` (a new sequence starts wherever the position is 0) or
+  ``cu_seq_lens`` (over the flattened ``B * N`` tokens).
+
+Worked example -- one row holding ``a`` (3 tokens) and ``b`` (2 tokens)::
+
+    tokens        a0 a1 a2 b0 b1
+    position_ids  0  1  2  0  1
+    labels        -100 a1 a2 -100 b1     (from PackedCollator)
+
+    logits[t] is scored against labels[t + 1]:
+      a0 -> a1, a1 -> a2            (sequence a, 2 predictions)
+      a2 -> b0   never: masked      (labels[3] = -100, and it crosses a boundary anyway)
+      b0 -> b1                      (sequence b, 1 prediction)
+
+    token:     (l(a0->a1) + l(a1->a2) + l(b0->b1)) / 3
+    sequence:  ((l(a0->a1) + l(a1->a2)) / 2 + l(b0->b1)) / 2
+
+Predictions whose target lies in another sequence than their input are ignored even when the label
+is not ``-100``, so labels straight from ``input_ids`` are safe too.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import PackmaskError
+
+__all__ = ["packed_causal_lm_loss", "sequence_ids"]
+
+
+def sequence_ids(*, position_ids: torch.Tensor | None = None, cu_seq_lens: torch.Tensor | None = None,
+                 shape: tuple[int, int], device=None) -> torch.Tensor:
+    """Global sequence index ``[B, N]`` of every token (sequences numbered over the whole batch)."""
+    B, N = shape
+    if cu_seq_lens is not None:
+        cu = cu_seq_lens.reshape(-1).to(torch.long)
+        if int(cu[-1]) != B * N:
+            raise PackmaskError(f"cu_seq_lens ends at {int(cu[-1])} but the batch holds B*N = {B * N} tokens; "
+                             "cu_seq_lens must cover the flattened batch (PackedCollator writes it that way).")
+        token = torch.arange(B * N, device=cu.device)
+        return (torch.searchsorted(cu, token, right=True) - 1).reshape(B, N)
+    if position_ids is not None:
+        pos = position_ids.expand(B, N) if position_ids.shape != (B, N) else position_ids
+        starts = pos == 0
+        starts[:, 0] = True  # every row begins a sequence
+        return torch.cumsum(starts.reshape(-1).to(torch.long), 0).reshape(B, N) - 1
+    return torch.arange(B, device=device).unsqueeze(1).expand(B, N)  # one sequence per row
+
+
+def packed_causal_lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    position_ids: torch.Tensor | None = None,
+    cu_seq_lens: torch.Tensor | None = None,
+    reduction: str = "token",
+    num_items_in_batch: int | torch.Tensor | None = None,
+    num_sequences_in_batch: int | torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Shifted cross-entropy over packed rows.
+
+    Args:
+        logits: ``[B, N, V]`` (any float dtype; computed in fp32).
+        labels: ``[B, N]``, unshifted (as for ``model(..., labels=...)``); ``ignore_index`` is skipped.
+        position_ids / cu_seq_lens: sequence boundaries (one of them; ``cu_seq_lens`` wins). Without
+            either, each row is one sequence.
+        reduction: ``"token"`` or ``"sequence"`` (see the module docstring).
+        num_items_in_batch: for ``"token"``: divide by this instead of the local count of predicted
+            tokens (the HF Trainer passes the count over all accumulated micro-batches).
+        num_sequences_in_batch: for ``"sequence"``: divide the sum of per-sequence means by this
+            instead of the local number of sequences with at least one predicted token.
+
+    Returns:
+        A scalar tensor.
+    """
+    if reduction not in ("token", "sequence"):
+        raise PackmaskError(f"reduction must be 'token' or 'sequence', got {reduction!r}.")
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise PackmaskError(f"logits must be [B, N, V] and labels [B, N]; got {tuple(logits.shape)} and "
+                         f"{tuple(labels.shape)}.")
+    B, N, V = logits.shape
+    seq = sequence_ids(position_ids=position_ids, cu_seq_lens=cu_seq_lens, shape=(B, N),
+                       device=labels.device).to(labels.device)
+    target = labels[:, 1:]
+    valid = (target != ignore_index) & (seq[:, 1:] == seq[:, :-1])  # never score across a boundary
+    per_token = F.cross_entropy(logits[:, :-1].float().reshape(-1, V),
+                                torch.where(valid, target, 0).reshape(-1), reduction="none").reshape(B, N - 1)
+    per_token = per_token * valid
+    if reduction == "token":
+        denominator = valid.sum() if num_items_in_batch is None else num_items_in_batch
+        if isinstance(denominator, torch.Tensor):
+            denominator = denominator.to(per_token.device)
+        return per_token.sum() / denominator
+    owner = seq[:, :-1].reshape(-1)
+    count = int(seq.max()) + 1 if seq.numel() else 0
+    sums = torch.zeros(count, dtype=per_token.dtype, device=per_token.device).index_add(0, owner, per_token.reshape(-1))
+    tokens = torch.zeros(count, dtype=per_token.dtype, device=per_token.device).index_add(
+        0, owner, valid.reshape(-1).to(per_token.dtype))
+    scored = tokens > 0
+    means = sums[scored] / tokens[scored]
+    denominator = scored.sum() if num_sequences_in_batch is None else num_sequences_in_batch
+    if isinstance(denominator, torch.Tensor):
+        denominator = denominator.to(means.device)
+    return means.sum() / denominator
