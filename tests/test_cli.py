@@ -166,7 +166,9 @@ def test_console_script_is_installed():
 
 
 def test_cli_choices_match_the_packer():
-    from packmask.cli import main as cli
+    import importlib
+
+    cli = importlib.import_module("packmask.cli.main")
     from packmask.data import packing
 
     assert cli.STRATEGIES == packing.STRATEGIES
