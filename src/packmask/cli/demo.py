@@ -26,7 +26,7 @@ docstrings of the Python standard library, PSF-2.0, from one line to several par
 
 Worked example (2 CPU cores; numbers vary by machine)::
 
-    >>> from packmask.demo import run_demo
+    >>> from packmask.cli.demo import run_demo  # doctest: +SKIP
     >>> result = run_demo(steps=40, out_dir="packmask-demo")      # doctest: +SKIP
     >>> result["packed"]["real_tokens_per_s"] > result["padded"]["real_tokens_per_s"]  # doctest: +SKIP
     True

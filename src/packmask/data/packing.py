@@ -624,6 +624,7 @@ def pack_dataset(
 
     Example::
 
+        >>> from datasets import Dataset
         >>> ds = Dataset.from_dict({"input_ids": [[1, 2, 3, 4, 5], [6, 7, 8], [9, 10, 11, 12, 13, 14], [15, 16]]})
         >>> pack_dataset(ds, 8)[:]
         {'input_ids': [[9, 10, 11, 12, 13, 14, 15, 16], [1, 2, 3, 4, 5, 6, 7, 8]],
