@@ -105,6 +105,17 @@ def restart_inside_rows(position_ids: torch.Tensor, real: torch.Tensor | None = 
     return restart
 
 
+def _caller_level() -> int:
+    """``stacklevel`` that points a warning at the user's ``model(...)`` line (past packmask and torch.nn)."""
+    import os
+
+    skip = (os.path.dirname(__file__), os.path.dirname(torch.nn.__file__))
+    level, frame = 2, sys._getframe(2)  # 1 = the function that warns
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        level, frame = level + 1, frame.f_back
+    return level
+
+
 def _argument(names, args, kwargs, name):
     if name in kwargs:
         return kwargs[name]
@@ -116,13 +127,9 @@ def _argument(names, args, kwargs, name):
 
 
 def _is_bidirectional(model) -> bool:
-    """An encoder: its attention layers declare ``is_causal = False`` (none declares True). Cached."""
-    cached = model.__dict__.get("_packmask_bidirectional")
-    if cached is None:
-        flags = {m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)}
-        cached = flags == {False}
-        model.__dict__["_packmask_bidirectional"] = cached
-    return cached
+    from .families import is_causal_model
+
+    return not is_causal_model(model)
 
 
 def check_stock_forward(model, names, args, kwargs):
@@ -189,7 +196,7 @@ def _check_positions(model, impl, mask, names, args, kwargs) -> None:
         warnings.warn(
             f"packed position_ids (they restart inside a row) given to a model on attn_implementation={impl!r}: "
             f"{why}, so the packed sequences attend to each other. {_FIX}; or, on sdpa/eager, pass "
-            f"use_cache=False and no attention_mask.", PackmaskWarning, stacklevel=6)  # the caller of model(...)
+            f"use_cache=False and no attention_mask.", PackmaskWarning, stacklevel=_caller_level())
 
 
 def _additive_eager_mask(model, names, args, kwargs, mask):
