@@ -71,6 +71,12 @@ def cached_on(tensor: torch.Tensor, key, compute: Callable):
     return hit
 
 
+def _within_window(pos: torch.Tensor, window: int, bidirectional: bool) -> torch.Tensor:
+    """``[B, N, N]``: key within ``window`` positions of the query (before it; either side if bidirectional)."""
+    delta = pos[:, :, None] - pos[:, None, :]
+    return (delta.abs() if bidirectional else delta) < window
+
+
 def _positions_and_docs_from_cu(cu: torch.Tensor, total: int):
     """Document index and position-in-document of every flattened token, from ``cu_seqlens``."""
     idx = torch.arange(total, device=cu.device)
@@ -186,16 +192,20 @@ class DocumentLayout:
     def seq_lengths(self) -> list[int]:
         return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
 
-    def dense_mask(self, sliding_window: int | None = None) -> torch.Tensor:
-        """``[B, 1, N, N]`` bool mask (True = may attend). O(N²): for CPU/reference paths only."""
-        key = ("dense", sliding_window)
+    def dense_mask(self, sliding_window: int | None = None, bidirectional_window: bool = False) -> torch.Tensor:
+        """``[B, 1, N, N]`` bool mask (True = may attend). O(N²): for CPU/reference paths only.
+
+        ``sliding_window`` hides keys ``window`` or more positions before the query, and with
+        ``bidirectional_window`` also those ``window`` or more after it (encoders' local layers).
+        """
+        key = ("dense", sliding_window, bidirectional_window)
         if key not in self._memo:
             doc, pos = self.doc_ids, self.position_ids
             m = doc[:, :, None] == doc[:, None, :]
             if self.causal:
                 m &= pos[:, :, None] >= pos[:, None, :]
             if sliding_window is not None:
-                m &= (pos[:, :, None] - pos[:, None, :]) < sliding_window
+                m &= _within_window(pos, sliding_window, bidirectional_window)
             self._memo[key] = m[:, None]
         return self._memo[key]
 
@@ -229,13 +239,12 @@ class GeneralLayout:
     def seq_len(self) -> int:
         return self.mask.shape[1]
 
-    def dense_mask(self, sliding_window: int | None = None) -> torch.Tensor:
-        key = ("dense", sliding_window)
+    def dense_mask(self, sliding_window: int | None = None, bidirectional_window: bool = False) -> torch.Tensor:
+        key = ("dense", sliding_window, bidirectional_window)
         if key not in self._memo:
             m = self.mask
             if sliding_window is not None:
-                pos = self.position_ids
-                m = m & ((pos[:, :, None] - pos[:, None, :]) < sliding_window)
+                m = m & _within_window(self.position_ids, sliding_window, bidirectional_window)
             self._memo[key] = m[:, None]
         return self._memo[key]
 
