@@ -8,7 +8,7 @@ import packmask
 from packmask import DocumentLayout, GeneralLayout, PackmaskError, analyse_mask
 from packmask.layout import cached_on
 
-FAST = settings(max_examples=60, deadline=None)
+FAST = settings(max_examples=40, deadline=None)
 
 
 def _additive(mask_bool):

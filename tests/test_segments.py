@@ -12,7 +12,7 @@ from packmask.data.loss import sequence_ids
 from packmask.support import is_packed_input
 from packmask.testing import pack_rows
 
-FAST = settings(max_examples=60, deadline=None)
+FAST = settings(max_examples=40, deadline=None)
 
 
 @st.composite

@@ -9,6 +9,9 @@ Every input form (a dense ``[B, N, N]`` mask, ``cu_seq_lens``, ``seq_lengths``, 
 * :class:`GeneralLayout` — anything else (prefix-LM, trees, mixed blocks): the boolean mask itself,
   plus the document segmentation and positions derived from it.
 
+Sequence boundaries (where a document starts, the padding rule, ``cu_seqlens`` <-> positions) are
+never computed here: :mod:`packmask.segments` is the one place that converts them.
+
 Worked example: two rows of 6 tokens, row 0 packs documents ``a`` (3 tokens) and ``b`` (3 tokens),
 row 1 packs ``c`` (4) and ``d`` (2)::
 
