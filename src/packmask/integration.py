@@ -25,6 +25,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from .backends import AttentionSpec, attend
 from .errors import PackmaskError, UnsupportedModelError
 from .layout import DocumentLayout, analyse_mask, cached_on
+from .segments import starts_from_ids, starts_from_position_ids
 from .support import check_packed_input, position_offset
 
 __all__ = ["NAME", "PackmaskMask", "packmask_attention", "packmask_mask", "enable", "register"]
@@ -115,7 +116,7 @@ def _resolve_layout(module, attention_mask, kwargs, B, N, kv_len, device):
         return layout if len(layout.cu_seqlens) - 1 > B else None
     pos = kwargs.get("position_ids")
     if pos is not None and pos.dim() == 3 and pos.shape[-1] == N and cached_on(
-            pos, "restarts", lambda: bool((pos[0, :, 1:] != pos[0, :, :-1] + 1).any())):
+            pos, "restarts", lambda: bool(starts_from_position_ids(pos[0])[:, 1:].any())):
         # multimodal RoPE: [3, B, N] (temporal, height, width) positions; image tokens share positions, so
         # sequence starts cannot be read from them
         raise UnsupportedModelError(
@@ -151,19 +152,15 @@ def _layout_from_positions(pos, padding, causal):
         return layout
     padding = padding[:, -pos.shape[1]:]
     # padding runs become documents of their own (their outputs are never used: labels are -100)
-    start = torch.ones_like(pos, dtype=torch.bool)
-    pos_start = start.clone()
-    pos_start[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
-    pad_change = torch.zeros_like(start)
-    pad_change[:, 1:] = padding[:, 1:] != padding[:, :-1]
+    pos_start = starts_from_position_ids(pos)
+    pad_change = starts_from_ids(padding)  # every run of padding or of real tokens begins a document
     bad = pad_change & padding & ~pos_start  # a real token continuing a sequence across padding
     if bool(bad.any()):
         b, i = torch.nonzero(bad)[0].tolist()
         raise PackmaskError(
             f"row {b} has padding inside a packed sequence (before token {i}); put padding at the end of the row or "
             f"between sequences, or drop the 2D attention_mask and pass a [B, N, N] mask.")
-    start[:, 1:] = pos_start[:, 1:] | pad_change[:, 1:]
-    return DocumentLayout._from_start_flags(start, causal=causal)
+    return DocumentLayout._from_start_flags(pos_start | pad_change, causal=causal)
 
 
 def packmask_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
