@@ -9,7 +9,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-from .backends import get_backend, set_backend
+from .backends import backend, get_backend, set_backend
 from .errors import PackmaskError, PackmaskWarning, UnsupportedModelError
 from .guards import configure
 from .integration import NAME, enable
