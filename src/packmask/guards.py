@@ -46,6 +46,7 @@ import warnings
 import torch
 
 from .errors import PackmaskError, PackmaskWarning, UnsupportedModelError
+from .segments import starts_from_position_ids
 
 __all__ = ["configure", "check_stock_forward", "check_construction", "restart_inside_rows"]
 
@@ -97,8 +98,7 @@ def restart_inside_rows(position_ids: torch.Tensor, real: torch.Tensor | None = 
     >>> restart_inside_rows(torch.tensor([[1, 1, 0, 1]]), real=torch.tensor([[0, 0, 1, 1]])).tolist()
     [[False, False, False]]
     """
-    # TODO(segments): use packmask.segments' start flags once that module is on main (one rule for restarts).
-    restart = position_ids[..., 1:] != position_ids[..., :-1] + 1
+    restart = starts_from_position_ids(position_ids)[..., 1:]  # the one restart rule (packmask.segments)
     if real is not None:
         real = real.bool()
         restart = restart & real[..., 1:] & real[..., :-1]
