@@ -133,3 +133,17 @@ def test_family_choosing_attention_classes_by_name_is_refused_when_built(family)
     with pytest.raises(UnsupportedModelError, match="ATTENTION_CLASSES.*attn_implementation='sdpa'"):
         tiny_model(family)
     assert tiny_model(family, "eager").config._attn_implementation == "eager"  # the fix works
+
+
+def test_model_using_the_mask_outside_attention_is_refused_not_crashed():
+    """esm multiplies its embeddings by attention_mask (token dropout): a [B, N, N] mask turned the
+    queries 5-D and packmask's attention failed with a raw unpacking ValueError."""
+    from transformers import AutoModel
+
+    from packmask.testing import tiny_config
+
+    model = AutoModel.from_config(tiny_config("esm", pad_token_id=1, mask_token_id=2), attn_implementation="packmask")
+    mask = packmask.block_diagonal_mask([[5, 7]], 12, causal_within=False)
+    with pytest.raises(UnsupportedModelError, match="outside attention"):
+        model(input_ids=torch.randint(4, 20, (1, 12)), attention_mask=mask)
+    assert model(input_ids=torch.randint(4, 20, (1, 12))).last_hidden_state.shape == (1, 12, 64)  # unpacked runs

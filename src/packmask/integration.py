@@ -168,6 +168,11 @@ def packmask_attention(module, query, key, value, attention_mask, scaling=None, 
                        sliding_window=None, softcap=None, **kwargs):
     """``AttentionInterface`` entry: one call per layer."""
     sinks = next((kwargs[name] for name in _SINK_KWARGS if kwargs.get(name) is not None), None)
+    if query.dim() != 4:  # the mask was applied to hidden states before attention (esm's token dropout)
+        raise UnsupportedModelError(
+            f"{type(module).__name__} got queries of shape {tuple(query.shape)}, not [batch, heads, tokens, head_dim]: "
+            f"the model uses attention_mask outside attention (as a padding mask on its hidden states), so a packed "
+            f"[B, N, N] mask cannot reach it intact. Train this model unpacked (2D padding mask).")
     B, H, N, D = query.shape
     kv_len = key.shape[2]
     layout = _resolve_layout(module, attention_mask, kwargs, B, N, kv_len, query.device)
