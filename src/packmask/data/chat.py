@@ -9,8 +9,8 @@ Which tokens belong to the assistant is found in one of two ways, tried in this 
 
 1. **Generation markers.** A template that wraps assistant text in ``{% generation %} ...
    {% endgeneration %}`` lets transformers return the exact mask
-   (``apply_chat_template(..., return_assistant_tokens_mask=True)``). Exactly the marked tokens are
-   labels.
+   (``apply_chat_template(..., return_assistant_tokens_mask=True)``, fast tokenizers). Exactly the
+   marked tokens are labels.
 2. **Prefix difference** (every other template). The conversation is rendered turn by turn: for the
    assistant message ``k``, the tokens after ``messages[:k]`` rendered with the generation prompt and
    up to ``messages[:k + 1]`` rendered are that turn's tokens -- the reply and whatever the template
@@ -127,7 +127,8 @@ def tokenize_messages(tokenizer, messages, *, train_on: str = "assistant") -> di
 
 def _tokenize_one(tokenizer, messages, train_on: str, has_generation_tags: bool, where: str) -> dict:
     messages = list(messages)
-    if has_generation_tags and train_on == "assistant":
+    # transformers maps generation markers to tokens through a fast tokenizer's offsets
+    if has_generation_tags and train_on == "assistant" and getattr(tokenizer, "is_fast", False):
         out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
                                             return_assistant_tokens_mask=True)
         ids, mask = list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
