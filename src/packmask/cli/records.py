@@ -227,30 +227,30 @@ def _table_from_records(records: list[dict], fld: Field | None):
     return pa.table(dict(zip(kept, arrays))), mixed
 
 
-def _parse_lines(path: Path, bad: BadRecords):
-    """Records and their line numbers, parsing line by line; bad lines go to ``bad``."""
-    records, lines = [], []
+def _parse_lines(path: Path):
+    """Records, their line numbers, and ``(line, problem, fix_kind)`` of the lines that are not records."""
+    records, lines, problems = [], [], []
     with _open_binary(path) as handle:
         for number, raw in enumerate(handle, 1):
             if not raw.strip():
                 continue
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8").strip()
             except UnicodeDecodeError as error:
-                bad.add(f"line {number}", f"is not UTF-8 text (byte 0x{raw[error.start]:02x} at byte {error.start + 1})",
-                        "utf8")
+                problems.append((number, f"not UTF-8 text (byte 0x{raw[error.start]:02x} at byte {error.start + 1} of "
+                                         "the line)", "utf8"))
                 continue
             try:
                 record = json.loads(text)
             except json.JSONDecodeError as error:
-                bad.add(f"line {number}", f"is not valid JSON ({error.msg}, column {error.colno})", "json")
+                problems.append((number, f"not valid JSON ({error.msg} at column {error.colno})", "json"))
                 continue
             if not isinstance(record, dict):
-                bad.add(f"line {number}", f"is a JSON {type(record).__name__}, not an object", "json")
+                problems.append((number, f"a JSON {type(record).__name__}, not an object", "json"))
                 continue
             records.append(record)
             lines.append(number)
-    return records, lines
+    return records, lines, problems
 
 
 def _sample_type(records: list[dict], name: str):
@@ -298,41 +298,52 @@ def read_json_lines(path: Path, choose, check_type, bad: BadRecords):
                 return [f"line {lines[r]}" for r in rows]
 
             return check_table(table, fld, bad, where), fld, []
-    records, lines = _parse_lines(path, bad)
+    records, lines, problems = _parse_lines(path)
     if not records:
+        if problems:
+            _report_in_order(problems, bad, "line")
         raise CLIError(f"{path} has no valid JSON records" + (f" ({bad.count:,} skipped)" if bad.count else ""),
                        "write one JSON object per line, e.g. {\"text\": \"...\"}")
     fld = _choose(records, choose, check_type)
-    records, lines = _drop_bad_values(records, lines, fld, bad, "line")
+    records, lines, value_problems = _drop_bad_values(records, lines, fld)
+    _report_in_order(problems + value_problems, bad, "line")
     table, mixed = _table_from_records(records, fld)
     return check_table(table, fld, bad, lambda rows: [f"line {lines[r]}" for r in rows]), fld, mixed
 
 
-def _drop_bad_values(records, numbers, fld: Field, bad: BadRecords, unit: str):
-    """Records (and their numbers) whose ``fld`` value passes :func:`value_problem`."""
-    kept, kept_numbers = [], []
+def _drop_bad_values(records, numbers, fld: Field):
+    """Records (and their numbers) whose ``fld`` value passes :func:`value_problem`, and the problems."""
+    kept, kept_numbers, problems = [], [], []
     for record, number in zip(records, numbers):
         problem = value_problem(fld.kind, fld.name, record.get(fld.name))
         if problem is not None:
-            bad.add(f"{unit} {number}", *problem)
+            problems.append((number, *problem))
             continue
         kept.append(record)
         kept_numbers.append(number)
-    return kept, kept_numbers
+    return kept, kept_numbers, problems
+
+
+def _report_in_order(problems, bad: BadRecords, unit: str) -> None:
+    """Hand problems to ``bad`` by line, so the first one named is the first in the file."""
+    for number, problem, fix_kind in sorted(problems, key=lambda p: p[0]):
+        bad.add(f"{unit} {number}", problem, fix_kind)
 
 
 def read_json_array(path: Path, records: list, choose, check_type, bad: BadRecords):
     """A parsed JSON array of objects as ``(table, field, mixed_columns)``; records named ``record N``."""
-    objects, numbers = [], []
+    objects, numbers, problems = [], [], []
     for number, record in enumerate(records, 1):
         if isinstance(record, dict):
             objects.append(record)
             numbers.append(number)
         else:
-            bad.add(f"record {number}", f"is a JSON {type(record).__name__}, not an object", "json")
+            problems.append((number, f"a JSON {type(record).__name__}, not an object", "json"))
     if not objects:
+        _report_in_order(problems, bad, "record")
         raise CLIError(f"{path} holds no JSON objects", "write one JSON array of objects, e.g. [{\"text\": \"...\"}]")
     fld = _choose(objects, choose, check_type)
-    objects, numbers = _drop_bad_values(objects, numbers, fld, bad, "record")
+    objects, numbers, value_problems = _drop_bad_values(objects, numbers, fld)
+    _report_in_order(problems + value_problems, bad, "record")
     table, mixed = _table_from_records(objects, fld)
     return check_table(table, fld, bad, lambda rows: [f"record {numbers[r]}" for r in rows]), fld, mixed
