@@ -284,7 +284,6 @@ def main():
         if DEV != "cuda" and name in GPU_ONLY:
             print(f"skipped {name}: needs CUDA ({DEV} here)")
             continue
-        packmask.set_backend("auto")
         if name in table:
             run(name, *table[name])
         if name == "packed_posids_sdpa_usecache_default":
@@ -292,9 +291,8 @@ def main():
         if name == "packmask_posids":  # use_cache left at its default: packmask stays isolated
             run(name, "packmask", pk_posids, use_cache=None)
         if name == "packmask_flex":
-            packmask.set_backend("flex")
-            run(name, "packmask", pk_varlen)
-            packmask.set_backend("auto")
+            with packmask.backend("flex"):
+                run(name, "packmask", pk_varlen)
     out = ARGS.out
     env = dict(torch=torch.__version__, transformers=transformers.__version__, packmask=packmask.__version__,
                device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu", date=time.strftime("%Y-%m-%d"),

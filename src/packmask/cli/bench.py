@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager
+from contextlib import nullcontext
 from pathlib import Path
 
 from .errors import EXIT_FAILED
@@ -76,24 +76,11 @@ def _inputs(method: str, input_ids, segments, device) -> dict:
     return batch
 
 
-@contextmanager
 def _backend(name: str | None):
-    """Force one packmask backend for the block (restored after)."""
+    """``packmask.backend(name)`` for a forced backend, else nothing (the dispatcher chooses)."""
     import packmask
 
-    if name is None:
-        yield
-        return
-    if hasattr(packmask, "backend"):  # the context manager, where this packmask has it
-        with packmask.backend(name):
-            yield
-        return
-    previous = packmask.get_backend()
-    packmask.set_backend(name)
-    try:
-        yield
-    finally:
-        packmask.set_backend(previous)
+    return packmask.backend(name) if name is not None else nullcontext()
 
 
 def _chosen_backend(model, batch, device, dtype) -> str:
