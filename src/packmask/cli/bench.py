@@ -110,12 +110,12 @@ def _alone_logits(input_ids, lengths, device, dtype, small, row_length):
     """Row 0's documents, each run alone with plain sdpa: the reference every method must match."""
     import torch
 
+    from ..segments import spans_from_lengths
+
     model = _model("sdpa", device, dtype, small, row_length)
-    parts, start = [], 0
     with torch.no_grad():
-        for length in lengths:
-            parts.append(model(input_ids=input_ids[:1, start : start + length].to(device)).logits[0].float())
-            start += length
+        parts = [model(input_ids=input_ids[:1, start : start + length].to(device)).logits[0].float()
+                 for _, start, length in spans_from_lengths([lengths], row_length)]
     return torch.cat(parts)
 
 
