@@ -38,15 +38,11 @@ def _model_for_verify(spec: str, console):
     """A tiny random model of a transformers family, or a local model folder."""
     path = Path(spec)
     if path.exists():
-        from transformers import AutoModel, AutoModelForCausalLM
+        from ..verification import model_for  # the class its config names: BertModel, LlamaForCausalLM, ...
 
         console.print(f"loading {path} …")
         try:
-            try:
-                return AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="packmask",
-                                                            local_files_only=True)
-            except ValueError:  # not a causal LM: verify compares encoders on their hidden states
-                return AutoModel.from_pretrained(str(path), attn_implementation="packmask", local_files_only=True)
+            return model_for(str(path))
         except (OSError, ValueError) as error:
             first_line = str(error).strip().splitlines()[0]
             raise CLIError(f"could not load a model from {path}: {first_line}",
@@ -61,10 +57,10 @@ def _model_for_verify(spec: str, console):
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise CLIError(f"unknown model family {spec!r}: not a transformers model_type nor a local folder",
                        f"pass a model_type such as llama, mistral, qwen2, gemma2{hint}, or a path to a model folder")
-    from ..testing import tiny_model
+    from ..verification import model_for  # encoders (bert, roberta, modernbert) get their base class
 
     console.print(f"building a tiny random {spec} from its config (no download) …")
-    return tiny_model(spec)
+    return model_for(spec)
 
 
 def cmd_verify(args, console) -> int:
