@@ -46,6 +46,10 @@ BAD_RECORDS = {
     "float token": ([{"input_ids": [1]}, {"input_ids": [1, 2.5]}], [], ["line 2", "non-integer token id 2.5"]),
     "negative token": ([{"input_ids": [1]}, {"input_ids": [3, -1]}], [], ["line 2", "negative token id -1"]),
     "null token": ([{"input_ids": [1]}, {"input_ids": [3, None]}], [], ["line 2", "null token id"]),
+    "empty chat": ([{"messages": [{"role": "user", "content": "hi"}]}, {"messages": []}], ["--tokenizer", "demo"],
+                   ["line 2", "'messages'", "empty list of messages"]),
+    "message without role": ([{"messages": [{"role": "user", "content": "hi"}]}, {"messages": [{"content": "x"}]}],
+                             ["--tokenizer", "demo"], ["line 2", "without a 'role'"]),
 }
 
 
@@ -144,8 +148,8 @@ def test_chat_without_template_is_one_line_error(tmp_path, capsys):
     build_demo_tokenizer().save_pretrained(tmp_path / "plain")
     source = tmp_path / "chat.jsonl"
     source.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
-    code, out, err = run(capsys, "stats", source, "--max-length", 8, "--tokenizer", tmp_path / "plain")
-    assert code == 2 and len(err) == 1 and "chat template" in err[0], err
+    assert_error(run(capsys, "stats", source, "--max-length", 8, "--tokenizer", tmp_path / "plain"),
+                 "has no chat template", "chat_template")
 
 
 def test_error_missing_file(tmp_path, capsys):
