@@ -80,3 +80,16 @@ def test_hf_trainer_under_accelerate_launch_equals_one_big_unpacked_batch(accele
     r = accelerate_results[config]
     assert r["update_rel_err"] < TOL, r
     assert r["param_rel_err"] < TOL, r
+
+
+def test_train_step_ddp_benchmark_smoke_runs(tmp_path):
+    """benchmarks/train_step_ddp.py is meant for a multi-GPU machine; its CPU smoke mode proves it runs."""
+    out = str(tmp_path / "smoke.json")
+    script = os.path.join(os.path.dirname(HERE), "benchmarks", "train_step_ddp.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", script, "--smoke",
+           "--out", out]
+    record = _launch(cmd, out)
+    assert record["failures"] == [] and record["world_size"] == 2
+    assert {(r["wrapper"], r["sampler"]) for r in record["results"]} == {
+        (w, s) for w in ("ddp", "fsdp2") for s in ("balanced", "round-robin")}
+    assert all(r["tokens_per_s_per_gpu"] > 0 for r in record["results"])
