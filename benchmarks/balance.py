@@ -85,12 +85,14 @@ def run_case(kind, column, world_size, batch_size, window_steps, seed):
 def table(results):
     from rich.table import Table
     t = Table(title="per-rank load per micro-step, max/mean over ranks (worst step | mean over steps)")
-    for col in ("distribution", "ranks", "rows/rank", "attention balanced", "attention round-robin",
+    for col in ("distribution", "ranks", "rows/rank", "window", "attention balanced", "attention round-robin",
                 "tokens balanced", "tokens round-robin", "plan s"):
         t.add_column(col, justify="right")
     for r in results:
         b, n = r["balanced"], r["round_robin"]
+        epoch = r["window_steps"] * r["world_size"] * r["batch_size"] >= r["rows"]
         t.add_row(r["distribution"], str(r["world_size"]), str(r["batch_size"]),
+                  "epoch" if epoch else str(r["window_steps"]),
                   f"{b['attention_max_over_mean_worst']:.3f} | {b['attention_max_over_mean_avg']:.3f}",
                   f"{n['attention_max_over_mean_worst']:.3f} | {n['attention_max_over_mean_avg']:.3f}",
                   f"{b['tokens_max_over_mean_worst']:.3f} | {b['tokens_max_over_mean_avg']:.3f}",
@@ -102,10 +104,10 @@ def table(results):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--max-length", type=int, default=8192)
-    p.add_argument("--rows", type=int, default=8192, help="packed rows per distribution (about)")
+    p.add_argument("--rows", type=int, default=32768, help="packed rows per distribution (about)")
     p.add_argument("--world-sizes", type=int, nargs="+", default=[8, 64])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
-    p.add_argument("--window-steps", type=int, default=16)
+    p.add_argument("--window-steps", type=int, nargs="+", default=[64, 1_000_000])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/balance.json")
     args = p.parse_args(argv)
@@ -115,9 +117,14 @@ def main(argv=None):
         column, _ = packed_rows(kind, args.rows, args.max_length)
         for world_size in args.world_sizes:
             for batch_size in args.batch_sizes:
-                results.append(run_case(kind, column, world_size, batch_size, args.window_steps, args.seed))
+                for window in args.window_steps:
+                    steps_in_epoch = len(column) // (world_size * batch_size)
+                    if window > steps_in_epoch and any(min(w, steps_in_epoch) == steps_in_epoch
+                                                       for w in args.window_steps if w < window):
+                        continue  # a smaller window already covered the epoch
+                    results.append(run_case(kind, column, world_size, batch_size, window, args.seed))
     from rich.console import Console
-    Console().print(table(results))
+    Console(width=200).print(table(results))
     meets = [r for r in results if r["balanced"]["attention_max_over_mean_worst"] <= GOAL_ATTENTION
              and r["balanced"]["tokens_max_over_mean_worst"] <= GOAL_TOKENS]
     print(f"goals (attention <= {GOAL_ATTENTION}, tokens <= {GOAL_TOKENS}, worst step): "

@@ -16,7 +16,9 @@ drawn in a seeded random order):
    attention, each divided by its window mean -- grows least;
 2. the bins sorted by attention, and each run of ``world_size`` neighbours becomes one step, so the
    bins that run side by side cost about the same (with ``batch_size=1`` this is the only lever);
-3. the window's steps in a seeded random order.
+3. swaps between the heaviest bin of a step and another bin of it, while that lowers the larger of
+   the two (matters for ``batch_size >= 2``);
+4. the window's steps in a seeded random order.
 
 Worked example -- 2 ranks, 1 row per rank per step, one window of 2 steps; rows with
 ``seq_lengths`` (attention cost ``L(L+1)/2`` summed)::
@@ -122,6 +124,49 @@ def _fill_bins(order, tokens, attention, num_bins, per_bin):
     return bin_of, load_a
 
 
+@njit(cache=True)
+def _refine_step(rows, tokens, attention, rounds):
+    """Swap rows between the step's heaviest bin and another bin while the heavier of the two shrinks.
+
+    ``rows`` is ``[world_size, batch_size]`` (edited in place); loads are relative to the step's mean.
+    """
+    W, B = rows.shape
+    load_t = np.zeros(W)
+    load_a = np.zeros(W)
+    for b in range(W):
+        for k in range(B):
+            load_t[b] += tokens[rows[b, k]]
+            load_a[b] += attention[rows[b, k]]
+    mean_t = max(load_t.mean(), 1e-9)
+    mean_a = max(load_a.mean(), 1e-9)
+    for _ in range(rounds):
+        score = np.maximum(load_t / mean_t, load_a / mean_a)
+        hi = np.argmax(score)
+        best_gain, best = 0.0, (-1, -1, -1)
+        for lo in range(W):
+            if lo == hi:
+                continue
+            for i in range(B):
+                for j in range(B):
+                    dt = tokens[rows[lo, j]] - tokens[rows[hi, i]]
+                    da = attention[rows[lo, j]] - attention[rows[hi, i]]
+                    new_hi = max((load_t[hi] + dt) / mean_t, (load_a[hi] + da) / mean_a)
+                    new_lo = max((load_t[lo] - dt) / mean_t, (load_a[lo] - da) / mean_a)
+                    gain = score[hi] - max(new_hi, new_lo)
+                    if gain > best_gain + 1e-12:
+                        best_gain, best = gain, (lo, i, j)
+        lo, i, j = best
+        if lo < 0:
+            break
+        dt = tokens[rows[lo, j]] - tokens[rows[hi, i]]
+        da = attention[rows[lo, j]] - attention[rows[hi, i]]
+        load_t[hi] += dt
+        load_a[hi] += da
+        load_t[lo] -= dt
+        load_a[lo] -= da
+        rows[hi, i], rows[lo, j] = rows[lo, j], rows[hi, i]
+
+
 def _window_steps(rows: np.ndarray, tokens, attention, world_size: int, batch_size: int, rng) -> np.ndarray:
     """``[steps, world_size, batch_size]`` row indices for one window of rows."""
     num_bins = rows.size // batch_size
@@ -130,7 +175,11 @@ def _window_steps(rows: np.ndarray, tokens, attention, world_size: int, batch_si
                                        num_bins, batch_size)
     bins = order[np.argsort(bin_of, kind="stable")].reshape(num_bins, batch_size)
     bins = bins[np.argsort(-bin_attention, kind="stable")]  # neighbours by cost run side by side
-    steps = bins.reshape(num_bins // world_size, world_size, batch_size)
+    steps = np.ascontiguousarray(bins.reshape(num_bins // world_size, world_size, batch_size))
+    if batch_size > 1 and world_size > 1:
+        t, a = tokens.astype(np.float64), attention.astype(np.float64)
+        for step in steps:
+            _refine_step(step, t, a, 4 * world_size)
     steps = steps[rng.permutation(steps.shape[0])]
     return steps[:, rng.permutation(world_size)]  # which rank gets the heavier bin: no bias
 
@@ -170,8 +219,10 @@ class BalancedBatchSampler(Sampler):
             ``i % world_size``). Default: ``None``.
         seed, shuffle: rows are drawn in a ``(seed, epoch)``-seeded random order (``shuffle=False``:
             dataset order; balancing still reorders inside a window).
-        window_steps: micro-steps balanced together. Larger balances better, but the rows of one
-            step become more alike in cost; 1 balances each step only among its own rows.
+        window_steps: micro-steps balanced together (default 64). Larger balances better, but the
+            same rows tend to meet in a step every epoch (the grouping follows cost, not the shuffle)
+            and, with ``batch_size=1``, the rows of one step are alike in cost; 1 balances each step
+            only among its own rows.
         drop_last: drop the rows that do not fill a last step (default). ``False`` fills that step
             with rows from the start of the epoch's order (they are seen twice), as
             ``DistributedSampler`` does.
@@ -192,7 +243,7 @@ class BalancedBatchSampler(Sampler):
     """
 
     def __init__(self, seq_lengths: Any, batch_size: int, *, world_size: int | None = None, rank: int | None = None,
-                 seed: int = 0, shuffle: bool = True, window_steps: int = 16, drop_last: bool = True):
+                 seed: int = 0, shuffle: bool = True, window_steps: int = 64, drop_last: bool = True):
         if world_size is None:
             import torch.distributed as dist
             world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

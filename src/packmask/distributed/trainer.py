@@ -51,7 +51,7 @@ class PackedTrainerMixin:
 
     packmask_loss_reduction: str | None = "token"
     packmask_balance: bool = True
-    packmask_window_steps: int = 16
+    packmask_window_steps: int = 64
     loss_is_scaled_for_ga = True  # the count covers every accumulated micro-batch (Trainer API)
 
     def _packmask_has_lengths(self) -> bool:
