@@ -139,6 +139,20 @@ def train_packed(rows, plan, config: str):
     return full, sharded
 
 
+def reduce_across_matches(rows, plan) -> bool:
+    """``packed_causal_lm_loss(reduce_across=True)`` divides by the same all-reduced count as
+    ``count_loss_items(group=True)`` (one micro-batch per rank)."""
+    rank = dist.get_rank()
+    batch = PackedCollator()([rows[i] for i in plan[rank][0]])
+    logits = torch.randn(*batch["input_ids"].shape, VOCAB, generator=torch.Generator().manual_seed(rank))
+    kwargs = dict(position_ids=batch["position_ids"], reduction="sequence")
+    a = packed_causal_lm_loss(logits, batch["labels"], reduce_across=True, **kwargs)
+    b = packed_causal_lm_loss(logits, batch["labels"], num_items_in_batch=count_loss_items(
+        batch, reduction="sequence", group=True), **kwargs)
+    local = packed_causal_lm_loss(logits, batch["labels"], **kwargs)
+    return bool(torch.equal(a, b)) and not torch.allclose(a, local)
+
+
 def flat(params):
     return torch.cat([params[n].reshape(-1).double() for n in sorted(params)])
 
@@ -152,6 +166,7 @@ def main():
     plan = micro_batches(rows, world)
     used = [i for r in range(world) for m in plan[r] for i in m]
     initial = flat({n: p.detach() for n, p in tiny_model("llama", attn_implementation="sdpa").named_parameters()})
+    matches = reduce_across_matches(rows, plan)
     results, references, fsdp_sharded = {}, {}, []
     for config in configs:
         reduction = config.split("-")[1]
@@ -171,6 +186,7 @@ def main():
         dist.barrier()
     if rank == 0:
         results["_meta"] = {"world_size": world, "fsdp2_sharded": bool(fsdp_sharded) and all(fsdp_sharded),
+                            "reduce_across_matches": matches,
                             "rows_used": len(used), "distinct_rows_used": len(set(used)),
                             "documents_per_step": [len(documents_of(rows, [i for r in range(world) for m in
                                                    plan[r][s * ACCUM:(s + 1) * ACCUM] for i in m]))
