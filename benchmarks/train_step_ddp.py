@@ -98,7 +98,7 @@ def run_case(how, plan, rows, args, device, dtype):
     rank, world = dist.get_rank(), dist.get_world_size()
     model, _ = make_model(args.smoke, device, dtype, args.row)
     net = wrap(model, how, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     collate = PackedCollator(max_length=args.row)
     batches = [to_device(collate([rows[i] for i in plan[s, rank]]), device) for s in range(plan.shape[0])]
     failures = []
