@@ -3,10 +3,12 @@ the per-sequence count reaches the loss, and training works. Exactness across 2 
 test_distributed_multiprocess.py (HF Trainer under accelerate launch)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset
 
+from packmask import segments
 from packmask.data.collator import PackedCollator
 from packmask.data.packing import pack_dataset
 from packmask.distributed import BalancedBatchSampler, PackedTrainerMixin
@@ -67,7 +69,9 @@ def test_sft_trainer_with_mixin_uses_balanced_rows_and_sequence_count(tmp_path):
 def _sequences(batch):
     """Per row, the sequences (start, end) with at least one label to predict (row padding has none)."""
     out = []
-    for row, labels in zip(batch["position_ids"], batch["labels"]):
-        starts = (row == 0).nonzero().reshape(-1).tolist() + [row.numel()]
-        out.append([(a, b) for a, b in zip(starts, starts[1:]) if (labels[a + 1:b] != -100).any()])
+    for lengths, labels in zip(segments.lengths_from_starts(segments.starts_from_position_ids(batch["position_ids"])),
+                               batch["labels"]):
+        ends = np.cumsum(lengths).tolist()
+        spans = zip([0] + ends[:-1], ends)
+        out.append([(a, b) for a, b in spans if (labels[a + 1:b] != -100).any()])
     return out
