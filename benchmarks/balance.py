@@ -86,7 +86,7 @@ def table(results):
     from rich.table import Table
     t = Table(title="per-rank load per micro-step, max/mean over ranks (worst step | mean over steps)")
     for col in ("distribution", "ranks", "rows/rank", "window", "attention balanced", "attention round-robin",
-                "tokens balanced", "tokens round-robin", "plan s"):
+                "tokens balanced", "tokens round-robin", "attention epoch bal. | r-r", "plan s"):
         t.add_column(col, justify="right")
     for r in results:
         b, n = r["balanced"], r["round_robin"]
@@ -97,6 +97,7 @@ def table(results):
                   f"{n['attention_max_over_mean_worst']:.3f} | {n['attention_max_over_mean_avg']:.3f}",
                   f"{b['tokens_max_over_mean_worst']:.3f} | {b['tokens_max_over_mean_avg']:.3f}",
                   f"{n['tokens_max_over_mean_worst']:.3f} | {n['tokens_max_over_mean_avg']:.3f}",
+                  f"{b['attention_epoch_slowest_over_mean']:.3f} | {n['attention_epoch_slowest_over_mean']:.3f}",
                   f"{r['plan_seconds']:.2f}")
     return t
 
