@@ -75,3 +75,16 @@ def _sequences(batch):
         spans = zip([0] + ends[:-1], ends)
         out.append([(a, b) for a, b in spans if (labels[a + 1:b] != -100).any()])
     return out
+
+
+def test_mixin_refuses_a_dataset_without_seq_lengths(tmp_path):
+    from transformers import TrainingArguments
+
+    from packmask.distributed import BalancedTrainer
+    from packmask.errors import PackmaskError
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, per_device_train_batch_size=2)
+    trainer = BalancedTrainer(model=tiny_model("llama"), args=args, data_collator=PackedCollator(),
+                              train_dataset=Dataset.from_dict({"input_ids": [[1, 2, 3]] * 4}))
+    with pytest.raises(PackmaskError, match="packmask_balance = False"):
+        trainer.get_train_dataloader()

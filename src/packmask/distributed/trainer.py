@@ -33,6 +33,7 @@ from __future__ import annotations
 from torch.utils.data import DataLoader
 
 from ..data.loss import packed_causal_lm_loss
+from ..errors import PackmaskError
 from .loss import count_loss_items
 from .sampler import BalancedBatchSampler
 
@@ -59,8 +60,12 @@ class PackedTrainerMixin:
         return "seq_lengths" in names
 
     def get_train_dataloader(self) -> DataLoader:
-        if not (self.packmask_balance and self._packmask_has_lengths()):
+        if not self.packmask_balance:
             return super().get_train_dataloader()
+        if not self._packmask_has_lengths():
+            raise PackmaskError("PackedTrainerMixin balances packed rows by their 'seq_lengths' column, which the "
+                                "train_dataset lacks; pack it with packmask.pack_dataset, or set "
+                                "packmask_balance = False on your Trainer subclass to keep the Trainer's sampler.")
         args = self.args
         sampler = BalancedBatchSampler(
             self.train_dataset, args.per_device_train_batch_size, world_size=max(1, args.world_size), rank=None,
@@ -115,6 +120,7 @@ def _balanced_trainer():
     class BalancedTrainer(PackedTrainerMixin, Trainer):
         """``transformers.Trainer`` with :class:`PackedTrainerMixin` (per-token loss by default)."""
 
+    BalancedTrainer.__qualname__ = "BalancedTrainer"
     return BalancedTrainer
 
 
