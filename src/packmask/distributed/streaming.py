@@ -16,6 +16,11 @@ which keeps every ``S``-th document (correct, but the reading is repeated ``S`` 
 sharded ``datasets.IterableDataset`` of many files, ``datasets.distributed.split_dataset_by_node``
 reads less).
 
+With ``accelerate`` / the HF ``Trainer`` pass ``rank=0, world_size=1``: ``accelerator.prepare``
+splits an ``IterableDataset`` across processes itself (process 0 reads and dispatches batches, or
+every process keeps every ``world_size``-th batch), so sharding by rank here as well would lose the
+other ranks' documents. Rank sharding is for ``torchrun`` with your own loop.
+
 Resumption (``state_dict`` / ``load_state_dict``, in the process that iterates, i.e. with
 ``num_workers=0``): the state is the epoch and the rows already yielded. ``pack_iterable`` is
 deterministic, so on resume the shard packs again from the start of the epoch and skips that many
