@@ -97,7 +97,7 @@ class ShardedPackedStream(IterableDataset):
         return self.documents(self.epoch) if callable(self.documents) else self.documents
 
     def __iter__(self) -> Iterator[dict]:
-        from ..data.streaming import pack_iterable
+        from ..data.packing import pack_iterable  # (importing data.streaming first is circular on main today)
 
         info = get_worker_info()
         workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
