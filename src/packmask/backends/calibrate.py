@@ -78,9 +78,20 @@ def calibrate(head_dims=(64, 128), buckets=BUCKETS) -> dict:
                 rows[name].append(r[name])
             print(f"d={d:4d} len={length:6d} " + " ".join(f"{n}={r[n] or 0:6.1f}" for n in kernels), flush=True)
         rates[str(d)] = {n: v for n, v in rows.items() if n in KERNELS}
-    return {"buckets": list(buckets), "rates": rates, "unit": "TFLOP/s fwd+bwd, in-document work",
+    return {"buckets": list(buckets), "rates": rates, "setup_ms": _setup_ms(kernels), "unit": "TFLOP/s fwd+bwd, in-document work",
             "row_tokens": ROW, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             "cudnn_frontend": _frontend_version()}
+
+
+def _setup_ms(kernels) -> dict:
+    """Once-per-forward preparation a kernel needs (flex: its BlockMask) for a row of ROW tokens;
+    the cost model scales it by (row / ROW)² and spreads it over the model's layers."""
+    if "flex" not in kernels:
+        return {}
+    from ..layout import DocumentLayout
+    from . import document_block_mask
+    layout = DocumentLayout.from_seq_lengths([[1024] * (ROW // 1024)], ROW, device="cuda")
+    return {"flex": _bench(lambda: document_block_mask(layout, "cuda"))}
 
 
 def _frontend_version():

@@ -90,9 +90,14 @@ def _rate(table: dict, kernel: str, head_dim: int, length: int) -> float | None:
     return row[i] or None
 
 
-def estimate_ms(kernel: str, seq_lengths, heads: int, head_dim: int, table: dict, causal: bool = True) -> float:
-    """Forward+backward milliseconds the table predicts for ``kernel`` on these documents (inf: not measured)."""
-    total = 0.0
+def estimate_ms(kernel: str, seq_lengths, heads: int, head_dim: int, table: dict, causal: bool = True,
+                layers: int = 1, row_len: int | None = None) -> float:
+    """Forward+backward milliseconds per layer the table predicts for ``kernel`` on these documents
+    (inf: not measured), including its once-per-forward setup spread over ``layers`` layers."""
+    setup = table.get("setup_ms", {}).get(kernel, 0.0)
+    tokens = sum(seq_lengths)
+    row = row_len or tokens
+    total = setup * (tokens / row) * (row / table.get("row_tokens", 16384)) ** 2 / max(1, layers)
     for length in seq_lengths:
         if length <= 0:
             continue
@@ -112,7 +117,7 @@ def layout_lengths(layout) -> list[int]:
     return memo["lengths"]
 
 
-def choose_kernel(candidates, layout, q: torch.Tensor) -> tuple[str, dict]:
+def choose_kernel(candidates, layout, q: torch.Tensor, layers: int = 1) -> tuple[str, dict]:
     """The cheapest of ``candidates`` (kernels that can run the call exactly) and the estimates.
 
     Without a table for this GPU model, or under ``torch.compile`` (where reading the layout's
@@ -127,9 +132,10 @@ def choose_kernel(candidates, layout, q: torch.Tensor) -> tuple[str, dict]:
     if table is None:
         return candidates[0], {"reason": "no cost table for this GPU (python -m packmask.backends.calibrate)"}
     memo = layout._memo
-    key = ("kernel_choice", tuple(priced), q.shape[1], q.shape[-1])
+    key = ("kernel_choice", tuple(priced), q.shape[1], q.shape[-1], layers)
     if key not in memo:
         lengths = layout_lengths(layout)
-        est = {c: estimate_ms(c, lengths, q.shape[1], q.shape[-1], table, layout.causal) for c in priced}
+        est = {c: estimate_ms(c, lengths, q.shape[1], q.shape[-1], table, layout.causal, layers,
+                              layout.seq_len) for c in priced}
         memo[key] = (min(est, key=est.get), {"estimated_ms": est, "source": table.get("source")})
     return memo[key]
