@@ -198,3 +198,139 @@ def test_compiled_call_matches_eager_without_recompiling():
         eager = _run(lambda a, b, c: f(a, b, c, layout), q, k, v, do)
         comp = _run(lambda a, b, c: compiled(a, b, c, layout), q, k, v, do)
         assert all(torch.equal(x, y) for x, y in zip(eager, comp))
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: refusals, availability and the cost-based choice (GPU parts mocked at the boundary)
+# ---------------------------------------------------------------------------------------------
+
+from packmask import backends  # noqa: E402
+from packmask.backends import costs, describe_choice  # noqa: E402
+from packmask.errors import PackmaskError  # noqa: E402
+
+
+def _layout(lengths_per_row, N):
+    return DocumentLayout.from_seq_lengths(lengths_per_row, N)
+
+
+def _q(D=64, dtype=torch.bfloat16, N=12):
+    return torch.zeros(1, 4, N, D, dtype=dtype)
+
+
+@pytest.fixture
+def gpu_here(monkeypatch):
+    """Pretend the GPU boundary says yes: SM90 with the frontend (cudnn), CUDA kernels present (varlen, flex)."""
+    monkeypatch.setattr(cudnn_backend, "available", lambda device=None: True)
+    from packmask.backends import flex, varlen
+    monkeypatch.setattr(varlen, "varlen_available", lambda: True)
+    for module in (varlen, flex):  # their own rules, asked about a CUDA tensor of q's dtype and shape
+        monkeypatch.setattr(module, "refusal", lambda layout, spec, q, training, _own=module.refusal:
+                            _own(layout, spec, _OnCuda(q), training))
+
+
+class _OnCuda:
+    """What a refusal reads of q (is_cuda, device, dtype, shape), as if q lived on a GPU."""
+
+    is_cuda = True
+    device = torch.device("cuda", 0)
+
+    def __init__(self, q):
+        self.dtype, self.shape = q.dtype, q.shape
+
+
+def test_cudnn_refuses_what_it_cannot_do_exactly(monkeypatch):
+    monkeypatch.setattr(cudnn_backend, "available", lambda device=None: True)
+    docs = _layout([[5, 7]], 12)
+    spec = AttentionSpec(scale=0.125)
+    assert cudnn_backend.refusal(docs, spec, _q(), training=True) is None
+    general = GeneralLayout(torch.ones(1, 12, 12, dtype=torch.bool).tril(), torch.zeros(1, 12, dtype=torch.long),
+                            torch.arange(12)[None])
+    cases = {
+        "block-diagonal": (general, spec, _q(), True),
+        "fp16/bf16": (docs, spec, _q(dtype=torch.float32), True),
+        "head dim": (docs, spec, _q(D=256), True),
+        "softcapping": (docs, AttentionSpec(scale=0.125, softcap=30.0), _q(), True),
+        "dropout": (docs, AttentionSpec(scale=0.125, dropout=0.1), _q(), True),
+        "sinks": (docs, AttentionSpec(scale=0.125, sinks=torch.zeros(4)), _q(), True),
+        "one-sided": (_layout([[5, 7]], 12).__class__.from_seq_lengths([[5, 7]], 12, causal=False),
+                      AttentionSpec(scale=0.125, sliding_window=3, is_causal=False), _q(), True),
+    }
+    for word, args in cases.items():
+        why = cudnn_backend.refusal(*args)
+        assert why is not None and word in why, (word, why)
+    # dropout only matters when training
+    assert cudnn_backend.refusal(docs, AttentionSpec(scale=0.125, dropout=0.1), _q(), training=False) is None
+
+
+def test_without_the_extra_nothing_changes(monkeypatch):
+    import sys
+    cudnn_backend._frontend.cache_clear()
+    monkeypatch.setitem(sys.modules, "cudnn", None)  # `import cudnn` raises ImportError
+    try:
+        assert cudnn_backend._frontend() is None
+        assert not cudnn_backend.available()
+        assert "cudnn" not in backends.available_backends()
+        layout, spec = _layout([[5, 7]], 12), AttentionSpec(scale=0.125)
+        assert backends.choose_backend(layout, spec, _q(), training=True) == "sdpa"
+        with backends.backend("cudnn"), pytest.raises(PackmaskError, match=r"packmask\[cudnn\]"):
+            backends.choose_backend(layout, spec, _q(), training=True)
+    finally:
+        cudnn_backend._frontend.cache_clear()
+
+
+TABLE = {"buckets": [128, 1024], "row_tokens": 16384, "setup_ms": {"flex": 2.0},
+         "rates": {"64": {"cudnn": [30.0, 300.0], "varlen": [40.0, 200.0], "flex": [35.0, 250.0]},
+                   "128": {"cudnn": [40.0, 400.0], "varlen": [40.0, 250.0], "flex": [40.0, 300.0]}}}
+
+
+@pytest.fixture
+def table_here(tmp_path, monkeypatch):
+    path = tmp_path / "costs.json"
+    monkeypatch.setenv("PACKMASK_COST_TABLE", str(path))
+    costs.write_table("Fake GPU", TABLE)
+    monkeypatch.setattr(costs, "_device_name", lambda q: "Fake GPU")
+    yield path
+    costs.load_table.cache_clear()
+
+
+def test_cost_table_written_atomically_and_merged(table_here):
+    costs.write_table("Other GPU", dict(TABLE, buckets=[64, 512]))
+    import json
+    data = json.loads(table_here.read_text())
+    assert sorted(data["devices"]) == ["Fake GPU", "Other GPU"]
+    assert costs.load_table("Fake GPU")["buckets"] == [128, 1024]
+    assert not list(table_here.parent.glob("*.tmp*"))
+
+
+def test_dispatch_takes_the_cheapest_kernel_by_the_measured_table(gpu_here, table_here):
+    spec = AttentionSpec(scale=0.125)
+    long_docs = _layout([[2048, 2048]], 4096)
+    short_docs = _layout([[128] * 32], 4096)
+    q = _q(N=4096)
+    assert backends.choose_backend(long_docs, spec, q, training=True) == "cudnn"
+    assert backends.choose_backend(short_docs, spec, q, training=True) == "varlen"
+    info = describe_choice(short_docs, spec, q)
+    assert info["backend"] == "varlen" and info["candidates"][:3] == ["cudnn", "varlen", "flex"]
+    est = info["estimated_ms"]
+    assert est["varlen"] < est["cudnn"] < est["flex"]  # flex pays its BlockMask build (setup_ms)
+    # a kernel that refuses is never chosen, however cheap the table says it is
+    assert backends.choose_backend(long_docs, AttentionSpec(scale=0.125, softcap=5.0), q, training=True) == "flex"
+    # a forced backend wins over the table
+    with backends.backend("varlen"):
+        assert backends.choose_backend(long_docs, spec, q, training=True) == "varlen"
+
+
+def test_without_a_table_the_dispatch_order_decides(gpu_here, monkeypatch, tmp_path):
+    monkeypatch.setenv("PACKMASK_COST_TABLE", str(tmp_path / "none.json"))
+    monkeypatch.setattr(costs, "_device_name", lambda q: "GPU nobody calibrated")
+    costs.load_table.cache_clear()
+    try:
+        info = describe_choice(_layout([[128] * 32], 4096), AttentionSpec(scale=0.125), _q(N=4096))
+        assert info["backend"] == "cudnn" and "calibrate" in info["reason"]
+    finally:
+        costs.load_table.cache_clear()
+
+
+def test_shipped_table_covers_h100():
+    table = costs._read(costs._SHIPPED)["devices"]["NVIDIA H100 80GB HBM3"]
+    assert len(table["buckets"]) == len(table["rates"]["128"]["cudnn"]) and table["rates"]["64"]["varlen"][0] > 0

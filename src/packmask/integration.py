@@ -227,6 +227,8 @@ def _derive_inputs_outside_graph(model, args, kwargs):
     inside a layer) and hands the packed layout to the layers as ``cu_seq_lens_q/k`` tensors, marked
     dynamic in length, so a batch with another document split reuses the compiled graph. The host
     ints ``max_length_q/k`` are dropped: they would specialise the graph on the longest document."""
+    from .backends import refresh_traced_request
+    refresh_traced_request()
     derived = _derive_inputs(model, args, kwargs)
     args, kwargs = derived if derived is not None else (args, kwargs)
     if not _uses_packmask(model) or not _forward_takes_kwargs(type(model)):

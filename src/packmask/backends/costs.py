@@ -117,6 +117,10 @@ def layout_lengths(layout) -> list[int]:
     return memo["lengths"]
 
 
+def _device_name(q: torch.Tensor) -> str | None:
+    return torch.cuda.get_device_name(q.device) if q.is_cuda else None
+
+
 def choose_kernel(candidates, layout, q: torch.Tensor, layers: int = 1) -> tuple[str, dict]:
     """The cheapest of ``candidates`` (kernels that can run the call exactly) and the estimates.
 
@@ -128,7 +132,8 @@ def choose_kernel(candidates, layout, q: torch.Tensor, layers: int = 1) -> tuple
         return candidates[0], {"reason": "only candidate" if len(candidates) == 1 else "unpriced"}
     if torch.compiler.is_compiling():
         return candidates[0], {"reason": "static order under torch.compile"}
-    table = load_table(torch.cuda.get_device_name(q.device)) if q.is_cuda else None
+    name = _device_name(q)
+    table = load_table(name) if name else None
     if table is None:
         return candidates[0], {"reason": "no cost table for this GPU (python -m packmask.backends.calibrate)"}
     memo = layout._memo

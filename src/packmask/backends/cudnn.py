@@ -72,11 +72,17 @@ def _device_ok(index: int) -> bool:
 
 def available(device=None) -> bool:
     """True when the cudnn backend can run here: CUDA, an SM90+ GPU, and the frontend installed."""
-    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
+    if device is not None and torch.device(device).type != "cuda":
         return False
-    index = torch.device(device).index if device is not None and torch.device(device).index is not None \
-        else torch.cuda.current_device()
-    return _device_ok(index) and _frontend() is not None
+    return _available_on(-1 if device is None or torch.device(device).index is None else torch.device(device).index)
+
+
+@torch.compiler.assume_constant_result
+def _available_on(index: int) -> bool:
+    # a constant per process: torch.compile evaluates it once while tracing instead of tracing it
+    if not torch.cuda.is_available():
+        return False
+    return _device_ok(torch.cuda.current_device() if index < 0 else index) and _frontend() is not None
 
 
 def refusal(layout, spec, q: torch.Tensor, training: bool) -> str | None:
