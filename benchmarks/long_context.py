@@ -45,7 +45,7 @@ def lengths(total, median, seed, sigma=1.0):
     out = []
     while sum(out) < total:
         x = int(math.exp(torch.randn(1, generator=g).item() * sigma + math.log(median)))
-        out.append(max(16, min(x, total - sum(out))))
+        out.append(min(max(16, x), total - sum(out)))
     return out
 
 
@@ -54,7 +54,8 @@ def make_model(impl):
                       num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=ROW,
                       attn_implementation=impl)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(DEV, DT).train()
+    with torch.device(DEV):
+        model = LlamaForCausalLM(cfg).to(DT).train()
     if os.environ.get("CHECKPOINT") == "1":
         model.gradient_checkpointing_enable()
     return model
@@ -169,6 +170,16 @@ def attention_ms(layout_lens, layers=8, backend_name="auto"):
     return layers * triton.testing.do_bench(step, warmup=10, rep=50, return_mode="median")
 
 
+def _write(env, results, errors, **extra):
+    """Atomically (re)write $OUT/long_context.json with what is measured so far."""
+    if not os.environ.get("OUT"):
+        return
+    path = os.path.join(os.environ["OUT"], "long_context.json")
+    with open(path + ".tmp", "w") as fh:
+        json.dump(dict(env=env, results=results, err_vs_alone=errors, **extra), fh, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def main():
     env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__,
                cudnn=torch.backends.cudnn.version(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -196,6 +207,7 @@ def main():
         except torch.OutOfMemoryError as e:
             results[method] = dict(skipped=f"out of memory: {str(e)[:120]}")
         torch.cuda.empty_cache()
+        _write(env, results, errors)
         r = results[method]
         print(f"{method:26s} " + (f"{r['step_ms']:9.1f} ms  {r['tokens_per_s'] / 1e3:7.1f}k tok/s  "
                                    f"{r['peak_gib']:5.1f} GiB  err-vs-alone {errors.get(method, float('nan')):.3g}"
@@ -230,11 +242,7 @@ def main():
     contaminated = errors.get("plain_causal", 1.0) > 0.05
     compiled = results.get("packmask_auto_compiled", {}).get("new_graphs_after_warmup")
     print(f"checks: packmask exact={ok} plain-causal contaminated={contaminated} compiled new graphs={compiled}")
-    if os.environ.get("OUT"):
-        path = os.path.join(os.environ["OUT"], "long_context.json")
-        with open(path + ".tmp", "w") as fh:
-            json.dump(dict(env=env, auto_choice=auto, attention_ms=attn, results=results), fh, indent=1)
-        os.replace(path + ".tmp", path)
+    _write(env, results, errors, auto_choice=auto, attention_ms=attn)
     if not (ok and contaminated):
         print("CORRECTNESS CHECK FAILED")
         sys.exit(1)
