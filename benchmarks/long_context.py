@@ -16,7 +16,12 @@ Correctness: the first documents' logits from packmask (each kernel, eager and c
 the same documents run alone; must be within the bf16 noise (rel. err < 0.05) while the plain
 causal run must be contaminated (> 0.05). Exits 1 if a check fails. Writes $OUT/long_context.json.
 
-    OUT=out python benchmarks/long_context.py       # env: STEPS, METHODS, CHECKPOINT=1, ROW
+    OUT=out python benchmarks/long_context.py       # env: STEPS, METHODS, CHECKPOINT=0|1, ROW
+
+Activation checkpointing is on by default for every method alike (CHECKPOINT=0 turns it off): without
+it the 65,536-token step does not fit in 80 GB (the fp32 logits of the loss alone are 7.8 GiB;
+measured on an H100: every method ran out of memory). The attention share then understates the
+attention work slightly (checkpointing runs each layer's attention forward twice).
 """
 import json
 import math
@@ -56,7 +61,7 @@ def make_model(impl):
     torch.manual_seed(0)
     with torch.device(DEV):
         model = LlamaForCausalLM(cfg).to(DT).train()
-    if os.environ.get("CHECKPOINT") == "1":
+    if os.environ.get("CHECKPOINT", "1") == "1":
         model.gradient_checkpointing_enable()
     return model
 
@@ -183,7 +188,7 @@ def _write(env, results, errors, **extra):
 def main():
     env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__,
                cudnn=torch.backends.cudnn.version(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               row=ROW, median=MEDIAN, steps=STEPS, checkpointing=os.environ.get("CHECKPOINT") == "1")
+               row=ROW, median=MEDIAN, steps=STEPS, checkpointing=os.environ.get("CHECKPOINT", "1") == "1")
     from packmask.backends import cudnn as cudnn_backend
     env["cudnn_frontend"] = getattr(cudnn_backend._frontend(), "__version__", None)
     lens0 = batch(0)[0]
@@ -238,8 +243,9 @@ def main():
         print(f"| {method} | {r['step_ms']:.1f} | {r['tokens_per_s'] / 1e3:.1f}k | {r['peak_gib']:.1f} | "
               f"{f(r['x_plain_causal'], '.2f')} | {f(r['x_packmask_varlen'], '.2f')} | "
               f"{f(r['attention_share'], '.2f')} | {f(r['err_vs_alone'], '.3g')} |")
-    ok = all(e < 0.05 for m, e in errors.items() if m.startswith("packmask"))
-    contaminated = errors.get("plain_causal", 1.0) > 0.05
+    measured = [e for m, e in errors.items() if m.startswith("packmask")]
+    ok = bool(measured) and all(e < 0.05 for e in measured)  # nothing measured is a failure, not a pass
+    contaminated = "plain_causal" in errors and errors["plain_causal"] > 0.05
     compiled = results.get("packmask_auto_compiled", {}).get("new_graphs_after_warmup")
     print(f"checks: packmask exact={ok} plain-causal contaminated={contaminated} compiled new graphs={compiled}")
     _write(env, results, errors, auto_choice=auto, attention_ms=attn)
