@@ -37,7 +37,7 @@ def _kernels():
 
 def _bench(fn) -> float:
     import triton.testing
-    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
 def measure(head_dim: int, length: int, kernels: dict, heads_total: int = 2048) -> dict:
