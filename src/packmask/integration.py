@@ -217,7 +217,7 @@ def _uses_packmask(model) -> bool:
 
 def _derive_inputs_hook(model, args, kwargs):
     """Fill in ``position_ids`` (and varlen keys from ``seq_lengths``) when the user omitted them."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and _uses_packmask(model):
         return _derive_inputs_outside_graph(model, args, kwargs)
     return _derive_inputs(model, args, kwargs)
 

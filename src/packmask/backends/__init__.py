@@ -93,14 +93,16 @@ def backend(name: str):
     the outer choice on exit.
     """
     token = _forced.set(_check_name(name))
+    refresh_traced_request()
     try:
         yield
     finally:
         _forced.reset(token)
+        refresh_traced_request()
 
 
-# torch.compile cannot trace ContextVar.get: compiled layers read this mirror instead, which the
-# model's forward pre-hook refreshes eagerly before every compiled forward (dynamo guards on it, so
+# torch.compile cannot trace ContextVar.get: compiled layers read this mirror instead, which backend()
+# and the model's forward pre-hook refresh eagerly before every compiled forward (dynamo guards on it, so
 # a different ``backend(...)`` block recompiles rather than running a stale choice).
 _traced_request: dict = {"name": None}
 
