@@ -18,6 +18,8 @@ causal run must be contaminated (> 0.05). Exits 1 if a check fails. Writes $OUT/
 
     OUT=out python benchmarks/long_context.py       # env: STEPS, METHODS, CHECKPOINT=0|1, ROW
 
+Without CUDA it shrinks to a smoke run (tiny model, 512 tokens, fp32, aot_eager) of the same code.
+
 Activation checkpointing is on by default for every method alike (CHECKPOINT=0 turns it off): without
 it the 65,536-token step does not fit in 80 GB (the fp32 logits of the loss alone are 7.8 GiB;
 measured on an H100: every method ran out of memory). The attention share then understates the
@@ -35,13 +37,19 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import packmask
 
-DEV = "cuda"
-DT = torch.bfloat16
-ROW = int(os.environ.get("ROW", 65536))
-STEPS = int(os.environ.get("STEPS", 4))
-MEDIAN = 4000
+SMOKE = not torch.cuda.is_available()  # on a CPU machine: a tiny smoke run of the same code path
+DEV = "cpu" if SMOKE else "cuda"
+DT = torch.float32 if SMOKE else torch.bfloat16
+ROW = int(os.environ.get("ROW", 512 if SMOKE else 65536))
+STEPS = int(os.environ.get("STEPS", 2 if SMOKE else 4))
+MEDIAN = 64 if SMOKE else 4000
+SHAPE = (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              vocab_size=256) if SMOKE else
+         dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=4,
+              vocab_size=32000))
 METHODS = os.environ.get("METHODS", "packmask_cudnn,packmask_varlen,packmask_auto,packmask_auto_compiled,"
                          "plain_causal,sdpa_dense_mask").split(",")
+COMPILE = dict(backend="aot_eager") if SMOKE else {}  # the CPU smoke run traces without code generation
 
 
 def lengths(total, median, seed, sigma=1.0):
@@ -55,9 +63,7 @@ def lengths(total, median, seed, sigma=1.0):
 
 
 def make_model(impl):
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
-                      num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=ROW,
-                      attn_implementation=impl)
+    cfg = LlamaConfig(**SHAPE, max_position_embeddings=ROW, attn_implementation=impl)
     torch.manual_seed(0)
     with torch.device(DEV):
         model = LlamaForCausalLM(cfg).to(DT).train()
@@ -70,7 +76,7 @@ def batch(step):
     """input_ids, packed position_ids, labels (-100 at document starts) for step ``step``."""
     lens = lengths(ROW, MEDIAN, seed=step)
     g = torch.Generator().manual_seed(1000 + step)
-    ids = torch.randint(0, 32000, (1, ROW), generator=g)
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, ROW), generator=g)
     pos = torch.cat([torch.arange(n) for n in lens])[None]
     labels = ids.clone()
     labels[pos == 0] = -100
@@ -103,31 +109,31 @@ def forced(method):
 def time_method(method, model, steps):
     runner = model
     if method.endswith("_compiled"):
-        runner = torch.compile(model)
+        runner = torch.compile(model, **COMPILE)
     from torch._dynamo.utils import counters
     with packmask.backend(forced(method)):
         warm = [batch(100 + i) for i in range(2)]
         t0 = time.perf_counter()
         for b in warm:
             step_fn(runner, method, b)()
-        torch.cuda.synchronize()
+        _sync()
         warm_s = time.perf_counter() - t0
         graphs_after_warmup = int(counters["stats"]["unique_graphs"])
-        torch.cuda.reset_peak_memory_stats()
+        if not SMOKE:
+            torch.cuda.reset_peak_memory_stats()
         times, losses = [], []
         for i in range(steps):
             b = batch(i)  # a different document split every step
             run = step_fn(runner, method, b)
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            _sync()
+            t = time.perf_counter()
             losses.append(run().item())
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
+            _sync()
+            times.append((time.perf_counter() - t) * 1e3)
         recompiles = int(counters["stats"]["unique_graphs"]) - graphs_after_warmup
     ms = sorted(times)[len(times) // 2]
-    return dict(step_ms=ms, tokens_per_s=ROW / ms * 1e3, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+    peak = 0.0 if SMOKE else torch.cuda.max_memory_allocated() / 2**30
+    return dict(step_ms=ms, tokens_per_s=ROW / ms * 1e3, peak_gib=peak,
                 warmup_s=warm_s, losses=losses, new_graphs_after_warmup=recompiles if runner is not model else None)
 
 
@@ -138,7 +144,7 @@ def rel(a, b):
 def alone_error(model, method, docs=3):
     """Logits of the first ``docs`` documents of step 0's row vs each run alone (bf16 sdpa)."""
     lens, ids, pos, labels = batch(0)
-    runner = torch.compile(model) if method.endswith("_compiled") else model
+    runner = torch.compile(model, **COMPILE) if method.endswith("_compiled") else model
     with torch.no_grad(), packmask.backend(forced(method)):
         kw = dict(input_ids=ids) if method == "plain_causal" else dict(input_ids=ids, position_ids=pos)
         packed = runner(**kw, use_cache=False).logits[0]
@@ -154,10 +160,10 @@ def alone_error(model, method, docs=3):
 
 def attention_ms(layout_lens, layers=8, backend_name="auto"):
     """Attention forward+backward alone for the model's shape, summed over its layers."""
-    import triton.testing
     from packmask.backends import AttentionSpec, attend
     from packmask.layout import DocumentLayout
-    H, Hkv, D = 32, 4, 64
+    H, Hkv = SHAPE["num_attention_heads"], SHAPE["num_key_value_heads"]
+    D = SHAPE["hidden_size"] // H
     layout = DocumentLayout.from_seq_lengths([layout_lens], ROW, device=DEV)
     q = torch.randn(1, ROW, H, D, device=DEV, dtype=DT).transpose(1, 2).requires_grad_()
     k = torch.randn(1, ROW, Hkv, D, device=DEV, dtype=DT).transpose(1, 2).requires_grad_()
@@ -172,7 +178,18 @@ def attention_ms(layout_lens, layers=8, backend_name="auto"):
         def step():
             with packmask.backend(backend_name):
                 attend(q, k, v, layout, spec, training=True).backward(do)
+    if SMOKE:
+        step()
+        t = time.perf_counter()
+        step()
+        return layers * (time.perf_counter() - t) * 1e3
+    import triton.testing
     return layers * triton.testing.do_bench(step, warmup=10, rep=50, return_mode="median")
+
+
+def _sync():
+    if not SMOKE:
+        torch.cuda.synchronize()
 
 
 def _write(env, results, errors, **extra):
@@ -186,7 +203,7 @@ def _write(env, results, errors, **extra):
 
 
 def main():
-    env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__,
+    env = dict(device="cpu (smoke)" if SMOKE else torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__,
                cudnn=torch.backends.cudnn.version(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                row=ROW, median=MEDIAN, steps=STEPS, checkpointing=os.environ.get("CHECKPOINT", "1") == "1")
     from packmask.backends import cudnn as cudnn_backend
@@ -211,7 +228,10 @@ def main():
                 errors[method] = alone_error(model, method)
         except torch.OutOfMemoryError as e:
             results[method] = dict(skipped=f"out of memory: {str(e)[:120]}")
-        torch.cuda.empty_cache()
+        except packmask.PackmaskError as e:  # a forced kernel this machine cannot run (CPU smoke run)
+            results[method] = dict(skipped=str(e)[:160])
+        if not SMOKE:
+            torch.cuda.empty_cache()
         _write(env, results, errors)
         r = results[method]
         print(f"{method:26s} " + (f"{r['step_ms']:9.1f} ms  {r['tokens_per_s'] / 1e3:7.1f}k tok/s  "
@@ -219,9 +239,11 @@ def main():
                                    if "step_ms" in r else r["skipped"]), flush=True)
     from packmask.backends import choose_backend, AttentionSpec
     from packmask.layout import DocumentLayout
-    q = torch.empty(1, 32, ROW, 64, device=DEV, dtype=DT)
+    H = SHAPE["num_attention_heads"]
+    q = torch.empty(1, H, ROW, SHAPE["hidden_size"] // H, device=DEV, dtype=DT)
     auto = choose_backend(DocumentLayout.from_seq_lengths([lens0], ROW, device=DEV), AttentionSpec(scale=0.125), q, True)
-    attn = {name: attention_ms(lens0, backend_name=name) for name in ("cudnn", "varlen", "plain")
+    kernels = ("cudnn", "varlen", "plain") if not SMOKE else (auto, "plain")
+    attn = {name: attention_ms(lens0, layers=SHAPE["num_hidden_layers"], backend_name=name) for name in kernels
             if name != "cudnn" or cudnn_backend.available()}
     plain = results.get("plain_causal", {}).get("step_ms")
     varlen = results.get("packmask_varlen", {}).get("step_ms")
@@ -235,7 +257,7 @@ def main():
         r["x_packmask_varlen"] = varlen / r["step_ms"] if varlen else None
         r["err_vs_alone"] = errors.get(method)
         rows.append((method, r))
-    print(f"\nauto choice: {auto}; attention fwd+bwd x8 layers (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in attn.items()))
+    print(f"\nauto choice: {auto}; attention fwd+bwd x{SHAPE['num_hidden_layers']} layers (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in attn.items()))
     print("| method | step ms | tok/s | peak GiB | x plain causal | x packmask varlen | attention share | err vs alone |")
     print("|---|---|---|---|---|---|---|---|")
     for method, r in rows:
