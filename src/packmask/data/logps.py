@@ -79,9 +79,8 @@ def branch_logps(logits: torch.Tensor, batch: dict, *, temperature: float = 1.0,
     counts = batch["branch_length"].to(rows.device)
     out = BranchLogps(per_token, sums, counts)
     if with_stats:
+        out.entropy = log_norm - (torch.softmax(rows, dim=-1) * rows).sum(-1)   # differentiable (GRPO's bonus)
         with torch.no_grad():
-            probs = torch.softmax(rows, dim=-1)
-            out.entropy = log_norm - (probs * rows).sum(-1)
             out.mean_logits = rows.mean(-1)
             out.is_top1 = rows.argmax(-1) == labels
     return out
