@@ -1,0 +1,148 @@
+"""Tree packing of preference pairs / completion groups, the tree collator and branch_logps."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import packmask
+from packmask.data.logps import branch_logps, per_branch_padded
+from packmask.data.tree_collator import TreeCollator
+from packmask.errors import PackmaskError
+from packmask.testing import rel_err, tiny_model
+
+tokens = st.lists(st.integers(3, 127), min_size=1, max_size=12)
+examples = st.lists(st.tuples(tokens, tokens, tokens), min_size=1, max_size=8)
+
+
+def as_columns(exs):
+    return {"prompt_ids": [e[0] for e in exs], "chosen_ids": [e[1] for e in exs], "rejected_ids": [e[2] for e in exs]}
+
+
+def ancestors(parents, s):
+    out = set()
+    while s >= 0:
+        out.add(s)
+        s = parents[s]
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(examples, st.integers(12, 40), st.sampled_from(["keep_start", "keep_end"]))
+def test_tree_packing_properties(exs, max_length, mode):
+    rows, stats = packmask.pack_preference(as_columns(exs), max_length, truncation_mode=mode, return_stats=True)
+    batch = TreeCollator()(list(rows))
+    seen = {}
+    for r, row in enumerate(rows):
+        n = len(row["input_ids"])
+        assert n <= max_length                                              # nothing exceeds max_length
+        starts = np.cumsum([0] + row["seg_lengths"][:-1])
+        parents = row["seg_parents"]
+        mask = batch["attention_mask"][r, :n, :n]
+        seg_of = np.repeat(np.arange(len(starts)), row["seg_lengths"])
+        for s, (start, length) in enumerate(zip(starts, row["seg_lengths"])):
+            ex, kind = row["seg_examples"][s], row["seg_kinds"][s]
+            key = (ex, kind)
+            assert key not in seen                                          # every segment (token span) once
+            seen[key] = row["input_ids"][start:start + length]
+            visible = {int(seg_of[k]) for k in np.flatnonzero(mask[start + length - 1].numpy())}
+            assert visible == ancestors(parents, s)                         # exactly its ancestors (and itself)
+            p = parents[s]
+            first_pos = 0 if p < 0 else row["position_ids"][starts[p] + row["seg_lengths"][p] - 1] + 1
+            assert row["position_ids"][start:start + length] == list(range(first_pos, first_pos + length))
+            if kind in (1, 2):
+                assert row["position_ids"][start] == row["seg_lengths"][p]   # branches restart at len(prompt)
+    kept = {e for e, _ in seen}
+    assert len(kept) == stats.packed_examples == len(exs) - stats.dropped
+    for e in kept:                                                         # tokens are the input's, cut per policy
+        p, c, r = exs[e]
+        got_p, got_c, got_r = seen[(e, 0)], seen[(e, 1)], seen[(e, 2)]
+        assert got_c == c[:len(got_c)] and got_r == r[:len(got_r)] and got_p == p[len(p) - len(got_p):]
+        if mode == "keep_start":
+            assert got_p == p
+    assert stats.tokens == sum(len(r["input_ids"]) for r in rows)
+
+
+def test_groups_and_positions():
+    rows = packmask.pack_groups({"prompt_ids": [[1, 2, 3]], "completion_ids": [[[4], [5, 6], [7, 8, 9]]]}, 16)
+    assert rows[0]["position_ids"] == [0, 1, 2, 3, 3, 4, 3, 4, 5]
+    batch = TreeCollator()(list(rows))
+    assert batch["branch_length"].tolist() == [1, 2, 3]
+    assert batch["logp_source"].tolist() == [2, 2, 4, 2, 6, 7]
+
+
+def test_bad_input():
+    good = [[1, 2], [3], [4]]
+    with pytest.raises(PackmaskError, match="example 1.*empty"):
+        packmask.pack_preference(as_columns([good, ([1, 2], [], [4])]), 16)
+    with pytest.raises(PackmaskError, match="prompt is empty"):
+        packmask.pack_preference(as_columns([([], [3], [4])]), 16)
+    long_prompt = ([5] * 20, [3, 3], [4, 4])
+    _, stats = packmask.pack_preference(as_columns([good, long_prompt]), 16, return_stats=True)
+    assert stats.dropped == stats.dropped_prompt_too_long == 1 and stats.dropped_tokens == 24
+    _, stats = packmask.pack_preference(as_columns([good, long_prompt]), 16, truncation_mode="keep_end", return_stats=True)
+    assert stats.truncated == 1 and stats.truncated_tokens == 24 - 16 and stats.dropped == 0
+    big = ([1] * 6, [2] * 8, [3] * 8)   # larger than a row
+    with pytest.raises(PackmaskError, match="exceed max_length=16"):
+        packmask.pack_preference(as_columns([big]), 16, overflow="error")
+    rows, stats = packmask.pack_preference(as_columns([big, good]), 16, overflow="drop", return_stats=True)
+    assert stats.dropped == 1 and stats.dropped_tokens == 22 and len(rows) == 1
+    rows, stats = packmask.pack_preference(as_columns([big]), 16, return_stats=True)
+    assert stats.truncated == 1 and rows[0]["seg_lengths"] == [6, 5, 5]
+    same = ([1, 2], [3, 4], [3, 4])
+    _, stats = packmask.pack_preference(as_columns([same, good]), 16, return_stats=True)
+    assert stats.identical == 1 and stats.dropped == 0
+    _, stats = packmask.pack_preference(as_columns([same, good]), 16, drop_identical=True, return_stats=True)
+    assert stats.identical == 1 and stats.dropped == 1
+    with pytest.raises(PackmaskError, match="overflow"):
+        packmask.pack_preference(as_columns([good]), 16, overflow="split")
+
+
+def alone_logps(model, prompt, answer):
+    ids = torch.tensor([prompt + answer])
+    logits = model(input_ids=ids).logits[0]
+    lp = logits[len(prompt) - 1:-1].log_softmax(-1)
+    return lp.gather(1, torch.tensor(answer)[:, None])[:, 0]
+
+
+def test_branch_logps_equal_each_sequence_alone_and_control():
+    rng = np.random.default_rng(0)
+    exs = [tuple(rng.integers(3, 128, n).tolist() for n in lens) for lens in [(5, 4, 6), (3, 7, 2), (6, 3, 3)]]
+    rows = packmask.pack_preference(as_columns(exs), 48)
+    batch = TreeCollator()(list(rows))
+    model = tiny_model("llama")
+    torch.manual_seed(0)
+    out = branch_logps(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             position_ids=batch["position_ids"]).logits, batch)
+    kept = branch_logps(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              position_ids=batch["position_ids"], logits_to_keep=batch["logits_to_keep"]).logits, batch)
+    reference = torch.cat([alone_logps(model, exs[e][0], exs[e][k]) for k, e in
+                           zip(batch["branch_kind"].tolist(), batch["branch_example"].tolist())])
+    assert rel_err(out.per_token, reference) < 1e-5 and rel_err(kept.per_token, reference) < 1e-5
+    sums = torch.stack([alone_logps(model, exs[e][0], exs[e][k]).sum() for k, e in
+                        zip(batch["branch_kind"].tolist(), batch["branch_example"].tolist())])
+    assert rel_err(out.sums, sums) < 1e-5
+    padded = per_branch_padded(out.per_token, batch)
+    assert padded.shape == (6, int(batch["branch_length"].max()))
+    # control 1: a plain causal mask over the row (rejected sees chosen) gives wrong log-probs
+    N = batch["input_ids"].shape[1]
+    causal = torch.ones(N, N, dtype=torch.bool).tril()[None]
+    bad = branch_logps(model(input_ids=batch["input_ids"], attention_mask=causal,
+                             position_ids=batch["position_ids"]).logits, batch)
+    assert rel_err(bad.per_token, reference) > 1e-2
+    # control 2: predicting r0 from the row predecessor (c[-1]) instead of its parent (p[-1]) is wrong
+    shifted = dict(batch, logp_source=batch["logp_target"] - 1)
+    wrong = branch_logps(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               position_ids=batch["position_ids"]).logits, shifted)
+    assert rel_err(wrong.per_token, reference) > 1e-2
+
+
+def test_text_through_tokenizer():
+    pytest.importorskip("trl")
+    from test_trl import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    rows = packmask.pack_preference([{"prompt": "t5 t6", "chosen": " t7", "rejected": " t8 t9"}], 16, tokenizer=tok)
+    assert rows[0]["input_ids"] == [5, 6, 7, 2, 8, 9, 2] and rows[0]["seg_lengths"] == [2, 2, 3]   # EOS added, like TRL
