@@ -78,14 +78,15 @@ def packed_batches(examples, row, rows_per_step, dup, dev):
         sub = _row_slice(packed, r0, r0 + rows_per_step)
         batch = collate_forest(sub, seq_len=row, return_mask=not dup, device=dev)
         kw = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
-        if dup:   # documents = each root with its child; padding its own document
-            roots = sub.seg_parent < 0
+        if dup:   # documents = each root with its child; boundaries through packmask.segments
+            from packmask.segments import cu_seqlens_from_starts
             seg_rows = np.repeat(np.arange(sub.num_rows), np.diff(sub.seg_row_offsets))
-            flat_starts = (seg_rows * row + sub.seg_start)[roots]
-            cu = np.unique(np.concatenate([flat_starts, seg_rows[-1:] * 0 + np.arange(sub.num_rows + 1) * row,
-                                           np.arange(sub.num_rows) * row + sub.row_lengths()]))
-            cu_t = torch.tensor(cu, dtype=torch.int32, device=dev)
-            mx = int(np.diff(cu).max())
+            roots = sub.seg_parent < 0
+            starts = torch.zeros(sub.num_rows, row + 1, dtype=torch.bool)
+            starts[torch.from_numpy(seg_rows[roots]), torch.from_numpy(sub.seg_start[roots])] = True
+            starts[torch.arange(sub.num_rows), torch.from_numpy(sub.row_lengths())] = True   # padding document
+            cu_t = cu_seqlens_from_starts(starts[:, :row]).to(dev)
+            mx = int(cu_t.diff().max())
             kw.update(cu_seq_lens_q=cu_t, cu_seq_lens_k=cu_t, max_length_q=mx, max_length_k=mx)
         else:
             kw["attention_mask"] = batch["attention_mask"]
