@@ -146,3 +146,55 @@ def test_text_through_tokenizer():
     tok = tiny_tokenizer()
     rows = packmask.pack_preference([{"prompt": "t5 t6", "chosen": " t7", "rejected": " t8 t9"}], 16, tokenizer=tok)
     assert rows[0]["input_ids"] == [5, 6, 7, 2, 8, 9, 2] and rows[0]["seg_lengths"] == [2, 2, 3]   # EOS added, like TRL
+
+
+@st.composite
+def forests(draw):
+    """Random multi-level forests: every segment's parent is an earlier segment of its example or -1."""
+    from packmask.data.tree import Forest
+
+    segs, parents, example, scored = [], [], [], []
+    for e in range(draw(st.integers(1, 4))):
+        n = draw(st.integers(1, 5))
+        for s in range(n):
+            segs.append(draw(st.lists(st.integers(3, 127), min_size=1, max_size=5)))
+            parents.append(draw(st.integers(-1, s - 1)))
+            example.append(e)
+            scored.append(draw(st.booleans()))
+    return Forest.from_segments(segs, parents, example, [0] * len(segs), scored)
+
+
+@settings(max_examples=30, deadline=None)
+@given(forests())
+def test_general_forest_mask_and_positions(forest):
+    from packmask.data.tree import pack_forest
+    from packmask.data.tree_collator import collate_forest
+
+    packed = pack_forest(forest, 64)
+    batch = collate_forest(packed)
+    for r, segments in enumerate(packed.segments()):
+        parents = [p for _, _, p in segments]
+        depth_end = {}
+        for s, (start, length, parent) in enumerate(segments):
+            first = 0 if parent < 0 else depth_end[parent] + 1
+            assert batch["position_ids"][r, start:start + length].tolist() == list(range(first, first + length))
+            depth_end[s] = first + length - 1
+            for q in range(start, start + length):
+                allowed = set()
+                for a in ancestors(parents, s):
+                    a_start, a_len, _ = segments[a]
+                    allowed |= set(range(a_start, min(a_start + a_len, q + 1)))
+                assert set(np.flatnonzero(batch["attention_mask"][r, q].numpy()).tolist()) == allowed
+
+
+def test_messages_through_chat_template():
+    pytest.importorskip("trl")
+    from test_trl import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}t3 {% endif %}"
+    ex = {"prompt": [{"role": "user", "content": "t5 t6"}], "chosen": [{"role": "assistant", "content": "t7"}],
+          "rejected": [{"role": "assistant", "content": "t8 t9"}]}
+    rows = packmask.pack_preference([ex], 16, tokenizer=tok)
+    # the generation prompt "t3" is not a prefix of prompt+answer: the answer starts where they diverge (TRL's rule)
+    assert rows[0]["input_ids"] == [5, 6, 7, 8, 9] and rows[0]["seg_lengths"] == [2, 1, 2]
