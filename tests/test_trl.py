@@ -206,3 +206,39 @@ def test_every_supported_loss_type_one_batch(tmp_path):
                 losses.setdefault(loss_type, []).append(trainer.compute_loss(model, batch).item())
     for loss_type, (ours, theirs) in losses.items():
         assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-7), (loss_type, ours, theirs)
+
+
+def test_packed_grpo_trains_like_trl(tmp_path):
+    """Two GRPO steps end to end (generation unchanged, two iterations so the old-policy pass runs too):
+    same losses and weights as trl.GRPOTrainer, and the tree path was taken."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from packmask.trl import PackedGRPOTrainer
+    from packmask.trl import grpo as packed_grpo
+
+    packed_calls = []
+
+    class Spy(PackedGRPOTrainer):
+        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *a, **k):
+            packed_calls.append(packed_grpo.group_rows(input_ids, attention_mask, logits_to_keep) is not None)
+            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, *a, **k)
+
+    runs = []
+    for cls in (Spy, GRPOTrainer):
+        torch.manual_seed(0)
+        args = GRPOConfig(output_dir=str(tmp_path / cls.__name__), report_to=[], use_cpu=True, bf16=False,
+                          per_device_train_batch_size=4, num_generations=4, max_completion_length=6, max_steps=2,
+                          learning_rate=0.1, optim="sgd", logging_steps=1, seed=0, beta=0.0, num_iterations=2,
+                          disable_tqdm=True)
+        trainer = cls(model=tiny_model("llama", attn_implementation="packmask"),
+                      reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions], args=args,
+                      train_dataset=Dataset.from_dict({"prompt": ["t5 t6", "t7", "t9 t10 t11", "t12"]}),
+                      processing_class=tiny_tokenizer())
+        trainer.train()
+        runs.append((trainer, [h["loss"] for h in trainer.state.log_history if "loss" in h]))
+    (pt, pl), (tt, tl) = runs
+    assert len(pl) == 2 and pl == pytest.approx(tl, rel=1e-5, abs=1e-7)
+    pp = dict(pt.model.named_parameters())
+    assert max(rel_err(pp[n].detach(), p.detach()) for n, p in tt.model.named_parameters()) < 1e-5
+    assert packed_calls and all(packed_calls)
