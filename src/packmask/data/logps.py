@@ -41,23 +41,35 @@ class BranchLogps:
     is_top1: torch.Tensor | None = None
 
 
-def _rows_for_sources(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+def _source_index(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     B, N = batch["input_ids"].shape
     K = batch["logits_to_keep"].shape[0]
     if logits.dim() != 3 or logits.shape[0] != B:
         raise PackmaskError(f"branch_logps: logits must be [B, N, V] with B={B}, got {tuple(logits.shape)}.")
     if logits.shape[1] == N:
-        index = batch["logp_source"]
-    elif logits.shape[1] == K:
-        index = batch["logp_source_kept"]
-    else:
-        raise PackmaskError(f"branch_logps: logits cover {logits.shape[1]} positions per row; expected the row length "
-                            f"{N}, or {K} when the model ran with logits_to_keep=batch['logits_to_keep'].")
-    return logits.reshape(-1, logits.shape[-1]).index_select(0, index.to(logits.device))
+        return batch["logp_source"].to(logits.device)
+    if logits.shape[1] == K:
+        return batch["logp_source_kept"].to(logits.device)
+    raise PackmaskError(f"branch_logps: logits cover {logits.shape[1]} positions per row; expected the row length "
+                        f"{N}, or {K} when the model ran with logits_to_keep=batch['logits_to_keep'].")
 
 
-def branch_logps(logits: torch.Tensor, batch: dict, *, temperature: float = 1.0,
-                 with_stats: bool = False) -> BranchLogps:
+def _score_chunk(flat_logits, index, labels, temperature: float, with_stats: bool):
+    """Log-prob (and entropy, mean logit, top-1 hit) of ``labels`` under the rows ``index`` of the logits."""
+    rows = flat_logits.index_select(0, index).float()
+    if temperature != 1.0:
+        rows = rows / temperature
+    log_norm = torch.logsumexp(rows, dim=-1)
+    per_token = rows.gather(1, labels[:, None])[:, 0] - log_norm
+    if not with_stats:
+        return (per_token,)
+    entropy = log_norm - (torch.softmax(rows, dim=-1) * rows).sum(-1)   # differentiable (GRPO's entropy bonus)
+    with torch.no_grad():
+        return per_token, entropy, rows.mean(-1), (rows.argmax(-1) == labels)
+
+
+def branch_logps(logits: torch.Tensor, batch: dict, *, temperature: float = 1.0, with_stats: bool = False,
+                 chunk_size: int = 4096) -> BranchLogps:
     """Per-token and per-branch summed log-probs of the scored tokens of packed tree rows.
 
     Args:
@@ -66,23 +78,28 @@ def branch_logps(logits: torch.Tensor, batch: dict, *, temperature: float = 1.0,
         batch: the collator's output (keys ``logp_*``, ``branch_*``, ``input_ids``).
         temperature: logits are divided by it (GRPO's sampling temperature).
         with_stats: also return per-token entropy, mean logit and top-1 hit (TRL's metrics).
+        chunk_size: scored tokens per chunk. Each chunk's fp32 ``[chunk, V]`` work is recomputed in the
+            backward (activation checkpointing) instead of kept, so memory beyond the logits stays at
+            one chunk's worth whatever the number of tokens.
     """
-    rows = _rows_for_sources(logits, batch).float()
-    if temperature != 1.0:
-        rows = rows / temperature
-    labels = batch["logp_labels"].to(rows.device)
-    log_norm = torch.logsumexp(rows, dim=-1)
-    per_token = rows.gather(1, labels[:, None])[:, 0] - log_norm
-    branch = batch["logp_branch"].to(rows.device)
+    index = _source_index(logits, batch)
+    flat = logits.reshape(-1, logits.shape[-1])
+    labels = batch["logp_labels"].to(logits.device)
+    pieces = []
+    for a in range(0, max(index.shape[0], 1), chunk_size):   # one step per chunk of tokens
+        args = (flat, index[a:a + chunk_size], labels[a:a + chunk_size], temperature, with_stats)
+        if flat.requires_grad and index.shape[0] > chunk_size:
+            from torch.utils.checkpoint import checkpoint
+            pieces.append(checkpoint(_score_chunk, *args, use_reentrant=False))
+        else:
+            pieces.append(_score_chunk(*args))
+    per_token = torch.cat([p[0] for p in pieces])
+    branch = batch["logp_branch"].to(per_token.device)
     nb = batch["branch_length"].shape[0]
     sums = per_token.new_zeros(nb).index_add(0, branch, per_token)
-    counts = batch["branch_length"].to(rows.device)
-    out = BranchLogps(per_token, sums, counts)
+    out = BranchLogps(per_token, sums, batch["branch_length"].to(per_token.device))
     if with_stats:
-        out.entropy = log_norm - (torch.softmax(rows, dim=-1) * rows).sum(-1)   # differentiable (GRPO's bonus)
-        with torch.no_grad():
-            out.mean_logits = rows.mean(-1)
-            out.is_top1 = rows.argmax(-1) == labels
+        out.entropy, out.mean_logits, out.is_top1 = (torch.cat([p[i] for p in pieces]) for i in (1, 2, 3))
     return out
 
 
