@@ -300,20 +300,23 @@ def _to_dataset(packed: PackedForest):
 
 def tokenize_preference(example: dict, tokenizer) -> dict:
     """``{prompt, chosen, rejected}`` as text or chat messages -> ``prompt_ids / chosen_ids / rejected_ids``
-    the way TRL's DPOTrainer tokenizes (chat template with a generation prompt; the answers start where
-    the tokenized prompt and prompt+answer diverge). Replace with ``packmask.data.chat`` once on main."""
-    def ids(x, **kw):
-        return list(tokenizer(x, add_special_tokens=False)["input_ids"]) if isinstance(x, str) else \
-            list(tokenizer.apply_chat_template(x, tokenize=True, return_dict=True, **kw)["input_ids"])
+    the way TRL's DPOTrainer tokenizes, so packed and unpacked training see the same tokens: EOS appended
+    to text answers; messages rendered by the chat template (:func:`packmask.data.chat.tokenize_messages`
+    for the conversations, the prompt with its generation prompt), each answer starting where the
+    tokenized prompt and prompt+answer diverge."""
     if isinstance(example["prompt"], str):
+        def ids(text):
+            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
         eos = tokenizer.eos_token or ""
         chosen, rejected = (a if a.endswith(eos) else a + eos for a in (example["chosen"], example["rejected"]))
         prompt_ids, pc, pr = ids(example["prompt"]), ids(example["prompt"] + chosen), ids(example["prompt"] + rejected)
     else:
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise PackmaskError("messages need a tokenizer with a chat template; set tokenizer.chat_template or pass text.")
-        prompt_ids = ids(example["prompt"], add_generation_prompt=True)
-        pc, pr = ids(example["prompt"] + example["chosen"]), ids(example["prompt"] + example["rejected"])
+        from .chat import tokenize_messages
+
+        pc, pr = (tokenize_messages(tokenizer, list(example["prompt"]) + list(example[k]), train_on="all")["input_ids"]
+                  for k in ("chosen", "rejected"))   # validates the messages and the template
+        prompt_ids = list(tokenizer.apply_chat_template(list(example["prompt"]), tokenize=True, return_dict=False,
+                                                        add_generation_prompt=True))
     n = min(_common_prefix(prompt_ids, pc), _common_prefix(prompt_ids, pr))
     return {"prompt_ids": prompt_ids[:n], "chosen_ids": pc[n:], "rejected_ids": pr[n:]}
 

@@ -130,6 +130,10 @@ class PackedDPOTrainer(DPOTrainer):
 
     def __init__(self, model, ref_model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
                  processing_class=None, *extra, row_length: int | None = None, **kwargs):
+        if args is None:   # TRL's default, made here so the packed collator can read it
+            from trl import DPOConfig
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
+            args = DPOConfig(f"{name.split('/')[-1]}-DPO")
         if args is not None:
             unsupported = [t for t in args.loss_type if t not in SUPPORTED_DPO_LOSSES]
             if unsupported:
@@ -192,6 +196,9 @@ class PackedDPOTrainer(DPOTrainer):
         if return_outputs:
             raise PackmaskError("PackedDPOTrainer does not return logits (return_outputs=True): packed rows have no "
                                 "per-example logits; evaluate with prediction_loss_only=True.")
+        if "logp_source" not in inputs:
+            raise PackmaskError("PackedDPOTrainer got a batch without tree bookkeeping; leave data_collator=None (or pass "
+                                "a packmask.trl.PackedPreferenceCollator).")
         mode = "train" if self.model.training else "eval"
         E = int(inputs["num_examples"])
         policy = self._packed_logps(model, inputs, with_stats=True)
