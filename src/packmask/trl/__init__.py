@@ -17,10 +17,28 @@ _LAZY = {
 }
 
 
+#: the TRL release whose DPOTrainer / GRPOTrainer these subclasses were written against
+MIN_TRL = (1, 16)
+
+
+def _check_trl() -> None:
+    from ..errors import PackmaskError
+
+    try:
+        import trl
+    except ImportError:
+        raise PackmaskError("packmask.trl needs TRL: pip install 'trl>=1.16'.") from None
+    version = tuple(int(x) for x in trl.__version__.split(".")[:2] if x.isdigit())
+    if version < MIN_TRL:
+        raise PackmaskError(f"packmask.trl needs trl>=1.16 (its DPOTrainer / GRPOTrainer methods), found {trl.__version__}; "
+                            "pip install -U 'trl>=1.16'.")
+
+
 def __getattr__(name):
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'packmask.trl' has no attribute {name!r}")
+    _check_trl()
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
