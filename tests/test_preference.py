@@ -101,18 +101,28 @@ def test_bad_input():
 
 
 def alone_logps(model, prompt, answer):
-    ids = torch.tensor([prompt + answer])
+    ids = torch.tensor([prompt + answer], device=model.device)
     logits = model(input_ids=ids).logits[0]
     lp = logits[len(prompt) - 1:-1].log_softmax(-1)
-    return lp.gather(1, torch.tensor(answer)[:, None])[:, 0]
+    return lp.gather(1, torch.tensor(answer, device=model.device)[:, None])[:, 0]
 
 
 def test_branch_logps_equal_each_sequence_alone_and_control():
+    check_branch_logps("cpu")
+
+
+@pytest.mark.cuda
+def test_branch_logps_equal_each_sequence_alone_and_control_cuda():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    check_branch_logps("cuda")
+
+
+def check_branch_logps(device):
     rng = np.random.default_rng(0)
     exs = [tuple(rng.integers(3, 128, n).tolist() for n in lens) for lens in [(5, 4, 6), (3, 7, 2), (6, 3, 3)]]
     rows = packmask.pack_preference(as_columns(exs), 48)
-    batch = TreeCollator()(list(rows))
-    model = tiny_model("llama")
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in TreeCollator()(list(rows)).items()}
+    model = tiny_model("llama").to(device)
     torch.manual_seed(0)
     out = branch_logps(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              position_ids=batch["position_ids"]).logits, batch)
@@ -128,7 +138,7 @@ def test_branch_logps_equal_each_sequence_alone_and_control():
     assert padded.shape == (6, int(batch["branch_length"].max()))
     # control 1: a plain causal mask over the row (rejected sees chosen) gives wrong log-probs
     N = batch["input_ids"].shape[1]
-    causal = torch.ones(N, N, dtype=torch.bool).tril()[None]
+    causal = torch.ones(N, N, dtype=torch.bool, device=device).tril()[None]
     bad = branch_logps(model(input_ids=batch["input_ids"], attention_mask=causal,
                              position_ids=batch["position_ids"]).logits, batch)
     assert rel_err(bad.per_token, reference) > 1e-2
