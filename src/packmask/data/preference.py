@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import PackmaskError
+from .arrow import _gather_spans
 from .tree import Forest, PackedForest, _offsets, _ranges, pack_forest
 
 __all__ = ["TreePackingStats", "pack_preference", "pack_groups", "preference_forest", "group_forest",
@@ -84,7 +85,10 @@ def _flat(column) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(column, (pa.ChunkedArray, pa.Array)):
         array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
         offsets = array.offsets.to_numpy().astype(np.int64)
-        values = array.values.to_numpy(zero_copy_only=False).astype(np.int64)
+        values = array.values.to_numpy(zero_copy_only=False)
+        if not np.issubdtype(values.dtype, np.integer):
+            raise PackmaskError(f"token columns must hold integer ids, got Arrow type {array.type}; tokenize first "
+                                "(or pass tokenizer=...).")
         return values, offsets
     lists = [np.asarray(x, np.int64).reshape(-1) for x in column]
     offsets = _offsets(np.array([x.shape[0] for x in lists], np.int64))
@@ -113,9 +117,10 @@ def _get_column(data, name: str):
     if Dataset and isinstance(data, Dataset):
         if name not in data.column_names:
             raise PackmaskError(f"column {name!r} not found (columns: {data.column_names}).")
-        if data._indices is not None:
-            data = data.flatten_indices()
-        return data.data.table.column(name)
+        column = data.data.table.column(name)
+        if data._indices is not None:   # a shuffled / selected view: one Arrow gather of this column
+            column = column.take(data._indices.column(0))
+        return column
     if isinstance(data, dict):
         if name not in data:
             raise PackmaskError(f"column {name!r} not found (keys: {sorted(data)}).")
@@ -143,19 +148,18 @@ def _water_fill_cap(resp_len: np.ndarray, owner: np.ndarray, budget: np.ndarray,
     return lo
 
 
-def _prompt_branch_forest(p_vals, p_off, r_vals, r_off, r_per_ex, kinds, max_length, overflow, truncation_mode,
-                          stats: TreePackingStats, what: str) -> Forest:
-    """The forest of ``prompt + responses`` examples after the overflow policy."""
+def _prompt_branch_forest(values, p_start, p_len, r_start, r_len, r_per_ex, kinds, max_length, overflow,
+                          truncation_mode, stats: TreePackingStats, what: str) -> Forest:
+    """The forest of ``prompt + responses`` examples after the overflow policy. Every prompt and
+    response is a span ``values[start : start + len]`` of one token buffer."""
     if overflow not in OVERFLOWS:
         raise PackmaskError(f"unknown overflow {overflow!r}; use one of {OVERFLOWS}.")
     if truncation_mode not in TRUNCATION_MODES:
         raise PackmaskError(f"unknown truncation_mode {truncation_mode!r}; use one of {TRUNCATION_MODES}.")
     if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 2:
         raise PackmaskError(f"max_length must be an integer >= 2 (tokens per packed row), got {max_length!r}.")
-    E = p_off.shape[0] - 1
+    E = p_len.shape[0]
     stats.examples = E
-    p_len = np.diff(p_off)
-    r_len = np.diff(r_off)
     owner = np.repeat(np.arange(E), r_per_ex)
     if np.any(p_len == 0):
         e = int(np.flatnonzero(p_len == 0)[0])
@@ -208,16 +212,16 @@ def _prompt_branch_forest(p_vals, p_off, r_vals, r_off, r_per_ex, kinds, max_len
     lengths = np.empty(S, np.int64)
     src = np.empty(S, np.int64)
     lengths[is_prompt] = keep_p[ex_ids]
-    src[is_prompt] = p_off[1:][ex_ids] - keep_p[ex_ids]            # keep the prompt's end
+    src[is_prompt] = (p_start + p_len - keep_p)[ex_ids]            # keep the prompt's end
     lengths[~is_prompt] = keep_r[resp_keep]
-    src[~is_prompt] = r_off[:-1][resp_keep] + p_vals.shape[0]      # keep each response's start
-    values = np.concatenate([p_vals, r_vals])
-    tokens = values[_ranges(src, lengths)]
+    src[~is_prompt] = r_start[resp_keep]                          # keep each response's start
+    offsets = _offsets(lengths)
+    tokens = _gather_spans(values, src, lengths, offsets[:-1], int(offsets[-1]))
     kind = np.full(S, PROMPT, np.int64)
     kind[~is_prompt] = np.asarray(kinds, np.int64)[np.arange(r_len.shape[0])[resp_keep]]
     parent = np.where(is_prompt, -1, 0)
     stats.shared_tokens = int((keep_p * (r_per_ex - 1))[keep].sum())
-    return Forest(tokens, _offsets(lengths), parent, seg_example, kind, ~is_prompt).validate()
+    return Forest(tokens, offsets, parent, seg_example, kind, ~is_prompt).validate()
 
 
 def preference_forest(prompt, chosen, rejected, max_length: int, *, overflow: str = "truncate",
@@ -240,23 +244,18 @@ def preference_forest(prompt, chosen, rejected, max_length: int, *, overflow: st
         equal = c_vals[_ranges(c_off[same_len], lens)] == r_vals[_ranges(r_off[same_len], lens)]
         identical[same_len] = np.logical_and.reduceat(equal, np.cumsum(lens) - lens)
     stats.identical = int(identical.sum())
-    # interleave chosen_e, rejected_e
+    # one token buffer: prompts, then chosen, then rejected; responses interleaved as chosen_e, rejected_e
+    values = np.concatenate([p_vals, c_vals, r_vals])
+    p_start, p_len = p_off[:-1], np.diff(p_off)
+    r_start = np.stack([c_off[:-1] + p_vals.shape[0], r_off[:-1] + p_vals.shape[0] + c_vals.shape[0]], 1).reshape(-1)
     r_lengths = np.stack([c_len, r_len], 1).reshape(-1)
-    starts = np.stack([c_off[:-1], r_off[:-1] + c_vals.shape[0]], 1).reshape(-1)
-    resp_vals = np.concatenate([c_vals, r_vals])[_ranges(starts, r_lengths)]
+    kinds = np.tile([CHOSEN, REJECTED], E)
     r_per_ex = np.full(E, 2, np.int64)
     if drop_identical and identical.any():
-        r_per_ex[identical] = 0
-    kinds = np.tile([CHOSEN, REJECTED], E)
-    if drop_identical and identical.any():
         keep_resp = np.repeat(~identical, 2)
-        resp_vals = resp_vals[np.repeat(keep_resp, r_lengths)]
-        r_lengths, kinds = r_lengths[keep_resp], kinds[keep_resp]
-        p_keep = ~identical
-        p_vals = p_vals[np.repeat(p_keep, np.diff(p_off))]
-        p_off = _offsets(np.diff(p_off)[p_keep])
-        r_per_ex = r_per_ex[p_keep]
-    forest = _prompt_branch_forest(p_vals, p_off, resp_vals, _offsets(r_lengths), r_per_ex, kinds, max_length,
+        r_start, r_lengths, kinds = r_start[keep_resp], r_lengths[keep_resp], kinds[keep_resp]
+        p_start, p_len, r_per_ex = p_start[~identical], p_len[~identical], r_per_ex[~identical]
+    forest = _prompt_branch_forest(values, p_start, p_len, r_start, r_lengths, r_per_ex, kinds, max_length,
                                    overflow, truncation_mode, stats, "response")
     if drop_identical:
         ids = np.flatnonzero(~identical)
@@ -275,13 +274,19 @@ def group_forest(prompt, completions, max_length: int, *, overflow: str = "trunc
     if outer.shape[0] != p_off.shape[0]:
         raise PackmaskError(f"{p_off.shape[0] - 1} prompts but {outer.shape[0] - 1} completion groups.")
     r_per_ex = np.diff(outer)
-    forest = _prompt_branch_forest(p_vals, p_off, values, inner, r_per_ex, np.full(r_per_ex.sum(), COMPLETION),
-                                   max_length, overflow, truncation_mode, stats, "completion")
+    forest = _prompt_branch_forest(np.concatenate([p_vals, values]), p_off[:-1], np.diff(p_off),
+                                   inner[:-1] + p_vals.shape[0], np.diff(inner), r_per_ex,
+                                   np.full(r_per_ex.sum(), COMPLETION), max_length, overflow, truncation_mode, stats,
+                                   "completion")
     return forest, stats
 
 
-def _to_dataset(packed: PackedForest):
-    """Arrow columns straight from the flat arrays (no per-row Python)."""
+def _to_dataset(packed: PackedForest, source, settings: tuple):
+    """Arrow columns straight from the flat arrays (no per-row Python). Named after its inputs:
+    letting ``Dataset()`` fingerprint it would hash every token (seconds)."""
+    import hashlib
+
+    from datasets.fingerprint import generate_random_fingerprint
     import pyarrow as pa
     from datasets import Dataset
     from datasets.table import InMemoryTable
@@ -295,7 +300,9 @@ def _to_dataset(packed: PackedForest):
         lst(seg_off, packed.seg_kind, pa.int8()), lst(seg_off, packed.seg_example, pa.int64()),
         lst(seg_off, packed.seg_scored.astype(np.int8), pa.int8()),
     ], names=["input_ids", "position_ids", "seg_lengths", "seg_parents", "seg_kinds", "seg_examples", "seg_scored"])
-    return Dataset(InMemoryTable(table))
+    parent = getattr(source, "_fingerprint", None) or generate_random_fingerprint()
+    fingerprint = hashlib.sha256(repr((parent, settings, "packmask.tree/1")).encode()).hexdigest()[:16]
+    return Dataset(InMemoryTable(table), fingerprint=fingerprint)
 
 
 def tokenize_preference(example: dict, tokenizer) -> dict:
@@ -366,7 +373,8 @@ def pack_preference(dataset, max_length: int, *, tokenizer=None, overflow: str =
     stats._finish(packed)
     stats.packed_examples = stats.examples - stats.dropped
     stats.seconds = time.perf_counter() - begin
-    out = _to_dataset(packed)
+    out = _to_dataset(packed, dataset, ("preference", int(max_length), overflow, truncation_mode, drop_identical,
+                                        strategy, columns))
     return (out, stats) if return_stats else out
 
 
@@ -387,5 +395,5 @@ def pack_groups(dataset, max_length: int, *, overflow: str = "truncate", truncat
     stats._finish(packed)
     stats.packed_examples = stats.examples - stats.dropped
     stats.seconds = time.perf_counter() - begin
-    out = _to_dataset(packed)
+    out = _to_dataset(packed, dataset, ("groups", int(max_length), overflow, truncation_mode, strategy, columns))
     return (out, stats) if return_stats else out

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import PackmaskError
+from .arrow import _gather_spans   # parallel span copy (numba), shared with pack_dataset
 from .packing import pack_lengths
 
 __all__ = ["Forest", "PackedForest", "pack_forest", "concat_forests"]
@@ -206,7 +207,7 @@ def pack_forest(forest: Forest, max_length: int, *, strategy: str = "bfd") -> Pa
     parent_out = parent_in[seg_take]
     seg_parent = np.where(parent_out >= 0, where[np.maximum(parent_out, 0)] - seg_row_offsets[seg_rows], -1)
 
-    tokens = forest.tokens[_ranges(forest.seg_offsets[:-1][seg_take], lengths)]
+    tokens = _gather_spans(forest.tokens, forest.seg_offsets[:-1][seg_take], lengths, dst[:-1], int(dst[-1]))
     positions = _ranges(pos0_in[seg_take], lengths)
     return PackedForest(tokens, positions, row_offsets, seg_row_offsets, seg_start, lengths, seg_parent,
                         forest.example[seg_take], forest.kind[seg_take], forest.scored[seg_take])

@@ -65,8 +65,9 @@ def group_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_
     c_off = np.concatenate([[0], np.cumsum(c_len)])
     big = int(p_len[firsts].max() + np.add.reduceat(c_len, firsts).max())
     stats = TreePackingStats(max_length=big, overflow="error", truncation_mode="keep_start")
-    forest = _prompt_branch_forest(p_vals, p_off, c_vals, c_off, sizes, np.ones(B, np.int64), big, "error",
-                                   "keep_start", stats, "completion")
+    forest = _prompt_branch_forest(np.concatenate([p_vals, c_vals]), p_off[:-1], np.diff(p_off),
+                                   c_off[:-1] + p_vals.shape[0], np.diff(c_off), sizes, np.ones(B, np.int64), big,
+                                   "error", "keep_start", stats, "completion")
     total = int(forest.tokens.shape[0])
     packed = pack_forest(forest, max(row_length or total, big))
     return collate_forest(packed, pad_token_id=pad_token_id, device=input_ids.device)
