@@ -21,7 +21,7 @@ _LAZY = {
     # packing pipeline
     "pack_dataset": "packmask.data.packing",
     "pack_lengths": "packmask.data.packing",
-    "pack_iterable": "packmask.data.packing",
+    "pack_iterable": "packmask.data.streaming",
     "PackingStats": "packmask.data.packing",
     "PackAssignment": "packmask.data.packing",
     "sequence_ids": "packmask.data.loss",
