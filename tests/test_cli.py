@@ -291,6 +291,7 @@ def test_bench_on_cpu_times_packmask_against_transformers_and_skips_gpu_methods(
     rows = report["results"]
     assert rows["transformers sdpa"]["attention"] == "sdpa"
     assert rows["packmask collator"]["packmask_backend"] == "sdpa"  # what the dispatcher picks on a CPU
+    assert "flex" in rows["packmask collator"]["dispatch"]["refused"]  # and why not a GPU kernel
     for name in ("transformers sdpa", "packmask collator", "packmask [B,N,N] mask"):
         assert rows[name]["passed"] and rows[name]["rel_err_vs_alone"] < 1e-4, (name, rows[name])
 

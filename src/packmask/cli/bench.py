@@ -83,11 +83,12 @@ def _backend(name: str | None):
     return packmask.backend(name) if name is not None else nullcontext()
 
 
-def _chosen_backend(model, batch, device, dtype) -> str:
-    """The kernel packmask's dispatcher picks for this batch in training (first layer's shapes)."""
+def _dispatch(model, batch, device, dtype) -> dict:
+    """What packmask's dispatcher picks for this batch in training, and why the others were refused
+    (:func:`packmask.backends.describe_choice` on the first layer's shapes)."""
     import torch
 
-    from ..backends import AttentionSpec, choose_backend
+    from ..backends import AttentionSpec, choose_backend, describe_choice
     from ..layout import DocumentLayout
 
     config = model.config
@@ -95,7 +96,10 @@ def _chosen_backend(model, batch, device, dtype) -> str:
     B, N = batch["input_ids"].shape
     layout = DocumentLayout.from_position_ids(batch["position_ids"]) if "position_ids" in batch else None
     q = torch.empty(B, config.num_attention_heads, N, head_dim, device=device, dtype=dtype)
-    return choose_backend(layout, AttentionSpec(scale=head_dim ** -0.5), q, True)
+    spec = AttentionSpec(scale=head_dim ** -0.5)
+    info = describe_choice(layout, spec, q, True)
+    info["backend"] = choose_backend(layout, spec, q, True, layers=config.num_hidden_layers)
+    return {key: value for key, value in info.items() if isinstance(value, (str, int, float, list, dict))}
 
 
 def _relative_error(model, batch, reference) -> float:
@@ -171,10 +175,10 @@ def run_bench(device=None, steps: int = 5, row_length: int | None = None, consol
         model, batch = _model(attn, device, dtype, small, row_length), _inputs(method, input_ids, segments, device)
         with _backend(forced):
             error = _relative_error(model, batch, reference)
-            kernel = forced or (_chosen_backend(model, batch, device, dtype) if attn == packmask.NAME else "-")
+            dispatch = _dispatch(model, batch, device, dtype) if attn == packmask.NAME else None
             _timed_step(model, batch, device)  # warm-up: kernel compilation, allocator
-        results[method] = {"attention": attn, "packmask_backend": kernel, "rel_err_vs_alone": error,
-                           "passed": error <= tolerance}
+        results[method] = {"attention": attn, "packmask_backend": forced or (dispatch or {}).get("backend", "-"),
+                           "dispatch": dispatch, "rel_err_vs_alone": error, "passed": error <= tolerance}
         runs[method] = (model, batch, forced)
     timings = {method: [] for method in runs}
     for _ in range(steps):
