@@ -142,7 +142,8 @@ def check_stock_forward(model, names, args, kwargs):
     if impl not in _STOCK_IMPLEMENTATIONS or not getattr(model, "_supports_attention_backend", False):
         return None  # flash (handles packed positions itself) and models with their own attention code
     mask = _argument(names, args, kwargs, "attention_mask")
-    if _SETTINGS["stock_model_checks"]:
+    # not while torch.compile traces: the checks read tensor values (a graph break per forward)
+    if _SETTINGS["stock_model_checks"] and not torch.compiler.is_compiling():
         _check_mask(impl, mask, _argument(names, args, kwargs, "input_ids"))
         _check_positions(model, impl, mask, names, args, kwargs)
     if impl == "eager" and _SETTINGS["eager_mask_guard"]:
@@ -205,7 +206,7 @@ def _additive_eager_mask(model, names, args, kwargs, mask):
     into the additive 0 / dtype-min form eager expects. Everything else is left untouched."""
     if not (isinstance(mask, torch.Tensor) and mask.dim() == 4 and not mask.is_floating_point()):
         return None
-    if _once("eager-guard"):
+    if not torch.compiler.is_compiling() and _once("eager-guard"):
         logger.info("packmask: rewrote a %s 4D attention_mask into eager's additive form for %s (eager adds the "
                     "mask to the scores; a bool mask would not block). packmask.configure(eager_mask_guard=False) "
                     "turns this off.", str(mask.dtype).replace("torch.", ""), type(model).__name__)
