@@ -24,7 +24,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .backends import AttentionSpec, attend, eager_attention, sdpa_attention
 from .errors import PackmaskError, UnsupportedModelError
-from .layout import DocumentLayout, analyse_mask, cached_on
+from .kvcache import check_mask_against_cache
+from .layout import DocumentLayout, TreeLayout, analyse_mask, cached_on
 from .support import check_packed_input, position_offset
 
 __all__ = ["NAME", "PackmaskMask", "packmask_attention", "packmask_mask", "enable", "register"]
@@ -61,10 +62,7 @@ def packmask_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
                   attention_mask=None, **kwargs):
     """``AttentionMaskInterface`` entry: called by ``create_causal_mask`` & co. once per forward."""
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 3:
-        if kv_length != q_length or (isinstance(q_offset, int) and q_offset != 0):
-            raise PackmaskError(
-                "a [B, N, N] attention_mask describes a whole packed row; it cannot be combined with cached "
-                "past keys. Pass use_cache=False (training) or a 2D mask for generation.")
+        # [B, N, N] packed rows, or [B, N, past + N] new tokens over a cache (checked by the forward pre-hook)
         layout = cached_on(attention_mask, "layout",
                            lambda: _on_device(analyse_mask(attention_mask, batch_size, q_length), kwargs.get("device")))
         return PackmaskMask(batch_size, q_length, kv_length, layout=layout)
@@ -93,17 +91,26 @@ _UNSUPPORTED_KWARGS = {
 }
 
 
-def _resolve_layout(module, attention_mask, kwargs, B, N, kv_len, device):
+def _resolve_layout(module, attention_mask, kwargs, B, N, kv_len, device, sliding_window=None):
     """The packed layout of this forward, or None for the ordinary path. Cached on the inputs."""
     causal = getattr(module, "is_causal", True)
-    if isinstance(attention_mask, torch.Tensor):  # a user's [B, 1, N, N] mask, passed as-is by transformers
-        if attention_mask.dim() != 4 or attention_mask.shape[-2:] != (N, kv_len) or N != kv_len:
+    if isinstance(attention_mask, PackmaskMask) and attention_mask.layout is not None:
+        attention_mask = attention_mask.layout
+    if isinstance(attention_mask, torch.Tensor):  # a user's [B, 1, N, K] mask, passed as-is by transformers
+        if attention_mask.dim() != 4 or attention_mask.shape[-2] != N or attention_mask.shape[-1] < N:
             raise PackmaskError(
                 f"attention_mask of shape {tuple(attention_mask.shape)} does not match the inputs "
-                f"[batch={B}, tokens={N}]: pass [B, N, N] or [B, 1, N, N] (and use_cache=False).")
-        return cached_on(attention_mask, "layout", lambda: analyse_mask(attention_mask, B, N))
-    if isinstance(attention_mask, PackmaskMask) and attention_mask.layout is not None:
-        return attention_mask.layout
+                f"[batch={B}, tokens={N}]: pass [B, N, N] or [B, 1, N, N] (with a cache: [B, 1, N, past + N]).")
+        attention_mask = cached_on(attention_mask, "layout", lambda: analyse_mask(attention_mask, B, N))
+    if not isinstance(attention_mask, torch.Tensor) and attention_mask is not None and not isinstance(
+            attention_mask, PackmaskMask):
+        layout = attention_mask
+        K = layout.key_len if isinstance(layout, TreeLayout) else layout.seq_len
+        if kv_len != K and not (isinstance(layout, TreeLayout) and (kv_len > K or sliding_window is not None)):
+            raise PackmaskError(
+                f"{type(module).__name__} has {kv_len} keys but the attention_mask has {K} key columns: a mask with a "
+                f"cache needs [B, 1, N, past + N] columns (past = cached tokens); a [B, N, N] mask needs no cache.")
+        return layout
     if N != kv_len:  # decoding against a cache: nothing is packed — unless the inputs say otherwise
         from .support import is_packed_input
         if is_packed_input(position_ids=kwargs.get("position_ids"), cu_seq_lens=kwargs.get("cu_seq_lens_q"),
@@ -175,7 +182,7 @@ def packmask_attention(module, query, key, value, attention_mask, scaling=None, 
     sinks = next((kwargs[name] for name in _UNSUPPORTED_KWARGS if kwargs.get(name) is not None), None)
     B, H, N, D = query.shape
     kv_len = key.shape[2]
-    layout = _resolve_layout(module, attention_mask, kwargs, B, N, kv_len, query.device)
+    layout = _resolve_layout(module, attention_mask, kwargs, B, N, kv_len, query.device, sliding_window)
     spec = AttentionSpec(
         scale=float(scaling) if scaling is not None else D ** -0.5,
         dropout=float(dropout or 0.0),
@@ -192,12 +199,14 @@ def packmask_attention(module, query, key, value, attention_mask, scaling=None, 
         if sinks is not None:
             return _sink_attention(query, key, value, standard, spec, sinks, module.training), None
     else:
-        if spec.sliding_window is not None and spec.sliding_window >= N:
+        if spec.sliding_window is not None and spec.sliding_window >= getattr(layout, "key_len", N):
             spec = AttentionSpec(spec.scale, spec.dropout, spec.softcap, None, spec.is_causal)
         if spec.sliding_window is not None and not spec.is_causal:
             return _bidirectional_window_attention(query, key, value, layout, spec, module.training), None
         if sinks is not None:
-            mask = layout.dense_mask(spec.sliding_window).to(query.device)
+            window = spec.sliding_window
+            mask = (layout.dense_mask(window, kv_len) if isinstance(layout, TreeLayout) else layout.dense_mask(window))
+            mask = mask.to(query.device)
             return _sink_attention(query, key, value, mask, spec, sinks, module.training), None
     out = attend(query, key, value, layout, spec, training=module.training, standard_mask=standard)
     return out, None
@@ -286,6 +295,11 @@ def _derive_inputs_hook(model, args, kwargs):
         else:
             i = names.index("attention_mask")
             args = args[:i] + (mask,) + args[i + 1:]
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4 and ref is not None:
+        # a per-sample mask with a KV cache: its columns must be the cached tokens, then the new ones
+        cache = next((c for c in (kwargs.get(n, bound.get(n)) for n in ("cache", "past_key_values")) if c is not None),
+                     None)
+        check_mask_against_cache(mask, ref.shape[1], cache)
     # refuse models that cannot isolate packed sequences (recurrent layers, attention outside the interface)
     check_packed_input(model, mask=mask, position_ids=kwargs.get("position_ids", bound.get("position_ids")),
                        cu_seq_lens=kwargs.get("cu_seq_lens_q"), seq_lengths=kwargs.get("seq_lengths"),
