@@ -188,7 +188,7 @@ class DocumentLayout:
     def seq_lengths(self) -> list[int]:
         return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
 
-    def dense_mask(self, sliding_window: int | None = None) -> torch.Tensor:
+    def dense_mask(self, sliding_window: int | None = None, kv_len: int | None = None) -> torch.Tensor:
         """``[B, 1, N, N]`` bool mask (True = may attend). O(N²): for CPU/reference paths only."""
         key = ("dense", sliding_window)
         if key not in self._memo:
@@ -231,7 +231,7 @@ class GeneralLayout:
     def seq_len(self) -> int:
         return self.mask.shape[1]
 
-    def dense_mask(self, sliding_window: int | None = None) -> torch.Tensor:
+    def dense_mask(self, sliding_window: int | None = None, kv_len: int | None = None) -> torch.Tensor:
         key = ("dense", sliding_window)
         if key not in self._memo:
             m = self.mask

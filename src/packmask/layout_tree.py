@@ -227,8 +227,14 @@ class TreeLayout:
         cache = (col >= self.cache_start[b]) & (col < self.past)
         return torch.where(t >= 0, tree & (col < self.key_len), cache)
 
-    def dense_mask(self, sliding_window: int | None = None, kv_len: int | None = None) -> torch.Tensor:
-        """``[B, 1, N, kv_len]`` bool mask (True = may attend). O(N·K): CPU / reference paths only."""
+    def dense_mask(self, sliding_window: int | None = None, kv_len: int | None = None, *,
+                   bidirectional_window: bool = False) -> torch.Tensor:
+        """``[B, 1, N, kv_len]`` bool mask (True = may attend). O(N·K): CPU / reference paths only.
+
+        ``kv_len``: the layer's number of keys (see :meth:`frame`); None = the mask's ``K``.
+        """
+        if bidirectional_window:
+            raise PackmaskError("a tree layout is causal; a bidirectional sliding window cannot apply to it.")
         key = ("dense", sliding_window, kv_len)
         if key not in self._memo:
             offset, kv = self.frame(kv_len)

@@ -152,7 +152,7 @@ def _segment_parents(segments_per_row, seq_len: int):
     local = np.arange(len(flat)) - first if len(flat) else row
 
     def fail(k, why):
-        raise PackmaskError(f"segments_per_row[{row[k]}][{local[k]}] = {tuple(flat[k])}: {why}")
+        raise PackmaskError(f"segments_per_row[{row[k]}][{local[k]}] = {tuple(int(x) for x in flat[k])}: {why}")
     bad = np.nonzero((length < 1) | (start < 0) | (start + length > N))[0]
     if len(bad):
         fail(bad[0], f"a segment needs length >= 1 and must lie inside the row's {N} tokens.")
@@ -175,8 +175,6 @@ def _segment_parents(segments_per_row, seq_len: int):
     tok_seg[tok] = seg_of
     idx = np.arange(B * N)
     parent = np.where(np.arange(B * N) % N == 0, -1, idx % N - 1)  # default: continue the previous token
-    is_first = np.zeros(B * N, dtype=bool)
-    is_first[row * N + start] = True
     seg_parent_last = np.where(par >= 0, par_end - 1, -1)
     parent[row * N + start] = seg_parent_last
     # uncovered tokens (padding): a run of them is a root chain of its own

@@ -326,7 +326,7 @@ def attend(q, k, v, layout: Layout | None, spec: AttentionSpec, *, training: boo
             warnings.warn(f"packmask: flex attention with logit softcapping failed to compile on this torch "
                           f"({type(e).__name__}); using the eager backend (exact, O(N²) memory) instead.")
             backend = "eager"
-    mask = standard_mask if layout is None else layout.dense_mask(spec.sliding_window).to(q.device)
+    mask = standard_mask if layout is None else layout.dense_mask(spec.sliding_window, kv_len=k.shape[2]).to(q.device)
     if backend == "sdpa":
         return sdpa_attention(q, k, v, mask, spec, training)
     return eager_attention(q, k, v, mask, spec, training)
