@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from packmask.backends import AttentionSpec
+from packmask.backends.spec import AttentionSpec
 from packmask.backends.tree import tree_flex_attention, tree_varlen_attention
 from packmask.layout_tree import TreeLayout
 from packmask.masks import _segment_parents
@@ -53,7 +53,7 @@ def _check(kernel, layout, window=None, kv_len=None, H=4, Hkv=2, D=64):
     v = torch.randn(B, Hkv, kv, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
     spec = AttentionSpec(scale=D ** -0.5, sliding_window=window)
     out = kernel(q, k, v, layout, spec)
-    mask = layout.dense_mask(window, kv_len)
+    mask = layout.dense_mask(window, kv_len=kv_len)
     ref = _reference(q, k, v, mask, spec.scale)
     assert rel_err(out.float(), ref) <= BF16_TOL
     g = torch.randn_like(ref)

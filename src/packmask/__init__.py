@@ -9,7 +9,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-from .backends import get_backend, set_backend
+from .backends import backend, get_backend, set_backend
 from .errors import PackmaskError, UnsupportedModelError
 from .integration import NAME, enable
 from .layout import DocumentLayout, GeneralLayout, analyse_mask, position_ids_from_mask

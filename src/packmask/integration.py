@@ -22,10 +22,11 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .backends import AttentionSpec, attend, eager_attention, sdpa_attention
+from .backends import AttentionSpec, attend
 from .errors import PackmaskError, UnsupportedModelError
 from .kvcache import check_mask_against_cache
 from .layout import DocumentLayout, TreeLayout, analyse_mask, cached_on
+from .segments import starts_from_ids, starts_from_position_ids
 from .support import check_packed_input, position_offset
 
 __all__ = ["NAME", "PackmaskMask", "packmask_attention", "packmask_mask", "enable", "register"]
@@ -85,10 +86,7 @@ def _on_device(layout, device):
     return layout
 
 
-_UNSUPPORTED_KWARGS = {
-    "s_aux": "attention sinks (s_aux)",
-    "sinks": "attention sinks",
-}
+_SINK_KWARGS = ("s_aux", "sinks")  # per-head sink logits (gpt-oss): honoured by the eager backend
 
 
 def _resolve_layout(module, attention_mask, kwargs, B, N, kv_len, device, sliding_window=None):
@@ -125,7 +123,7 @@ def _resolve_layout(module, attention_mask, kwargs, B, N, kv_len, device, slidin
         return layout if len(layout.cu_seqlens) - 1 > B else None
     pos = kwargs.get("position_ids")
     if pos is not None and pos.dim() == 3 and pos.shape[-1] == N and cached_on(
-            pos, "restarts", lambda: bool((pos[0, :, 1:] != pos[0, :, :-1] + 1).any())):
+            pos, "restarts", lambda: bool(starts_from_position_ids(pos[0])[:, 1:].any())):
         # multimodal RoPE: [3, B, N] (temporal, height, width) positions; image tokens share positions, so
         # sequence starts cannot be read from them
         raise UnsupportedModelError(
@@ -161,100 +159,42 @@ def _layout_from_positions(pos, padding, causal):
         return layout
     padding = padding[:, -pos.shape[1]:]
     # padding runs become documents of their own (their outputs are never used: labels are -100)
-    start = torch.ones_like(pos, dtype=torch.bool)
-    pos_start = start.clone()
-    pos_start[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
-    pad_change = torch.zeros_like(start)
-    pad_change[:, 1:] = padding[:, 1:] != padding[:, :-1]
+    pos_start = starts_from_position_ids(pos)
+    pad_change = starts_from_ids(padding)  # every run of padding or of real tokens begins a document
     bad = pad_change & padding & ~pos_start  # a real token continuing a sequence across padding
     if bool(bad.any()):
         b, i = torch.nonzero(bad)[0].tolist()
         raise PackmaskError(
             f"row {b} has padding inside a packed sequence (before token {i}); put padding at the end of the row or "
             f"between sequences, or drop the 2D attention_mask and pass a [B, N, N] mask.")
-    start[:, 1:] = pos_start[:, 1:] | pad_change[:, 1:]
-    return DocumentLayout._from_start_flags(start, causal=causal)
+    return DocumentLayout._from_start_flags(pos_start | pad_change, causal=causal)
 
 
 def packmask_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                        sliding_window=None, softcap=None, **kwargs):
     """``AttentionInterface`` entry: one call per layer."""
-    sinks = next((kwargs[name] for name in _UNSUPPORTED_KWARGS if kwargs.get(name) is not None), None)
+    sinks = next((kwargs[name] for name in _SINK_KWARGS if kwargs.get(name) is not None), None)
     B, H, N, D = query.shape
     kv_len = key.shape[2]
     layout = _resolve_layout(module, attention_mask, kwargs, B, N, kv_len, query.device, sliding_window)
+    window = int(sliding_window) if sliding_window else None
+    if layout is not None and window is not None and window >= getattr(layout, "key_len", N):
+        window = None  # no document (no root-to-leaf path over the cache) is longer than the window
     spec = AttentionSpec(
         scale=float(scaling) if scaling is not None else D ** -0.5,
         dropout=float(dropout or 0.0),
         softcap=float(softcap) if softcap else None,
-        sliding_window=int(sliding_window) if sliding_window else None,
+        sliding_window=window,
         is_causal=getattr(module, "is_causal", True),
+        sinks=sinks,
     )
     standard = None
-    if layout is None:
-        if isinstance(attention_mask, PackmaskMask):
-            standard = attention_mask.standard_mask()
+    if layout is None and isinstance(attention_mask, PackmaskMask):
+        standard = attention_mask.standard_mask()
         if standard is not None and standard.dim() == 4 and standard.shape[-1] != kv_len:
             standard = standard[..., :kv_len]
-        if sinks is not None:
-            return _sink_attention(query, key, value, standard, spec, sinks, module.training), None
-    else:
-        if spec.sliding_window is not None and spec.sliding_window >= getattr(layout, "key_len", N):
-            spec = AttentionSpec(spec.scale, spec.dropout, spec.softcap, None, spec.is_causal)
-        if spec.sliding_window is not None and not spec.is_causal:
-            return _bidirectional_window_attention(query, key, value, layout, spec, module.training), None
-        if sinks is not None:
-            window = spec.sliding_window
-            mask = (layout.dense_mask(window, kv_len) if isinstance(layout, TreeLayout) else layout.dense_mask(window))
-            mask = mask.to(query.device)
-            return _sink_attention(query, key, value, mask, spec, sinks, module.training), None
-    out = attend(query, key, value, layout, spec, training=module.training, standard_mask=standard)
+    out = attend(query, key, value, layout, spec, training=module.training, standard_mask=standard, module=module)
     return out, None
-
-
-def _sink_attention(query, key, value, mask, spec, sinks, training):
-    """Attention with per-head sink logits (gpt-oss ``s_aux`` / ``sinks``): one extra logit per head
-    joins every query's softmax and is dropped afterwards, exactly as transformers' eager does.
-    ``mask`` is a ``[B, 1, N, K]`` bool mask (None: plain causal, with the layer's window)."""
-    B, H, N, D = query.shape
-    K = key.shape[2]
-    if mask is None:
-        q_pos = torch.arange(K - N, K, device=query.device)[:, None]
-        k_pos = torch.arange(K, device=query.device)[None]
-        mask = k_pos <= q_pos if spec.is_causal else torch.ones(N, K, dtype=torch.bool, device=query.device)
-        if spec.sliding_window is not None:
-            mask = mask & (q_pos - k_pos < spec.sliding_window)
-    if key.shape[1] != H:
-        key, value = key.repeat_interleave(H // key.shape[1], 1), value.repeat_interleave(H // value.shape[1], 1)
-    scores = torch.matmul(query, key.transpose(-1, -2)) * spec.scale
-    if spec.softcap is not None:
-        scores = torch.tanh(scores / spec.softcap) * spec.softcap
-    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    sink = sinks.reshape(1, -1, 1, 1).expand(B, -1, N, 1).to(scores.dtype)
-    combined = torch.cat([scores, sink], dim=-1)
-    combined = combined - combined.max(dim=-1, keepdim=True).values
-    probs = torch.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
-    probs = torch.nn.functional.dropout(probs, p=spec.dropout, training=training).to(value.dtype)
-    return torch.matmul(probs, value).transpose(1, 2)
-
-
-def _bidirectional_window_attention(query, key, value, layout, spec, training):
-    """A non-causal layer with a sliding window (ModernBERT's local layers): a key is visible when it
-    is in the query's document and ``|pos_q - pos_k| < sliding_window`` (transformers' convention:
-    the layer passes ``config.sliding_window + 1``). The kernels' windows are one-sided (causal), so
-    this builds the dense mask (O(N²), cached on the layout) and runs SDPA / eager."""
-    window = spec.sliding_window
-    memo = layout._memo
-    key_ = ("bidirectional_window", window)
-    if key_ not in memo:
-        pos = layout.position_ids
-        near = (pos[:, :, None] - pos[:, None, :]).abs() < window
-        memo[key_] = layout.dense_mask(None) & near[:, None]
-    mask = memo[key_].to(query.device)
-    plain = AttentionSpec(spec.scale, spec.dropout, spec.softcap, None, False)
-    if spec.softcap is not None:
-        return eager_attention(query, key, value, mask, plain, training)
-    return sdpa_attention(query, key, value, mask, plain, training)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,7 +314,8 @@ def enable(model, backend: str | None = None):
     """Switch an existing model to packmask (needed only for models built before ``import packmask``).
 
     Sets ``attn_implementation="packmask"`` and attaches the position-deriving hook to every
-    ``PreTrainedModel`` inside it. Returns the model.
+    ``PreTrainedModel`` inside it. ``backend`` forces one kernel for this model's layers (see
+    :mod:`packmask.backends`; a ``with packmask.backend(...)`` block still wins). Returns the model.
     """
     for m in model.modules():
         if isinstance(m, PreTrainedModel):
@@ -387,8 +328,10 @@ def enable(model, backend: str | None = None):
             f"cannot switch this model's attention after construction. {unsupported_reason(model) or ''} Build it with "
             f"attn_implementation='packmask' if the family supports it (check with packmask.verify), or train unpacked.")
     if backend is not None:
-        from .backends import set_backend
-        set_backend(backend)
+        from .backends import _check_name
+        _check_name(backend)
+        for m in model.modules():  # read per layer call by the dispatcher (packmask.backends.requested_backend)
+            m._packmask_backend = backend
     return model
 
 

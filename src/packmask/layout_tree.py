@@ -227,8 +227,8 @@ class TreeLayout:
         cache = (col >= self.cache_start[b]) & (col < self.past)
         return torch.where(t >= 0, tree & (col < self.key_len), cache)
 
-    def dense_mask(self, sliding_window: int | None = None, kv_len: int | None = None, *,
-                   bidirectional_window: bool = False) -> torch.Tensor:
+    def dense_mask(self, sliding_window: int | None = None, bidirectional_window: bool = False,
+                   kv_len: int | None = None) -> torch.Tensor:
         """``[B, 1, N, kv_len]`` bool mask (True = may attend). O(N·K): CPU / reference paths only.
 
         ``kv_len``: the layer's number of keys (see :meth:`frame`); None = the mask's ``K``.

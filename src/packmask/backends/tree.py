@@ -33,13 +33,12 @@ key of it (a key block inside the cache or a strict ancestor segment of all the 
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 
 from ..layout_tree import TreeLayout
+from .varlen import _gqa_native_varlen, _varlen_params
 
 __all__ = ["TreePieces", "tree_pieces", "varlen_pieces_attention", "tree_varlen_attention", "tree_block_mask",
            "tree_flex_attention"]
@@ -110,12 +109,6 @@ def tree_pieces(layout: TreeLayout, kv_len: int | None = None) -> TreePieces:
     return pieces
 
 
-@lru_cache(maxsize=None)
-def _varlen_params() -> frozenset:
-    from torch.nn.attention.varlen import varlen_attn
-    return frozenset(inspect.signature(varlen_attn).parameters)
-
-
 def varlen_pieces_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, key_index, max_q: int, max_k: int, *,
                             scale: float, sliding_window: int | None = None) -> torch.Tensor:
     """Causal (bottom-right aligned) varlen attention of pieces with gathered keys.
@@ -136,7 +129,6 @@ def varlen_pieces_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, key_index, max_
             out = varlen_attn(qf, kf, vf, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(left, 0),
                               enable_gqa=True)
             return out.view(B, N, H, D)
-        from . import _gqa_native_varlen
         if _gqa_native_varlen():  # torch 2.11: the custom op forwards un-expanded kv heads to FlashAttention-2
             out, _, _ = torch.ops.torch_attn._varlen_attn(qf, kf, vf, cu_q, cu_k, max_q, max_k, True, scale,
                                                           [left, 0])
@@ -242,26 +234,7 @@ def tree_block_mask(layout: TreeLayout, kv_len: int | None, sliding_window: int 
     return bm
 
 
-_compiled = {}
-
-
-def _flex_softcap(q, k, v, block_mask, scale, cap, enable_gqa):
-    from torch.nn.attention.flex_attention import flex_attention
-
-    def score_mod(score, b, h, q_idx, kv_idx):
-        return torch.tanh(score / cap) * cap
-    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
-
-
 def tree_flex_attention(q, k, v, layout: TreeLayout, spec) -> torch.Tensor:
-    """flex attention over the tree BlockMask; returns ``[B, N, H, D]``."""
-    from torch.nn.attention.flex_attention import flex_attention
-    bm = tree_block_mask(layout, k.shape[2], spec.sliding_window, q.device)
-    gqa = k.shape[1] != q.shape[1]
-    if spec.softcap is not None:
-        fn = _compiled.setdefault("softcap", torch.compile(_flex_softcap))
-        out = fn(q, k, v, bm, spec.scale, float(spec.softcap), gqa)
-    else:
-        fn = _compiled.setdefault("plain", torch.compile(flex_attention))
-        out = fn(q, k, v, block_mask=bm, scale=spec.scale, enable_gqa=gqa)
-    return out.transpose(1, 2)
+    """flex attention over the tree BlockMask (the flex backend's call); returns ``[B, N, H, D]``."""
+    from .flex import flex_attention_call
+    return flex_attention_call(q, k, v, layout, spec)

@@ -274,7 +274,6 @@ def main():
         "packmask_mask3d": ("packmask", pm_mask3d),
     }
     for name in which:
-        packmask.set_backend("auto")
         if name in table:
             run(name, *table[name])
         if name == "packed_posids_sdpa_usecache_default":
@@ -282,9 +281,8 @@ def main():
         if name == "packmask_posids":  # use_cache left at its default: packmask stays isolated
             run(name, "packmask", pk_posids, use_cache=None)
         if name == "packmask_flex":
-            packmask.set_backend("flex")
-            run(name, "packmask", pk_varlen)
-            packmask.set_backend("auto")
+            with packmask.backend("flex"):
+                run(name, "packmask", pk_varlen)
     out = os.environ.get("OUT")
     env = dict(torch=torch.__version__, transformers=transformers.__version__, packmask=packmask.__version__,
                device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu", date=time.strftime("%Y-%m-%d"),
