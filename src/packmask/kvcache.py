@@ -62,6 +62,8 @@ def check_mask_against_cache(mask: torch.Tensor, num_new: int, cache) -> int:
     """
     past = cache_past_length(cache)
     K = mask.shape[-1]
+    if mask.shape[-2] != num_new or K < num_new:
+        return past  # not [.., N, past + N] at all: the mask analysis names the shape it expects
     if K != past + num_new:
         raise PackmaskError(
             f"attention_mask has {K} key columns, but the cache holds {past} tokens and the input {num_new} new ones: "
