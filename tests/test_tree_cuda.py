@@ -80,3 +80,20 @@ def test_draft_tree_over_cache(kernel):
 def test_draft_tree_sliding_window_cropped_cache(kernel):
     layout = _draft_tree("cuda" if torch.cuda.is_available() else "cpu")
     _check(kernel, layout, window=64, kv_len=63 + layout.seq_len)  # a sliding cache layer keeps window - 1
+
+
+def test_draft_tree_verification_without_grad_splits_the_cache():
+    """Inference over a cache: cache part and tree part merged by log-sum-exp (no gradients)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    layout = _draft_tree("cuda")
+    torch.manual_seed(1)
+    B, N, K = layout.batch_size, layout.seq_len, layout.key_len
+    q = torch.randn(B, 4, N, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, 2, K, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    spec = AttentionSpec(scale=0.125)
+    with torch.no_grad():
+        out = tree_varlen_attention(q, k, v, layout, spec)
+    assert ("split", K) in layout._memo
+    ref = _reference(q, k, v, layout.dense_mask(), spec.scale)
+    assert rel_err(out.float(), ref) <= BF16_TOL

@@ -140,10 +140,83 @@ def varlen_pieces_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, key_index, max_
 
 
 def tree_varlen_attention(q, k, v, layout: TreeLayout, spec) -> torch.Tensor:
+    """A tree layout on varlen. Over a long cache without gradients (verification), the cache is read
+    once per row and merged by log-sum-exp with the tree part (:func:`_split_cache_attention`);
+    otherwise every piece gathers its keys (:func:`tree_pieces`)."""
+    if (layout.past > 0 and spec.sliding_window is None and not torch.is_grad_enabled()
+            and q.dtype in (torch.float16, torch.bfloat16)):
+        return _split_cache_attention(q, k, v, layout, spec)
     p = tree_pieces(layout, k.shape[2])
     key_index = p.key_index.to(q.device)
     return varlen_pieces_attention(q, k, v, p.cu_seqlens_q, p.cu_seqlens_k, key_index, p.max_q, p.max_k,
                                    scale=spec.scale, sliding_window=spec.sliding_window)
+
+
+def _varlen_lse(qf, kf, vf, cu_q, cu_k, max_q, max_k, causal: bool, scale: float):
+    """varlen forward returning ``(out [T, H, D], lse [T, H])`` (fp32 lse; no backward needed)."""
+    from torch.nn.attention.varlen import varlen_attn
+    H = qf.shape[1]
+    right = 0 if causal else -1
+    if kf.shape[1] != H and "enable_gqa" in _varlen_params():
+        from torch.nn.attention.varlen import AuxRequest
+        out, lse = varlen_attn(qf, kf, vf, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, right),
+                               enable_gqa=True, return_aux=AuxRequest(lse=True))
+    else:
+        if kf.shape[1] != H and not _gqa_native_varlen():
+            kf = kf.repeat_interleave(H // kf.shape[1], dim=1)
+            vf = vf.repeat_interleave(H // vf.shape[1], dim=1)
+        out, lse, _ = torch.ops.torch_attn._varlen_attn(qf, kf, vf, cu_q, cu_k, max_q, max_k, causal, scale,
+                                                        [-1, right])
+    if lse.shape[0] == H and lse.shape[1] == qf.shape[0] and lse.shape[0] != lse.shape[1]:
+        lse = lse.transpose(0, 1)  # FlashAttention keeps [H, T]
+    return out, lse.float()
+
+
+def _split_cache_attention(q, k, v, layout: TreeLayout, spec) -> torch.Tensor:
+    """Every query of a row attends to the row's visible cache (one non-causal piece per row: the
+    cache is read once, not once per segment) and, separately, to its tree ancestors (pieces
+    without the cache); the two partial softmaxes are merged exactly by their log-sum-exps."""
+    B, H, N, D = q.shape
+    kv = k.shape[2]
+    offset, _ = layout.frame(kv)
+    memo_key = ("split", kv)
+    if memo_key not in layout._memo:
+        lo = (layout.cache_start - offset).clamp(min=0)
+        hi = torch.full_like(lo, layout.past - offset).clamp(min=0)
+        lengths = (hi - lo).clamp(min=0)
+        rows = torch.arange(B, device=lo.device)
+        idx = torch.repeat_interleave(rows * kv + lo, lengths)
+        idx = idx + torch.arange(idx.numel(), device=lo.device) - torch.repeat_interleave(
+            torch.cumsum(lengths, 0) - lengths, lengths)
+        cu_k = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
+        cu_q = (torch.arange(B + 1, device=lo.device) * N).to(torch.int32)
+        empty = torch.repeat_interleave(lengths == 0, N)  # rows that see no cache at all
+        seg = layout.segments()
+        lo_t, hi_t, _ = _intervals(layout, kv, include_own=True)
+        lo_t, hi_t = lo_t[:, 1:], hi_t[:, 1:]  # drop the cache interval
+        tl = (hi_t - lo_t).reshape(-1)
+        ts = (lo_t + (seg["row"] * kv)[:, None]).reshape(-1)
+        t_idx = torch.repeat_interleave(ts, tl)
+        t_idx = t_idx + torch.arange(t_idx.numel(), device=lo.device) - torch.repeat_interleave(
+            torch.cumsum(tl, 0) - tl, tl)
+        per = (hi_t - lo_t).sum(1)
+        t_cu_k = torch.cat([per.new_zeros(1), per.cumsum(0)]).to(torch.int32)
+        t_cu_q = torch.cat([seg["start"], seg["start"].new_tensor([B * N])]).to(torch.int32)
+        layout._memo[memo_key] = (idx, cu_q, cu_k, int(lengths.max()), empty, t_idx, t_cu_q, t_cu_k,
+                                  int(seg["length"].max()), int(per.max()))
+    (idx, cu_q, cu_k, max_k, empty, t_idx, t_cu_q, t_cu_k, t_max_q, t_max_k) = (
+        x.to(q.device) if isinstance(x, torch.Tensor) else x for x in layout._memo[memo_key])
+    qf = q.transpose(1, 2).reshape(B * N, H, D)
+    kflat = k.transpose(1, 2).reshape(B * kv, k.shape[1], D)
+    vflat = v.transpose(1, 2).reshape(B * kv, v.shape[1], D)
+    out_c, lse_c = _varlen_lse(qf, kflat.index_select(0, idx), vflat.index_select(0, idx), cu_q, cu_k, N,
+                               max(max_k, 1), False, spec.scale)
+    out_t, lse_t = _varlen_lse(qf, kflat.index_select(0, t_idx), vflat.index_select(0, t_idx), t_cu_q, t_cu_k,
+                               t_max_q, t_max_k, True, spec.scale)
+    lse_c = lse_c.masked_fill(empty[:, None], float("-inf"))
+    lse = torch.logaddexp(lse_c, lse_t)
+    out = out_c.float() * (lse_c - lse).exp()[..., None] + out_t.float() * (lse_t - lse).exp()[..., None]
+    return out.to(q.dtype).view(B, N, H, D)
 
 
 def _block_coverage(lo, hi, nkb: int, block: int):
