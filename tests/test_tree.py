@@ -268,3 +268,95 @@ def test_bad_segments():
         tree_mask_from_segments([[(0, 3, -1), (2, 2, -1)]], 6)
     with pytest.raises(PackmaskError, match="end before it starts"):
         tree_mask_from_segments([[(0, 3, 1), (3, 2, -1)]], 6)
+
+
+# ---- the varlen decomposition, checked on CPU against a per-piece reference kernel -----------
+
+def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False,
+                      return_aux=None, **_):
+    """What FlashAttention's varlen computes (bottom-right aligned causal / window), piece by piece,
+    with its log-sum-exp in FlashAttention's ``[H, total_q]`` layout."""
+    outs, lses = [], []
+    rep = q.shape[1] // k.shape[1]
+    for i in range(len(cu_q) - 1):
+        qs = q[cu_q[i]:cu_q[i + 1]].float()
+        ks = k[cu_k[i]:cu_k[i + 1]].repeat_interleave(rep, 1).float()
+        vs = v[cu_k[i]:cu_k[i + 1]].repeat_interleave(rep, 1).float()
+        Lq, Lk = qs.shape[0], ks.shape[0]
+        s = torch.einsum("qhd,khd->hqk", qs, ks) * scale
+        qi = torch.arange(Lq)[:, None] + (Lk - Lq)
+        kj = torch.arange(Lk)[None]
+        m = torch.ones(Lq, Lk, dtype=torch.bool)
+        if window_size[1] == 0:
+            m &= kj <= qi
+        if window_size[0] >= 0:
+            m &= qi - kj <= window_size[0]
+        s = s.masked_fill(~m, float("-inf"))
+        lse = torch.logsumexp(s, -1)
+        p = torch.softmax(s, -1).nan_to_num(0.0)
+        outs.append(torch.einsum("hqk,khd->qhd", p, vs).to(q.dtype))
+        lses.append(lse)
+    out, lse = torch.cat(outs), torch.cat(lses, 1)
+    return (out, lse) if return_aux is not None else out
+
+
+@pytest.mark.parametrize("grad, window, crop", [(True, None, False), (False, None, False), (True, 5, True)],
+                         ids=["gathered-keys+backward", "cache-split-by-lse", "sliding-cropped-cache"])
+def test_varlen_tree_decomposition_equals_dense_math(monkeypatch, grad, window, crop):
+    import torch.nn.attention.varlen as tv
+    from packmask.backends.spec import AttentionSpec
+    from packmask.backends.tree import tree_varlen_attention
+    from packmask.backends.eager import eager_attention
+    monkeypatch.setattr(tv, "varlen_attn", _reference_varlen)
+    torch.manual_seed(4)
+    parents, past = torch.tensor([PARENTS, [-1, 0, 1, 1, -1, 4, 5, 3, 7, 7, 2, 0, 11, 12]]), [9, 6]
+    layout = TreeLayout.from_parents(parents, past)
+    B, N, K = layout.batch_size, layout.seq_len, layout.key_len
+    kv = (window - 1 + N) if crop else K
+    q = torch.randn(B, 4, N, 8, requires_grad=grad)
+    k, v = (torch.randn(B, 2, kv, 8, requires_grad=grad) for _ in range(2))
+    spec = AttentionSpec(scale=0.3, sliding_window=window)
+    with torch.set_grad_enabled(grad):
+        out = tree_varlen_attention(q, k, v, layout, spec)
+        ref = eager_attention(q, k, v, layout.dense_mask(window, kv_len=kv), spec, False)
+    assert ((("split", kv) in layout._memo) == (not grad))
+    assert rel_err(out, ref) <= TOL
+    if grad:
+        g = torch.randn_like(ref)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+            assert rel_err(a, b) <= TOL
+    # control: the pieces of another tree over the same keys give other outputs
+    other = TreeLayout.from_parents(torch.full_like(parents, -1), past)
+    with torch.no_grad():
+        assert rel_err(tree_varlen_attention(q, k, v, other, spec), ref) > 1e-2
+
+
+@pytest.mark.parametrize("window, kv_extra", [(None, 0), (7, -1), (None, 9)], ids=["cache", "sliding-crop", "static"])
+def test_tree_block_mask_tiles_and_mask_mod(window, kv_extra):
+    """The flex BlockMask built from the tree: mask_mod equals the dense mask, every visible pair lies
+    in a listed tile, and every tile marked full is fully visible (a wrong full tile would leak)."""
+    from packmask.backends.tree import tree_block_mask
+    g = torch.Generator().manual_seed(5)
+    parents = torch.stack([torch.tensor([-1] + [int(torch.randint(-1, i, (1,), generator=g)) for i in range(1, 45)])
+                           for _ in range(2)])
+    layout = TreeLayout.from_parents(parents, torch.tensor([70, 33]))
+    B, N, K = layout.batch_size, layout.seq_len, layout.key_len
+    kv = K + kv_extra if kv_extra >= 0 else window - 1 + N
+    bs = 16
+    bm = tree_block_mask(layout, kv, window, "cpu", block=bs)
+    dense = layout.dense_mask(window, kv_len=kv)[:, 0]
+    b, q, k = torch.arange(B)[:, None, None], torch.arange(N)[None, :, None], torch.arange(kv)[None, None, :]
+    assert torch.equal(bm.mask_mod(b, None, q, k).expand_as(dense), dense)
+    nqb, nkb = -(-N // bs), -(-kv // bs)
+    grid = torch.zeros(B, nqb * bs, nkb * bs, dtype=torch.bool)
+    grid[:, :N, :kv] = dense
+    tiles = grid.view(B, nqb, bs, nkb, bs)
+    listed = bm.to_dense()[:, 0].bool()
+    assert not (tiles.any(4).any(2) & ~listed).any()
+    full = torch.zeros(B, nqb, nkb + 1, dtype=torch.bool)
+    idx = torch.where(torch.arange(nkb)[None, None] < bm.full_kv_num_blocks[:, 0, :, None],
+                      bm.full_kv_indices[:, 0].long(), nkb)
+    full.scatter_(2, idx, True)
+    assert not (full[..., :nkb] & ~tiles.all(4).all(2)).any()
+    if window is None:
+        assert full.any()  # cache tiles are skipped from mask evaluation, not just listed

@@ -143,8 +143,7 @@ def tree_varlen_attention(q, k, v, layout: TreeLayout, spec) -> torch.Tensor:
     """A tree layout on varlen. Over a long cache without gradients (verification), the cache is read
     once per row and merged by log-sum-exp with the tree part (:func:`_split_cache_attention`);
     otherwise every piece gathers its keys (:func:`tree_pieces`)."""
-    if (layout.past > 0 and spec.sliding_window is None and not torch.is_grad_enabled()
-            and q.dtype in (torch.float16, torch.bfloat16)):
+    if layout.past > 0 and spec.sliding_window is None and not torch.is_grad_enabled() and _lse_available():
         return _split_cache_attention(q, k, v, layout, spec)
     p = tree_pieces(layout, k.shape[2])
     key_index = p.key_index.to(q.device)
@@ -152,23 +151,36 @@ def tree_varlen_attention(q, k, v, layout: TreeLayout, spec) -> torch.Tensor:
                                    scale=spec.scale, sliding_window=spec.sliding_window)
 
 
+def _lse_available() -> bool:
+    """Whether this torch's varlen returns the log-sum-exp (public ``return_aux``, or torch 2.11's op)."""
+    if "return_aux" in _varlen_params():
+        return True
+    return _gqa_native_varlen()  # the schema check of torch 2.11's custom op (returns out, lse, rng)
+
+
 def _varlen_lse(qf, kf, vf, cu_q, cu_k, max_q, max_k, causal: bool, scale: float):
     """varlen forward returning ``(out [T, H, D], lse [T, H])`` (fp32 lse; no backward needed)."""
     from torch.nn.attention.varlen import varlen_attn
-    H = qf.shape[1]
+    H, T = qf.shape[1], qf.shape[0]
     right = 0 if causal else -1
-    if kf.shape[1] != H and "enable_gqa" in _varlen_params():
+    params = _varlen_params()
+    if "return_aux" in params:
         from torch.nn.attention.varlen import AuxRequest
+        kw = {}
+        if kf.shape[1] != H:
+            if "enable_gqa" in params:
+                kw["enable_gqa"] = True
+            else:
+                kf = kf.repeat_interleave(H // kf.shape[1], dim=1)
+                vf = vf.repeat_interleave(H // vf.shape[1], dim=1)
         out, lse = varlen_attn(qf, kf, vf, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, right),
-                               enable_gqa=True, return_aux=AuxRequest(lse=True))
-    else:
-        if kf.shape[1] != H and not _gqa_native_varlen():
-            kf = kf.repeat_interleave(H // kf.shape[1], dim=1)
-            vf = vf.repeat_interleave(H // vf.shape[1], dim=1)
+                               return_aux=AuxRequest(lse=True), **kw)
+    else:  # torch 2.11: the custom op forwards un-expanded kv heads to FlashAttention-2
         out, lse, _ = torch.ops.torch_attn._varlen_attn(qf, kf, vf, cu_q, cu_k, max_q, max_k, causal, scale,
                                                         [-1, right])
-    if lse.shape[0] == H and lse.shape[1] == qf.shape[0] and lse.shape[0] != lse.shape[1]:
-        lse = lse.transpose(0, 1)  # FlashAttention keeps [H, T]
+    lse = lse.reshape(lse.shape[0], lse.shape[1])
+    if tuple(lse.shape) == (H, T):
+        lse = lse.transpose(0, 1)  # FlashAttention's varlen keeps [H, total_q]
     return out, lse.float()
 
 
@@ -291,7 +303,7 @@ def tree_block_mask(layout: TreeLayout, kv_len: int | None, sliding_window: int 
     def mask_mod(b, h, q_idx, kv_idx_):
         col = kv_idx_ + consts[0]
         t = col - consts[1]
-        tc = t.clamp(0, consts[3])
+        tc = torch.minimum(t.clamp(min=0), consts[3])
         sq = of_token[b, q_idx]
         sk = of_token[b, tc]
         tree = (anc[sq, dep[sk]] == sk) & (tc <= q_idx) & (col < consts[2])
