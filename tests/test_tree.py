@@ -257,7 +257,7 @@ def test_tree_token_that_sees_a_later_token():
 def test_unusable_cache_is_named():
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
     model = tiny_model("llama")
-    mask, _ = tree_mask([-1, 0], 0)
+    mask, _ = tree_mask([-1, 0], 3)  # a mask over 3 cached tokens
     with pytest.raises(PackmaskError, match="EncoderDecoderCache"):
         model(input_ids=torch.ones(1, 2, dtype=torch.long), attention_mask=mask[None],
               **{CACHE: EncoderDecoderCache(DynamicCache(), DynamicCache())})

@@ -50,6 +50,16 @@ def cache_past_length(cache) -> int:
     return int(length.item() if isinstance(length, torch.Tensor) else length)
 
 
+def _seq_length(cache) -> int:
+    if cache is None:
+        return 0
+    try:
+        length = cache.get_seq_length()
+    except Exception:  # noqa: BLE001 — an exotic cache: let cache_past_length name it
+        return -1
+    return int(length.item() if isinstance(length, torch.Tensor) else length)
+
+
 def check_mask_against_cache(mask: torch.Tensor, num_new: int, cache) -> int:
     """Validate a mask's key length against the cache; returns the cache length ``past``.
 
@@ -60,10 +70,12 @@ def check_mask_against_cache(mask: torch.Tensor, num_new: int, cache) -> int:
     ...
     packmask.errors.PackmaskError: attention_mask has 5 key columns, but the cache holds 0 tokens and the input 3 new ones: expected 0 + 3 = 3 columns (cached tokens first, then the new tokens). Pass the cache the mask was built for (cache=...), or build the mask with packmask.tree_mask(parents, past_length=0).
     """
-    past = cache_past_length(cache)
     K = mask.shape[-1]
     if mask.shape[-2] != num_new or K < num_new:
-        return past  # not [.., N, past + N] at all: the mask analysis names the shape it expects
+        return 0  # not [.., N, past + N] at all: the mask analysis names the shape it expects
+    if K == num_new and _seq_length(cache) == 0:
+        return 0  # nothing cached yet (training, a cache created empty): any cache type will do
+    past = cache_past_length(cache)
     if K != past + num_new:
         raise PackmaskError(
             f"attention_mask has {K} key columns, but the cache holds {past} tokens and the input {num_new} new ones: "
