@@ -10,7 +10,8 @@ import importlib
 __version__ = "0.1.0"
 
 from .backends import backend, get_backend, set_backend
-from .errors import PackmaskError, UnsupportedModelError
+from .errors import PackmaskError, PackmaskWarning, UnsupportedModelError
+from .guards import configure
 from .integration import NAME, enable
 from .layout import DocumentLayout, GeneralLayout, analyse_mask, position_ids_from_mask
 from .layout_tree import TreeLayout
@@ -21,12 +22,15 @@ _LAZY = {
     # packing pipeline
     "pack_dataset": "packmask.data.packing",
     "pack_lengths": "packmask.data.packing",
-    "pack_iterable": "packmask.data.packing",
+    "pack_iterable": "packmask.data.streaming",
     "PackingStats": "packmask.data.packing",
     "PackAssignment": "packmask.data.packing",
     "sequence_ids": "packmask.data.loss",
     "PackedCollator": "packmask.data.collator",
     "packed_causal_lm_loss": "packmask.data.loss",
+    # chat data
+    "tokenize_messages": "packmask.data.chat",
+    "tokenize_chat_dataset": "packmask.data.chat",
     # proof tool
     "verify": "packmask.verification",
 }
@@ -39,3 +43,8 @@ def __getattr__(name):
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
+
+
+def __dir__():
+    # the lazy names too, so tab completion and dir(packmask) show the whole public API
+    return sorted(set(globals()) | set(_LAZY))

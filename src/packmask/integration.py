@@ -24,8 +24,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .backends import AttentionSpec, attend
 from .errors import PackmaskError, UnsupportedModelError
+from .guards import check_construction, check_stock_forward
 from .kvcache import check_mask_against_cache
-from .layout import DocumentLayout, TreeLayout, analyse_mask, cached_on
+from .layout import DocumentLayout, GeneralLayout, TreeLayout, analyse_mask, cached_on
 from .segments import starts_from_ids, starts_from_position_ids
 from .support import check_packed_input, position_offset
 
@@ -100,10 +101,10 @@ def _resolve_layout(module, attention_mask, kwargs, B, N, kv_len, device, slidin
                 f"attention_mask of shape {tuple(attention_mask.shape)} does not match the inputs "
                 f"[batch={B}, tokens={N}]: pass [B, N, N] or [B, 1, N, N] (with a cache: [B, 1, N, past + N]).")
         attention_mask = cached_on(attention_mask, "layout", lambda: analyse_mask(attention_mask, B, N))
-    if not isinstance(attention_mask, torch.Tensor) and attention_mask is not None and not isinstance(
-            attention_mask, PackmaskMask):
+    if isinstance(attention_mask, (DocumentLayout, GeneralLayout, TreeLayout)):
         layout = attention_mask
         K = layout.key_len if isinstance(layout, TreeLayout) else layout.seq_len
+        # a tree's keys may be a sliding cache layer's last kv_len < K columns, or a static buffer's kv_len > K
         if kv_len != K and not (isinstance(layout, TreeLayout) and (kv_len > K or sliding_window is not None)):
             raise PackmaskError(
                 f"{type(module).__name__} has {kv_len} keys but the attention_mask has {K} key columns: a mask with a "
@@ -218,9 +219,9 @@ def _uses_packmask(model) -> bool:
 
 def _derive_inputs_hook(model, args, kwargs):
     """Fill in ``position_ids`` (and varlen keys from ``seq_lengths``) when the user omitted them."""
-    if not _uses_packmask(model):
-        return _additive_eager_mask(model, args, kwargs)
     names, takes_positions = _forward_params(type(model))
+    if not _uses_packmask(model):  # help with the mistakes a stock sdpa / eager model would hide (guards.py)
+        return check_stock_forward(model, names, args, kwargs)
     bound = dict(zip(names, args))
     mask = kwargs.get("attention_mask", bound.get("attention_mask"))
     ids = kwargs.get("input_ids", bound.get("input_ids"))
@@ -272,32 +273,9 @@ def _derive_inputs_hook(model, args, kwargs):
     return args, kwargs
 
 
-def _additive_eager_mask(model, args, kwargs):
-    """transformers pitfall: ``eager`` *adds* a user's 4D mask to the scores, so a bool / 0-1 mask
-    adds 1 or 0 instead of blocking (packed rows silently attend across sequences). For models on
-    ``eager`` whose attention goes through transformers' interface, turn such a mask into the
-    additive 0 / dtype-min form eager expects. Everything else is left untouched."""
-    config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) != "eager" or not getattr(model, "_supports_attention_backend", False):
-        return None
-    names, _ = _forward_params(type(model))
-    in_kwargs = "attention_mask" in kwargs
-    index = names.index("attention_mask") if "attention_mask" in names else None
-    mask = kwargs.get("attention_mask") if in_kwargs else (
-        args[index] if index is not None and index < len(args) else None)
-    if not (isinstance(mask, torch.Tensor) and mask.dim() == 4 and not mask.is_floating_point()):
-        return None
-    dtype = model.dtype if model.dtype.is_floating_point else torch.float32
-    additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask == 0, torch.finfo(dtype).min)
-    if in_kwargs:
-        kwargs["attention_mask"] = additive
-    else:
-        args = args[:index] + (additive,) + args[index + 1:]
-    return args, kwargs
-
-
 def _attach_hook(model) -> None:
     if not getattr(model, "_packmask_hooked", False):
+        check_construction(model, NAME)  # before the layers exist: falcon & co. would raise a raw KeyError
         model.register_forward_pre_hook(_derive_inputs_hook, with_kwargs=True, prepend=True)
         model._packmask_hooked = True
 
