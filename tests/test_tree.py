@@ -309,7 +309,7 @@ def test_varlen_tree_decomposition_equals_dense_math(monkeypatch, grad, window, 
     from packmask.backends.eager import eager_attention
     monkeypatch.setattr(tv, "varlen_attn", _reference_varlen)
     torch.manual_seed(4)
-    parents, past = torch.tensor([PARENTS, [-1, 0, 1, 1, -1, 4, 5, 3, 7, 7, 2, 0, 11, 12]]), [9, 6]
+    parents, past = torch.tensor([PARENTS, [-1, 0, 1, 1, -1, 4, 5, 3, 7, 7, 2, 0, 11, 12]]), [9, 0]  # row 1: none
     layout = TreeLayout.from_parents(parents, past)
     B, N, K = layout.batch_size, layout.seq_len, layout.key_len
     kv = (window - 1 + N) if crop else K

@@ -225,7 +225,8 @@ def _split_cache_attention(q, k, v, layout: TreeLayout, spec) -> torch.Tensor:
                                max(max_k, 1), False, spec.scale)
     out_t, lse_t = _varlen_lse(qf, kflat.index_select(0, t_idx), vflat.index_select(0, t_idx), t_cu_q, t_cu_k,
                                t_max_q, t_max_k, True, spec.scale)
-    lse_c = lse_c.masked_fill(empty[:, None], float("-inf"))
+    lse_c = lse_c.masked_fill(empty[:, None], float("-inf"))  # a row with no cache: its cache part weighs 0
+    out_c = out_c.masked_fill(empty[:, None, None], 0.0)
     lse = torch.logaddexp(lse_c, lse_t)
     out = out_c.float() * (lse_c - lse).exp()[..., None] + out_t.float() * (lse_t - lse).exp()[..., None]
     return out.to(q.dtype).view(B, N, H, D)
