@@ -28,6 +28,12 @@ _LAZY = {
     "sequence_ids": "packmask.data.loss",
     "PackedCollator": "packmask.data.collator",
     "packed_causal_lm_loss": "packmask.data.loss",
+    # shared-prefix trees (preference / RL)
+    "pack_preference": "packmask.data.preference",
+    "pack_groups": "packmask.data.preference",
+    "TreePackingStats": "packmask.data.preference",
+    "TreeCollator": "packmask.data.tree_collator",
+    "branch_logps": "packmask.data.logps",
     # chat data
     "tokenize_messages": "packmask.data.chat",
     "tokenize_chat_dataset": "packmask.data.chat",
