@@ -360,3 +360,15 @@ def test_tree_block_mask_tiles_and_mask_mod(window, kv_extra):
     assert not (full[..., :nkb] & ~tiles.all(4).all(2)).any()
     if window is None:
         assert full.any()  # cache tiles are skipped from mask evaluation, not just listed
+
+
+def test_dispatch_of_tree_layouts():
+    """varlen and flex both run trees on CUDA (varlen first); the cost table, which prices documents,
+    leaves trees to that order; the CPU takes sdpa, or eager for softcapping."""
+    from packmask.backends import choose_backend, costs
+    from packmask.backends.spec import AttentionSpec
+    layout = TreeLayout.from_parents(torch.tensor([PARENTS]), PAST)
+    q = torch.zeros(1, 4, len(PARENTS), 16)
+    assert costs.choose_kernel(["varlen", "flex"], layout, q)[0] == "varlen"
+    assert choose_backend(layout, AttentionSpec(scale=1.0), q, False) == "sdpa"
+    assert choose_backend(layout, AttentionSpec(scale=1.0, softcap=30.0), q, False) == "eager"
