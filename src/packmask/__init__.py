@@ -14,7 +14,8 @@ from .errors import PackmaskError, PackmaskWarning, UnsupportedModelError
 from .guards import configure
 from .integration import NAME, enable
 from .layout import DocumentLayout, GeneralLayout, analyse_mask, position_ids_from_mask
-from .masks import block_diagonal_mask, prefix_lm_mask, shared_prefix_tree_mask
+from .layout_tree import TreeLayout
+from .masks import block_diagonal_mask, prefix_lm_mask, shared_prefix_tree_mask, tree_mask, tree_mask_from_segments
 
 # name -> module that defines it; imported on first use so `import packmask` stays light.
 _LAZY = {

@@ -174,8 +174,8 @@ def _check_positions(model, impl, mask, names, args, kwargs) -> None:
     pos = _argument(names, args, kwargs, "position_ids")
     if not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[-1] < 2:
         return
-    if isinstance(mask, torch.Tensor) and mask.dim() != 2:
-        return  # a 4D mask says who attends whom itself
+    if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+        return  # a 4D mask (or a dict of them per layer type) says who attends whom itself
     if mask is None:
         use_cache = _argument(names, args, kwargs, "use_cache")
         if use_cache is None:

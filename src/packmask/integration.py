@@ -25,7 +25,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from .backends import AttentionSpec, attend
 from .errors import PackmaskError, UnsupportedModelError
 from .guards import check_construction, check_stock_forward
-from .layout import DocumentLayout, analyse_mask, cached_on
+from .kvcache import check_mask_against_cache
+from .layout import DocumentLayout, GeneralLayout, TreeLayout, analyse_mask, cached_on
 from .segments import starts_from_ids, starts_from_position_ids
 from .support import check_packed_input, position_offset
 
@@ -63,10 +64,7 @@ def packmask_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
                   attention_mask=None, **kwargs):
     """``AttentionMaskInterface`` entry: called by ``create_causal_mask`` & co. once per forward."""
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 3:
-        if kv_length != q_length or (isinstance(q_offset, int) and q_offset != 0):
-            raise PackmaskError(
-                "a [B, N, N] attention_mask describes a whole packed row; it cannot be combined with cached "
-                "past keys. Pass use_cache=False (training) or a 2D mask for generation.")
+        # [B, N, N] packed rows, or [B, N, past + N] new tokens over a cache (checked by the forward pre-hook)
         layout = cached_on(attention_mask, "layout",
                            lambda: _on_device(analyse_mask(attention_mask, batch_size, q_length), kwargs.get("device")))
         return PackmaskMask(batch_size, q_length, kv_length, layout=layout)
@@ -92,17 +90,26 @@ def _on_device(layout, device):
 _SINK_KWARGS = ("s_aux", "sinks")  # per-head sink logits (gpt-oss): honoured by the eager backend
 
 
-def _resolve_layout(module, attention_mask, kwargs, B, N, kv_len, device):
+def _resolve_layout(module, attention_mask, kwargs, B, N, kv_len, device, sliding_window=None):
     """The packed layout of this forward, or None for the ordinary path. Cached on the inputs."""
     causal = getattr(module, "is_causal", True)
-    if isinstance(attention_mask, torch.Tensor):  # a user's [B, 1, N, N] mask, passed as-is by transformers
-        if attention_mask.dim() != 4 or attention_mask.shape[-2:] != (N, kv_len) or N != kv_len:
+    if isinstance(attention_mask, PackmaskMask) and attention_mask.layout is not None:
+        attention_mask = attention_mask.layout
+    if isinstance(attention_mask, torch.Tensor):  # a user's [B, 1, N, K] mask, passed as-is by transformers
+        if attention_mask.dim() != 4 or attention_mask.shape[-2] != N or attention_mask.shape[-1] < N:
             raise PackmaskError(
                 f"attention_mask of shape {tuple(attention_mask.shape)} does not match the inputs "
-                f"[batch={B}, tokens={N}]: pass [B, N, N] or [B, 1, N, N] (and use_cache=False).")
-        return cached_on(attention_mask, "layout", lambda: analyse_mask(attention_mask, B, N))
-    if isinstance(attention_mask, PackmaskMask) and attention_mask.layout is not None:
-        return attention_mask.layout
+                f"[batch={B}, tokens={N}]: pass [B, N, N] or [B, 1, N, N] (with a cache: [B, 1, N, past + N]).")
+        attention_mask = cached_on(attention_mask, "layout", lambda: analyse_mask(attention_mask, B, N))
+    if isinstance(attention_mask, (DocumentLayout, GeneralLayout, TreeLayout)):
+        layout = attention_mask
+        K = layout.key_len if isinstance(layout, TreeLayout) else layout.seq_len
+        # a tree's keys may be a sliding cache layer's last kv_len < K columns, or a static buffer's kv_len > K
+        if kv_len != K and not (isinstance(layout, TreeLayout) and (kv_len > K or sliding_window is not None)):
+            raise PackmaskError(
+                f"{type(module).__name__} has {kv_len} keys but the attention_mask has {K} key columns: a mask with a "
+                f"cache needs [B, 1, N, past + N] columns (past = cached tokens); a [B, N, N] mask needs no cache.")
+        return layout
     if N != kv_len:  # decoding against a cache: nothing is packed — unless the inputs say otherwise
         from .support import is_packed_input
         if is_packed_input(position_ids=kwargs.get("position_ids"), cu_seq_lens=kwargs.get("cu_seq_lens_q"),
@@ -180,10 +187,10 @@ def packmask_attention(module, query, key, value, attention_mask, scaling=None, 
             f"[B, N, N] mask cannot reach it intact. Train this model unpacked (2D padding mask).")
     B, H, N, D = query.shape
     kv_len = key.shape[2]
-    layout = _resolve_layout(module, attention_mask, kwargs, B, N, kv_len, query.device)
+    layout = _resolve_layout(module, attention_mask, kwargs, B, N, kv_len, query.device, sliding_window)
     window = int(sliding_window) if sliding_window else None
-    if layout is not None and window is not None and window >= N:
-        window = None  # no document is longer than the window: it hides nothing
+    if layout is not None and window is not None and window >= getattr(layout, "key_len", N):
+        window = None  # no document (no root-to-leaf path over the cache) is longer than the window
     spec = AttentionSpec(
         scale=float(scaling) if scaling is not None else D ** -0.5,
         dropout=float(dropout or 0.0),
@@ -298,6 +305,11 @@ def _derive_inputs(model, args, kwargs):
         else:
             i = names.index("attention_mask")
             args = args[:i] + (mask,) + args[i + 1:]
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4 and ref is not None:
+        # a per-sample mask with a KV cache: its columns must be the cached tokens, then the new ones
+        cache = next((c for c in (kwargs.get(n, bound.get(n)) for n in ("cache", "past_key_values")) if c is not None),
+                     None)
+        check_mask_against_cache(mask, ref.shape[1], cache)
     # refuse models that cannot isolate packed sequences (recurrent layers, attention outside the interface)
     check_packed_input(model, mask=mask, position_ids=kwargs.get("position_ids", bound.get("position_ids")),
                        cu_seq_lens=kwargs.get("cu_seq_lens_q"), seq_lengths=kwargs.get("seq_lengths"),

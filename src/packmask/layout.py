@@ -43,10 +43,12 @@ import torch
 
 from . import segments
 from .errors import PackmaskError
+from .layout_tree import TreeLayout, analyse_tree_mask
 
 __all__ = [
     "DocumentLayout",
     "GeneralLayout",
+    "TreeLayout",
     "Layout",
     "analyse_mask",
     "position_ids_from_mask",
@@ -158,7 +160,8 @@ class DocumentLayout:
     def seq_lengths(self) -> list[int]:
         return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
 
-    def dense_mask(self, sliding_window: int | None = None, bidirectional_window: bool = False) -> torch.Tensor:
+    def dense_mask(self, sliding_window: int | None = None, bidirectional_window: bool = False,
+                   kv_len: int | None = None) -> torch.Tensor:
         """``[B, 1, N, N]`` bool mask (True = may attend). O(N²): for CPU/reference paths only.
 
         ``sliding_window`` hides keys ``window`` or more positions before the query, and with
@@ -205,7 +208,8 @@ class GeneralLayout:
     def seq_len(self) -> int:
         return self.mask.shape[1]
 
-    def dense_mask(self, sliding_window: int | None = None, bidirectional_window: bool = False) -> torch.Tensor:
+    def dense_mask(self, sliding_window: int | None = None, bidirectional_window: bool = False,
+                   kv_len: int | None = None) -> torch.Tensor:
         key = ("dense", sliding_window, bidirectional_window)
         if key not in self._memo:
             m = self.mask
@@ -215,7 +219,7 @@ class GeneralLayout:
         return self._memo[key]
 
 
-Layout = DocumentLayout | GeneralLayout
+Layout = DocumentLayout | GeneralLayout | TreeLayout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,15 +236,15 @@ def _as_bool_mask(mask: torch.Tensor, batch_size: int | None, seq_len: int | Non
                 f"attention_mask of shape {tuple(mask.shape)} has {mask.shape[1]} heads; packmask takes one mask "
                 f"for all heads: pass [B, N, N] or [B, 1, N, N].")
         mask = mask[:, 0]
-    if mask.dim() != 3 or mask.shape[-1] != mask.shape[-2]:
+    if mask.dim() != 3 or mask.shape[-1] < mask.shape[-2]:
         raise PackmaskError(
-            f"attention_mask must be [batch, tokens, tokens] (or [batch, 1, tokens, tokens]); got shape "
-            f"{tuple(mask.shape)}.")
-    B, N, _ = mask.shape
+            f"attention_mask must be [batch, tokens, tokens] (or [batch, 1, tokens, tokens]; with a KV cache "
+            f"[batch, tokens, past + tokens]); got shape {tuple(mask.shape)}.")
+    B, N, K = mask.shape
     if (batch_size is not None and B != batch_size) or (seq_len is not None and N != seq_len):
         raise PackmaskError(
             f"attention_mask has shape {tuple(mask.shape)} but the inputs are [batch={batch_size}, "
-            f"tokens={seq_len}]: expected [{batch_size}, {seq_len}, {seq_len}].")
+            f"tokens={seq_len}]: expected [{batch_size}, {seq_len}, {'past + ' if K != N else ''}{seq_len}].")
     if mask.dtype == torch.bool:
         return mask
     if mask.is_floating_point():
@@ -269,13 +273,16 @@ def analyse_mask(mask: torch.Tensor, batch_size: int | None = None, seq_len: int
 
     * every query sees exactly ``[doc_start, i]`` → :class:`DocumentLayout` (causal);
     * every query sees exactly its whole segment → :class:`DocumentLayout` (bidirectional);
+    * every query sees its ancestors in a forest and itself →
+      :class:`~packmask.layout_tree.TreeLayout` (shared-prefix rows; a ``[B, N, past + N]``
+      mask over a KV cache must be one);
     * otherwise → :class:`GeneralLayout` holding the mask.
 
     A query that may attend to nothing raises :class:`PackmaskError` naming it (softmax over no
     keys is undefined: it would be NaN).
     """
     m = _as_bool_mask(mask, batch_size, seq_len)
-    B, N, _ = m.shape
+    B, N, K = m.shape
     idx = torch.arange(N, device=m.device)
     count = m.sum(-1)  # visible keys per query
     if bool((count == 0).any()):
@@ -284,6 +291,15 @@ def analyse_mask(mask: torch.Tensor, batch_size: int | None = None, seq_len: int
             f"attention_mask[{b}, {i}] lets query {i} of row {b} attend to no key (its softmax would be NaN). "
             f"Every query needs at least one visible key; for padding tokens let each attend to itself "
             f"(mask[b, i, i] = True) and give them label -100.")
+    if K != N:  # new tokens over a KV cache: a draft tree (or a plain continuation, a one-branch tree)
+        tree = analyse_tree_mask(m, strict=True)
+        if tree is None:
+            raise PackmaskError(
+                f"attention_mask of shape {tuple(m.shape)} (past {K - N} + {N} new tokens) is not a tree over the "
+                f"cache: with a cache, packmask takes masks where every new token sees one contiguous run of cache "
+                f"columns ending at the last one (the same for the whole row), its ancestors in the tree and itself. "
+                f"Build it with packmask.tree_mask(parents, past_length), or use attn_implementation='sdpa'.")
+        return tree
     m8 = m.to(torch.uint8)
     first = m8.argmax(-1)  # argmax returns the first maximal index
     last = (N - 1) - m8.flip(-1).argmax(-1)
@@ -302,6 +318,9 @@ def analyse_mask(mask: torch.Tensor, batch_size: int | None = None, seq_len: int
         return DocumentLayout._from_start_flags(start_flag, causal=True)
     if bool((count == seg_end - seg_start).all()):
         return DocumentLayout._from_start_flags(start_flag, causal=False)
+    tree = analyse_tree_mask(m)  # shared-prefix rows (prompt | chosen | rejected), any causal forest
+    if tree is not None:
+        return tree
     doc_ids = segments.doc_ids_from_starts(start_flag, local=True)
     return GeneralLayout(m, doc_ids, positions)
 

@@ -11,10 +11,12 @@ backend           where               honours
 ``cudnn``         SM90+, fp16/bf16,   block-diagonal layouts, causal or not, GQA, scale, causal
                   ``packmask[cudnn]`` sliding windows, head dim <= 128. Not: softcap, dropout,
                                       sinks, general masks (cuDNN SDPA with ragged offsets).
-``varlen``        CUDA, fp16/bf16     block-diagonal layouts, causal or not, GQA, scale,
-                                      sliding windows. Not: softcap, dropout, sinks, general masks.
-``flex``          CUDA                any layout (BlockMask), GQA, scale, sliding windows,
-                                      softcap (score_mod). Not: dropout, sinks.
+``varlen``        CUDA, fp16/bf16     block-diagonal layouts, causal or not; tree layouts (shared
+                                      prefixes, draft trees over a KV cache) as pieces with gathered
+                                      keys (backends/tree.py); GQA, scale, sliding windows.
+                                      Not: softcap, dropout, sinks, general masks.
+``flex``          CUDA                any layout (BlockMask; trees' built from their segments), GQA,
+                                      scale, sliding windows, softcap (score_mod). Not: dropout, sinks.
 ``sdpa``          anywhere            any layout via a dense bool mask, GQA, scale, windows,
                                       dropout. Not: softcap, sinks.
 ``eager``         anywhere            everything, sinks included (math, softmax in fp32).

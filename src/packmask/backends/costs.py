@@ -132,6 +132,8 @@ def choose_kernel(candidates, layout, q: torch.Tensor, layers: int = 1) -> tuple
         return candidates[0], {"reason": "only candidate" if len(candidates) == 1 else "unpriced"}
     if torch.compiler.is_compiling():
         return candidates[0], {"reason": "static order under torch.compile"}
+    if getattr(layout, "cu_seqlens", None) is None:  # tree layouts: the table prices documents only
+        return candidates[0], {"reason": "the cost table prices document layouts; the first candidate wins"}
     name = _device_name(q)
     table = load_table(name) if name else None
     if table is None:

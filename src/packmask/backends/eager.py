@@ -56,5 +56,6 @@ def eager_attention(q, k, v, mask: torch.Tensor | None, spec: AttentionSpec, tra
 
 
 def run(q, k, v, layout, spec: AttentionSpec, training: bool) -> torch.Tensor:
-    mask = layout.dense_mask(spec.sliding_window, bidirectional_window=spec.bidirectional_window).to(q.device)
+    mask = layout.dense_mask(spec.sliding_window, bidirectional_window=spec.bidirectional_window,
+                             kv_len=k.shape[2]).to(q.device)
     return eager_attention(q, k, v, mask, spec, training)

@@ -1,14 +1,15 @@
 """FlexAttention with a BlockMask: any layout, GQA, scale, sliding windows, softcap (score_mod).
 
 Needs CUDA (flex has no backward on CPU). Not: dropout, sinks. Block-diagonal layouts get their
-BlockMask straight from document offsets in O((N/128)²); other layouts through
+BlockMask straight from document offsets in O((N/128)²), tree layouts straight from their
+segments (:func:`packmask.backends.tree.tree_block_mask`); general layouts through
 ``create_block_mask`` over the layout's mask.
 """
 from __future__ import annotations
 
 import torch
 
-from ..layout import DocumentLayout, Layout
+from ..layout import DocumentLayout, Layout, TreeLayout
 from .spec import AttentionSpec
 
 NAME = "flex"
@@ -138,7 +139,11 @@ def _flex_softcap_fn():
 
 
 def flex_attention_call(q, k, v, layout: Layout, spec: AttentionSpec) -> torch.Tensor:
-    block_mask = flex_block_mask(layout, spec.sliding_window, q.device, spec.bidirectional_window)
+    if isinstance(layout, TreeLayout):  # keys may be a cache's: past + N, a sliding layer's tail, a static buffer
+        from .tree import tree_block_mask
+        block_mask = tree_block_mask(layout, k.shape[2], spec.sliding_window, q.device)
+    else:
+        block_mask = flex_block_mask(layout, spec.sliding_window, q.device, spec.bidirectional_window)
     gqa = k.shape[1] != q.shape[1]
     if spec.softcap is not None:
         out = _flex_softcap_fn()(q, k, v, block_mask, spec.scale, float(spec.softcap), gqa)

@@ -29,5 +29,6 @@ def sdpa_attention(q, k, v, mask: torch.Tensor | None, spec: AttentionSpec, trai
 
 
 def run(q, k, v, layout, spec: AttentionSpec, training: bool) -> torch.Tensor:
-    mask = layout.dense_mask(spec.sliding_window, bidirectional_window=spec.bidirectional_window).to(q.device)
+    mask = layout.dense_mask(spec.sliding_window, bidirectional_window=spec.bidirectional_window,
+                             kv_len=k.shape[2]).to(q.device)
     return sdpa_attention(q, k, v, mask, spec, training)

@@ -1,8 +1,9 @@
 """torch's ``varlen_attn`` (FlashAttention-2 varlen inside) over the flattened batch.
 
-Honours block-diagonal layouts (causal or bidirectional), GQA without expanding K/V, scale and
-sliding windows (one- or two-sided). Needs CUDA and fp16/bf16. Not: softcap, dropout, sinks,
-general masks.
+Honours block-diagonal layouts (causal or bidirectional), tree layouts (shared-prefix rows and
+draft trees over a KV cache, through the decomposition of :mod:`packmask.backends.tree`), GQA
+without expanding K/V, scale and sliding windows (one- or two-sided). Needs CUDA and fp16/bf16.
+Not: softcap, dropout, sinks, general masks.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from functools import lru_cache
 
 import torch
 
-from ..layout import DocumentLayout
+from ..layout import DocumentLayout, TreeLayout
 from .spec import AttentionSpec
 
 NAME = "varlen"
@@ -57,8 +58,8 @@ def refusal(layout, spec: AttentionSpec, q: torch.Tensor, training: bool) -> str
         return "varlen needs CUDA and torch.nn.attention.varlen"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return "varlen needs fp16/bf16"
-    if not isinstance(layout, DocumentLayout):
-        return "varlen needs a block-diagonal layout"
+    if not isinstance(layout, (DocumentLayout, TreeLayout)):
+        return "varlen needs a block-diagonal or tree layout"
     if spec.softcap is not None or spec.sinks is not None:
         return "varlen cannot apply softcapping or sinks"
     if spec.dropout > 0 and training:
@@ -100,4 +101,7 @@ def varlen_attention(q, k, v, layout: DocumentLayout, spec: AttentionSpec, nativ
 
 
 def run(q, k, v, layout, spec: AttentionSpec, training: bool) -> torch.Tensor:
+    if isinstance(layout, TreeLayout):
+        from .tree import tree_varlen_attention
+        return tree_varlen_attention(q, k, v, layout, spec)
     return varlen_attention(q, k, v, layout, spec)
