@@ -28,6 +28,9 @@ _LAZY = {
     "packed_causal_lm_loss": "packmask.data.loss",
     # proof tool
     "verify": "packmask.verification",
+    # context parallelism (torch.distributed)
+    "context_parallel": "packmask.distributed.context_parallel",
+    "ContextParallel": "packmask.distributed.context_parallel",
 }
 
 

@@ -27,7 +27,7 @@ from .errors import PackmaskError, UnsupportedModelError
 from .layout import DocumentLayout, analyse_mask, cached_on
 from .support import check_packed_input, position_offset
 
-__all__ = ["NAME", "PackmaskMask", "packmask_attention", "packmask_mask", "enable", "register"]
+__all__ = ["NAME", "LAYOUT_KWARG", "PackmaskMask", "packmask_attention", "packmask_mask", "enable", "register"]
 
 NAME = "packmask"
 
@@ -169,13 +169,22 @@ def _layout_from_positions(pos, padding, causal):
     return DocumentLayout._from_start_flags(start, causal=causal)
 
 
+#: Model keyword through which a caller hands packmask's attention a ready-made layout object that
+#: brings its own kernel: ``layout.attend(module, q, k, v, spec=..., training=...) -> [B, N, H, D]``.
+#: transformers forwards a model's extra keywords to every attention call, so no model code is
+#: touched. Context parallelism (:mod:`packmask.distributed.context_parallel`) uses it; while a
+#: context-parallel context is active, an attention call without it raises (a model that does not
+#: forward its keywords to attention would otherwise attend to this rank's tokens only).
+LAYOUT_KWARG = "packmask_layout"
+_external_layout = {"required": 0}
+
+
 def packmask_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                        sliding_window=None, softcap=None, **kwargs):
     """``AttentionInterface`` entry: one call per layer."""
     sinks = next((kwargs[name] for name in _UNSUPPORTED_KWARGS if kwargs.get(name) is not None), None)
     B, H, N, D = query.shape
     kv_len = key.shape[2]
-    layout = _resolve_layout(module, attention_mask, kwargs, B, N, kv_len, query.device)
     spec = AttentionSpec(
         scale=float(scaling) if scaling is not None else D ** -0.5,
         dropout=float(dropout or 0.0),
@@ -183,6 +192,18 @@ def packmask_attention(module, query, key, value, attention_mask, scaling=None, 
         sliding_window=int(sliding_window) if sliding_window else None,
         is_causal=getattr(module, "is_causal", True),
     )
+    external = kwargs.get(LAYOUT_KWARG)
+    if external is not None:
+        if sinks is not None:
+            raise UnsupportedModelError(f"{type(module).__name__} has attention sinks, which {type(external).__name__} "
+                                        f"does not implement.")
+        return external.attend(module, query, key, value, spec=spec, training=module.training), None
+    if _external_layout["required"]:
+        raise PackmaskError(
+            f"{type(module).__name__} ran packmask attention without the {LAYOUT_KWARG!r} keyword while context "
+            f"parallelism is active: pass the whole batch from ContextParallel.shard(...) to the model; a model whose "
+            f"forward does not hand its keywords on to attention cannot be context-parallel.")
+    layout = _resolve_layout(module, attention_mask, kwargs, B, N, kv_len, query.device)
     standard = None
     if layout is None:
         if isinstance(attention_mask, PackmaskMask):
@@ -286,6 +307,9 @@ def _derive_inputs_hook(model, args, kwargs):
         else:
             i = names.index("attention_mask")
             args = args[:i] + (mask,) + args[i + 1:]
+    external = kwargs.get(LAYOUT_KWARG)
+    if external is not None and hasattr(external, "check_model"):
+        external.check_model(model)  # e.g. context parallelism refuses recurrent families by name
     # refuse models that cannot isolate packed sequences (recurrent layers, attention outside the interface)
     check_packed_input(model, mask=mask, position_ids=kwargs.get("position_ids", bound.get("position_ids")),
                        cu_seq_lens=kwargs.get("cu_seq_lens_q"), seq_lengths=kwargs.get("seq_lengths"),
