@@ -13,27 +13,31 @@ an ordinary ``[B, N / cp]`` tensor. Which tokens go where is decided per documen
 Attention work is counted in (query, key) pairs: a query at position ``p`` of its document sees
 ``p + 1`` keys (``min(p + 1, window)`` with a sliding window).
 
-Worked example: one row of 16 tokens, documents ``a`` (10 tokens), ``b`` (4) and ``c`` (2),
-``cp = 2``, documents of 8 tokens or more are zig-zagged::
+Worked example: one row of 16 tokens, documents ``a`` (8 tokens), ``b`` (4) and ``c`` (4),
+``cp = 2``, documents of 8 tokens or more zig-zagged: ``a`` is cut into 2 * cp = 4 chunks of 2;
+rank 0 gets chunks 0 and 3, rank 1 chunks 1 and 2, then ``b`` and ``c`` go whole to one rank each::
 
-    tokens   a0 a1 a2 a3 a4 a5 a6 a7 a8 a9 b0 b1 b2 b3 c0 c1
-    chunks   [ 0 ][  1  ][  2 ][  3  ]                        a cut into 2*cp = 4 chunks
-    rank      0  0  1  1  1  1  1  0  0  0  1  1  1  1  0  0
-    position  0  1  2  3  4  5  6  7  8  9  0  1  2  3  0  1
+    tokens    a0 a1 a2 a3 a4 a5 a6 a7 b0 b1 b2 b3 c0 c1 c2 c3
+    chunk of a [ 0 ] [ 1 ] [ 2 ] [ 3 ]
+    rank       0  0  1  1  1  1  0  0  0  0  0  0  1  1  1  1
+    keys seen  1  2  3  4  5  6  7  8  1  2  3  4  1  2  3  4     (causal: position + 1)
+    work       rank 0: 1+2 + 7+8 + 1+2+3+4 = 28      rank 1: 3+4 + 5+6 + 1+2+3+4 = 28
 
-    rank 0 holds a0 a1 a7 a8 a9 c0 c1      + b? no: 8 tokens each
-    
+A prefix split (rank 0 = tokens 0-7) gives rank 0 all of ``a``, its late tokens included: 36 vs 20.
+
 >>> from packmask.layout import DocumentLayout
->>> plan = plan_context_parallel(DocumentLayout.from_seq_lengths([[10, 4, 2]], 16), cp=2, split_threshold=8)
+>>> plan = plan_context_parallel(DocumentLayout.from_seq_lengths([[8, 4, 4]], 16), cp=2, split_threshold=8)
 >>> print(plan.draw(0))
 token     0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5
-document  0 0 0 0 0 0 0 0 0 0 1 1 1 1 2 2
-position  0 1 2 3 4 5 6 7 8 9 0 1 2 3 0 1
-rank      0 0 1 1 1 1 1 1 0 0 0 0 0 0 1 1
->>> plan.index[:, 0].tolist()                   # global token indices each rank holds, in row order
-[[0, 1, 8, 9, 10, 11, 12, 13], [2, 3, 4, 5, 6, 7, 14, 15]]
->>> plan.rank_costs().tolist()                  # (query, key) pairs per rank
-[[30, 32]]
+document  0 0 0 0 0 0 0 0 1 1 1 1 2 2 2 2
+position  0 1 2 3 4 5 6 7 0 1 2 3 0 1 2 3
+rank      0 0 1 1 1 1 0 0 0 0 0 0 1 1 1 1
+>>> plan.index[:, 0].tolist()                   # row positions each rank holds, ascending
+[[0, 1, 6, 7, 8, 9, 10, 11], [2, 3, 4, 5, 12, 13, 14, 15]]
+>>> plan.rank_costs().tolist()                  # (query, key) pairs per row and rank
+[[28, 28]]
+>>> plan_context_parallel(DocumentLayout.from_seq_lengths([[8, 4, 4]], 16), cp=2, strategy="prefix").rank_costs().tolist()
+[[36, 20]]
 """
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ import torch
 from ..errors import PackmaskError
 from ..layout import DocumentLayout
 
-__all__ = ["ShardPlan", "plan_context_parallel", "attention_cost", "STRATEGIES"]
+__all__ = ["ShardPlan", "plan_context_parallel", "attention_cost", "token_costs", "STRATEGIES"]
 
 STRATEGIES = ("balanced", "zigzag", "prefix")
 
@@ -64,6 +68,18 @@ def attention_cost(first_pos: int, length: int, window: int | None = None, doc_l
         return length * first_pos + length * (length + 1) // 2
     below = max(0, min(first_pos + length - 1, window - 2) - first_pos + 1)  # queries with p + 1 < window
     return below * first_pos + below * (below + 1) // 2 + (length - below) * window
+
+
+def token_costs(doc_ids: torch.Tensor, position_ids: torch.Tensor, window: int | None = None,
+                causal: bool = True) -> torch.Tensor:
+    """``[B, N]`` keys each query attends to: ``position + 1`` (capped by the window), or the
+    document's length for bidirectional attention."""
+    if not causal:
+        counts = torch.zeros(doc_ids.shape[0], int(doc_ids.max()) + 1, dtype=torch.long)
+        counts.scatter_add_(1, doc_ids, torch.ones_like(doc_ids))
+        return torch.gather(counts, 1, doc_ids)
+    keys = position_ids.to(torch.long) + 1
+    return keys.clamp(max=window) if window is not None else keys
 
 
 @dataclass(eq=False)
@@ -119,15 +135,9 @@ class ShardPlan:
         return torch.empty_like(flat).scatter(1, dest, flat)
 
     def rank_costs(self) -> torch.Tensor:
-        """``[B, cp]`` attention (query, key) pairs per rank and row."""
-        costs = torch.zeros(self.batch_size, self.cp, dtype=torch.long)
-        lengths = self.doc_lengths()
-        for b, row in enumerate(self.chunks):
-            for rank, start, length in row:
-                doc = int(self.doc_ids[b, start])
-                first = int(self.position_ids[b, start])
-                costs[b, rank] += attention_cost(first, length, self.window, lengths[b][doc], self.causal)
-        return costs
+        """``[B, cp]`` attention (query, key) pairs per row and rank."""
+        return token_costs(self.doc_ids, self.position_ids, self.window, self.causal)[None].expand(
+            self.cp, -1, -1).gather(2, self.index).sum(-1).T
 
     def doc_lengths(self) -> list[list[int]]:
         return [torch.bincount(d).tolist() for d in self.doc_ids]
