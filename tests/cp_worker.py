@@ -81,6 +81,31 @@ def compare(name, family, overrides, mesh, results, strategy="balanced", corrupt
     dist.barrier()
 
 
+def compare_fsdp2(name, results):
+    """FSDP2 over the same ranks as the context group: sharded parameters; FSDP2 averages gradients over
+    its ranks, so the backward runs on loss * world_size (gloo has no PREMUL_SUM for a divide factor of 1)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    begin = time.perf_counter()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("context",))
+    batch = make_batch(SEQ_LENGTHS, 0)
+    model = tiny_model("llama")
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    with ContextParallel(mesh, model=model) as ctx:
+        out = model(**ctx.shard(batch))
+        (out.loss * ctx.world_size).backward()  # every rank's loss is already divided by the global count
+        logits, loss = ctx.gather(out.logits.detach()), ctx.reduce(out.loss)
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    if dist.get_rank() == 0:
+        ref_model, ref_logits, ref_loss = reference("llama", {}, batch)
+        worst = max((rel_err(grads[n], p.grad), n) for n, p in ref_model.named_parameters())
+        results[name] = dict(logits=rel_err(logits, ref_logits), loss=abs(loss.item() - ref_loss.item()) / abs(ref_loss.item()),
+                             grads=worst[0], worst_param=worst[1], seconds=round(time.perf_counter() - begin, 2))
+    dist.barrier()
+
+
 def expect_error(name, fn, error_type, results, *needles):
     try:
         fn()
@@ -104,6 +129,8 @@ def main(out_path):
         compare("mistral_window", "mistral", {}, None, results)
         compare("llama_prefix_split", "llama", mha, None, results, strategy="prefix")
         compare("control_documents_see_each_other", "llama", mha, None, results, corrupt=True)
+        if world == 2:
+            compare_fsdp2("fsdp2_llama", results)
         if world == 4:
             from torch.distributed.device_mesh import init_device_mesh
             mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("data", "context"))

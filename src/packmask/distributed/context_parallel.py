@@ -31,8 +31,14 @@ What happens:
    reduce-scatters dK/dV.
 3. Gradients are a sum over ranks: every rank's loss is divided by the *global* count, so
    summing gradients (``all_reduce_gradients``) gives exactly the single-process gradient. DDP and
-   FSDP2 *average* over their ``W`` ranks instead: backpropagate ``out.loss * ctx.world_size`` (or
-   call FSDP2's ``model.set_gradient_divide_factor(1.0)``).
+   FSDP2 *average* over their ``W`` ranks instead: backpropagate ``out.loss * ctx.world_size`` (on
+   NCCL, FSDP2's ``model.set_gradient_divide_factor(1.0)`` does the same; gloo lacks the
+   ``PREMUL_SUM`` it needs).
+
+Not supported: a KV cache / generation (``use_cache`` is forced off), masks that are not
+block-diagonal (prefix-LM, trees), bidirectional sliding windows, attention sinks, models with
+recurrent / state-space layers (refused by name), and models whose forward does not pass its
+keywords on to attention (refused at the first layer while the context is active).
 """
 from __future__ import annotations
 
