@@ -190,3 +190,37 @@ def test_context_parallel_matches_one_process(world, tmp_path):
     for case in ("error_not_divisible", "error_recurrent_family", "error_different_batches",
                  "error_layout_not_forwarded"):
         assert results[case]["ok"], (case, results[case])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_varlen_pieces_on_cuda(window, kv_heads):
+    """The CUDA path (torch varlen_attn, cu_seqlens_q != cu_seqlens_k, bottom-right causal, GQA) in
+    bf16: each rank's queries vs the gathered keys are as close to fp32 full-row attention as
+    packmask's own varlen backend on the whole row is."""
+    from packmask.backends import varlen_attention
+    from packmask.distributed.cp_attention import _varlen_rect
+    torch.manual_seed(0)
+    rows, N, cp, H, D = [[700, 90, 130, 104], [33, 611, 380]], 1024, 4, 4, 64
+    layout = DocumentLayout.from_seq_lengths(rows, N, device="cuda")
+    plan = plan_context_parallel(layout, cp, split_threshold=100, window=window)
+    q, k, v = (torch.randn(2, h, N, D, device="cuda") for h in (H, kv_heads, kv_heads))
+    spec = AttentionSpec(scale=D ** -0.5, sliding_window=window)
+    full = eager_attention(q, k, v, layout.dense_mask(window), spec, False)
+    bf = [t.bfloat16() for t in (q, k, v)]
+    budget = rel_err(varlen_attention(*bf, layout, spec).float(), full)
+    index = plan.index.cuda()
+    keys = index.permute(1, 0, 2).reshape(2, -1)
+    k_all, v_all = (torch.gather(t, 2, keys[:, None, :, None].expand(-1, kv_heads, -1, D)) for t in bf[1:])
+    for r in range(cp):
+        idx = index[r]
+        q_r = torch.gather(bf[0], 2, idx[:, None, :, None].expand(-1, H, -1, D))
+        cu_q, cu_k, key_index, max_q, max_k = varlen_pieces(idx, index, plan.doc_ids.cuda(), plan.position_ids.cuda(),
+                                                            True, window)
+        out = _varlen_rect(q_r.transpose(1, 2).reshape(-1, H, D), k_all.transpose(1, 2).reshape(-1, kv_heads, D)[key_index],
+                           v_all.transpose(1, 2).reshape(-1, kv_heads, D)[key_index], cu_q, cu_k, max_q, max_k, True,
+                           spec.scale, window)
+        want = torch.gather(full, 1, idx[:, :, None, None].expand(-1, -1, H, D))
+        assert rel_err(out.view(2, -1, H, D).float(), want) <= 2 * budget + 1e-3, r
