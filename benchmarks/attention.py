@@ -17,7 +17,8 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask
 
-from packmask.backends import AttentionSpec, _flex_fn, document_block_mask, varlen_attention
+from packmask.backends import AttentionSpec, varlen_attention
+from packmask.backends.flex import _flex_fn, document_block_mask
 from packmask.layout import DocumentLayout
 
 dev = "cuda"

@@ -8,7 +8,8 @@ import torch
 import torch.nn.attention.varlen  # noqa: F401 — registers torch.ops.torch_attn
 import triton
 
-from packmask.backends import AttentionSpec, _gqa_native_varlen, varlen_attention
+from packmask.backends import AttentionSpec, varlen_attention
+from packmask.backends.varlen import _gqa_native_varlen
 from packmask.layout import DocumentLayout
 
 from attention import random_qkv  # benchmarks/attention.py

@@ -2,15 +2,18 @@
 one-line errors and the files written.
 
 Each call starts a fresh interpreter (torch + transformers import, ~4 s), so the file keeps to
-one call per behaviour and a demo of a few steps.
+one call per behaviour and a demo of a few steps; variants of one behaviour (every kind of bad
+record, every way OUTPUT can be the input) run in-process in tests/test_cli_records.py.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -54,36 +57,66 @@ def token_jsonl(tmp_path_factory):
     return path
 
 
+def test_help_answers_at_once_without_importing_torch():
+    # the console script's launcher: parse first, import the library only for real work
+    probe = ("import json, sys, packmask_cli\n"
+             "try:\n    code = packmask_cli.main(sys.argv[1:])\nexcept SystemExit as stop:\n    code = stop.code\n"
+             "print(json.dumps({'code': code, 'heavy': sorted(m for m in ('torch', 'transformers', 'datasets', "
+             "'numba', 'packmask') if m in sys.modules)}), file=sys.stderr)")
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    for args in (["--help"], ["--version"], ["pack"], *([name, "--help"] for name in
+                                                       ("demo", "pack", "stats", "verify", "bench"))):
+        started = time.perf_counter()
+        result = subprocess.run([sys.executable, "-c", probe, *args], env=env, capture_output=True, text=True,
+                                timeout=60)
+        seconds = time.perf_counter() - started
+        report = json.loads(result.stderr.strip().splitlines()[-1])
+        assert report["heavy"] == [], (args, report)
+        assert report["code"] == (2 if args == ["pack"] else 0), (args, result.stderr)
+        assert seconds < 2.0, (args, seconds)  # about 0.1 s on an idle machine; generous for a loaded one
+        assert result.stdout.startswith("packmask ") if args == ["--version"] else True
+
+
 def test_demo_trains_padded_and_packed_and_writes_plot(tmp_path):
     out = tmp_path / "demo"
-    result = run_cli("demo", "--steps", 6, "--no-progress", "--out-dir", out, "--max-length", 256)
+    result = run_cli("demo", "--steps", 4, "--no-progress", "--out-dir", out, "--max-length", 256,
+                     "--heldout", 16)
     assert result.returncode == 0, result.stderr
-    for text in ("real tokens / s", "padding fraction", "loss at step 6", "max |per-seq loss − alone|"):
+    for text in ("real tokens / s", "padding fraction", "loss at step 4", "max |per-seq loss − alone|"):
         assert text in result.stdout, (text, result.stdout)
     assert (out / "demo.png").stat().st_size > 10_000
+    assert sorted(p.name for p in out.iterdir()) == ["demo.json", "demo.png"]  # no temporary file left
     report = json.loads((out / "demo.json").read_text())
     padded, packed = report["padded"], report["packed"]
-    assert len(padded["losses"]) == len(packed["losses"]) == 6
+    assert len(padded["losses"]) == len(packed["losses"]) == 4
     # identical weights and documents at step 1: the losses agree to float rounding
     assert abs(padded["losses"][0] - packed["losses"][0]) < 1e-4
     assert padded["padding_fraction"] > packed["padding_fraction"]
     assert packed["real_tokens"] == padded["real_tokens"]
     iso = report["isolation"]
+    assert iso["documents"] == 16
     assert iso["max_abs_diff_packed_vs_alone"] < 1e-4
     assert iso["max_abs_diff_plain_causal_vs_alone"] > 1e-3  # the contrast really is contaminated
 
 
-def test_pack_jsonl_writes_rows_histogram_and_stats(tmp_path, token_jsonl):
+def test_pack_jsonl_writes_rows_metadata_histogram_and_stats(tmp_path, token_jsonl):
     output = tmp_path / "packed.parquet"
     result = run_cli("pack", token_jsonl, "-o", output, "--max-length", 256)
     assert result.returncode == 0, result.stderr
     assert "fill" in result.stdout and "documents in" in result.stdout
+    assert "input columns not in the output: doc_id" in result.stdout
     histogram = tmp_path / "packed-histogram.png"
     assert histogram.stat().st_size > 10_000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["packed-histogram.png", "packed.parquet"]
 
     import pyarrow.parquet as pq
 
-    table = pq.read_table(output).to_pydict()
+    table = pq.read_table(output)
+    meta = json.loads(table.schema.metadata[b"packmask"])
+    assert meta["max_length"] == 256 and meta["strategy"] == "bfd" and meta["overflow"] == "truncate"
+    assert meta["tokenizer"] is None and meta["source"] == "token ids" and meta["dropped_columns"] == ["doc_id"]
+    assert meta["packmask_version"]
+    table = table.to_pydict()
     originals = [json.loads(line)["input_ids"] for line in token_jsonl.read_text().splitlines()]
     assert all(sum(lengths) == len(ids) <= 256 for ids, lengths in zip(table["input_ids"], table["seq_lengths"]))
     # every document comes back whole, exactly once (none is longer than 256, so none is cut)
@@ -99,43 +132,129 @@ def test_pack_jsonl_writes_rows_histogram_and_stats(tmp_path, token_jsonl):
 
 def test_pack_text_into_saved_dataset_folder(tmp_path):
     source = tmp_path / "text.jsonl"
-    source.write_text("".join(json.dumps({"text": f"Return the sum of {i} numbers. " * (1 + i % 7)}) + "\n"
+    source.write_text("".join(json.dumps({"text": f"Return the sum of {i} numbers. " * (1 + i % 7), "id": i}) + "\n"
                               for i in range(120)))
     output = tmp_path / "packed"
-    result = run_cli("pack", source, "-o", output, "--max-length", 128, "--strategy", "ffd")
+    result = run_cli("pack", source, "-o", output, "--max-length", 128, "--strategy", "ffd", "--tokenizer", "demo")
     assert result.returncode == 0, result.stderr
-    assert "demo tokenizer" in result.stdout
+    assert "packmask-demo-bpe" in result.stdout  # says which tokenizer it used
 
     from datasets import load_from_disk
 
     packed = load_from_disk(str(output))
     assert set(packed.column_names) >= {"input_ids", "seq_lengths"}
     assert (tmp_path / "packed-histogram.png").exists()
+    meta = json.loads((output / "packmask.json").read_text())
+    assert meta["tokenizer"].startswith("packmask-demo-bpe") and meta["source"] == "text"
+    assert meta["eos_appended"] is True and meta["dropped_columns"] == ["id"] and meta["strategy"] == "ffd"
 
 
-def test_stats_reports_without_writing(tmp_path, token_jsonl):
+def test_stats_reports_and_warns_about_truncation_without_writing(tmp_path, token_jsonl):
     before = sorted(p.name for p in token_jsonl.parent.iterdir())
     result = run_cli("stats", token_jsonl, "--max-length", 128, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "truncated docs" in result.stdout and "> 128" in result.stdout
+    warning = " ".join(result.stdout[result.stdout.index("warning:"):].split())
+    assert "truncation cut 3,592 of 28,150 tokens (12.8%)" in warning and "--overflow split" in warning
     assert sorted(p.name for p in token_jsonl.parent.iterdir()) == before
     assert list(tmp_path.iterdir()) == []
 
 
-def test_error_missing_file(tmp_path):
-    assert_one_line_error(run_cli("stats", tmp_path / "nope.jsonl", "--max-length", 64), "no such file")
+@pytest.fixture(scope="module")
+def big_jsonl(tmp_path_factory):
+    """60k documents, 1.9M tokens: writing the packed JSON lines takes about a second."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 64, size=60_000)
+    ids = rng.integers(0, 50_000, size=int(lengths.sum())).astype(str)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    path = tmp_path_factory.mktemp("big") / "big.jsonl"
+    path.write_text("".join('{"input_ids": [%s]}\n' % ",".join(ids[s : s + n]) for s, n in zip(starts, lengths)))
+    return path
 
 
-def test_error_wrong_column(token_jsonl):
-    result = run_cli("pack", token_jsonl, "-o", token_jsonl.parent / "x.parquet", "--max-length", 64,
-                     "--column", "tokens")
-    assert_one_line_error(result, "'tokens'", "--column")
-    assert not (token_jsonl.parent / "x.parquet").exists()
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_mid_write_leaves_previous_output_untouched(tmp_path, big_jsonl, signum):
+    output = tmp_path / "packed.jsonl"
+    sidecar = tmp_path / "packed.jsonl.packmask.json"
+    output.write_bytes(b'{"input_ids": [1, 2, 3], "seq_lengths": [3]}\n')  # a previous, good output
+    sidecar.write_bytes(b'{"max_length": 3}\n')
+    before = {path.name: path.read_bytes() for path in (output, sidecar)}
+    env = {**os.environ, "PYTHONPATH": str(SRC), "TOKENIZERS_PARALLELISM": "false"}
+    process = subprocess.Popen([sys.executable, "-m", "packmask", "pack", str(big_jsonl), "-o", str(output), "--max-length", "64",
+                                "--force", "--no-plot"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + 120
+    while True:  # wait until the data is being written: the staged temporary file has bytes
+        staged = [p for p in tmp_path.glob(".packed.jsonl.*packmask-tmp") if ".probe." not in p.name]
+        if any(p.exists() and p.stat().st_size > 0 for p in staged):
+            break
+        assert process.poll() is None, ("finished before it could be interrupted", process.communicate())
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == (130 if signum == signal.SIGINT else 143), (process.returncode, stdout, stderr)
+    assert ("interrupted" if signum == signal.SIGINT else "terminated") in stderr
+    assert "Traceback" not in stderr
+    assert {path.name: path.read_bytes() for path in (output, sidecar)} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["packed.jsonl", "packed.jsonl.packmask.json"]
 
 
-def test_error_overflow_when_max_length_below_longest(token_jsonl):
-    result = run_cli("stats", token_jsonl, "--max-length", 50, "--overflow", "error")
-    assert_one_line_error(result, "longest sequence", "--max-length")
+def test_output_that_is_the_input_is_refused(tmp_path, token_jsonl):
+    source = tmp_path / "good.jsonl"
+    shutil.copy(token_jsonl, source)
+    before = source.read_bytes()
+    result = run_cli("pack", "good.jsonl", "-o", "good.jsonl", "--max-length", 256, "--force", cwd=tmp_path)
+    assert_one_line_error(result, "is the input")
+    assert source.read_bytes() == before
+
+
+def test_missing_text_is_a_one_line_error_naming_the_line(tmp_path):
+    source = tmp_path / "docs.jsonl"
+    source.write_text('{"text": "one"}\n{"body": "no text field"}\n{"text": "three"}\n')
+    result = run_cli("pack", source, "-o", tmp_path / "out.parquet", "--max-length", 64, "--tokenizer", "demo")
+    assert_one_line_error(result, f"{source}, line 2: field 'text' is missing or null", "--skip-invalid")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]
+
+
+def test_non_utf8_bytes_are_a_one_line_error_naming_the_line(tmp_path):
+    source = tmp_path / "docs.jsonl"
+    source.write_bytes(b'{"input_ids": [1, 2]}\n{"input_ids": [3], "note": "caf\xe9"}\n')
+    result = run_cli("stats", source, "--max-length", 64)
+    assert_one_line_error(result, f"{source}, line 2: not UTF-8 text", "re-encode")
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'assistant' %}<|assistant|>{% generation %}"
+                 "{{ m['content'] }}<|endoftext|>{% endgeneration %}{% else %}<|{{ m['role'] }}|>{{ m['content'] }}"
+                 "<|endoftext|>{% endif %}{% endfor %}")
+
+
+def test_chat_messages_go_through_the_chat_template(tmp_path):
+    pytest.importorskip("packmask.data.chat", reason="packmask.data.chat (lib-apps) is not on this branch yet")
+    from packmask.cli.demo import build_demo_tokenizer
+
+    tokenizer = build_demo_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(tmp_path / "tok")
+    source = tmp_path / "chat.jsonl"
+    source.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
+                                                       {"role": "assistant", "content": f"It is {2 * i}."}]}) + "\n"
+                              for i in range(20)))
+    labelled = {}
+    for train_on in ("assistant", "all"):
+        output = tmp_path / f"{train_on}.jsonl"
+        result = run_cli("pack", source, "-o", output, "--max-length", 128, "--tokenizer", tmp_path / "tok",
+                         "--train-on", train_on, "--no-plot")
+        assert result.returncode == 0, result.stdout + result.stderr
+        rows = [json.loads(line) for line in output.read_text().splitlines()]
+        assert all(len(row["labels"]) == len(row["input_ids"]) for row in rows)
+        labelled[train_on] = sum(label != -100 for row in rows for label in row["labels"])
+        meta = json.loads((tmp_path / f"{train_on}.jsonl.packmask.json").read_text())
+        assert meta["source"] == "chat messages" and meta["train_on"] == train_on
+        assert meta["tokenizer"] == str((tmp_path / "tok").resolve())
+    assert 0 < labelled["assistant"] < labelled["all"]
 
 
 def test_error_unknown_family_and_debug_shows_traceback():
@@ -150,11 +269,18 @@ def test_verify_llama():
     assert "collator" in result.stdout and "PASS llama" in result.stdout
 
 
-def test_bench_prints_its_table():
-    # one method keeps the CPU smoke test short (METHODS is the benchmark's own selector)
-    result = run_cli("bench", env={"METHODS": "packmask_collator"})
+def test_bench_on_cpu_times_packmask_against_transformers_and_skips_gpu_methods(tmp_path):
+    result = run_cli("bench", "--device", "cpu", "--steps", 1, "--row-length", 128, "--json", tmp_path / "b.json")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "real tok/s" in result.stdout and "packmask_collator" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+    for line in ("skipped packmask flex: needs CUDA", "skipped transformers flex: needs CUDA"):
+        assert sum(line in out for out in result.stdout.splitlines()) == 1, result.stdout
+    report = json.loads((tmp_path / "b.json").read_text())
+    rows = report["results"]
+    assert rows["transformers sdpa"]["attention"] == "sdpa"
+    assert rows["packmask collator"]["packmask_backend"] == "sdpa"  # what the dispatcher picks on a CPU
+    for name in ("transformers sdpa", "packmask collator", "packmask [B,N,N] mask"):
+        assert rows[name]["passed"] and rows[name]["rel_err_vs_alone"] < 1e-4, (name, rows[name])
 
 
 def test_console_script_is_installed():
@@ -166,10 +292,8 @@ def test_console_script_is_installed():
 
 
 def test_cli_choices_match_the_packer():
-    import importlib
-
-    cli = importlib.import_module("packmask.cli.main")
+    from packmask.cli import parser
     from packmask.data import packing
 
-    assert cli.STRATEGIES == packing.STRATEGIES
-    assert cli.OVERFLOWS == packing.OVERFLOWS
+    assert parser.STRATEGIES == packing.STRATEGIES
+    assert parser.OVERFLOWS == packing.OVERFLOWS

@@ -1,5 +1,6 @@
 """PackedCollator: keys, labels at boundaries, padding segments, masks; equal to DataCollatorWithFlattening."""
 import pytest
+import packmask
 from packmask import PackmaskError
 import torch
 from transformers import DataCollatorWithFlattening
@@ -54,18 +55,23 @@ def test_packed_rows_flattened_equal_the_same_sequences_as_plain_examples():
         assert a[key].tolist() == b[key].tolist(), key
 
 
-def test_mask_block_diagonal_causal_and_pads_see_themselves():
+def test_mask_block_diagonal_causal_and_padding_one_causal_block():
     features = [{"input_ids": [1, 2, 3], "seq_lengths": [2, 1]}, {"input_ids": [4], "seq_lengths": [1]}]
     batch = PackedCollator(return_mask=True, max_length=4, return_seq_lengths=True)(features)
     mask = batch["attention_mask"]
     assert mask.shape == (2, 4, 4) and mask.dtype == torch.bool
     expected0 = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)
-    expected1 = torch.eye(4, dtype=torch.bool)
+    expected1 = torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0], [0, 1, 1, 0], [0, 1, 1, 1]], dtype=torch.bool)
     assert torch.equal(mask[0], expected0)
     assert torch.equal(mask[1], expected1)
     assert mask.any(-1).all()  # no empty query row
     assert batch["seq_lengths"] == [[2, 1], [1]]
     assert batch["cu_seq_lens_q"].tolist() == [0, 2, 3, 4, 5, 8]
+    # the padding rule of packmask.segments: the mask, cu_seq_lens and positions describe the same documents
+    assert torch.equal(mask, packmask.block_diagonal_mask(batch["seq_lengths"], 4))
+    layout = packmask.analyse_mask(mask)
+    assert layout.cu_seqlens.tolist() == batch["cu_seq_lens_q"].tolist()
+    assert torch.equal(layout.position_ids, batch["position_ids"])
 
 
 def test_completion_mask_and_given_labels_and_empty_examples():

@@ -65,24 +65,6 @@ def test_shared_prefix_tree_equals_dense_eager_and_each_branch_alone():
         start += length
 
 
-def test_block_diagonal_mask_is_analysed_into_document_layout():
-    mask = packmask.block_diagonal_mask([[3, 4], [7]], 7)
-    layout = packmask.analyse_mask(mask)
-    assert isinstance(layout, packmask.DocumentLayout) and layout.causal
-    assert layout.cu_seqlens.tolist() == [0, 3, 7, 14]
-    assert layout.max_seqlen == 7
-    assert torch.equal(layout.dense_mask()[:, 0], mask)
-    bidir = packmask.analyse_mask(packmask.block_diagonal_mask([[3, 4]], 7, causal_within=False))
-    assert isinstance(bidir, packmask.DocumentLayout) and not bidir.causal
-
-
-def test_additive_float_mask_is_understood():
-    mask = packmask.block_diagonal_mask([[3, 4]], 7)
-    layout = packmask.analyse_mask(_additive(mask))
-    assert isinstance(layout, packmask.DocumentLayout)
-    assert layout.cu_seqlens.tolist() == [0, 3, 7]
-
-
 def test_sliding_window_is_applied_per_sequence():
     """The mistral check can fail: dropping the window changes the logits."""
     model, ref = _pair("mistral")
@@ -147,16 +129,6 @@ def test_mask_is_analysed_once_per_forward(monkeypatch):
     calls.clear()
     model(input_ids=torch.randint(1, 128, (1, 8)), attention_mask=packmask.block_diagonal_mask([[3, 5]], 8)[:, None])
     assert len(calls) == 1
-
-
-def test_forced_backend_that_lacks_a_feature_refuses():
-    model = tiny_model("gemma2", "packmask")
-    packmask.set_backend("sdpa")
-    try:
-        with pytest.raises(PackmaskError, match="softcapping"):
-            model(input_ids=torch.randint(1, 128, (1, 8)), attention_mask=packmask.block_diagonal_mask([[3, 5]], 8))
-    finally:
-        packmask.set_backend("auto")
 
 
 def test_attention_dropout_keeps_sequences_isolated():

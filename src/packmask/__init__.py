@@ -9,8 +9,9 @@ import importlib
 
 __version__ = "0.1.0"
 
-from .backends import get_backend, set_backend
-from .errors import PackmaskError, UnsupportedModelError
+from .backends import backend, get_backend, set_backend
+from .errors import PackmaskError, PackmaskWarning, UnsupportedModelError
+from .guards import configure
 from .integration import NAME, enable
 from .layout import DocumentLayout, GeneralLayout, analyse_mask, position_ids_from_mask
 from .masks import block_diagonal_mask, prefix_lm_mask, shared_prefix_tree_mask
@@ -26,6 +27,9 @@ _LAZY = {
     "sequence_ids": "packmask.data.loss",
     "PackedCollator": "packmask.data.collator",
     "packed_causal_lm_loss": "packmask.data.loss",
+    # chat data
+    "tokenize_messages": "packmask.data.chat",
+    "tokenize_chat_dataset": "packmask.data.chat",
     # proof tool
     "verify": "packmask.verification",
     # context parallelism (torch.distributed)
@@ -41,3 +45,8 @@ def __getattr__(name):
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
+
+
+def __dir__():
+    # the lazy names too, so tab completion and dir(packmask) show the whole public API
+    return sorted(set(globals()) | set(_LAZY))

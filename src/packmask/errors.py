@@ -1,4 +1,4 @@
-"""The one exception type packmask raises for input it will not guess about."""
+"""The exception packmask raises for input it will not guess about, and its warning category."""
 from __future__ import annotations
 
 
@@ -11,3 +11,7 @@ class PackmaskError(ValueError):
 
 class UnsupportedModelError(PackmaskError):
     """The model has a feature that attention masks alone cannot isolate per sequence."""
+
+
+class PackmaskWarning(UserWarning):
+    """Input that runs but probably not as meant (e.g. packed positions that transformers will mix)."""

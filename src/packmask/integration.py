@@ -22,9 +22,11 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .backends import AttentionSpec, attend, eager_attention, sdpa_attention
+from .backends import AttentionSpec, attend
 from .errors import PackmaskError, UnsupportedModelError
+from .guards import check_construction, check_stock_forward
 from .layout import DocumentLayout, analyse_mask, cached_on
+from .segments import starts_from_ids, starts_from_position_ids
 from .support import check_packed_input, position_offset
 
 __all__ = ["NAME", "LAYOUT_KWARG", "PackmaskMask", "packmask_attention", "packmask_mask", "enable", "register"]
@@ -87,10 +89,7 @@ def _on_device(layout, device):
     return layout
 
 
-_UNSUPPORTED_KWARGS = {
-    "s_aux": "attention sinks (s_aux)",
-    "sinks": "attention sinks",
-}
+_SINK_KWARGS = ("s_aux", "sinks")  # per-head sink logits (gpt-oss): honoured by the eager backend
 
 
 def _resolve_layout(module, attention_mask, kwargs, B, N, kv_len, device):
@@ -118,7 +117,7 @@ def _resolve_layout(module, attention_mask, kwargs, B, N, kv_len, device):
         return layout if len(layout.cu_seqlens) - 1 > B else None
     pos = kwargs.get("position_ids")
     if pos is not None and pos.dim() == 3 and pos.shape[-1] == N and cached_on(
-            pos, "restarts", lambda: bool((pos[0, :, 1:] != pos[0, :, :-1] + 1).any())):
+            pos, "restarts", lambda: bool(starts_from_position_ids(pos[0])[:, 1:].any())):
         # multimodal RoPE: [3, B, N] (temporal, height, width) positions; image tokens share positions, so
         # sequence starts cannot be read from them
         raise UnsupportedModelError(
@@ -154,19 +153,15 @@ def _layout_from_positions(pos, padding, causal):
         return layout
     padding = padding[:, -pos.shape[1]:]
     # padding runs become documents of their own (their outputs are never used: labels are -100)
-    start = torch.ones_like(pos, dtype=torch.bool)
-    pos_start = start.clone()
-    pos_start[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
-    pad_change = torch.zeros_like(start)
-    pad_change[:, 1:] = padding[:, 1:] != padding[:, :-1]
+    pos_start = starts_from_position_ids(pos)
+    pad_change = starts_from_ids(padding)  # every run of padding or of real tokens begins a document
     bad = pad_change & padding & ~pos_start  # a real token continuing a sequence across padding
     if bool(bad.any()):
         b, i = torch.nonzero(bad)[0].tolist()
         raise PackmaskError(
             f"row {b} has padding inside a packed sequence (before token {i}); put padding at the end of the row or "
             f"between sequences, or drop the 2D attention_mask and pass a [B, N, N] mask.")
-    start[:, 1:] = pos_start[:, 1:] | pad_change[:, 1:]
-    return DocumentLayout._from_start_flags(start, causal=causal)
+    return DocumentLayout._from_start_flags(pos_start | pad_change, causal=causal)
 
 
 #: Model keyword through which a caller hands packmask's attention a ready-made layout object that
@@ -182,91 +177,39 @@ _external_layout = {"required": 0}
 def packmask_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                        sliding_window=None, softcap=None, **kwargs):
     """``AttentionInterface`` entry: one call per layer."""
-    sinks = next((kwargs[name] for name in _UNSUPPORTED_KWARGS if kwargs.get(name) is not None), None)
+    sinks = next((kwargs[name] for name in _SINK_KWARGS if kwargs.get(name) is not None), None)
     B, H, N, D = query.shape
     kv_len = key.shape[2]
-    spec = AttentionSpec(
-        scale=float(scaling) if scaling is not None else D ** -0.5,
-        dropout=float(dropout or 0.0),
-        softcap=float(softcap) if softcap else None,
-        sliding_window=int(sliding_window) if sliding_window else None,
-        is_causal=getattr(module, "is_causal", True),
-    )
     external = kwargs.get(LAYOUT_KWARG)
-    if external is not None:
-        if sinks is not None:
-            raise UnsupportedModelError(f"{type(module).__name__} has attention sinks, which {type(external).__name__} "
-                                        f"does not implement.")
-        return external.attend(module, query, key, value, spec=spec, training=module.training), None
-    if _external_layout["required"]:
+    if external is None and _external_layout["required"]:
         raise PackmaskError(
             f"{type(module).__name__} ran packmask attention without the {LAYOUT_KWARG!r} keyword while context "
             f"parallelism is active: pass the whole batch from ContextParallel.shard(...) to the model; a model whose "
             f"forward does not hand its keywords on to attention cannot be context-parallel.")
-    layout = _resolve_layout(module, attention_mask, kwargs, B, N, kv_len, query.device)
+    layout = None if external is not None else _resolve_layout(module, attention_mask, kwargs, B, N, kv_len, query.device)
+    window = int(sliding_window) if sliding_window else None
+    if layout is not None and window is not None and window >= N:
+        window = None  # no document is longer than the window: it hides nothing
+    spec = AttentionSpec(
+        scale=float(scaling) if scaling is not None else D ** -0.5,
+        dropout=float(dropout or 0.0),
+        softcap=float(softcap) if softcap else None,
+        sliding_window=window,
+        is_causal=getattr(module, "is_causal", True),
+        sinks=sinks,
+    )
+    if external is not None:  # a layout with its own kernel (context parallelism): N is this rank's share
+        if sinks is not None:
+            raise UnsupportedModelError(f"{type(module).__name__} has attention sinks, which {type(external).__name__} "
+                                        f"does not implement.")
+        return external.attend(module, query, key, value, spec=spec, training=module.training), None
     standard = None
-    if layout is None:
-        if isinstance(attention_mask, PackmaskMask):
-            standard = attention_mask.standard_mask()
+    if layout is None and isinstance(attention_mask, PackmaskMask):
+        standard = attention_mask.standard_mask()
         if standard is not None and standard.dim() == 4 and standard.shape[-1] != kv_len:
             standard = standard[..., :kv_len]
-        if sinks is not None:
-            return _sink_attention(query, key, value, standard, spec, sinks, module.training), None
-    else:
-        if spec.sliding_window is not None and spec.sliding_window >= N:
-            spec = AttentionSpec(spec.scale, spec.dropout, spec.softcap, None, spec.is_causal)
-        if spec.sliding_window is not None and not spec.is_causal:
-            return _bidirectional_window_attention(query, key, value, layout, spec, module.training), None
-        if sinks is not None:
-            mask = layout.dense_mask(spec.sliding_window).to(query.device)
-            return _sink_attention(query, key, value, mask, spec, sinks, module.training), None
-    out = attend(query, key, value, layout, spec, training=module.training, standard_mask=standard)
+    out = attend(query, key, value, layout, spec, training=module.training, standard_mask=standard, module=module)
     return out, None
-
-
-def _sink_attention(query, key, value, mask, spec, sinks, training):
-    """Attention with per-head sink logits (gpt-oss ``s_aux`` / ``sinks``): one extra logit per head
-    joins every query's softmax and is dropped afterwards, exactly as transformers' eager does.
-    ``mask`` is a ``[B, 1, N, K]`` bool mask (None: plain causal, with the layer's window)."""
-    B, H, N, D = query.shape
-    K = key.shape[2]
-    if mask is None:
-        q_pos = torch.arange(K - N, K, device=query.device)[:, None]
-        k_pos = torch.arange(K, device=query.device)[None]
-        mask = k_pos <= q_pos if spec.is_causal else torch.ones(N, K, dtype=torch.bool, device=query.device)
-        if spec.sliding_window is not None:
-            mask = mask & (q_pos - k_pos < spec.sliding_window)
-    if key.shape[1] != H:
-        key, value = key.repeat_interleave(H // key.shape[1], 1), value.repeat_interleave(H // value.shape[1], 1)
-    scores = torch.matmul(query, key.transpose(-1, -2)) * spec.scale
-    if spec.softcap is not None:
-        scores = torch.tanh(scores / spec.softcap) * spec.softcap
-    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    sink = sinks.reshape(1, -1, 1, 1).expand(B, -1, N, 1).to(scores.dtype)
-    combined = torch.cat([scores, sink], dim=-1)
-    combined = combined - combined.max(dim=-1, keepdim=True).values
-    probs = torch.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
-    probs = torch.nn.functional.dropout(probs, p=spec.dropout, training=training).to(value.dtype)
-    return torch.matmul(probs, value).transpose(1, 2)
-
-
-def _bidirectional_window_attention(query, key, value, layout, spec, training):
-    """A non-causal layer with a sliding window (ModernBERT's local layers): a key is visible when it
-    is in the query's document and ``|pos_q - pos_k| < sliding_window`` (transformers' convention:
-    the layer passes ``config.sliding_window + 1``). The kernels' windows are one-sided (causal), so
-    this builds the dense mask (O(N²), cached on the layout) and runs SDPA / eager."""
-    window = spec.sliding_window
-    memo = layout._memo
-    key_ = ("bidirectional_window", window)
-    if key_ not in memo:
-        pos = layout.position_ids
-        near = (pos[:, :, None] - pos[:, None, :]).abs() < window
-        memo[key_] = layout.dense_mask(None) & near[:, None]
-    mask = memo[key_].to(query.device)
-    plain = AttentionSpec(spec.scale, spec.dropout, spec.softcap, None, False)
-    if spec.softcap is not None:
-        return eager_attention(query, key, value, mask, plain, training)
-    return sdpa_attention(query, key, value, mask, plain, training)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,9 +233,9 @@ def _uses_packmask(model) -> bool:
 
 def _derive_inputs_hook(model, args, kwargs):
     """Fill in ``position_ids`` (and varlen keys from ``seq_lengths``) when the user omitted them."""
-    if not _uses_packmask(model):
-        return _additive_eager_mask(model, args, kwargs)
     names, takes_positions = _forward_params(type(model))
+    if not _uses_packmask(model):  # help with the mistakes a stock sdpa / eager model would hide (guards.py)
+        return check_stock_forward(model, names, args, kwargs)
     bound = dict(zip(names, args))
     mask = kwargs.get("attention_mask", bound.get("attention_mask"))
     ids = kwargs.get("input_ids", bound.get("input_ids"))
@@ -342,32 +285,9 @@ def _derive_inputs_hook(model, args, kwargs):
     return args, kwargs
 
 
-def _additive_eager_mask(model, args, kwargs):
-    """transformers pitfall: ``eager`` *adds* a user's 4D mask to the scores, so a bool / 0-1 mask
-    adds 1 or 0 instead of blocking (packed rows silently attend across sequences). For models on
-    ``eager`` whose attention goes through transformers' interface, turn such a mask into the
-    additive 0 / dtype-min form eager expects. Everything else is left untouched."""
-    config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) != "eager" or not getattr(model, "_supports_attention_backend", False):
-        return None
-    names, _ = _forward_params(type(model))
-    in_kwargs = "attention_mask" in kwargs
-    index = names.index("attention_mask") if "attention_mask" in names else None
-    mask = kwargs.get("attention_mask") if in_kwargs else (
-        args[index] if index is not None and index < len(args) else None)
-    if not (isinstance(mask, torch.Tensor) and mask.dim() == 4 and not mask.is_floating_point()):
-        return None
-    dtype = model.dtype if model.dtype.is_floating_point else torch.float32
-    additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask == 0, torch.finfo(dtype).min)
-    if in_kwargs:
-        kwargs["attention_mask"] = additive
-    else:
-        args = args[:index] + (additive,) + args[index + 1:]
-    return args, kwargs
-
-
 def _attach_hook(model) -> None:
     if not getattr(model, "_packmask_hooked", False):
+        check_construction(model, NAME)  # before the layers exist: falcon & co. would raise a raw KeyError
         model.register_forward_pre_hook(_derive_inputs_hook, with_kwargs=True, prepend=True)
         model._packmask_hooked = True
 
@@ -384,7 +304,8 @@ def enable(model, backend: str | None = None):
     """Switch an existing model to packmask (needed only for models built before ``import packmask``).
 
     Sets ``attn_implementation="packmask"`` and attaches the position-deriving hook to every
-    ``PreTrainedModel`` inside it. Returns the model.
+    ``PreTrainedModel`` inside it. ``backend`` forces one kernel for this model's layers (see
+    :mod:`packmask.backends`; a ``with packmask.backend(...)`` block still wins). Returns the model.
     """
     for m in model.modules():
         if isinstance(m, PreTrainedModel):
@@ -397,8 +318,10 @@ def enable(model, backend: str | None = None):
             f"cannot switch this model's attention after construction. {unsupported_reason(model) or ''} Build it with "
             f"attn_implementation='packmask' if the family supports it (check with packmask.verify), or train unpacked.")
     if backend is not None:
-        from .backends import set_backend
-        set_backend(backend)
+        from .backends import _check_name
+        _check_name(backend)
+        for m in model.modules():  # read per layer call by the dispatcher (packmask.backends.requested_backend)
+            m._packmask_backend = backend
     return model
 
 

@@ -9,6 +9,9 @@ Every input form (a dense ``[B, N, N]`` mask, ``cu_seq_lens``, ``seq_lengths``, 
 * :class:`GeneralLayout` — anything else (prefix-LM, trees, mixed blocks): the boolean mask itself,
   plus the document segmentation and positions derived from it.
 
+Sequence boundaries (where a document starts, the padding rule, ``cu_seqlens`` <-> positions) are
+never computed here: :mod:`packmask.segments` is the one place that converts them.
+
 Worked example: two rows of 6 tokens, row 0 packs documents ``a`` (3 tokens) and ``b`` (3 tokens),
 row 1 packs ``c`` (4) and ``d`` (2)::
 
@@ -38,6 +41,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from . import segments
 from .errors import PackmaskError
 
 __all__ = [
@@ -71,11 +75,10 @@ def cached_on(tensor: torch.Tensor, key, compute: Callable):
     return hit
 
 
-def _positions_and_docs_from_cu(cu: torch.Tensor, total: int):
-    """Document index and position-in-document of every flattened token, from ``cu_seqlens``."""
-    idx = torch.arange(total, device=cu.device)
-    doc = torch.searchsorted(cu[1:].to(torch.long), idx, right=True)
-    return doc, idx - cu.to(torch.long)[doc]
+def _within_window(pos: torch.Tensor, window: int, bidirectional: bool) -> torch.Tensor:
+    """``[B, N, N]``: key within ``window`` positions of the query (before it; either side if bidirectional)."""
+    delta = pos[:, :, None] - pos[:, None, :]
+    return (delta.abs() if bidirectional else delta) < window
 
 
 @dataclass(eq=False)
@@ -104,72 +107,39 @@ class DocumentLayout:
     def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, batch_size: int, seq_len: int, *, max_seqlen=None,
                         causal: bool = True, name: str = "cu_seq_lens_q") -> "DocumentLayout":
         cu = cu_seqlens.reshape(-1)
-        total = batch_size * seq_len
-        cu_host = cu.tolist()  # one small host copy per forward; validation needs it anyway
-        if len(cu_host) < 2 or cu_host[0] != 0 or cu_host[-1] != total:
-            raise PackmaskError(
-                f"{name} must start at 0 and end at batch*tokens = {batch_size}*{seq_len} = {total}; "
-                f"got {cu_host[:3]}...{cu_host[-2:]}. Build it over the flattened batch (row padding "
-                f"counted as a sequence of its own), e.g. with packmask.PackedCollator.")
-        lengths = [b - a for a, b in zip(cu_host, cu_host[1:])]
-        if min(lengths) < 0:
-            raise PackmaskError(f"{name} must be non-decreasing; got {cu_host}.")
-        if batch_size > 1:
-            starts = set(cu_host)
-            missing = [r for r in range(1, batch_size) if r * seq_len not in starts]
-            if missing:
-                raise PackmaskError(
-                    f"{name} has a sequence that crosses from row {missing[0] - 1} into row {missing[0]} "
-                    f"(no boundary at token {missing[0] * seq_len}); a sequence must fit in one row of "
-                    f"{seq_len} tokens. Split or truncate it when packing (packmask.pack_dataset(overflow=...)).")
-        mx = max(lengths)
-        if max_seqlen is not None and int(max_seqlen) < mx:
-            raise PackmaskError(f"max_length_q={int(max_seqlen)} is smaller than the longest sequence ({mx}) in {name}.")
-        return cls(cu.to(torch.int32), mx, batch_size, seq_len, causal)
+        longest = segments.check_cu_seqlens(cu, batch_size, seq_len, max_seqlen=max_seqlen, name=name)
+        return cls(cu.to(torch.int32), longest, batch_size, seq_len, causal)
 
     @classmethod
     def from_seq_lengths(cls, seq_lengths: Sequence[Sequence[int]], seq_len: int, *, device=None,
                          causal: bool = True) -> "DocumentLayout":
-        """From per-row lists of sequence lengths (the ``seq_lengths`` column of packed datasets)."""
-        flat = [0]
-        for r, row in enumerate(seq_lengths):
-            row = [int(x) for x in row]
-            if sum(row) > seq_len or any(x < 0 for x in row):
-                raise PackmaskError(
-                    f"seq_lengths of row {r} sum to {sum(row)} but the row holds {seq_len} tokens: a document "
-                    f"is longer than the row. Re-pack with a larger max_length or overflow='split'.")
-            if sum(row) < seq_len:  # trailing padding is a document of its own
-                row = row + [seq_len - sum(row)]
-            for x in row:
-                flat.append(flat[-1] + x)
-        cu = torch.tensor(flat, dtype=torch.int32, device=device)
-        return cls.from_cu_seqlens(cu, len(seq_lengths), seq_len, causal=causal, name="seq_lengths")
+        """From per-row lists of sequence lengths (the ``seq_lengths`` column of packed datasets).
+
+        Trailing row padding is one document of its own; empty documents vanish
+        (:func:`packmask.segments.starts_from_lengths`). Built on the host, moved to ``device`` once.
+        """
+        starts = segments.starts_from_lengths(seq_lengths, seq_len)
+        cu = segments.cu_seqlens_from_starts(starts)
+        return cls(cu.to(device) if device is not None else cu, segments.max_length(cu), starts.shape[0], seq_len,
+                   causal)
 
     @classmethod
     def from_position_ids(cls, position_ids: torch.Tensor, *, causal: bool = True) -> "DocumentLayout":
-        """A new document starts wherever the position does not continue the previous one by +1."""
-        pos = position_ids
-        B, N = pos.shape
-        start = torch.ones_like(pos, dtype=torch.bool)
-        start[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
-        return cls._from_start_flags(start, causal=causal)
+        """A new document starts wherever the position does not continue the previous one by +1
+        (the restart rule of :mod:`packmask.segments`)."""
+        return cls._from_start_flags(segments.starts_from_position_ids(position_ids), causal=causal)
 
     @classmethod
     def _from_start_flags(cls, start: torch.Tensor, *, causal: bool) -> "DocumentLayout":
         B, N = start.shape
-        flat = start.reshape(-1)
-        starts = torch.nonzero(flat).reshape(-1)
-        total = torch.tensor([B * N], device=start.device, dtype=starts.dtype)
-        cu = torch.cat([starts, total]).to(torch.int32)
-        max_seqlen = int((cu[1:] - cu[:-1]).max())
-        return cls(cu, max_seqlen, B, N, causal)
+        cu = segments.cu_seqlens_from_starts(start)
+        return cls(cu, segments.max_length(cu), B, N, causal)
 
     # ---- derived views (each computed once per layout) ----------------------------------------
     def _derive(self):
         if "doc" not in self._memo:
-            doc, pos = _positions_and_docs_from_cu(self.cu_seqlens, self.batch_size * self.seq_len)
-            self._memo["doc"] = doc.view(self.batch_size, self.seq_len)
-            self._memo["pos"] = pos.view(self.batch_size, self.seq_len)
+            doc, pos = segments.doc_ids_and_positions_from_cu_seqlens(self.cu_seqlens, self.batch_size, self.seq_len)
+            self._memo["doc"], self._memo["pos"] = doc, pos
         return self._memo["doc"], self._memo["pos"]
 
     @property
@@ -186,16 +156,20 @@ class DocumentLayout:
     def seq_lengths(self) -> list[int]:
         return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
 
-    def dense_mask(self, sliding_window: int | None = None) -> torch.Tensor:
-        """``[B, 1, N, N]`` bool mask (True = may attend). O(N²): for CPU/reference paths only."""
-        key = ("dense", sliding_window)
+    def dense_mask(self, sliding_window: int | None = None, bidirectional_window: bool = False) -> torch.Tensor:
+        """``[B, 1, N, N]`` bool mask (True = may attend). O(N²): for CPU/reference paths only.
+
+        ``sliding_window`` hides keys ``window`` or more positions before the query, and with
+        ``bidirectional_window`` also those ``window`` or more after it (encoders' local layers).
+        """
+        key = ("dense", sliding_window, bidirectional_window)
         if key not in self._memo:
             doc, pos = self.doc_ids, self.position_ids
             m = doc[:, :, None] == doc[:, None, :]
             if self.causal:
                 m &= pos[:, :, None] >= pos[:, None, :]
             if sliding_window is not None:
-                m &= (pos[:, :, None] - pos[:, None, :]) < sliding_window
+                m &= _within_window(pos, sliding_window, bidirectional_window)
             self._memo[key] = m[:, None]
         return self._memo[key]
 
@@ -229,13 +203,12 @@ class GeneralLayout:
     def seq_len(self) -> int:
         return self.mask.shape[1]
 
-    def dense_mask(self, sliding_window: int | None = None) -> torch.Tensor:
-        key = ("dense", sliding_window)
+    def dense_mask(self, sliding_window: int | None = None, bidirectional_window: bool = False) -> torch.Tensor:
+        key = ("dense", sliding_window, bidirectional_window)
         if key not in self._memo:
             m = self.mask
             if sliding_window is not None:
-                pos = self.position_ids
-                m = m & ((pos[:, :, None] - pos[:, None, :]) < sliding_window)
+                m = m & _within_window(self.position_ids, sliding_window, bidirectional_window)
             self._memo[key] = m[:, None]
         return self._memo[key]
 
@@ -318,20 +291,16 @@ def analyse_mask(mask: torch.Tensor, batch_size: int | None = None, seq_len: int
     prefix_max_last = last.cummax(-1).values
     start_flag = torch.ones(B, N, dtype=torch.bool, device=m.device)
     start_flag[:, 1:] = (suffix_min_first[:, 1:] >= idx[1:]) & (prefix_max_last[:, :-1] < idx[1:])
-    seg_start = torch.where(start_flag, idx, torch.zeros_like(idx)).cummax(-1).values
+    seg_start, seg_end = segments.doc_bounds_from_starts(start_flag)
     row_lower = (last <= idx).all(-1, keepdim=True)  # causal (lower-triangular) rows
     positions = torch.where(row_lower, count - 1, idx - seg_start)
 
     causal_full = bool(((last <= idx) & (count == idx - seg_start + 1)).all())
     if causal_full:
         return DocumentLayout._from_start_flags(start_flag, causal=True)
-    # end (exclusive) of each token's segment: the first segment start strictly after it
-    shifted = torch.full_like(start_flag, False)
-    shifted[:, :-1] = start_flag[:, 1:]
-    nxt = torch.where(shifted, idx + 1, torch.full_like(idx, N)).flip(-1).cummin(-1).values.flip(-1)
-    if bool((count == nxt - seg_start).all()):
+    if bool((count == seg_end - seg_start).all()):
         return DocumentLayout._from_start_flags(start_flag, causal=False)
-    doc_ids = start_flag.long().cumsum(-1) - 1
+    doc_ids = segments.doc_ids_from_starts(start_flag, local=True)
     return GeneralLayout(m, doc_ids, positions)
 
 

@@ -26,6 +26,9 @@ from typing import Callable, Sequence
 import torch
 from transformers.masking_utils import and_masks, or_masks
 
+from . import segments
+from .errors import PackmaskError
+
 __all__ = [
     "and_masks", "or_masks", "causal", "bidirectional", "same_document", "sliding_window",
     "prefix", "document_ids_from_lengths", "materialize", "block_diagonal_mask", "prefix_lm_mask",
@@ -69,18 +72,14 @@ def prefix(prefix_end: torch.Tensor) -> MaskFn:
 
 def document_ids_from_lengths(seq_lengths: Sequence[Sequence[int]], seq_len: int | None = None,
                               device=None) -> torch.Tensor:
-    """``[B, N]`` document index per token; trailing padding becomes a document of its own."""
-    rows = [[int(x) for x in r] for r in seq_lengths]
-    N = seq_len if seq_len is not None else max(sum(r) for r in rows)
-    out = torch.empty(len(rows), N, dtype=torch.long)
-    for b, r in enumerate(rows):  # one loop per row, not per token
-        if sum(r) > N:
-            from .errors import PackmaskError
-            raise PackmaskError(f"row {b}: sequences of total length {sum(r)} do not fit in {N} tokens.")
-        if sum(r) < N:
-            r = r + [N - sum(r)]
-        out[b] = torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r))
-    return out.to(device) if device is not None else out
+    """``[B, N]`` document index per token, counted inside each row; trailing padding becomes a
+    document of its own and empty documents vanish (:mod:`packmask.segments`).
+
+    >>> document_ids_from_lengths([[2, 1], [3]], 4).tolist()
+    [[0, 0, 1, 2], [0, 0, 0, 1]]
+    """
+    starts = segments.starts_from_lengths(seq_lengths, seq_len, device=device)
+    return segments.doc_ids_from_starts(starts, local=True)
 
 
 def materialize(mask_fn: MaskFn, batch_size: int, seq_len: int, device=None) -> torch.Tensor:
@@ -93,7 +92,8 @@ def materialize(mask_fn: MaskFn, batch_size: int, seq_len: int, device=None) -> 
 
 def block_diagonal_mask(seq_lengths: Sequence[Sequence[int]], seq_len: int | None = None, *,
                         causal_within: bool = True, device=None) -> torch.Tensor:
-    """``[B, N, N]`` mask of packed documents; padding at the row's end is its own block.
+    """``[B, N, N]`` mask of packed documents; padding at the row's end is one block of its own
+    (the padding rule of :mod:`packmask.segments`).
 
     >>> block_diagonal_mask([[2, 1]]).int().tolist()
     [[[1, 0, 0], [1, 1, 0], [0, 0, 1]]]
@@ -109,14 +109,25 @@ def prefix_lm_mask(seq_lengths: Sequence[Sequence[int]], prefix_lengths: Sequenc
                    seq_len: int | None = None, device=None) -> torch.Tensor:
     """Packed prefix-LM: inside each document the first ``prefix_lengths`` tokens attend
     bidirectionally among themselves; the rest is causal."""
-    doc = document_ids_from_lengths(seq_lengths, seq_len, device=device)
+    starts = segments.starts_from_lengths(seq_lengths, seq_len, device=device)
+    doc = segments.doc_ids_from_starts(starts, local=True)
     B, N = doc.shape
-    prefix_end = torch.zeros(B, N, dtype=torch.long, device=device)
+    # prefix length of every (row, local document); the padding document has none
+    if len(prefix_lengths) != B:
+        raise PackmaskError(f"prefix_lengths has {len(prefix_lengths)} rows but seq_lengths has {B}; give one row "
+                            f"of prefix lengths per row of seq_lengths.")
+    kept = []
     for b, (lens, pre) in enumerate(zip(seq_lengths, prefix_lengths)):
-        start = 0
-        for length, p in zip(lens, pre):
-            prefix_end[b, start:start + length] = start + int(p)
-            start += length
+        lens, pre = [int(x) for x in lens], [int(x) for x in pre]
+        if len(lens) != len(pre):
+            raise PackmaskError(f"row {b}: {len(lens)} seq_lengths but {len(pre)} prefix_lengths; give one prefix "
+                                f"length (0 for none) per document.")
+        kept.append([p for length, p in zip(lens, pre) if length > 0])
+    table = torch.zeros(B, max(map(len, kept), default=0) + 1, dtype=torch.long)
+    for b, row in enumerate(kept):
+        table[b, :len(row)] = torch.tensor(row, dtype=torch.long)
+    first, _ = segments.doc_bounds_from_starts(starts)
+    prefix_end = first + table.to(doc.device).gather(1, doc)
     fn = and_masks(same_document(doc), or_masks(causal, prefix(prefix_end)))
     return materialize(fn, B, N, device=device)
 

@@ -41,6 +41,7 @@ import sys
 import torch
 
 from .errors import UnsupportedModelError
+from .segments import starts_from_position_ids
 
 __all__ = ["unsupported_reason", "check_packed_input", "is_packed_input", "RECURRENT_MODULE_PATTERN"]
 
@@ -114,10 +115,11 @@ def is_packed_input(mask=None, position_ids=None, cu_seq_lens=None, seq_lengths=
     """Whether a forward's inputs put more than one sequence in a row.
 
     A ``[B, N, N]`` / ``[B, 1, N, N]`` mask that is not plain causal or full, ``cu_seq_lens`` or
-    ``seq_lengths`` with more sequences than rows, or ``position_ids`` that restart inside a row.
+    ``seq_lengths`` with more sequences than rows, or ``position_ids`` that restart inside a row (the
+    restart rule of :mod:`packmask.segments`).
     """
     if seq_lengths is not None:
-        return any(len(r) > 1 for r in seq_lengths)
+        return any(sum(int(x) > 0 for x in r) > 1 for r in seq_lengths)  # empty documents vanish
     if cu_seq_lens is not None:
         return cu_seq_lens.numel() - 1 > (batch_size or 1)
     if isinstance(mask, torch.Tensor) and mask.dim() in (3, 4) and mask.shape[-1] == mask.shape[-2]:
@@ -127,8 +129,7 @@ def is_packed_input(mask=None, position_ids=None, cu_seq_lens=None, seq_lengths=
         causal = torch.ones(n, n, dtype=torch.bool, device=m.device).tril()
         return not (bool((m == causal).all()) or bool(m.all()))
     if isinstance(position_ids, torch.Tensor) and position_ids.dim() >= 2 and position_ids.shape[-1] > 1:
-        p = position_ids
-        return bool((p[..., 1:] != p[..., :-1] + 1).any())
+        return bool(starts_from_position_ids(position_ids)[..., 1:].any())
     return False
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from . import segments
 from .errors import PackmaskError
 
 __all__ = ["TINY", "tiny_config", "tiny_model", "run_alone", "pack_rows", "rel_err", "grad_rel_err"]
@@ -83,19 +84,18 @@ def tiny_model(family: str, attn_implementation: str = "packmask", seed: int = 0
 def pack_rows(seq_lengths, seq_len=None):
     """Row-major helpers for a packed batch: ``(doc_slices, position_ids)``.
 
-    ``doc_slices`` lists ``(row, start, length)`` for every real document.
+    ``doc_slices`` lists ``(row, start, length)`` for every real (non-empty) document; the row's
+    trailing padding is one more document for ``position_ids`` (the padding rule of
+    :mod:`packmask.segments`), but no slice.
+
+    >>> slices, pos = pack_rows([[3, 2], [4]], 6)
+    >>> slices
+    [(0, 0, 3), (0, 3, 2), (1, 0, 4)]
+    >>> pos.tolist()
+    [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]]
     """
-    N = seq_len or max(sum(r) for r in seq_lengths)
-    slices, pos = [], torch.zeros(len(seq_lengths), N, dtype=torch.long)
-    for b, row in enumerate(seq_lengths):
-        s = 0
-        for length in row:
-            slices.append((b, s, length))
-            pos[b, s:s + length] = torch.arange(length)
-            s += length
-        if s < N:
-            pos[b, s:] = torch.arange(N - s)
-    return slices, pos
+    slices = segments.spans_from_lengths(seq_lengths, seq_len)
+    return slices, segments.position_ids_from_starts(segments.starts_from_lengths(seq_lengths, seq_len))
 
 
 def run_alone(model, input_ids, doc_slices, **kwargs):

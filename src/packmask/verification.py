@@ -34,8 +34,11 @@ Input forms (``forms=``):
 * ``"position_ids_ones_2d"`` — packed ``position_ids`` plus an all-ones 2D ``attention_mask``.
 * ``"seq_lengths"`` — packmask's ``seq_lengths=[[...], ...]`` keyword.
 
-Encoders (no ``generate``) get bidirectional block-diagonal masks and are compared on
-``last_hidden_state`` and a fixed random projection of it (for gradients).
+Encoders (attention layers with ``is_causal = False``: bert, roberta, modernbert, ... in their base or
+masked-LM class) get bidirectional block-diagonal masks and are compared on ``last_hidden_state`` (the
+masked-LM class: ``logits``) and a fixed random projection of it (for gradients). Decoders get causal
+masks and are compared on logits and the loss. :func:`model_for` builds or loads the right class for a
+family name or a saved folder (what ``packmask verify --model`` calls).
 
 A form that raises is reported with its error (``row.error``), never hidden; a
 :class:`~packmask.UnsupportedModelError` there is the guard doing its job for a model packmask
@@ -50,11 +53,12 @@ from typing import Sequence
 import torch
 
 from .errors import PackmaskError, UnsupportedModelError
+from .families import is_causal_model, model_for
 from .masks import block_diagonal_mask
 from .support import position_offset
 from .testing import pack_rows, rel_err, tiny_config, tiny_model
 
-__all__ = ["verify", "VerifyReport", "FormResult", "FORMS", "DEFAULT_SEQ_LENGTHS", "tiny_model", "tiny_config"]
+__all__ = ["verify", "model_for", "VerifyReport", "FormResult", "FORMS", "DEFAULT_SEQ_LENGTHS", "tiny_model", "tiny_config"]
 
 #: every input form verify knows (see the module docstring)
 FORMS = ("mask3d", "mask4d", "collator", "position_ids", "position_ids_ones_2d", "seq_lengths")
@@ -174,16 +178,6 @@ def _accepts(model, name: str) -> bool:
     return name in params
 
 
-def _is_causal_lm(model) -> bool:
-    can_generate = getattr(model, "can_generate", None)
-    if callable(can_generate):
-        try:
-            return bool(can_generate())
-        except Exception:  # noqa: BLE001
-            pass
-    return type(model).__name__.endswith("LMHeadModel") or "CausalLM" in type(model).__name__
-
-
 def _vocab_size(model) -> int:
     try:
         return int(model.get_input_embeddings().num_embeddings)
@@ -211,6 +205,8 @@ def _first_line(e: BaseException) -> str:
 
 
 def _output(out, name):
+    if name == "last_hidden_state" and getattr(out, "last_hidden_state", None) is None:
+        return out.logits  # an encoder's masked-LM class: compared on its (bidirectional) logits
     return out.logits if name == "logits" else out.last_hidden_state
 
 
@@ -302,7 +298,7 @@ def verify(model, *, seq_lengths: Sequence[Sequence[int]] | None = None,
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     tol = TOLERANCE.get(dtype, 1e-5) if tol is None else tol
-    causal = _is_causal_lm(model)
+    causal = is_causal_model(model)
     output_name = "logits" if causal else "last_hidden_state"
     impl = model.config._attn_implementation
     report = VerifyReport(model_type=getattr(model.config, "model_type", "?"), model_class=type(model).__name__,
@@ -339,6 +335,8 @@ def verify(model, *, seq_lengths: Sequence[Sequence[int]] | None = None,
                     if with_labels:
                         kw["labels"] = labels[b:b + 1, s:s + length]
                     out = model(**kw)
+                    if output_name == "last_hidden_state" and getattr(out, "last_hidden_state", None) is None:
+                        output_name = report.output_name = "logits"  # a masked-LM head: its logits
                     outs.append(_output(out, output_name)[0])
                     if with_labels and out.loss is not None:
                         loss_terms.append(out.loss * (length - 1))

@@ -1,344 +1,221 @@
-"""Train-step benchmark: packmask beside transformers' own packing paths, one run, same data.
+"""``packmask bench``: one training step of a small Llama on packed rows, packmask against
+transformers' own sdpa packing, on this machine.
 
-The anchor rows are ../shared/anchors/train_step_anchor.py unchanged (padding, HF packing via
-position_ids with sdpa / flex, a dense 4D mask, plain causal over packed rows as a contaminated
-reference, torch's varlen kernel as a 20-line custom attention); packmask rows are added:
+Every method trains the same model (same seed) on the same packed rows:
 
-  packmask_collator      DataCollatorWithFlattening keys (position_ids + cu_seq_lens), auto backend
-  packmask_posids        packed position_ids only, use_cache left at its default (HF's pitfall)
-  packmask_mask3d        a [B, N, N] bool mask, positions derived (mask built each step, counted)
-  packmask_flex          collator keys forced through flex attention (BlockMask from offsets)
+- ``transformers sdpa`` -- ``attn_implementation="sdpa"`` with packed ``position_ids`` only
+  (transformers detects the restarts and builds a block-diagonal mask): the baseline;
+- ``packmask collator`` -- ``"packmask"`` with :class:`packmask.PackedCollator`'s keys;
+- ``packmask [B,N,N] mask`` -- ``"packmask"`` with a per-sample bool mask;
+- ``packmask flex`` / ``transformers flex`` -- GPU only (flex attention has no CPU backward):
+  on a CPU each is skipped with one line.
 
-Real (non-pad) tokens/s, step time, peak memory and a contamination check (first packed row's
-logits vs each document alone). Env: DIST=sft|long, METHODS=comma,list, ROW, STEPS, OUT (JSON+PNG).
-On CPU it shrinks to a smoke test.
+Each method is checked before it is timed: the first row's logits against each of its documents
+run alone (``sdpa``, no packing). A method whose relative error exceeds the tolerance makes the
+command exit 1. The table also names the kernel packmask's dispatcher chose
+(:func:`packmask.backends.choose_backend`) for these inputs. For the full comparison (padding,
+dense 4D masks, a contaminated control, long rows) run ``benchmarks/train_step.py``.
 """
-import json, math, os, time, traceback
-import torch
-import transformers
-from transformers import LlamaConfig, LlamaForCausalLM, AttentionInterface
-import packmask
+from __future__ import annotations
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-DT = torch.bfloat16 if DEV == "cuda" else torch.float32
-SMALL = DEV == "cpu"
-ROW = 256 if SMALL else int(os.environ.get("ROW", 8192))
-ROWS = 2
-STEPS = 2 if SMALL else int(os.environ.get("STEPS", 8))
-WARM = 1 if SMALL else 3
-g = torch.Generator().manual_seed(0)
+import json
+import time
+from contextlib import nullcontext
+from pathlib import Path
 
+from .errors import EXIT_FAILED
 
-def lengths(n, median, sigma, cap):
-    x = torch.exp(torch.randn(n, generator=g) * sigma + math.log(median))
-    return x.clamp(8, cap).long().tolist()
+__all__ = ["cmd_bench", "run_bench"]
+
+GPU_ONLY = {"packmask flex": "flex attention has no backward on CPU", "transformers flex": "flex attention has no backward on CPU"}
+METHODS = ("transformers sdpa", "packmask collator", "packmask [B,N,N] mask", "packmask flex", "transformers flex")
 
 
-def pack_ffd(lens, cap):
-    """First-fit decreasing (simple reference; bins as lists of indices)."""
-    order = sorted(range(len(lens)), key=lambda i: -lens[i])
-    bins, free = [], []
-    for i in order:
-        for b in range(len(bins)):
-            if free[b] >= lens[i]:
-                bins[b].append(i); free[b] -= lens[i]; break
-        else:
-            bins.append([i]); free.append(cap - lens[i])
-    return bins
+def _row_lengths(row_length: int, rows: int, seed: int = 0) -> list[list[int]]:
+    """Document lengths per row (log-normal, 8..row_length/2), each row filled to ``row_length``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    result = []
+    for _ in range(rows):
+        lengths, used = [], 0
+        while used < row_length:
+            length = int(np.clip(rng.lognormal(np.log(row_length / 8), 0.8), 8, row_length // 2))
+            length = min(length, row_length - used)
+            lengths.append(length)
+            used += length
+        result.append(lengths)
+    return result
 
 
-def varlen_attention(module, q, k, v, attention_mask, scaling=None, dropout=0.0, **kw):
-    from torch.nn.attention.varlen import varlen_attn
-    B, H, N, D = q.shape
-    cu = kw["cu_seq_lens_q"]; mx = kw["max_length_q"]
-    qf = q.transpose(1, 2).reshape(B * N, H, D)
-    kf = k.transpose(1, 2).reshape(B * N, k.shape[1], D)
-    vf = v.transpose(1, 2).reshape(B * N, v.shape[1], D)
-    if kf.shape[1] != H:  # older torch varlen has no enable_gqa
-        kf = kf.repeat_interleave(H // kf.shape[1], dim=1); vf = vf.repeat_interleave(H // vf.shape[1], dim=1)
-    out = varlen_attn(qf, kf, vf, cu, cu, mx, mx, scale=scaling, window_size=(-1, 0))
-    return out.reshape(B, N, H, D), None
+def _model(attn: str, device, dtype, small: bool, row_length: int):
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
-
-AttentionInterface.register("varlen_probe", varlen_attention)
-
-
-def make_model(impl):
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=256 if SMALL else 2048,
-                      intermediate_size=512 if SMALL else 5632,
-                      num_hidden_layers=2 if SMALL else 8, num_attention_heads=4 if SMALL else 32,
-                      num_key_value_heads=2 if SMALL else 4, max_position_embeddings=ROW,
-                      attn_implementation=impl)
+    config = LlamaConfig(vocab_size=4096 if small else 32000, hidden_size=256 if small else 1024, intermediate_size=512 if small else 2816,
+                         num_hidden_layers=2 if small else 8, num_attention_heads=4 if small else 16,
+                         num_key_value_heads=2 if small else 4, max_position_embeddings=row_length,
+                         use_cache=False)
     torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).to(DEV, DT)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn).to(device, dtype)
 
 
-def _compiled_graphs():
-    """Graphs torch.compile has produced so far (a recompile per batch would show up here)."""
-    from torch._dynamo.utils import counters
-    return int(counters["stats"]["unique_graphs"])
+def _inputs(method: str, input_ids, segments, device) -> dict:
+    """The forward's keyword arguments for ``method`` (labels = input_ids; packmask's loss hook
+    and transformers' both stop at sequence boundaries through position_ids)."""
+    import packmask
+
+    rows = [{"input_ids": ids, "seq_lengths": lengths} for ids, lengths in zip(input_ids.tolist(), segments)]
+    batch = packmask.PackedCollator()(rows)
+    batch = {key: value.to(device) if hasattr(value, "to") else value for key, value in batch.items()}
+    if method == "packmask [B,N,N] mask":
+        return {"input_ids": batch["input_ids"], "labels": batch["labels"],
+                "attention_mask": packmask.block_diagonal_mask(segments, input_ids.shape[1], device=device)}
+    if method.startswith("transformers"):
+        return {key: batch[key] for key in ("input_ids", "position_ids", "labels")}
+    return batch
 
 
-def layout_ms(make_step_inputs, reps=5):
-    """Host+device time to turn one step's inputs into packmask's layout (the once-per-forward
-    analysis), to compare with the step time."""
-    from packmask.layout import DocumentLayout, analyse_mask
-    times = []
-    for r in range(reps):
-        kwargs, _, _ = make_step_inputs(r)
-        ids = kwargs["input_ids"]
-        if DEV == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        if "attention_mask" in kwargs:
-            analyse_mask(kwargs["attention_mask"], *ids.shape)
-        elif "cu_seq_lens_q" in kwargs:
-            DocumentLayout.from_cu_seqlens(kwargs["cu_seq_lens_q"], *ids.shape)
-        else:
-            DocumentLayout.from_position_ids(kwargs["position_ids"])
-        if DEV == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t) * 1e3)
-    return sorted(times)[len(times) // 2]
+def _backend(name: str | None):
+    """``packmask.backend(name)`` for a forced backend, else nothing (the dispatcher chooses)."""
+    import packmask
+
+    return packmask.backend(name) if name is not None else nullcontext()
 
 
-def timed(fn, steps, warm):
-    for _ in range(warm):
-        fn()
-    if DEV == "cuda":
-        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
+def _chosen_backend(model, batch, device, dtype) -> str:
+    """The kernel packmask's dispatcher picks for this batch in training (first layer's shapes)."""
+    import torch
+
+    from ..backends import AttentionSpec, choose_backend
+    from ..layout import DocumentLayout
+
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    B, N = batch["input_ids"].shape
+    layout = DocumentLayout.from_position_ids(batch["position_ids"]) if "position_ids" in batch else None
+    q = torch.empty(B, config.num_attention_heads, N, head_dim, device=device, dtype=dtype)
+    return choose_backend(layout, AttentionSpec(scale=head_dim ** -0.5), q, True)
+
+
+def _relative_error(model, batch, reference) -> float:
+    import torch
+
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0].float()
+    return ((logits - reference).norm() / reference.norm()).item()
+
+
+def _alone_logits(input_ids, lengths, device, dtype, small, row_length):
+    """Row 0's documents, each run alone with plain sdpa: the reference every method must match."""
+    import torch
+
+    model = _model("sdpa", device, dtype, small, row_length)
+    parts, start = [], 0
+    with torch.no_grad():
+        for length in lengths:
+            parts.append(model(input_ids=input_ids[:1, start : start + length].to(device)).logits[0].float())
+            start += length
+    return torch.cat(parts)
+
+
+def _time_steps(model, batch, steps: int, device) -> tuple[float, float]:
+    """Seconds per forward+backward step (after one warm-up step) and peak GiB on CUDA."""
+    import torch
+
+    def step():
+        model(**batch).loss.backward()
+
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
     for _ in range(steps):
-        fn()
-    if DEV == "cuda":
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t) / max(steps, 1)
-    mem = torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else 0
-    return dt, mem
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = (time.perf_counter() - started) / steps
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return seconds, peak
 
 
-def main():
-    print("torch", torch.__version__, "transformers", transformers.__version__, DEV,
-          torch.cuda.get_device_name() if DEV == "cuda" else "")
-    dist = os.environ.get("DIST", "sft")
-    med, sig = (400, 1.0) if dist == "sft" else (1500, 1.2)
-    lens = lengths(4000, med if not SMALL else 40, sig, ROW)
-    bins = pack_ffd(lens, ROW)
-    import random
-    random.Random(0).shuffle(bins)  # FFD emits big documents first; train in random row order
-    fill = sum(lens) / (len(bins) * ROW)
-    print(f"dist={dist} docs={len(lens)} mean_len={sum(lens)/len(lens):.0f} rows={len(bins)} fill={fill:.4f}")
-    results = {}
-    batches_packed = [bins[i:i + ROWS] for i in range(0, len(bins) - ROWS + 1, ROWS)]
-    V = 32000
+def run_bench(device=None, steps: int = 5, row_length: int | None = None, console=None) -> dict:
+    """Run every method that this device supports; returns ``{"env": ..., "results": {method: ...}}``."""
+    import torch
+    import transformers
 
-    def packed_inputs_segs(bi):
-        rows = batches_packed[bi % len(batches_packed)]
-        segs = []
-        for r in rows:
-            rl = [lens[i] for i in r]
-            if sum(rl) < ROW:
-                rl = rl + [ROW - sum(rl)]
-            segs.append(rl)
-        return segs
+    import packmask
 
-    def packed_inputs(bi):
-        rows = batches_packed[bi % len(batches_packed)]
-        pos = []; segs = []
-        for r in rows:
-            rl = [lens[i] for i in r]
-            if sum(rl) < ROW:
-                rl = rl + [ROW - sum(rl)]  # tail pad as its own segment
-            segs.append(rl)
-            pos.append(torch.cat([torch.arange(l) for l in rl]))
-        real = sum(sum(lens[i] for i in r) for r in rows)
-        ids = torch.randint(0, V, (len(rows), ROW), generator=torch.Generator().manual_seed(bi))
-        return ids.to(DEV), torch.stack(pos).to(DEV), segs, real
-
-    # padding baseline: random order, batches grown while batch_size * longest <= ROWS * ROW tokens
-    pad_batches, cur = [], []
-    for i in range(len(lens)):
-        if cur and (len(cur) + 1) * max(max(lens[j] for j in cur), lens[i]) > ROWS * ROW:
-            pad_batches.append(cur); cur = []
-        cur.append(i)
-
-    def padded_inputs(bi, bs):
-        idx = pad_batches[bi % len(pad_batches)]
-        bs = len(idx)
-        L = max(lens[i] for i in idx)
-        ids = torch.randint(0, V, (bs, L), generator=g)
-        am = torch.zeros(bs, L, dtype=torch.long)
-        for j, i in enumerate(idx):
-            am[j, :lens[i]] = 1
-        return ids.to(DEV), am.to(DEV), sum(lens[i] for i in idx), bs * L
-
-    ref_cache = {}
-    CHECK_BI = next(i for i, b in enumerate(batches_packed) if 4 <= len(b[0]) <= 12)
-    print("contamination check on a row of", len(batches_packed[CHECK_BI][0]), "documents")
-
-    def contamination(model, make_step_inputs, use_cache):
-        # compare the first row's logits with each document run on its own (sdpa, no packing)
-        kwargs, _, _ = make_step_inputs(CHECK_BI)
-        with torch.no_grad():
-            out = model(**kwargs, use_cache=use_cache).logits[0].float()
-            if "ref" not in ref_cache:
-                ref = make_model("sdpa")
-                ids = kwargs["input_ids"][0]
-                segs = packed_inputs_segs(CHECK_BI)[0]
-                parts, s = [], 0
-                for l in segs[:-1] if sum(lens[i] for i in batches_packed[CHECK_BI][0]) < ROW else segs:
-                    parts.append(ref(input_ids=ids[s:s + l][None], use_cache=False).logits[0].float()); s += l
-                ref_cache["ref"] = torch.cat(parts); ref_cache["n"] = s
-                del ref
-            r = ref_cache["ref"]; n = ref_cache["n"]
-            return ((out[:n] - r).norm() / r.norm()).item()
-
-    def run(name, impl, make_step_inputs, use_cache=False):
-        try:
-            model = make_model(impl)
-            err = contamination(model, make_step_inputs, use_cache) if ("packed" in name or name.startswith("packmask")) else float("nan")
-            counter = {"i": 0, "real": 0, "tot": 0}
-
-            def step():
-                kwargs, real, tot = make_step_inputs(counter["i"])
-                counter["i"] += 1; counter["real"] += real; counter["tot"] += tot
-                out = model(**kwargs, use_cache=use_cache)
-                out.loss.backward()
-            # count only timed tokens
-            timed(step, 0, WARM)
-            counter.update(real=0, tot=0)
-            graphs_before = _compiled_graphs()
-            dt, mem = timed(step, STEPS, 0)
-            tps = counter["real"] / (dt * STEPS)
-            results[name] = dict(tok_s=tps, step_s=dt, mem_gib=mem, pad_frac=1 - counter["real"] / counter["tot"], rel_err_vs_unpacked=err,
-                                 graphs_compiled_while_timed=_compiled_graphs() - graphs_before)
-            if name.startswith("packmask"):
-                results[name]["layout_ms"] = layout_ms(make_step_inputs)
-            print(f"{name:34s} real_tok/s={tps:10.0f} step={dt*1e3:7.1f}ms peak={mem:5.1f}GiB pad={results[name]['pad_frac']:.3f} err_vs_unpacked={err:.2e}", flush=True)
-            del model
-        except Exception as e:
-            results[name] = dict(error=repr(e)[:300])
-            print(f"{name:28s} FAILED {repr(e)[:300]}", flush=True)
-            traceback.print_exc(limit=3)
-        if DEV == "cuda":
-            torch.cuda.empty_cache()
-
-    def pk_posids(i):
-        ids, pos, segs, real = packed_inputs(i)
-        return dict(input_ids=ids, position_ids=pos, labels=ids), real, ids.numel()
-
-    def pk_nomask(i):
-        ids, pos, segs, real = packed_inputs(i)
-        return dict(input_ids=ids, labels=ids), real, ids.numel()
-
-    def pk_dense4d(i):
-        ids, pos, segs, real = packed_inputs(i)
-        B = ids.shape[0]
-        m = torch.zeros(B, 1, ROW, ROW, dtype=torch.bool, device=DEV)
-        for b, rl in enumerate(segs):
-            s = 0
-            for l in rl:
-                m[b, 0, s:s + l, s:s + l] = torch.ones(l, l, dtype=torch.bool, device=DEV).tril()
-                s += l
-        return dict(input_ids=ids, position_ids=pos, attention_mask=m, labels=ids), real, ids.numel()
-
-    def pk_varlen(i):
-        ids, pos, segs, real = packed_inputs(i)
-        flat = [l for rl in segs for l in rl]
-        cu = torch.tensor([0] + flat, device=DEV).cumsum(0).to(torch.int32)
-        return dict(input_ids=ids, position_ids=pos, labels=ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
-                    max_length_q=max(flat), max_length_k=max(flat)), real, ids.numel()
-
-    def pm_mask3d(i):
-        ids, pos, segs, real = packed_inputs(i)
-        mask = packmask.block_diagonal_mask(segs, ROW, device=DEV)
-        return dict(input_ids=ids, attention_mask=mask, labels=ids), real, ids.numel()
-
-    bs_pad = int(os.environ.get("PADBS", 2))
-
-    def pad(i):
-        ids, am, real, tot = padded_inputs(i, bs_pad)
-        labels = ids.masked_fill(am == 0, -100)
-        return dict(input_ids=ids, attention_mask=am, labels=labels), real, tot
-
-    which = os.environ.get("METHODS", "pad_sdpa,packed_causal_nomask_sdpa,packed_posids_sdpa_usecache_default,packed_posids_sdpa,packed_dense4d_sdpa,packed_posids_flex,packed_varlen,packmask_collator,packmask_posids,packmask_mask3d,packmask_flex").split(",")
-    table = {
-        "pad_sdpa": ("sdpa", pad),
-        "packed_causal_nomask_sdpa": ("sdpa", pk_nomask),
-        "packed_posids_sdpa": ("sdpa", pk_posids),
-        "packed_dense4d_sdpa": ("sdpa", pk_dense4d),
-        "packed_posids_flex": ("flex_attention", pk_posids),
-        "packed_varlen": ("varlen_probe", pk_varlen),
-        "packed_posids_eager": ("eager", pk_posids),
-        "packmask_collator": ("packmask", pk_varlen),
-        "packmask_mask3d": ("packmask", pm_mask3d),
-    }
-    for name in which:
-        packmask.set_backend("auto")
-        if name in table:
-            run(name, *table[name])
-        if name == "packed_posids_sdpa_usecache_default":
-            run(name, "sdpa", pk_posids, use_cache=None)
-        if name == "packmask_posids":  # use_cache left at its default: packmask stays isolated
-            run(name, "packmask", pk_posids, use_cache=None)
-        if name == "packmask_flex":
-            packmask.set_backend("flex")
-            run(name, "packmask", pk_varlen)
-            packmask.set_backend("auto")
-    out = os.environ.get("OUT")
-    env = dict(torch=torch.__version__, transformers=transformers.__version__, packmask=packmask.__version__,
-               device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu", date=time.strftime("%Y-%m-%d"),
-               dist=dist, fill=fill, row=ROW, rows=ROWS, steps=STEPS)
-    print_table(results, env)
-    if out:
-        json.dump(dict(env=env, results=results), open(os.path.join(out, f"train_step_{dist}.json"), "w"), indent=1)
-        plot(results, env, os.path.join(out, f"train_step_{dist}.png"))
-
-
-def print_table(results, env):
-    from rich.console import Console
-    from rich.table import Table
-    base = results.get("packed_posids_sdpa", {}).get("tok_s")
-    t = Table(title=f"train step, {env['device']}, DIST={env['dist']}, torch {env['torch']}, transformers {env['transformers']}")
-    for c in ("method", "real tok/s", "vs HF sdpa packing", "step ms", "peak GiB", "rel.err vs alone", "layout ms", "recompiles"):
-        t.add_column(c, justify="right" if c != "method" else "left")
-    for name, r in results.items():
-        if "error" in r:
-            t.add_row(name, "FAILED", r["error"][:60], "", "", "", "", "")
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    small = not cuda
+    dtype = torch.bfloat16 if cuda else torch.float32
+    row_length = row_length or (2048 if cuda else 256)
+    segments = _row_lengths(row_length, rows=2)
+    input_ids = torch.randint(0, 4096 if small else 32000, (2, row_length), generator=torch.Generator().manual_seed(0))
+    reference = _alone_logits(input_ids, segments[0], device, dtype, small, row_length)
+    tolerance = 5e-2 if dtype == torch.bfloat16 else 1e-4
+    results: dict[str, dict] = {}
+    for method in METHODS:
+        if method in GPU_ONLY and not cuda:
+            results[method] = {"skipped": f"needs CUDA ({GPU_ONLY[method]})"}
+            if console is not None:
+                console.print(f"skipped {method}: needs CUDA ({GPU_ONLY[method]}); this run is on {device}")
             continue
-        ratio = f"{r['tok_s'] / base:.2f}x" if base else "-"
-        t.add_row(name, f"{r['tok_s']:,.0f}", ratio, f"{r['step_s'] * 1e3:.1f}", f"{r['mem_gib']:.2f}",
-                  f"{r['rel_err_vs_unpacked']:.3g}", f"{r['layout_ms']:.2f}" if "layout_ms" in r else "",
-                  str(r.get("graphs_compiled_while_timed", "")))
-    Console(width=140).print(t)
+        attn = {"transformers sdpa": "sdpa", "transformers flex": "flex_attention"}.get(method, packmask.NAME)
+        forced = "flex" if method == "packmask flex" else None
+        model = _model(attn, device, dtype, small, row_length)
+        batch = _inputs(method, input_ids, segments, device)
+        with _backend(forced):
+            error = _relative_error(model, batch, reference)
+            seconds, peak = _time_steps(model, batch, steps, device)
+            backend = _chosen_backend(model, batch, device, dtype) if attn == packmask.NAME and forced is None else (forced or "-")
+        results[method] = {"attention": attn, "packmask_backend": backend, "step_s": seconds,
+                           "real_tokens_per_s": input_ids.numel() / seconds, "peak_gib": peak,
+                           "rel_err_vs_alone": error, "passed": error <= tolerance}
+        del model
+    env = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "dtype": str(dtype).replace("torch.", ""),
+           "torch": torch.__version__, "transformers": transformers.__version__, "packmask": packmask.__version__,
+           "row_length": row_length, "rows": 2, "documents_per_row": [len(s) for s in segments], "steps": steps,
+           "tolerance": tolerance, "date": time.strftime("%Y-%m-%d")}
+    return {"env": env, "results": results}
 
 
-def plot(results, env, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    names = [n for n, r in results.items() if "tok_s" in r]
-    vals = [results[n]["tok_s"] / 1e3 for n in names]
-    colors = ["tab:green" if n.startswith("packmask") else ("tab:red" if results[n]["rel_err_vs_unpacked"] > 0.1 else "tab:gray") for n in names]
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(names) + 1.5))
-    ax.barh(names, vals, color=colors)
-    for y, v in enumerate(vals):
-        ax.text(v, y, f" {v:.1f}k", va="center", fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("real tokens/s (thousands), forward+backward")
-    ax.set_title(f"{env['device']} | DIST={env['dist']} | torch {env['torch']} | transformers {env['transformers']}\n"
-                 "green: packmask, red: contaminated, gray: transformers' paths", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+def bench_table(report: dict):
+    from rich.table import Table
+
+    env, results = report["env"], report["results"]
+    base = results.get("transformers sdpa", {}).get("real_tokens_per_s")
+    table = Table(title=f"packmask bench — train step, {env['device']}, {env['dtype']}, 2 rows × {env['row_length']} "
+                        f"tokens, torch {env['torch']}, transformers {env['transformers']}")
+    for name in ("method", "attn", "kernel", "real tok/s", "vs sdpa", "step ms", "peak GiB", "rel err", "check"):
+        table.add_column(name, justify="left" if name in ("method", "attn", "kernel") else "right", no_wrap=True)
+    for method, row in results.items():
+        if "skipped" in row:
+            continue
+        table.add_row(method, row["attention"], row["packmask_backend"], f"{row['real_tokens_per_s']:,.0f}",
+                      f"{row['real_tokens_per_s'] / base:.2f}x" if base else "-", f"{row['step_s'] * 1e3:.1f}",
+                      "-" if row["peak_gib"] != row["peak_gib"] else f"{row['peak_gib']:.2f}",
+                      f"{row['rel_err_vs_alone']:.1e}", "pass" if row["passed"] else "[bold red]FAIL[/]")
+    table.caption = (f"attn: attn_implementation; kernel: the one packmask's dispatcher chose; vs sdpa: against "
+                     f"transformers' sdpa packing; rel err: row 0's logits vs each document alone (tolerance "
+                     f"{env['tolerance']:g}); forward + backward, {env['steps']} steps after one warm-up step")
+    return table
 
 
-def run_train_step_bench(device: str | None = None):
-    """Run the train-step table on this machine (``packmask bench``); GPU sizes on CUDA, a smoke
-    test on CPU. Prints the table; writes JSON + PNG when ``OUT`` is set."""
-    if device is not None and device != DEV:
-        raise packmask.PackmaskError(f"the benchmark picks its device itself (found {DEV}); unset --device.")
-    main()
+def cmd_bench(args, console) -> int:
+    from .commands import resolve_device
+    from .output import AtomicOutputs
 
-
-if __name__ == "__main__":
-    main()
+    report = run_bench(device=resolve_device(args.device), steps=args.steps, row_length=args.row_length, console=console)
+    console.print(bench_table(report))
+    if args.json:
+        with AtomicOutputs() as outputs:
+            outputs.stage(Path(args.json)).write_text(json.dumps(report, indent=2))
+        console.print(f"results → [bold]{args.json}[/]")
+    failed = [method for method, row in report["results"].items() if row.get("passed") is False]
+    if failed:
+        console.print(f"[bold red]FAIL[/]: {', '.join(failed)} differ from the documents run alone")
+        return EXIT_FAILED
+    return 0

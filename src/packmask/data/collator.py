@@ -21,7 +21,8 @@ what ``transformers.DataCollatorWithFlattening`` does with its ``separator_id=-1
 
 With ``flatten=True`` every row is concatenated into one row ``[1, total]`` (the
 ``DataCollatorWithFlattening`` layout); with ``return_mask=True`` a bool ``attention_mask`` ``[B, N, N]``
-(block-diagonal causal, each pad token attending to itself only, so no query row is empty) is added.
+(block-diagonal causal, ``packmask.block_diagonal_mask(seq_lengths)``: the row padding is one causal block of
+its own, the padding rule of :mod:`packmask.segments`, so no query row is empty) is added.
 
 Use with the HF ``Trainer``: the ``seq_lengths`` column is not a model argument, so set
 ``TrainingArguments(remove_unused_columns=False)`` or the Trainer deletes it before collation.
@@ -34,7 +35,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .. import segments
 from ..errors import PackmaskError
+from ..masks import block_diagonal_mask
 
 __all__ = ["PackedCollator"]
 
@@ -106,10 +109,6 @@ class PackedCollator:
                 if feature.get(key) is not None:
                     keep = _as_list(feature[key])
                     labels = [lab if k else self.label_pad_token_id for lab, k in zip(labels, keep)]
-        start = 0
-        for length in lengths:
-            labels[start] = self.label_pad_token_id  # the label a cross-boundary prediction would hit
-            start += length
         return ids, labels, lengths
 
     def _padded_length(self, longest: int) -> int:
@@ -138,44 +137,25 @@ class PackedCollator:
         B = len(rows)
         input_ids = torch.full((B, width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((B, width), self.label_pad_token_id, dtype=torch.long)
-        position_ids = torch.empty((B, width), dtype=torch.long)
-        segments: list[int] = []
-        seq_lengths: list[list[int]] = []
-        for b, (row_ids, row_labels, row_lengths) in enumerate(rows):
-            n = len(row_ids)
-            input_ids[b, :n] = torch.tensor(row_ids, dtype=torch.long)
-            labels[b, :n] = torch.tensor(row_labels, dtype=torch.long)
-            row_segments = row_lengths + ([width - n] if width > n else [])
-            position_ids[b] = torch.cat([torch.arange(x, dtype=torch.long) for x in row_segments])
-            segments.extend(row_segments)
-            seq_lengths.append(list(row_lengths))
-        cu = torch.zeros(len(segments) + 1, dtype=torch.int32)
-        cu[1:] = torch.cumsum(torch.tensor(segments, dtype=torch.int64), 0).to(torch.int32)
-        longest = int(max(segments))
+        for b, (row_ids, row_labels, _) in enumerate(rows):
+            input_ids[b, :len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
+            labels[b, :len(row_labels)] = torch.tensor(row_labels, dtype=torch.long)
+        seq_lengths = [list(r[2]) for r in rows]
+        starts = segments.starts_from_lengths(seq_lengths, width)  # row padding: one segment of its own
+        cu = segments.cu_seqlens_from_starts(starts)
+        longest = segments.max_length(cu)
+        labels[starts] = self.label_pad_token_id  # the label a cross-boundary prediction would hit
         batch = {
             "input_ids": input_ids,
             "labels": labels,
-            "position_ids": position_ids,
+            "position_ids": segments.position_ids_from_starts(starts),
             "cu_seq_lens_q": cu,
             "cu_seq_lens_k": cu,
             "max_length_q": longest,
             "max_length_k": longest,
         }
         if self.return_mask:
-            batch["attention_mask"] = self._block_mask(rows, width)
+            batch["attention_mask"] = block_diagonal_mask(seq_lengths, width)
         if self.return_seq_lengths:
             batch["seq_lengths"] = seq_lengths
         return batch
-
-    @staticmethod
-    def _block_mask(rows, width: int) -> torch.Tensor:
-        mask = torch.zeros((len(rows), width, width), dtype=torch.bool)
-        causal = torch.ones(width, width, dtype=torch.bool).tril()
-        for b, (row_ids, _, row_lengths) in enumerate(rows):
-            start = 0
-            for length in row_lengths:
-                mask[b, start:start + length, start:start + length] = causal[:length, :length]
-                start += length
-            pad = torch.arange(start, width)
-            mask[b, pad, pad] = True  # a pad token sees itself only, so no query row is empty
-        return mask

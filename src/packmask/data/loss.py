@@ -9,8 +9,9 @@ Two reductions:
 * ``"sequence"``: the mean over sequences of each sequence's mean token loss, so a long and a short
   sequence weigh the same -- the average of per-sequence ``model(seq, labels=seq).loss``. Packing
   *does* change a plain mean here (it would weight by tokens), so sequence ids are needed:
-  derived from ``position_ids`` (a new sequence starts wherever the position is 0) or
-  ``cu_seq_lens`` (over the flattened ``B * N`` tokens).
+  derived from ``position_ids`` (a new sequence starts wherever the position does not continue the
+  previous one by +1, the restart rule of :mod:`packmask.segments`) or ``cu_seq_lens`` (over the
+  flattened ``B * N`` tokens).
 
 Worked example -- one row holding ``a`` (3 tokens) and ``b`` (2 tokens)::
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import segments
 from ..errors import PackmaskError
 
 __all__ = ["packed_causal_lm_loss", "sequence_ids"]
@@ -41,20 +43,28 @@ __all__ = ["packed_causal_lm_loss", "sequence_ids"]
 
 def sequence_ids(*, position_ids: torch.Tensor | None = None, cu_seq_lens: torch.Tensor | None = None,
                  shape: tuple[int, int], device=None) -> torch.Tensor:
-    """Global sequence index ``[B, N]`` of every token (sequences numbered over the whole batch)."""
+    """Global sequence index ``[B, N]`` of every token (sequences numbered over the whole batch).
+
+    From ``cu_seq_lens`` (over the flattened ``B * N`` tokens; wins when both are given), else from
+    ``position_ids`` by the restart rule of :mod:`packmask.segments` (a sequence starts at every row's
+    first token and wherever the position does not continue the previous one by +1), else one
+    sequence per row.
+
+    ::
+
+        position_ids  0 1 2 0 1 | 2 3 2 3 4      (the second row's model numbers from 2, like RoBERTa)
+        sequence ids  0 0 0 1 1 | 2 2 3 3 3
+
+    >>> sequence_ids(position_ids=torch.tensor([[0, 1, 2, 0, 1], [2, 3, 2, 3, 4]]), shape=(2, 5)).tolist()
+    [[0, 0, 0, 1, 1], [2, 2, 3, 3, 3]]
+    """
     B, N = shape
     if cu_seq_lens is not None:
-        cu = cu_seq_lens.reshape(-1).to(torch.long)
-        if int(cu[-1]) != B * N:
-            raise PackmaskError(f"cu_seq_lens ends at {int(cu[-1])} but the batch holds B*N = {B * N} tokens; "
-                             "cu_seq_lens must cover the flattened batch (PackedCollator writes it that way).")
-        token = torch.arange(B * N, device=cu.device)
-        return (torch.searchsorted(cu, token, right=True) - 1).reshape(B, N)
+        segments.check_cu_seqlens(cu_seq_lens, B, N, name="cu_seq_lens")
+        return segments.doc_ids_and_positions_from_cu_seqlens(cu_seq_lens, B, N)[0]
     if position_ids is not None:
         pos = position_ids.expand(B, N) if position_ids.shape != (B, N) else position_ids
-        starts = pos == 0
-        starts[:, 0] = True  # every row begins a sequence
-        return torch.cumsum(starts.reshape(-1).to(torch.long), 0).reshape(B, N) - 1
+        return segments.doc_ids_from_starts(segments.starts_from_position_ids(pos))
     return torch.arange(B, device=device).unsqueeze(1).expand(B, N)  # one sequence per row
 
 

@@ -36,12 +36,14 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
-from numba import njit, prange
 
 from ..errors import PackmaskError
+from . import arrow
+from .binpack import assign_rows
+from .threads import check_threads
 
 __all__ = ["pack_lengths", "pack_dataset", "pack_iterable", "PackingStats", "PackAssignment"]
 
@@ -116,199 +118,6 @@ class PackingStats:
 
 
 # ---------------------------------------------------------------------------------------------------
-# numba kernels
-# ---------------------------------------------------------------------------------------------------
-@njit(cache=True)
-def _order_by_length_desc(lengths, max_length):
-    """Indices of ``lengths`` sorted longest first, ties by index (a stable counting sort,
-    O(n + max_length): lengths are integers in [1, max_length])."""
-    n = lengths.shape[0]
-    counts = np.zeros(max_length + 1, np.int64)
-    for i in range(n):
-        counts[lengths[i]] += 1
-    start = np.empty(max_length + 1, np.int64)
-    acc = 0
-    for v in range(max_length, -1, -1):
-        start[v] = acc
-        acc += counts[v]
-    order = np.empty(n, np.int64)
-    for i in range(n):
-        v = lengths[i]
-        order[start[v]] = i
-        start[v] += 1
-    return order
-
-
-@njit(cache=True)
-def _first_nonempty_at_least(tree, size, low):
-    """Smallest leaf index >= ``low`` whose count is > 0 in a count segment tree, or -1."""
-    node = low + size
-    if tree[node] > 0:
-        return low
-    found = False
-    while node > 1:
-        if (node & 1) == 0 and tree[node + 1] > 0:
-            node = node + 1
-            found = True
-            break
-        node >>= 1
-    if not found:
-        return -1
-    while node < size:
-        if tree[2 * node] > 0:
-            node = 2 * node
-        else:
-            node = 2 * node + 1
-    return node - size
-
-
-@njit(cache=True)
-def _tree_add(tree, size, leaf, delta):
-    node = leaf + size
-    while node >= 1:
-        tree[node] += delta
-        node >>= 1
-
-
-@njit(cache=True)
-def _assign_bfd(lengths, order, max_length):
-    """Best-fit decreasing over all pieces. Rows are grouped by free space: ``tree`` is a count
-    segment tree over free-space values 0..max_length (a leaf is 1 while some open row has exactly
-    that much space), ``head``/``below`` a stack of rows per free-space value. Each piece goes to a
-    row with the smallest free space that still fits it, O(log max_length) per piece."""
-    n = lengths.shape[0]
-    size = 1
-    while size < max_length + 1:
-        size *= 2
-    tree = np.zeros(2 * size, np.int32)
-    head = np.full(max_length + 1, -1, np.int64)
-    below = np.empty(n, np.int64)
-    row_of = np.empty(n, np.int64)
-    rows = 0
-    for k in range(n):
-        i = order[k]
-        length = lengths[i]
-        space = _first_nonempty_at_least(tree, size, length)
-        if space < 0:
-            row = rows
-            rows += 1
-            free = max_length - length
-        else:
-            row = head[space]
-            head[space] = below[row]
-            if head[space] == -1:
-                _tree_add(tree, size, space, -1)
-            free = space - length
-        row_of[i] = row
-        if free > 0:
-            if head[free] == -1:
-                _tree_add(tree, size, free, 1)
-            below[row] = head[free]
-            head[free] = row
-    return row_of, rows
-
-
-@njit(cache=True)
-def _assign_ffd(lengths, order, max_length):
-    """First-fit decreasing: each piece goes to the lowest-numbered row with room. A max segment
-    tree over row slots (unopened slots hold ``max_length``) finds it in O(log n)."""
-    n = lengths.shape[0]
-    size = 1
-    while size < max(n, 1):
-        size *= 2
-    tree = np.full(2 * size, max_length, np.int32)
-    row_of = np.empty(n, np.int64)
-    rows = 0
-    for k in range(n):
-        i = order[k]
-        length = lengths[i]
-        node = 1
-        while node < size:
-            if tree[2 * node] >= length:
-                node = 2 * node
-            else:
-                node = 2 * node + 1
-        row = node - size
-        row_of[i] = row
-        if row + 1 > rows:
-            rows = row + 1
-        tree[node] -= length
-        node >>= 1
-        while node >= 1:
-            left = tree[2 * node]
-            right = tree[2 * node + 1]
-            tree[node] = left if left > right else right
-            node >>= 1
-    return row_of, rows
-
-
-@njit(cache=True)
-def _assign_sequential(lengths, max_length):
-    """Next-fit in input order: a piece that does not fit closes the current row. Keeps the
-    documents' order, both within and across rows."""
-    n = lengths.shape[0]
-    row_of = np.empty(n, np.int64)
-    row = -1
-    free = 0
-    for i in range(n):
-        if lengths[i] > free:
-            row += 1
-            free = max_length
-        row_of[i] = row
-        free -= lengths[i]
-    return row_of, row + 1
-
-
-@njit(cache=True)
-def _group_by_row(row_of, processing_order, rows):
-    """Piece indices grouped by row (rows in creation order; within a row, in placement order)
-    and the row offsets into that list."""
-    n = row_of.shape[0]
-    row_offsets = np.zeros(rows + 1, np.int64)
-    for i in range(n):
-        row_offsets[row_of[i] + 1] += 1
-    for r in range(rows):
-        row_offsets[r + 1] += row_offsets[r]
-    cursor = row_offsets[:-1].copy()
-    grouped = np.empty(n, np.int64)
-    for k in range(n):
-        i = processing_order[k]
-        r = row_of[i]
-        grouped[cursor[r]] = i
-        cursor[r] += 1
-    return grouped, row_offsets
-
-
-@njit(cache=True, parallel=True)
-def _gather_spans(values, src_starts, span_lengths, dst_starts, total):
-    """Concatenate ``values[src_starts[s] : +span_lengths[s]]`` for every span (at ``dst_starts[s]``).
-    Spans are disjoint in the output, so they are copied in parallel (memory-bound: 2 threads ~2x).
-
-    The output is allocated here, not by numpy: numpy asks the kernel for transparent huge pages,
-    which on a fragmented machine costs a direct compaction on first touch (measured 1.2 s for
-    524 MB here, against 0.2 s with 4 KiB pages) -- and a program packs once, so the first touch is
-    the one that counts."""
-    out = np.empty(total, values.dtype)
-    for s in prange(src_starts.shape[0]):
-        length = span_lengths[s]
-        out[dst_starts[s]:dst_starts[s] + length] = values[src_starts[s]:src_starts[s] + length]
-    return out
-
-
-@njit(cache=True)
-def _span_element_indices(src_starts, span_lengths, total):
-    """Element indices of the concatenated spans (for value types that are not plain numpy)."""
-    out = np.empty(total, np.int64)
-    pos = 0
-    for s in range(src_starts.shape[0]):
-        start = src_starts[s]
-        for j in range(span_lengths[s]):
-            out[pos] = start + j
-            pos += 1
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------
 # lengths -> assignment
 # ---------------------------------------------------------------------------------------------------
 @dataclass
@@ -353,7 +162,8 @@ class PackAssignment:
         return PackAssignment(self.doc_index[take], self.start[take], self.length[take], new_offsets, self.stats)
 
 
-def _check_common(max_length: int, strategy: str, overflow: str) -> None:
+def check_packing_args(max_length: int, strategy: str, overflow: str) -> None:
+    """Raise :class:`PackmaskError` naming the fix for a bad ``max_length``, ``strategy`` or ``overflow``."""
     if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 1:
         raise PackmaskError(f"max_length must be a positive integer (tokens per packed row), got {max_length!r}.")
     if max_length > _MAX_ROW:
@@ -397,7 +207,7 @@ def pack_lengths(
         [2, 3, 0, 1]
     """
     begin = time.perf_counter()
-    _check_common(max_length, strategy, overflow)
+    check_packing_args(max_length, strategy, overflow)
     max_length = int(max_length)
     lengths = np.asarray(lengths)
     if lengths.ndim != 1:
@@ -443,19 +253,10 @@ def pack_lengths(
         start = np.zeros(keep.shape[0], np.int64)
         length = np.minimum(lengths[keep], max_length)
 
-    if strategy == "sequential":
-        processing_order = np.arange(length.shape[0], dtype=np.int64)
-        row_of, rows = _assign_sequential(length, max_length)
-    else:
-        processing_order = _order_by_length_desc(length, max_length)
-        if strategy == "bfd":
-            row_of, rows = _assign_bfd(length, processing_order, max_length)
-        else:
-            row_of, rows = _assign_ffd(length, processing_order, max_length)
-    grouped, row_offsets = _group_by_row(row_of, processing_order, rows)
+    grouped, row_offsets = assign_rows(length, max_length, strategy)
 
     stats.sequences = int(grouped.shape[0])
-    stats.rows = int(rows)
+    stats.rows = int(row_offsets.shape[0] - 1)
     stats.tokens = int(length.sum())
     stats._finish()
     stats.seconds = time.perf_counter() - begin
@@ -466,46 +267,7 @@ def pack_lengths(
 # ---------------------------------------------------------------------------------------------------
 # datasets.Dataset
 # ---------------------------------------------------------------------------------------------------
-def _single_chunk(column):
-    import pyarrow as pa
-
-    if isinstance(column, pa.ChunkedArray):
-        # One chunk is returned as is (no copy); several are concatenated once.
-        return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
-    return column
-
-
-def _list_lengths(array) -> np.ndarray:
-    import pyarrow.compute as pc
-
-    if array.null_count == 0:
-        return np.diff(array.offsets.to_numpy()).astype(np.int64)
-    return pc.list_value_length(array).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-
-
-def _gather_list_column(array, src_starts: np.ndarray, span_lengths: np.ndarray, row_token_offsets: np.ndarray):
-    """New list array whose rows are the concatenated spans of ``array``'s flat values."""
-    import pyarrow as pa
-
-    values = array.values  # the child array the offsets index into (slices included)
-    total = int(row_token_offsets[-1])
-    offset_dtype = np.int64 if pa.types.is_large_list(array.type) else np.int32
-    if total > np.iinfo(offset_dtype).max:
-        raise PackmaskError(f"Packed column has {total} values, too many for {array.type}; cast it to a large_list.")
-    flat = None
-    if values.null_count == 0 and (pa.types.is_integer(values.type) or values.type in (pa.float32(), pa.float64())):
-        flat = values.to_numpy(zero_copy_only=True)
-    if flat is not None:
-        dst_starts = np.zeros(span_lengths.shape[0], np.int64)
-        np.cumsum(span_lengths[:-1], out=dst_starts[1:])
-        out = _gather_spans(flat, src_starts, span_lengths, dst_starts, total)
-        new_values = pa.array(out, type=values.type)
-    else:
-        new_values = values.take(pa.array(_span_element_indices(src_starts, span_lengths, total)))
-    return type(array).from_arrays(pa.array(row_token_offsets.astype(offset_dtype)), new_values, type=array.type)
-
-
-def _pack_one(dataset, max_length, strategy, overflow, column, shuffle, seed):
+def _pack_one(dataset, max_length, strategy, overflow, column, shuffle, seed, num_threads):
     import pyarrow as pa
     from datasets import Dataset
     from datasets.table import InMemoryTable
@@ -523,18 +285,17 @@ def _pack_one(dataset, max_length, strategy, overflow, column, shuffle, seed):
     if dataset._indices is not None:
         row_index = dataset._indices.column(0).to_numpy().astype(np.int64)
 
-    token_array = _single_chunk(table.column(column))
-    if not (pa.types.is_list(token_array.type) or pa.types.is_large_list(token_array.type)):
+    token_array = arrow.single_chunk(table.column(column))
+    if not arrow.is_list(token_array):
         raise PackmaskError(f"Column {column!r} must hold lists of token ids, got Arrow type {token_array.type}.")
-    token_lengths = _list_lengths(token_array)
+    token_lengths = arrow.list_lengths(token_array)
 
     carried, dropped_columns = [], []
     for name in table.column_names:
-        array = _single_chunk(table.column(name))
+        array = arrow.single_chunk(table.column(name))
         if name == column:
             carried.append((name, array))
-        elif (pa.types.is_list(array.type) or pa.types.is_large_list(array.type)) and np.array_equal(
-                _list_lengths(array), token_lengths):
+        elif arrow.is_list(array) and np.array_equal(arrow.list_lengths(array), token_lengths):
             carried.append((name, array))
         else:
             dropped_columns.append(name)
@@ -553,14 +314,13 @@ def _pack_one(dataset, max_length, strategy, overflow, column, shuffle, seed):
     )
     out_columns, out_names = [], []
     for name, array in carried:
-        offsets = array.offsets.to_numpy()
         if identity:
             # Nothing moves: the packed rows are just coarser offsets over the same values buffer.
-            new = type(array).from_arrays(pa.array((row_token_offsets + offsets[0]).astype(offsets.dtype)),
-                                          array.values, type=array.type)
+            new = arrow.coarser_offsets(array, row_token_offsets)
         else:
-            src_starts = offsets[table_rows].astype(np.int64) + assignment.start
-            new = _gather_list_column(array, src_starts, assignment.length, row_token_offsets)
+            src_starts = array.offsets.to_numpy()[table_rows].astype(np.int64) + assignment.start
+            new = arrow.gather_list_column(array, src_starts, assignment.length, row_token_offsets,
+                                           num_threads=num_threads)
         out_columns.append(new)
         out_names.append(name)
     seq_lengths = pa.ListArray.from_arrays(pa.array(assignment.row_offsets.astype(np.int32)),
@@ -596,6 +356,7 @@ def pack_dataset(
     seed: int = 0,
     return_stats: bool = False,
     buffer_size: int = 10_000,
+    num_threads: int | None = None,
 ):
     """Pack a tokenized dataset into rows of at most ``max_length`` tokens.
 
@@ -616,6 +377,9 @@ def pack_dataset(
             same output.
         return_stats: also return the :class:`PackingStats`.
         buffer_size: only for an ``IterableDataset`` (see :func:`pack_iterable`).
+        num_threads: threads for copying token spans. ``None`` (default) follows
+            ``torch.get_num_threads()``; ``1`` packs single-threaded. torch's own thread count is never
+            changed (see :mod:`packmask.data.threads`).
 
     Returns:
         The packed ``Dataset`` (in memory; same format as the input) with the carried columns plus
@@ -632,7 +396,8 @@ def pack_dataset(
     """
     from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 
-    _check_common(max_length, strategy, overflow)
+    check_packing_args(max_length, strategy, overflow)
+    check_threads(num_threads)
     if isinstance(dataset, (IterableDataset, IterableDatasetDict)):
         if shuffle:
             raise PackmaskError("shuffle=True is not available for streaming datasets; call .shuffle(seed, buffer_size) "
@@ -644,164 +409,15 @@ def pack_dataset(
         return pack_iterable(dataset, max_length, strategy=strategy, overflow=overflow, column=column,
                              buffer_size=buffer_size)
     if isinstance(dataset, DatasetDict):
-        results = {k: _pack_one(v, max_length, strategy, overflow, column, shuffle, seed) for k, v in dataset.items()}
+        results = {k: _pack_one(v, max_length, strategy, overflow, column, shuffle, seed, num_threads) for k, v in dataset.items()}
         packed = DatasetDict({k: v[0] for k, v in results.items()})
         return (packed, {k: v[1] for k, v in results.items()}) if return_stats else packed
     if not isinstance(dataset, Dataset):
         raise TypeError(f"pack_dataset takes a datasets.Dataset / DatasetDict / IterableDataset, got "
                         f"{type(dataset).__name__}; for a plain iterable of dicts use pack_iterable.")
-    packed, stats = _pack_one(dataset, max_length, strategy, overflow, column, shuffle, seed)
+    packed, stats = _pack_one(dataset, max_length, strategy, overflow, column, shuffle, seed, num_threads)
     return (packed, stats) if return_stats else packed
 
 
-# ---------------------------------------------------------------------------------------------------
-# streaming
-# ---------------------------------------------------------------------------------------------------
-def _per_token_keys(example: dict, column: str) -> list[str]:
-    n = len(example[column])
-    keys = [column]
-    for key, value in example.items():
-        if key in (column, "seq_lengths"):
-            continue
-        if isinstance(value, (list, tuple, np.ndarray)) or hasattr(value, "tolist"):
-            try:
-                if len(value) == n:
-                    keys.append(key)
-            except TypeError:
-                pass
-    return keys
-
-
-def _iter_packed(examples, max_length, strategy, overflow, column, buffer_size, min_fill, stats):
-    # Overflow and empty documents are settled when a document enters the buffer, so the buffer
-    # only holds sequences of 1..max_length tokens and a held-back sequence is never half emitted.
-    buffer: list[dict] = []
-    keys = None
-    iterator = iter(examples)
-    exhausted = False
-    while True:
-        while not exhausted and len(buffer) < buffer_size:
-            try:
-                example = next(iterator)
-            except StopIteration:
-                exhausted = True
-                break
-            if column not in example:
-                raise PackmaskError(f"Column {column!r} not found in example with keys {sorted(example)}; pass column=...")
-            if keys is None:
-                keys = _per_token_keys(example, column)
-            doc = {k: list(example[k].tolist() if hasattr(example[k], "tolist") else example[k]) for k in keys}
-            n = len(doc[column])
-            stats.documents += 1
-            if n == 0:
-                stats.empty += 1
-                continue
-            if n > max_length:
-                if overflow == "error":
-                    raise PackmaskError(
-                        f"Document {stats.documents - 1} has {n} tokens, more than max_length={max_length}. "
-                        "Pass overflow='truncate', 'split' or 'drop', or raise max_length.")
-                if overflow == "drop":
-                    stats.dropped += 1
-                    stats.dropped_tokens += n
-                    continue
-                if overflow == "truncate":
-                    stats.truncated += 1
-                    stats.truncated_tokens += n - max_length
-                    buffer.append({k: v[:max_length] for k, v in doc.items()})
-                    continue
-                stats.split += 1
-                buffer.extend({k: v[lo:lo + max_length] for k, v in doc.items()} for lo in range(0, n, max_length))
-                continue
-            buffer.append(doc)
-        if not buffer:
-            return
-        lengths = np.fromiter((len(doc[column]) for doc in buffer), np.int64, len(buffer))
-        assignment = pack_lengths(lengths, max_length, strategy=strategy, overflow="error")
-        row_lengths = assignment.row_lengths()
-        emit = np.ones(assignment.num_rows, bool)
-        if not exhausted:
-            # Hold back the sequences of under-filled rows: with the next documents they can fill up.
-            # Order-preserving packing may only hold back the still-open last row.
-            if strategy == "sequential":
-                emit[-1] = False
-            else:
-                emit = row_lengths >= min_fill * max_length
-            held_count = int(np.diff(assignment.row_offsets)[~emit].sum())
-            if held_count > buffer_size // 2:
-                emit[:] = True  # bounded buffer: never hold back more than half of it
-        held: list[dict] = []
-        for r in range(assignment.num_rows):
-            a, b = assignment.row_offsets[r], assignment.row_offsets[r + 1]
-            if not emit[r]:
-                held.extend(buffer[d] for d in assignment.doc_index[a:b].tolist())
-                continue
-            row = {k: [] for k in keys}
-            for s in range(a, b):
-                doc = buffer[assignment.doc_index[s]]
-                for k in keys:
-                    row[k].extend(doc[k])
-            row["seq_lengths"] = assignment.length[a:b].tolist()
-            stats.rows += 1
-            stats.sequences += b - a
-            stats.tokens += int(row_lengths[r])
-            yield row
-        stats.seconds += assignment.stats.seconds
-        stats._finish()
-        buffer = held
-        if exhausted and not buffer:
-            return
-
-
-def pack_iterable(
-    examples: Iterable[dict],
-    max_length: int,
-    *,
-    strategy: str = "bfd",
-    overflow: str = "truncate",
-    column: str = "input_ids",
-    buffer_size: int = 1000,
-    min_fill: float = 0.98,
-    stats: PackingStats | None = None,
-):
-    """Pack a stream of tokenized examples with a bounded buffer.
-
-    Up to ``buffer_size`` documents are read and packed with ``strategy``; rows filled to at least
-    ``min_fill`` are emitted and the documents of the other rows stay in the buffer to be packed with
-    the next documents (never more than half the buffer, so memory stays bounded and the stream
-    always advances). At the end everything left is emitted. ``"sequential"`` only holds back the open
-    last row, so document order is kept. Deterministic: the same stream gives the same rows.
-
-    Args:
-        examples: a :class:`datasets.IterableDataset` (then an ``IterableDataset`` is returned) or any
-            iterable of dicts (then a generator of dicts is returned).
-        max_length, strategy, overflow, column: as in :func:`pack_dataset`.
-        buffer_size: documents held at most.
-        min_fill: rows below this fill are held back while the stream lasts.
-        stats: a :class:`PackingStats` to accumulate into while the stream is consumed.
-
-    Example (``max_length=8``, buffer of 4 documents)::
-
-        stream   [a0..a4] [b0 b1 b2] [c0..c5] [d0 d1]
-        yields   {'input_ids': [c0..c5, d0, d1], 'seq_lengths': [6, 2]}
-                 {'input_ids': [a0..a4, b0, b1, b2], 'seq_lengths': [5, 3]}
-    """
-    _check_common(max_length, strategy, overflow)
-    if buffer_size < 1:
-        raise PackmaskError(f"buffer_size must be >= 1, got {buffer_size}.")
-    if stats is None:
-        stats = PackingStats(max_length=int(max_length), strategy=strategy, overflow=overflow)
-    else:
-        stats.max_length, stats.strategy, stats.overflow = int(max_length), strategy, overflow
-    try:
-        from datasets import IterableDataset
-    except ImportError:  # pragma: no cover
-        IterableDataset = ()
-    if IterableDataset and isinstance(examples, IterableDataset):
-        source = examples
-
-        def generate():
-            yield from _iter_packed(source, max_length, strategy, overflow, column, buffer_size, min_fill, stats)
-
-        return IterableDataset.from_generator(generate)
-    return _iter_packed(examples, max_length, strategy, overflow, column, buffer_size, min_fill, stats)
+# Streaming builds on the names above (PackingStats, pack_lengths), so it is imported last.
+from .streaming import pack_iterable  # noqa: E402

@@ -47,6 +47,7 @@ import torch.distributed as dist
 
 from ..errors import PackmaskError, UnsupportedModelError
 from ..layout import DocumentLayout, analyse_mask
+from ..segments import starts_from_ids
 from .cp_attention import ContextParallelLayout, all_gather_sequence
 from .cp_plan import ShardPlan, plan_context_parallel
 
@@ -104,7 +105,7 @@ def shift_labels(labels: torch.Tensor, doc_ids: torch.Tensor, ignore_index: int 
     [[6, 7, -100, 9, -100]]
     """
     out = torch.full_like(labels, ignore_index)
-    same = doc_ids[:, 1:].to(labels.device) == doc_ids[:, :-1].to(labels.device)
+    same = ~starts_from_ids(doc_ids.to(labels.device))[:, 1:]  # token t + 1 continues t's document
     out[:, :-1] = torch.where(same, labels[:, 1:], torch.full_like(labels[:, 1:], ignore_index))
     return out
 

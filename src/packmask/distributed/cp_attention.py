@@ -30,8 +30,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..backends import AttentionSpec, eager_attention, sdpa_attention
+from ..backends import requested_backend
+from ..backends.eager import eager_attention
+from ..backends.sdpa import sdpa_attention
+from ..backends.spec import AttentionSpec
+from ..backends.varlen import _gqa_native_varlen, _varlen_params, varlen_available
 from ..errors import PackmaskError
+from ..segments import doc_bounds_from_starts, starts_from_ids
 
 __all__ = ["all_gather_sequence", "ContextParallelLayout", "dense_cp_mask", "varlen_pieces"]
 
@@ -116,11 +121,9 @@ def varlen_pieces(index_r: torch.Tensor, index_all: torch.Tensor, doc_ids: torch
     else:
         if window is not None:
             raise PackmaskError("context parallelism has no bidirectional sliding window; train this model without it.")
-        counts = torch.zeros(B, int(doc_ids.max()) + 1, dtype=torch.long, device=dev)
-        counts.scatter_add_(1, doc_ids, torch.ones_like(doc_ids))
-        doc_len = torch.gather(counts, 1, doc_ids).reshape(-1)  # length of every token's document
+        _, doc_end = doc_bounds_from_starts(starts_from_ids(doc_ids))
         k_begin = doc_start
-        k_end = doc_start + doc_len[row * N + g_first]
+        k_end = doc_end.reshape(-1)[row * N + g_first]
     k_len = k_end - k_begin
     # slot of every (row, row position) in the flat gathered keys [B, cp * n]
     slot = torch.empty(B, N, dtype=torch.long, device=dev)
@@ -142,8 +145,6 @@ def _varlen_rect(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window):
     """torch's ``varlen_attn`` with different query and key lengths (flat ``[T, H, D]`` tensors), GQA
     as packmask's varlen backend does it (``enable_gqa`` on new torch, the custom op on 2.11)."""
     from torch.nn.attention.varlen import varlen_attn
-
-    from ..backends import _gqa_native_varlen, _varlen_params
     H = q.shape[1]
     left = window - 1 if window is not None else -1
     right = 0 if causal else -1
@@ -223,9 +224,7 @@ class ContextParallelLayout:
         k_all = all_gather_sequence(key, self.group).permute(1, 2, 0, 3, 4).reshape(B, Hkv, cp * n, D)
         v_all = all_gather_sequence(value, self.group).permute(1, 2, 0, 3, 4).reshape(B, Hkv, cp * n, D)
         causal, window = spec.is_causal, spec.sliding_window
-        dropout = spec.dropout > 0 and training
-        if (query.is_cuda and spec.softcap is None and not dropout and query.dtype in (torch.float16, torch.bfloat16)
-                and _varlen_ok()):
+        if self._use_varlen(module, query, spec, training):
             cu_q, cu_k, key_index, max_q, max_k = self.pieces(query.device, causal, window)
             kf = k_all.transpose(1, 2).reshape(B * cp * n, Hkv, D).index_select(0, key_index)
             vf = v_all.transpose(1, 2).reshape(B * cp * n, Hkv, D).index_select(0, key_index)
@@ -233,12 +232,21 @@ class ContextParallelLayout:
             out = _varlen_rect(qf, kf, vf, cu_q, cu_k, max_q, max_k, causal, spec.scale, window)
             return out.view(B, n, H, D)
         mask = self.dense_mask(query.device, causal, window)
-        plain = AttentionSpec(spec.scale, spec.dropout, spec.softcap, None, causal)
-        if spec.softcap is not None:
+        plain = spec.without_window()  # the window is in the mask
+        if spec.softcap is not None or requested_backend(module) == "eager":
             return eager_attention(query, k_all, v_all, mask, plain, training)
         return sdpa_attention(query, k_all, v_all, mask, plain, training)
 
-
-def _varlen_ok() -> bool:
-    from ..backends import varlen_available
-    return varlen_available()
+    @staticmethod
+    def _use_varlen(module, query, spec: AttentionSpec, training: bool) -> bool:
+        """varlen on CUDA in fp16 / bf16 (the dense mask path otherwise), as packmask.backend() asks."""
+        requested = requested_backend(module)
+        ok = (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and spec.softcap is None
+              and not (spec.dropout > 0 and training) and varlen_available() and query.shape[-1] <= 256)
+        if requested == "varlen" and not ok:
+            raise PackmaskError("backend 'varlen' cannot run this context-parallel layer: it needs CUDA, fp16/bf16, "
+                                "no softcap and no dropout. Use packmask.backend('auto').")
+        if requested == "flex":
+            raise PackmaskError("context parallelism has no flex path; use packmask.backend('auto'), 'varlen', 'sdpa' "
+                                "or 'eager'.")
+        return ok and requested in ("auto", "varlen")

@@ -47,6 +47,8 @@ import torch
 
 from ..errors import PackmaskError
 from ..layout import DocumentLayout
+from ..segments import (doc_bounds_from_starts, doc_ids_from_starts, lengths_from_starts, starts_from_cu_seqlens,
+                        starts_from_ids)
 
 __all__ = ["ShardPlan", "plan_context_parallel", "attention_cost", "token_costs", "STRATEGIES"]
 
@@ -75,9 +77,8 @@ def token_costs(doc_ids: torch.Tensor, position_ids: torch.Tensor, window: int |
     """``[B, N]`` keys each query attends to: ``position + 1`` (capped by the window), or the
     document's length for bidirectional attention."""
     if not causal:
-        counts = torch.zeros(doc_ids.shape[0], int(doc_ids.max()) + 1, dtype=torch.long)
-        counts.scatter_add_(1, doc_ids, torch.ones_like(doc_ids))
-        return torch.gather(counts, 1, doc_ids)
+        first, end = doc_bounds_from_starts(starts_from_ids(doc_ids))
+        return end - first
     keys = position_ids.to(torch.long) + 1
     return keys.clamp(max=window) if window is not None else keys
 
@@ -153,13 +154,7 @@ class ShardPlan:
 
 
 def _row_lengths(layout: DocumentLayout) -> list[list[int]]:
-    cu = layout.cu_seqlens.tolist()
-    N = layout.seq_len
-    rows, r = [[] for _ in range(layout.batch_size)], 0
-    for a, b in zip(cu, cu[1:]):
-        if b > a:
-            rows[a // N].append(b - a)
-    return rows
+    return lengths_from_starts(starts_from_cu_seqlens(layout.cu_seqlens.cpu(), layout.batch_size, layout.seq_len))
 
 
 def _plan_row(lengths: list[int], cp: int, n: int, threshold: int | None, window, causal, strategy):
@@ -259,6 +254,6 @@ def plan_context_parallel(layout: DocumentLayout, cp: int, *, split_threshold: i
     rows = _row_lengths(layout)
     chunks = [_plan_row(lengths, cp, n, split_threshold, window, layout.causal, strategy) for lengths in rows]
     index = torch.stack([_index_of(c, cp, n) for c in chunks], 1) if rows else torch.empty(cp, 0, n, dtype=torch.long)
-    doc_ids = layout.doc_ids.cpu()
-    doc_ids = doc_ids - doc_ids[:, :1]  # per-row numbering
-    return ShardPlan(cp, index, doc_ids, layout.position_ids.cpu(), chunks, layout.causal, window)
+    starts = starts_from_cu_seqlens(layout.cu_seqlens.cpu(), layout.batch_size, N)
+    return ShardPlan(cp, index, doc_ids_from_starts(starts, local=True), layout.position_ids.cpu(), chunks,
+                     layout.causal, window)

@@ -1,0 +1,34 @@
+"""The CLI's exit statuses and its one error type.
+
+Every error a user can act on is printed as one line, ``error: <problem> (fix: <fix>)``:
+
+    >>> str(CLIError("docs.jsonl, line 3: field 'text' is missing or null", "add the text, or pass --skip-invalid"))
+    "docs.jsonl, line 3: field 'text' is missing or null (fix: add the text, or pass --skip-invalid)"
+"""
+from __future__ import annotations
+
+__all__ = ["CLIError", "Terminated", "EXIT_USAGE", "EXIT_FAILED", "EXIT_SIGINT", "EXIT_SIGTERM"]
+
+EXIT_USAGE = 2      # the user can fix it: bad path, column, option, record
+EXIT_FAILED = 1     # the command ran and found a problem (verify failed, a benchmark check failed) or crashed
+EXIT_SIGINT = 130   # 128 + SIGINT, as shells report it
+EXIT_SIGTERM = 143  # 128 + SIGTERM
+
+
+class CLIError(Exception):
+    """A problem the user can fix; printed as one line ``error: <problem> (fix: <fix>)``."""
+
+    def __init__(self, problem: str, fix: str | None = None, exit_code: int = EXIT_USAGE):
+        super().__init__(problem)
+        self.problem = problem
+        self.fix = fix
+        self.exit_code = exit_code
+
+    def __str__(self) -> str:
+        return f"{self.problem} (fix: {self.fix})" if self.fix else self.problem
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised by the CLI's SIGTERM handler, so a ``kill`` unwinds like Ctrl-C: every ``finally``
+    runs and a half-written temporary file is removed (a ``KeyboardInterrupt`` subclass, so no
+    library's ``except Exception`` swallows it)."""

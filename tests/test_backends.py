@@ -1,0 +1,132 @@
+"""packmask.backends: each kernel against the eager reference, the dispatcher's choices and refusals,
+and scoped backend selection (no process-global state)."""
+import threading
+
+import pytest
+import torch
+
+import packmask
+from packmask import PackmaskError
+from packmask.backends import AttentionSpec, attend, choose_backend, eager, requested_backend, sdpa
+from packmask.backends.eager import eager_attention
+from packmask.layout import DocumentLayout, analyse_mask
+from packmask.testing import rel_err, tiny_model
+
+
+def _qkv(B=2, H=4, Hkv=2, N=12, D=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, H, N, D, generator=g), torch.randn(B, Hkv, N, D, generator=g),
+            torch.randn(B, Hkv, N, D, generator=g))
+
+
+def _per_document_reference(q, k, v, seq_lengths, spec):
+    """Each document alone through plain math: the ground truth for a block-diagonal layout."""
+    out = torch.zeros(q.shape[0], q.shape[2], q.shape[1], q.shape[3])
+    for b, row in enumerate(seq_lengths):
+        s = 0
+        for n in row:
+            part = slice(s, s + n)
+            out[b, part] = eager_attention(q[b:b + 1, :, part], k[b:b + 1, :, part], v[b:b + 1, :, part], None, spec,
+                                           False)[0]
+            s += n
+    return out
+
+
+@pytest.mark.parametrize("spec", [
+    AttentionSpec(scale=0.3),
+    AttentionSpec(scale=0.3, sliding_window=3),
+    AttentionSpec(scale=0.3, softcap=2.0),
+    AttentionSpec(scale=0.3, is_causal=False),
+    AttentionSpec(scale=0.3, is_causal=False, sliding_window=2),
+    AttentionSpec(scale=0.3, sinks=torch.tensor([0.5, -1.0, 2.0, 0.0])),
+], ids=["causal", "window", "softcap", "bidirectional", "bidirectional-window", "sinks"])
+def test_every_cpu_backend_equals_each_document_alone(spec):
+    seq_lengths = [[5, 4, 3], [7, 5]]
+    q, k, v = _qkv()
+    layout = DocumentLayout.from_seq_lengths(seq_lengths, 12, causal=spec.is_causal)
+    expected = _per_document_reference(q, k, v, seq_lengths, spec)
+    ran = 0
+    for module in (sdpa, eager):
+        if module.refusal(layout, spec, q, False) is None:
+            assert rel_err(module.run(q, k, v, layout, spec, False), expected) < 1e-6, module.NAME
+            ran += 1
+    assert ran >= 1
+    assert rel_err(attend(q, k, v, layout, spec), expected) < 1e-6
+    # control: the same call over one undivided row is detectably different
+    whole = DocumentLayout.from_seq_lengths([[12], [12]], 12, causal=spec.is_causal)
+    assert rel_err(attend(q, k, v, whole, spec), expected) > 1e-2
+
+
+def test_general_layout_equals_dense_masked_math():
+    q, k, v = _qkv(B=1)
+    mask = packmask.shared_prefix_tree_mask(4, [5, 3])[None]
+    layout = analyse_mask(mask)
+    spec = AttentionSpec(scale=0.3)
+    expected = eager_attention(q, k, v, mask[:, None], spec, False)
+    assert rel_err(attend(q, k, v, layout, spec), expected) < 1e-6
+
+
+def test_dispatch_on_cpu_and_refusals():
+    q, _, _ = _qkv()
+    layout = DocumentLayout.from_seq_lengths([[6, 6], [12]], 12)
+    assert choose_backend(layout, AttentionSpec(scale=1.0), q, False) == "sdpa"
+    assert choose_backend(layout, AttentionSpec(scale=1.0, softcap=5.0), q, False) == "eager"
+    assert choose_backend(layout, AttentionSpec(scale=1.0, sinks=torch.zeros(4)), q, False) == "eager"
+    assert choose_backend(None, AttentionSpec(scale=1.0), q, False) == "sdpa"
+    for name, spec, reason in [("varlen", AttentionSpec(scale=1.0), "CUDA"),
+                               ("flex", AttentionSpec(scale=1.0), "CUDA"),
+                               ("sdpa", AttentionSpec(scale=1.0, softcap=1.0), "softcapping"),
+                               ("sdpa", AttentionSpec(scale=1.0, sinks=torch.zeros(4)), "sink")]:
+        with packmask.backend(name), pytest.raises(PackmaskError, match=reason):
+            choose_backend(layout, spec, q, False)
+    with pytest.raises(PackmaskError, match="unknown backend"):
+        with packmask.backend("cudnnn"):
+            pass
+
+
+def test_backend_context_is_scoped_and_per_thread():
+    assert requested_backend() == "auto"
+    seen = {}
+    with packmask.backend("eager"):
+        worker = threading.Thread(target=lambda: seen.setdefault("thread", requested_backend()))
+        worker.start()
+        worker.join()
+        with packmask.backend("sdpa"):
+            assert requested_backend() == "sdpa"
+        assert requested_backend() == "eager"
+    assert requested_backend() == "auto" and seen["thread"] == "auto"
+
+
+def test_forced_backend_that_lacks_a_feature_refuses_in_a_model():
+    model = tiny_model("gemma2", "packmask")
+    with packmask.backend("sdpa"), pytest.raises(PackmaskError, match="softcapping"):
+        model(input_ids=torch.randint(1, 128, (1, 8)), attention_mask=packmask.block_diagonal_mask([[3, 5]], 8))
+
+
+def test_per_model_backend_setting(monkeypatch):
+    model = tiny_model("llama", "packmask")
+    other = tiny_model("llama", "packmask")
+    packmask.enable(model, backend="eager")
+    calls = []
+    original = eager.run
+    monkeypatch.setattr(eager, "run", lambda *a, **k: calls.append(1) or original(*a, **k))
+    mask = packmask.block_diagonal_mask([[3, 5]], 8)
+    ids = torch.randint(1, 128, (1, 8))
+    expected = other(input_ids=ids, attention_mask=mask).logits
+    assert not calls  # the other model dispatched on its own (sdpa on CPU)
+    assert rel_err(model(input_ids=ids, attention_mask=mask).logits, expected) < 1e-5
+    assert len(calls) == model.config.num_hidden_layers
+    with pytest.raises(PackmaskError, match="unknown backend"):
+        packmask.enable(other, backend="fast")
+
+
+def test_set_backend_is_deprecated_but_works():
+    with pytest.warns(DeprecationWarning, match="packmask.backend"):
+        packmask.set_backend("eager")
+    try:
+        assert requested_backend() == "eager"
+        with packmask.backend("sdpa"):
+            assert requested_backend() == "sdpa"  # a scoped choice wins over the process default
+    finally:
+        with pytest.warns(DeprecationWarning):
+            packmask.set_backend("auto")
