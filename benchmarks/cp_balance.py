@@ -65,11 +65,12 @@ def check_plan(plan, N: int, cp: int) -> None:
 
 def piece_stats(plan) -> tuple[float, float]:
     """Mean contiguous chunks per rank and row (more, smaller chunks = less efficient kernels), and
-    the keys the varlen kernel reads per local token (each chunk reads its document up to its end)."""
+    the keys each rank's varlen call reads (each chunk reads its document from the start up to the
+    chunk's end, copied into one packed key tensor) as a fraction of the row."""
     chunks = sum(len(row) for row in plan.chunks)
     keys = sum(int(plan.position_ids[b, s]) + length for b, row in enumerate(plan.chunks) for _, s, length in row)
-    tokens = plan.batch_size * plan.seq_len
-    return chunks / (plan.batch_size * plan.cp), keys / tokens
+    per_rank_row = plan.batch_size * plan.cp
+    return chunks / per_rank_row, keys / (per_rank_row * plan.seq_len)
 
 
 def measure(rows_per_dist: int) -> list[dict]:
@@ -89,7 +90,7 @@ def measure(rows_per_dist: int) -> list[dict]:
                 check_plan(plan, N, cp)
                 if strategy != "prefix":  # (a prefix slice spans documents: no per-document chunks)
                     pieces, keys = piece_stats(plan)
-                    entry[strategy + "_chunks"] = dict(per_rank=round(pieces, 1), varlen_keys_per_token=round(keys, 3))
+                    entry[strategy + "_chunks"] = dict(per_rank=round(pieces, 1), varlen_keys_per_rank_over_row=round(keys, 3))
                 costs = plan.rank_costs().double()
                 ratio = costs.max(1).values / costs.mean(1)
                 entry[strategy] = dict(mean_ratio=round(ratio.mean().item(), 4), worst_ratio=round(ratio.max().item(), 4),

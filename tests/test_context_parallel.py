@@ -193,7 +193,6 @@ def test_context_parallel_matches_one_process(world, tmp_path):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("window", [None, 3])
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_varlen_pieces_on_cuda(window, kv_heads):
