@@ -48,8 +48,11 @@ def reference(family, overrides, batch):
     return model, out.logits.detach(), out.loss.detach()
 
 
-def cp_run(family, overrides, batch, mesh, strategy="balanced", corrupt=False):
+def cp_run(family, overrides, batch, mesh, strategy="balanced", corrupt=False, checkpointing=False):
     model = tiny_model(family, **overrides)
+    if checkpointing:  # the backward recomputes each layer, all-gather included
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
     with ContextParallel(mesh, model=model, strategy=strategy) as ctx:
         local = ctx.shard(batch)
         if corrupt:  # a wrong split: documents see each other across ranks (one document per row)
@@ -60,13 +63,15 @@ def cp_run(family, overrides, batch, mesh, strategy="balanced", corrupt=False):
         out = model(**local)
         out.loss.backward()
         ctx.all_reduce_gradients(model)
+        assert torch.allclose(ctx.loss(out.logits.detach()), out.loss.detach(), rtol=1e-6), "ctx.loss != out.loss"
         return model, ctx.gather(out.logits.detach()), ctx.reduce(out.loss)
 
 
-def compare(name, family, overrides, mesh, results, strategy="balanced", corrupt=False, data_rank=0, dp=1):
+def compare(name, family, overrides, mesh, results, strategy="balanced", corrupt=False, data_rank=0, dp=1,
+            checkpointing=False):
     begin = time.perf_counter()
     batches = [make_batch(SEQ_LENGTHS, 0), make_batch(SEQ_LENGTHS_B, 1)][:dp]
-    model, logits, loss = cp_run(family, overrides, batches[data_rank], mesh, strategy, corrupt)
+    model, logits, loss = cp_run(family, overrides, batches[data_rank], mesh, strategy, corrupt, checkpointing)
     if dp > 1:  # logits of every data rank's rows, for the comparison on global rank 0
         parts = [torch.empty_like(logits) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, logits.contiguous())
@@ -131,6 +136,7 @@ def main(out_path):
         compare("control_documents_see_each_other", "llama", mha, None, results, corrupt=True)
         if world == 2:
             compare_fsdp2("fsdp2_llama", results)
+            compare("llama_gradient_checkpointing", "llama", {}, None, results, checkpointing=True)
         if world == 4:
             from torch.distributed.device_mesh import init_device_mesh
             mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("data", "context"))

@@ -171,7 +171,8 @@ def test_bad_inputs_have_clear_errors():
 @pytest.mark.parametrize("world", [2, 4])
 def test_context_parallel_matches_one_process(world, tmp_path):
     """torchrun on gloo: logits, loss and every parameter gradient equal one process (tiny Llama MHA /
-    GQA, Mistral's sliding window, a prefix split; FSDP2 at 2 ranks, a data x context mesh at 4); a wrong
+    GQA, Mistral's sliding window, a prefix split; FSDP2 and gradient checkpointing at 2 ranks, a
+    data x context mesh at 4); a wrong
     split (documents see each other across ranks) is detected; bad inputs raise clear errors."""
     out = tmp_path / "results.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
@@ -182,7 +183,7 @@ def test_context_parallel_matches_one_process(world, tmp_path):
     results = json.loads(out.read_text())
     assert "crash" not in results, results["crash"]["traceback"]
     exact = ["llama", "llama_gqa_zigzag", "mistral_window", "llama_prefix_split"]
-    exact += ["mesh_data2_context2"] if world == 4 else ["fsdp2_llama"]
+    exact += ["mesh_data2_context2"] if world == 4 else ["fsdp2_llama", "llama_gradient_checkpointing"]
     for case in exact:
         r = results[case]
         assert max(r["logits"], r["loss"], r["grads"]) <= 1e-5, (case, r)

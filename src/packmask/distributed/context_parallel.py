@@ -137,6 +137,7 @@ class ContextParallel:
         self.split_threshold, self.strategy = split_threshold, strategy
         self.window = None
         self.plan: ShardPlan | None = None
+        self._labels = None
         if model is not None:
             self._check_model(model)
             window = getattr(getattr(model, "config", None), "sliding_window", None)
@@ -211,6 +212,7 @@ class ContextParallel:
             local["labels"] = local["shift_labels"] = shifted
             count = (shift_labels(labels, plan.doc_ids) != -100).sum().to(torch.float32).reshape(1)
             local["num_items_in_batch"] = self._sum_over_data(count.to(_comm_device(self.group))).to(ref.device)[0]
+            self._labels = (shifted, local["num_items_in_batch"])
         local["use_cache"] = False
         from ..integration import LAYOUT_KWARG
         local[LAYOUT_KWARG] = ContextParallelLayout(plan, self.rank, self.group)
@@ -229,6 +231,19 @@ class ContextParallel:
         if plan is None:
             raise PackmaskError("gather() needs a plan: call shard() first (or pass plan=).")
         return plan.unshard(all_gather_sequence(local, self.group))
+
+    def loss(self, logits: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the globally normalised per-token loss, from its ``[B, N // cp, V]``
+        logits and the labels of the last ``shard()`` — the same as ``out.loss`` of models whose loss
+        takes transformers' ``shift_labels``; use it for models that compute their loss themselves
+        (and then do not pass ``labels`` to the model: they would be shifted a second time)."""
+        if getattr(self, "_labels", None) is None:
+            raise PackmaskError("loss() needs the labels of a batch: call shard() with labels first.")
+        labels, count = self._labels
+        per_token = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                      labels.reshape(-1).to(logits.device), ignore_index=-100,
+                                                      reduction="sum")
+        return per_token / count.to(per_token.device)
 
     def reduce(self, value: torch.Tensor) -> torch.Tensor:
         """Sum of a (detached) scalar over every rank of the mesh: the whole batch's loss from each

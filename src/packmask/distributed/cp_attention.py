@@ -170,9 +170,8 @@ class ContextParallelLayout:
     and reused by every layer of the forward (and by a gradient-checkpointing recompute).
     """
 
-    def __init__(self, plan, rank: int, group, device=None):
+    def __init__(self, plan, rank: int, group):
         self.plan, self.rank, self.group = plan, rank, group
-        self.device = device
         self._memo = {}
         self.batch_size, self.seq_len = plan.batch_size, plan.local_len  # what the rank's model sees
 
