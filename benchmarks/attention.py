@@ -4,11 +4,15 @@ TFLOP/s count only in-document work (causal: 4 * sum(l²)/2 * H * D forward, x3.
 plain-causal cuDNN / flash rows attend over the whole row and count the whole row — they are the
 ceiling (and contaminated). Same shapes as ../shared/anchors/kernel_anchor.py. Also times the
 flex BlockMask build: create_block_mask (evaluates the mask) vs packmask's build from offsets.
-Writes $OUT/attention.json.
+With nvidia-cudnn-frontend installed, also packmask's cudnn backend (cuDNN SDPA with ragged
+offsets) and the dispatcher's own choice ("packmask_auto"). Correctness: every packmask kernel's
+output is compared with varlen's on the benchmark data; the script exits 1 if one differs by more
+than the bf16 noise. Writes $OUT/attention.json.
 """
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -18,6 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask
 
 from packmask.backends import AttentionSpec, varlen_attention
+from packmask.backends import cudnn as cudnn_backend
 from packmask.backends.flex import _flex_fn, document_block_mask
 from packmask.layout import DocumentLayout
 
@@ -37,10 +42,16 @@ def lengths_for(total, median, seed):
 
 
 def random_qkv(total, H, Hkv, D, device=dev):
-    """bf16 q [1, H, T, D], k / v [1, Hkv, T, D] needing grads, and an output gradient [1, T, H, D]."""
+    """bf16 q [1, H, T, D], k / v [1, Hkv, T, D] needing grads, and an output gradient [1, T, H, D].
+
+    q / k / v are transposed views of [1, T, heads, D] tensors: what transformers hands to an
+    attention function (projections viewed as heads, then transposed)."""
     def make(*shape, grad=True):
         return torch.randn(*shape, device=device, dtype=torch.bfloat16, requires_grad=grad)
-    return make(1, H, total, D), make(1, Hkv, total, D), make(1, Hkv, total, D), make(1, total, H, D, grad=False)
+
+    def heads(h):
+        return torch.randn(1, total, h, D, device=device, dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+    return heads(H), heads(Hkv), heads(Hkv), make(1, total, H, D, grad=False)
 
 
 def run(total, H, Hkv, D, median):
@@ -59,16 +70,41 @@ def run(total, H, Hkv, D, median):
             o.backward(do.transpose(1, 2) if layout_bhnd else do)
         return step
 
-    kr, vr = (t.detach().repeat_interleave(rep, 1).requires_grad_() for t in (k, v))
+    # the whole-row baselines get contiguous [1, heads, T, D] copies (their fastest layout)
+    qb = q.detach().contiguous().requires_grad_()
+    kr, vr = (t.detach().repeat_interleave(rep, 1).contiguous().requires_grad_() for t in (k, v))
     for name, backend in [("cudnn_causal_full", SDPBackend.CUDNN_ATTENTION), ("flash_causal_full", SDPBackend.FLASH_ATTENTION)]:
         try:
             with sdpa_kernel([backend]):
-                t = bench(fb(lambda: F.scaled_dot_product_attention(q, kr, vr, is_causal=True), True))
+                t = bench(fb(lambda: F.scaled_dot_product_attention(qb, kr, vr, is_causal=True), True))
             out[name] = dict(ms=t, tflops=flops_full / t / 1e9)
         except Exception as e:
             out[name] = dict(error=repr(e)[:200])
     t = bench(fb(lambda: varlen_attention(q, k, v, layout, spec)))
     out["packmask_varlen"] = dict(ms=t, tflops=flops_doc / t / 1e9)
+    with torch.no_grad():
+        reference = varlen_attention(q, k, v, layout, spec).float()
+    checks = {}
+    kernels = {}
+    if cudnn_backend.available():
+        kernels["packmask_cudnn"] = lambda: cudnn_backend.cudnn_attention(q, k, v, layout, spec)
+    try:
+        from packmask.backends import attend, choose_backend
+        kernels["packmask_auto"] = lambda: attend(q, k, v, layout, spec, training=True)
+        out["auto_choice"] = choose_backend(layout, spec, q, True)
+        from packmask.backends import describe_choice
+        out["auto_choice_detail"] = describe_choice(layout, spec, q, training=True)
+    except ImportError:
+        pass
+    for name, fn in kernels.items():
+        t = bench(fb(fn))
+        out[name] = dict(ms=t, tflops=flops_doc / t / 1e9)
+        with torch.no_grad():
+            got = fn().float()
+        checks[name] = ((got - reference).norm() / reference.norm()).item()
+    out["workspace_bytes"] = cudnn_backend.workspace_bytes() if cudnn_backend.available() else 0
+    if os.environ.get("QUICK") == "1":  # kernels only: no flex compile, no dense mask
+        return report(total, H, Hkv, D, median, lens, out, checks)
     flex = _flex_fn()
     bm = document_block_mask(layout, dev)
     t = bench(fb(lambda: flex(q, k, v, block_mask=bm, scale=spec.scale, enable_gqa=rep > 1).transpose(1, 2)))
@@ -80,15 +116,24 @@ def run(total, H, Hkv, D, median):
     out["block_mask_build_create_block_mask"] = dict(ms=bench(lambda: create_block_mask(mm, 1, None, total, total, device=dev, _compile=True)))
     out["block_mask_build_from_offsets"] = dict(ms=bench(lambda: document_block_mask(layout, dev)))
     dense = layout.dense_mask()
-    t = bench(fb(lambda: F.scaled_dot_product_attention(q, kr, vr, attn_mask=dense), True))
+    t = bench(fb(lambda: F.scaled_dot_product_attention(qb, kr, vr, attn_mask=dense), True))
     out["sdpa_dense_mask"] = dict(ms=t, tflops=flops_doc / t / 1e9)
+    return report(total, H, Hkv, D, median, lens, out, checks)
+
+
+def report(total, H, Hkv, D, median, lens, out, checks):
     cudnn = out.get("cudnn_causal_full", {}).get("tflops")
     print(f"total={total} docs={len(lens)} H={H}/{Hkv} D={D} median={median}")
     for name, r in out.items():
+        if not isinstance(r, dict) or name == "auto_choice_detail":
+            print(f"   {name}: {r}")
+            continue
         extra = f"{r['tflops']:7.1f} TFLOP/s" if "tflops" in r else ""
         frac = f"  {r['tflops'] / cudnn:5.2f} of cuDNN causal" if cudnn and "tflops" in r else ""
         print(f"   {name:38s} {r.get('ms', float('nan')):8.3f} ms {extra}{frac}", flush=True)
-    return dict(total=total, H=H, Hkv=Hkv, D=D, docs=len(lens), median=median, results=out)
+    print(f"   rel. difference to varlen: {checks}")
+    return dict(total=total, H=H, Hkv=Hkv, D=D, docs=len(lens), median=median, results=out, diff_vs_varlen=checks,
+                ok=all(x < 2e-2 for x in checks.values()))
 
 
 def main():
@@ -102,9 +147,26 @@ def main():
         except Exception as e:
             print("FAILED", shape, repr(e)[:300])
             rows.append(dict(shape=shape, error=repr(e)[:300]))
-    env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
+    env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
+               cudnn=torch.backends.cudnn.version(),
+               cudnn_frontend=getattr(cudnn_backend._frontend(), "__version__", None))
     if os.environ.get("OUT"):
         json.dump(dict(env=env, rows=rows), open(os.path.join(os.environ["OUT"], "attention.json"), "w"), indent=1)
+    print("\n| shape | cuDNN causal, whole row | " + " | ".join(k for k in ("packmask_varlen", "packmask_flex",
+          "packmask_cudnn", "packmask_auto")) + " |")
+    for r in rows:
+        if "results" not in r:
+            continue
+        res = r["results"]
+        ref = res.get("cudnn_causal_full", {}).get("tflops")
+        cells = []
+        for k in ("packmask_varlen", "packmask_flex", "packmask_cudnn", "packmask_auto"):
+            tf = res.get(k, {}).get("tflops")
+            cells.append("–" if tf is None else f"{tf:.0f} ({tf / ref:.2f})" if ref else f"{tf:.0f}")
+        print(f"| {r['total']}, {r['H']}/{r['Hkv']}, {r['D']}, {r['docs']} docs | {ref or 0:.0f} | " + " | ".join(cells) + " |")
+    if not all(r.get("ok", False) for r in rows):
+        print("CORRECTNESS CHECK FAILED")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -160,6 +160,10 @@ def main(out_path):
             local.pop(LAYOUT_KWARG)
             expect_error("error_layout_not_forwarded", lambda: model(**local), PackmaskError, results,
                          "packmask_layout")
+        # a model not on packmask would ignore the layout
+        sdpa = tiny_model("llama", attn_implementation="sdpa")
+        expect_error("error_not_packmask", lambda: sdpa(**ContextParallel(None).shard(make_batch(SEQ_LENGTHS, 0))),
+                     PackmaskError, results, "attn_implementation='packmask'")
     except Exception:  # noqa: BLE001 — report instead of hanging the other ranks' pytest
         results["crash"] = dict(rank=dist.get_rank(), traceback=traceback.format_exc())
         print(results["crash"]["traceback"], file=sys.stderr)

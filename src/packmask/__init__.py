@@ -21,12 +21,18 @@ _LAZY = {
     # packing pipeline
     "pack_dataset": "packmask.data.packing",
     "pack_lengths": "packmask.data.packing",
-    "pack_iterable": "packmask.data.packing",
+    "pack_iterable": "packmask.data.streaming",
     "PackingStats": "packmask.data.packing",
     "PackAssignment": "packmask.data.packing",
     "sequence_ids": "packmask.data.loss",
     "PackedCollator": "packmask.data.collator",
     "packed_causal_lm_loss": "packmask.data.loss",
+    # shared-prefix trees (preference / RL)
+    "pack_preference": "packmask.data.preference",
+    "pack_groups": "packmask.data.preference",
+    "TreePackingStats": "packmask.data.preference",
+    "TreeCollator": "packmask.data.tree_collator",
+    "branch_logps": "packmask.data.logps",
     # chat data
     "tokenize_messages": "packmask.data.chat",
     "tokenize_chat_dataset": "packmask.data.chat",

@@ -134,6 +134,11 @@ def _resolve_layout(module, attention_mask, kwargs, B, N, kv_len, device):
 def _layout_from_cu(kwargs, B, N, causal=True) -> DocumentLayout:
     """The layout of ``cu_seq_lens_q/k`` (validated once per forward: the check syncs the device)."""
     cu = kwargs["cu_seq_lens_q"]
+    if torch.compiler.is_compiling():
+        # traced layers: the forward pre-hook validated cu_seq_lens eagerly, once per forward
+        # (_derive_inputs_outside_graph). Build the layout from tensors only: no host sync, nothing
+        # stored on tensors. The longest document is unknown without a sync; the row length bounds it.
+        return DocumentLayout(cu.to(torch.int32), N, B, N, causal)
 
     def build():
         cu_k = kwargs.get("cu_seq_lens_k")
@@ -233,8 +238,72 @@ def _uses_packmask(model) -> bool:
 
 def _derive_inputs_hook(model, args, kwargs):
     """Fill in ``position_ids`` (and varlen keys from ``seq_lengths``) when the user omitted them."""
+    if torch.compiler.is_compiling() and _uses_packmask(model):
+        return _derive_inputs_outside_graph(model, args, kwargs)
+    return _derive_inputs(model, args, kwargs)
+
+
+@torch.compiler.disable
+def _derive_inputs_outside_graph(model, args, kwargs):
+    """Under ``torch.compile``: the hook runs eagerly (one graph break before the model body, never
+    inside a layer) and hands the packed layout to the layers as ``cu_seq_lens_q/k`` tensors, marked
+    dynamic in length, so a batch with another document split reuses the compiled graph. The host
+    ints ``max_length_q/k`` are dropped: they would specialise the graph on the longest document."""
+    from .backends import refresh_traced_request
+    refresh_traced_request()
+    derived = _derive_inputs(model, args, kwargs)
+    args, kwargs = derived if derived is not None else (args, kwargs)
+    if not _uses_packmask(model) or not _forward_takes_kwargs(type(model)):
+        return args, kwargs
+    names, _ = _forward_params(type(model))
+    bound = dict(zip(names, args))
+    ref = kwargs.get("input_ids", bound.get("input_ids"))
+    ref = ref if ref is not None else kwargs.get("inputs_embeds", bound.get("inputs_embeds"))
+    if ref is None:
+        return args, kwargs
+    B, N = ref.shape[:2]
+    mask = kwargs.get("attention_mask", bound.get("attention_mask"))
+    layout = None
+    if kwargs.get("cu_seq_lens_q") is not None:
+        layout = _layout_from_cu(kwargs, B, N)
+    elif isinstance(mask, torch.Tensor) and mask.dim() == 4:
+        found = cached_on(mask, "layout", lambda: analyse_mask(mask, B, N))
+        if isinstance(found, DocumentLayout) and found.causal:
+            layout = found
+            if "attention_mask" in kwargs:
+                kwargs["attention_mask"] = None
+            else:
+                i = names.index("attention_mask")
+                args = args[:i] + (None,) + args[i + 1:]
+    else:
+        pos = kwargs.get("position_ids", bound.get("position_ids"))
+        if isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.shape[-1] == N:
+            padding = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()) else None
+            layout = cached_on(pos, ("pos", B, True, None if padding is None else id(mask)),
+                               lambda: _layout_from_positions(pos.expand(B, N), padding, True))
+    if layout is None or len(layout.cu_seqlens) - 1 <= B:
+        return args, kwargs
+    cu = layout.cu_seqlens.to(ref.device)
+    torch._dynamo.maybe_mark_dynamic(cu, 0)
+    kwargs["cu_seq_lens_q"] = kwargs["cu_seq_lens_k"] = cu
+    kwargs.pop("max_length_q", None)
+    kwargs.pop("max_length_k", None)
+    return args, kwargs
+
+
+@lru_cache(maxsize=None)
+def _forward_takes_kwargs(cls) -> bool:
+    return any(p.kind == p.VAR_KEYWORD for p in inspect.signature(cls.forward).parameters.values())
+
+
+def _derive_inputs(model, args, kwargs):
     names, takes_positions = _forward_params(type(model))
     if not _uses_packmask(model):  # help with the mistakes a stock sdpa / eager model would hide (guards.py)
+        if kwargs.get(LAYOUT_KWARG) is not None:  # its attention would ignore the layout: wrong, silently
+            raise PackmaskError(
+                f"{type(model).__name__} got {LAYOUT_KWARG!r} (a context-parallel batch) but runs attn_implementation="
+                f"{getattr(model.config, '_attn_implementation', None)!r}: build it with attn_implementation={NAME!r} "
+                f"or call packmask.enable(model).")
         return check_stock_forward(model, names, args, kwargs)
     bound = dict(zip(names, args))
     mask = kwargs.get("attention_mask", bound.get("attention_mask"))

@@ -62,6 +62,8 @@ def cached_on(tensor: torch.Tensor, key, compute: Callable):
     The cache lives as an attribute of the tensor and dies with it: no global state, no risk of a
     new tensor at a recycled address picking up a stale layout.
     """
+    if torch.compiler.is_compiling():  # traced code cannot store on tensors: compute (see integration)
+        return compute()
     owner = tensor
     while owner._base is not None:  # views (mask[:, None]) share their base's cache
         owner = owner._base

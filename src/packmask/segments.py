@@ -275,7 +275,9 @@ def doc_ids_and_positions_from_cu_seqlens(cu_seqlens: torch.Tensor, batch_size: 
     """
     cu = cu_seqlens.reshape(-1).long()
     idx = torch.arange(batch_size * seq_len, device=cu.device)
-    doc = torch.searchsorted(cu[1:], idx, right=True)
+    # searching the whole cu (cu[0] = 0 <= every index, hence the -1) rather than the slice cu[1:]:
+    # inductor cannot lower searchsorted over a slice of a dynamic-length tensor (torch 2.11, CUDA)
+    doc = torch.searchsorted(cu, idx, right=True) - 1
     return doc.reshape(batch_size, seq_len), (idx - cu[doc]).reshape(batch_size, seq_len)
 
 

@@ -8,6 +8,9 @@ Backends take ``q [B, H, N, D]``, ``k, v [B, Hkv, N, D]`` (transformers' layout)
 ================  ==================  =========================================================
 backend           where               honours
 ================  ==================  =========================================================
+``cudnn``         SM90+, fp16/bf16,   block-diagonal layouts, causal or not, GQA, scale, causal
+                  ``packmask[cudnn]`` sliding windows, head dim <= 128. Not: softcap, dropout,
+                                      sinks, general masks (cuDNN SDPA with ragged offsets).
 ``varlen``        CUDA, fp16/bf16     block-diagonal layouts, causal or not, GQA, scale,
                                       sliding windows. Not: softcap, dropout, sinks, general masks.
 ``flex``          CUDA                any layout (BlockMask), GQA, scale, sliding windows,
@@ -17,8 +20,11 @@ backend           where               honours
 ``eager``         anywhere            everything, sinks included (math, softmax in fp32).
 ================  ==================  =========================================================
 
-Automatic dispatch takes the first backend in that order that honours the call. A feature is
-never dropped: forcing a backend that lacks it raises :class:`~packmask.errors.PackmaskError`.
+Automatic dispatch collects the backends that honour the call; among the document kernels
+(cudnn / varlen / flex) it takes the cheapest by the GPU model's measured cost table
+(:mod:`packmask.backends.costs`, ``python -m packmask.backends.calibrate``), otherwise the first in
+that order. :func:`describe_choice` says what was chosen and why. A feature is never dropped:
+forcing a backend that lacks it raises :class:`~packmask.errors.PackmaskError`.
 
 Forcing a backend is scoped, never a hidden process default::
 
@@ -51,7 +57,7 @@ import torch
 
 from ..errors import PackmaskError
 from ..layout import Layout
-from . import eager, flex, sdpa, varlen
+from . import costs, cudnn, eager, flex, sdpa, varlen
 from .eager import eager_attention
 from .flex import FLEX_BLOCK, document_block_mask, flex_attention_call, flex_block_mask
 from .sdpa import sdpa_attention
@@ -60,10 +66,12 @@ from .varlen import varlen_attention, varlen_available
 
 __all__ = ["AttentionSpec", "BACKENDS", "backend", "requested_backend", "choose_backend", "attend",
            "set_backend", "get_backend", "eager_attention", "sdpa_attention", "varlen_attention",
-           "flex_attention_call", "flex_block_mask", "document_block_mask", "varlen_available", "FLEX_BLOCK"]
+           "flex_attention_call", "flex_block_mask", "document_block_mask", "varlen_available", "FLEX_BLOCK",
+           "available_backends", "describe_choice"]
 
-# In automatic dispatch, the first that honours a call wins (fastest first).
-_MODULES = {m.NAME: m for m in (varlen, flex, sdpa, eager)}
+# Every backend that can be asked for, fastest first (cudnn is listed even when its optional extra is
+# missing: forcing it then says how to install it; available_backends() lists what runs here).
+_MODULES = {m.NAME: m for m in (cudnn, varlen, flex, sdpa, eager)}
 BACKENDS = ("auto",) + tuple(_MODULES)
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("packmask_backend", default=None)
@@ -85,16 +93,28 @@ def backend(name: str):
     the outer choice on exit.
     """
     token = _forced.set(_check_name(name))
+    refresh_traced_request()
     try:
         yield
     finally:
         _forced.reset(token)
+        refresh_traced_request()
+
+
+# torch.compile cannot trace ContextVar.get: compiled layers read this mirror instead, which backend()
+# and the model's forward pre-hook refresh eagerly before every compiled forward (dynamo guards on it, so
+# a different ``backend(...)`` block recompiles rather than running a stale choice).
+_traced_request: dict = {"name": None}
+
+
+def refresh_traced_request() -> None:
+    _traced_request["name"] = _forced.get()
 
 
 def requested_backend(module=None) -> str:
     """The backend asked for: a ``backend(...)`` block, else the model's own setting
     (``packmask.enable(model, backend=...)``), else the (deprecated) process default."""
-    name = _forced.get()
+    name = _traced_request["name"] if torch.compiler.is_compiling() else _forced.get()
     if name is not None:
         return name
     per_model = getattr(module, "_packmask_backend", None)
@@ -116,8 +136,44 @@ def get_backend() -> str:
     return requested_backend()
 
 
+def available_backends(device=None) -> tuple[str, ...]:
+    """The backends that can run on this machine (``cudnn`` only with ``packmask[cudnn]`` on SM90+)."""
+    cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+    names = []
+    for name in _MODULES:
+        if name == "cudnn" and not cudnn.available(device if device is not None else ("cuda" if cuda else "cpu")):
+            continue
+        if name in ("varlen", "flex") and not cuda:
+            continue
+        if name == "varlen" and not varlen_available():
+            continue
+        names.append(name)
+    return tuple(names)
+
+
+def _candidates(layout, spec, q, training) -> tuple[list[str], dict]:
+    """Backends that honour this call (in dispatch order) and why the others refuse it."""
+    ok, refused = [], {}
+    for name, module in _MODULES.items():
+        if name == "flex" and spec.softcap is not None and flex.softcap_compile_failure:
+            refused[name] = "flex failed to compile softcapping on this torch"
+            continue
+        why = module.refusal(layout, spec, q, training)
+        if why is None:
+            ok.append(name)
+        else:
+            refused[name] = why
+    return ok, refused
+
+
+def _layers(module) -> int:
+    """How many attention layers share one forward's layout (spreads once-per-forward setup costs)."""
+    config = getattr(module, "config", None)
+    return int(getattr(config, "num_hidden_layers", 1) or 1)
+
+
 def choose_backend(layout: Layout | None, spec: AttentionSpec, q: torch.Tensor, training: bool,
-                   requested: str | None = None) -> str:
+                   requested: str | None = None, layers: int = 1) -> str:
     """The backend ``attend`` will use for these inputs (a forced backend is validated here)."""
     requested = requested or requested_backend()
     if layout is None:  # nothing packed in this batch: the ordinary path, whatever backend is forced
@@ -128,12 +184,39 @@ def choose_backend(layout: Layout | None, spec: AttentionSpec, q: torch.Tensor, 
             raise PackmaskError(f"backend {requested!r} cannot run this layer: {why}. Use packmask.backend('auto') "
                                 f"or leave the choice to the dispatcher.")
         return requested
-    for name, module in _MODULES.items():
-        if name == "flex" and spec.softcap is not None and flex.softcap_compile_failure:
-            continue
-        if module.refusal(layout, spec, q, training) is None:
-            return name
-    return "eager"
+    ok, _ = _candidates(layout, spec, q, training)
+    if not ok:
+        return "eager"
+    return costs.choose_kernel(ok, layout, q, layers)[0]
+
+
+def describe_choice(layout: Layout | None, spec: AttentionSpec, q: torch.Tensor, training: bool = True,
+                    module=None) -> dict:
+    """What the dispatcher would run for this call and why (for ``packmask bench`` and debugging).
+
+    >>> from packmask.layout import DocumentLayout
+    >>> layout = DocumentLayout.from_seq_lengths([[3, 3]], seq_len=6)
+    >>> info = describe_choice(layout, AttentionSpec(scale=1.0), torch.zeros(1, 2, 6, 8))
+    >>> info["backend"], info["candidates"]
+    ('sdpa', ['sdpa', 'eager'])
+    >>> sorted(info["refused"])
+    ['cudnn', 'flex', 'varlen']
+    """
+    requested = requested_backend(module)
+    info = {"requested": requested, "backend": None, "candidates": [], "refused": {}}
+    if layout is None:
+        info["backend"] = choose_backend(layout, spec, q, training, requested)
+        info["reason"] = "not packed: the ordinary path"
+        return info
+    ok, refused = _candidates(layout, spec, q, training)
+    info.update(candidates=ok, refused=refused)
+    if requested != "auto":
+        info["backend"] = choose_backend(layout, spec, q, training, requested)
+        info["reason"] = "forced"
+        return info
+    name, detail = costs.choose_kernel(ok, layout, q, _layers(module)) if ok else ("eager", {})
+    info.update(backend=name, **detail)
+    return info
 
 
 def attend(q, k, v, layout: Layout | None, spec: AttentionSpec, *, training: bool = False,
@@ -141,7 +224,7 @@ def attend(q, k, v, layout: Layout | None, spec: AttentionSpec, *, training: boo
     """Run attention for one layer. ``layout`` None means the ordinary (unpacked) path, where
     ``standard_mask`` is transformers' own 4D bool mask (or None for plain causal)."""
     requested = requested_backend(module)
-    name = choose_backend(layout, spec, q, training, requested)
+    name = choose_backend(layout, spec, q, training, requested, _layers(module))
     if layout is None:
         run = eager_attention if name == "eager" else sdpa_attention
         return run(q, k, v, standard_mask, spec, training)

@@ -78,6 +78,7 @@ def packed_causal_lm_loss(
     num_items_in_batch: int | torch.Tensor | None = None,
     num_sequences_in_batch: int | torch.Tensor | None = None,
     ignore_index: int = -100,
+    reduce_across=None,
 ) -> torch.Tensor:
     """Shifted cross-entropy over packed rows.
 
@@ -87,10 +88,16 @@ def packed_causal_lm_loss(
         position_ids / cu_seq_lens: sequence boundaries (one of them; ``cu_seq_lens`` wins). Without
             either, each row is one sequence.
         reduction: ``"token"`` or ``"sequence"`` (see the module docstring).
-        num_items_in_batch: for ``"token"``: divide by this instead of the local count of predicted
-            tokens (the HF Trainer passes the count over all accumulated micro-batches).
-        num_sequences_in_batch: for ``"sequence"``: divide the sum of per-sequence means by this
-            instead of the local number of sequences with at least one predicted token.
+        num_items_in_batch: the count to divide by instead of the local one: for ``"token"`` the
+            predicted tokens, for ``"sequence"`` the sequences with at least one predicted token,
+            over every rank and accumulated micro-batch (the HF Trainer passes the token count;
+            :func:`packmask.distributed.count_loss_items` gives either).
+        num_sequences_in_batch: older name of ``num_items_in_batch`` for ``"sequence"``.
+        reduce_across: a ``torch.distributed`` process group (or ``True`` for the default group):
+            the local count is summed over its ranks with one all-reduce and used as the divisor.
+            Either way the result is this rank's share, ``local sum / global count``: the shares of
+            all ranks add up to the global mean. DDP and FSDP *average* gradients over ranks, so
+            multiply by the world size before ``backward`` (the HF Trainer does that itself).
 
     Returns:
         A scalar tensor.
@@ -100,6 +107,13 @@ def packed_causal_lm_loss(
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise PackmaskError(f"logits must be [B, N, V] and labels [B, N]; got {tuple(logits.shape)} and "
                          f"{tuple(labels.shape)}.")
+    if reduction == "sequence" and num_items_in_batch is not None:
+        if num_sequences_in_batch is not None:
+            raise PackmaskError("Pass the sequence count once: num_items_in_batch or num_sequences_in_batch, not both.")
+        num_sequences_in_batch = num_items_in_batch
+    given = num_items_in_batch if reduction == "token" else num_sequences_in_batch
+    if given is not None and reduce_across is not None:
+        raise PackmaskError("num_items_in_batch is already a global count; do not also pass reduce_across.")
     B, N, V = logits.shape
     seq = sequence_ids(position_ids=position_ids, cu_seq_lens=cu_seq_lens, shape=(B, N),
                        device=labels.device).to(labels.device)
@@ -110,6 +124,7 @@ def packed_causal_lm_loss(
     per_token = per_token * valid
     if reduction == "token":
         denominator = valid.sum() if num_items_in_batch is None else num_items_in_batch
+        denominator = _all_reduce_count(denominator, reduce_across)
         if isinstance(denominator, torch.Tensor):
             denominator = denominator.to(per_token.device)
         return per_token.sum() / denominator
@@ -121,6 +136,23 @@ def packed_causal_lm_loss(
     scored = tokens > 0
     means = sums[scored] / tokens[scored]
     denominator = scored.sum() if num_sequences_in_batch is None else num_sequences_in_batch
+    denominator = _all_reduce_count(denominator, reduce_across)
     if isinstance(denominator, torch.Tensor):
         denominator = denominator.to(means.device)
     return means.sum() / denominator
+
+
+def _all_reduce_count(count, group):
+    """``count`` summed over the ranks of ``group`` (``True``: the default group); unchanged for ``None``."""
+    if group is None:
+        return count
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise PackmaskError("reduce_across needs torch.distributed to be initialised (dist.init_process_group, "
+                            "torchrun or accelerate launch); pass reduce_across=None in a single process.")
+    total = count.detach().to(torch.float64 if count.is_floating_point() else torch.long).clone()
+    if dist.get_backend(None if group is True else group) == "nccl" and total.device.type != "cuda":
+        total = total.cuda()
+    dist.all_reduce(total, group=None if group is True else group)
+    return total

@@ -399,6 +399,8 @@ def pack_dataset(
     check_packing_args(max_length, strategy, overflow)
     check_threads(num_threads)
     if isinstance(dataset, (IterableDataset, IterableDatasetDict)):
+        from .streaming import pack_iterable
+
         if shuffle:
             raise PackmaskError("shuffle=True is not available for streaming datasets; call .shuffle(seed, buffer_size) "
                              "on the IterableDataset instead.")
@@ -419,5 +421,10 @@ def pack_dataset(
     return (packed, stats) if return_stats else packed
 
 
-# Streaming builds on the names above (PackingStats, pack_lengths), so it is imported last.
-from .streaming import pack_iterable  # noqa: E402
+def __getattr__(name):
+    # pack_iterable lives in .streaming, which builds on this module: resolved on first use, so
+    # either module can be imported first without a cycle
+    if name == "pack_iterable":
+        from .streaming import pack_iterable
+        return pack_iterable
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -180,12 +180,15 @@ class ContextParallel:
                 "the ranks of one context-parallel group were given different batches: every rank of the group must "
                 "call shard() with the same full rows (load the data per data-parallel rank, not per context rank).")
 
-    def shard(self, batch: dict) -> dict:
+    def shard(self, batch: dict, *, num_items_in_batch: int | torch.Tensor | None = None) -> dict:
         """This rank's part of a batch of full packed rows ``[B, N]`` (see the module docstring).
 
         Document boundaries come from ``seq_lengths``, ``cu_seq_lens_q``, a block-diagonal
         ``attention_mask`` or ``position_ids`` (in that order); without any, each row is one sequence.
-        ``N`` must be a multiple of the context size.
+        ``N`` must be a multiple of the context size. ``num_items_in_batch``: the loss divisor; by
+        default the predicted tokens of this batch summed over the data-parallel ranks. With gradient
+        accumulation pass the count of the whole optimizer step, e.g.
+        ``packmask.distributed.count_loss_items(micro_batches, group=<data group>)`` over full rows.
         """
         ref = batch.get("input_ids")
         ref = ref if ref is not None else batch.get("inputs_embeds")
@@ -210,8 +213,10 @@ class ContextParallel:
         if labels is not None:
             shifted = plan.local(self.rank, shift_labels(labels, plan.doc_ids))
             local["labels"] = local["shift_labels"] = shifted
-            count = (shift_labels(labels, plan.doc_ids) != -100).sum().to(torch.float32).reshape(1)
-            local["num_items_in_batch"] = self._sum_over_data(count.to(_comm_device(self.group))).to(ref.device)[0]
+            if num_items_in_batch is None:
+                count = (shift_labels(labels, plan.doc_ids) != -100).sum().to(torch.float32).reshape(1)
+                num_items_in_batch = self._sum_over_data(count.to(_comm_device(self.group)))[0]
+            local["num_items_in_batch"] = torch.as_tensor(num_items_in_batch).to(ref.device)
             self._labels = (shifted, local["num_items_in_batch"])
         local["use_cache"] = False
         from ..integration import LAYOUT_KWARG

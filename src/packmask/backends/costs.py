@@ -1,0 +1,146 @@
+"""Cost-based choice among the document kernels (cudnn / varlen / flex), from measured rates.
+
+A *cost table* holds, per GPU model and head dim, each kernel's measured forward+backward TFLOP/s on
+rows made of equal documents of length 128, 256, ..., 16384 (``python -m packmask.backends.calibrate``
+measures it and writes it to the user cache; an H100 table ships with packmask). A layout's cost
+under a kernel is the sum over its documents of ``flops(document) / rate(kernel, length bucket)``:
+short documents are priced at the kernel's short-document rate, long ones at its long rate.
+
+Worked example (a made-up table): documents of 300 and 3000 tokens, one head of dim 64::
+
+    bucket          256      2048          (each document is priced at its nearest bucket below)
+    cudnn TFLOP/s   100       400
+    varlen TFLOP/s  150       250
+    cost(cudnn)  = f(300) / 100 + f(3000) / 400
+    cost(varlen) = f(300) / 150 + f(3000) / 250     -> the long document decides: cudnn
+
+>>> table = {"buckets": [256, 2048], "rates": {"64": {"cudnn": [100, 400], "varlen": [150, 250]}}}
+>>> lengths = [300, 3000]
+>>> cost = {k: estimate_ms(k, lengths, heads=1, head_dim=64, table=table) for k in ("cudnn", "varlen")}
+>>> min(cost, key=cost.get)
+'cudnn'
+>>> min(("cudnn", "varlen"), key=lambda k: estimate_ms(k, [300] * 40, 1, 64, table))
+'varlen'
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+__all__ = ["BUCKETS", "KERNELS", "cache_path", "load_table", "estimate_ms", "choose_kernel", "write_table"]
+
+BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+KERNELS = ("cudnn", "varlen", "flex")  # the kernels priced by the table (others are fallbacks)
+_SHIPPED = Path(__file__).with_name("kernel_costs.json")
+
+
+def cache_path() -> Path:
+    """Where ``calibrate`` writes: ``$PACKMASK_COST_TABLE``, else ``$XDG_CACHE_HOME/packmask/kernel_costs.json``."""
+    if os.environ.get("PACKMASK_COST_TABLE"):
+        return Path(os.environ["PACKMASK_COST_TABLE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "packmask" / "kernel_costs.json"
+
+
+def _read(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+@lru_cache(maxsize=None)
+def load_table(device_name: str) -> dict | None:
+    """The table for a GPU model: the user's calibration first, else the one shipped with packmask."""
+    for path in (cache_path(), _SHIPPED):
+        table = _read(path).get("devices", {}).get(device_name)
+        if table:
+            return dict(table, source=str(path))
+    return None
+
+
+def write_table(device_name: str, table: dict, path: Path | None = None) -> Path:
+    """Merge one device's table into the JSON file at ``path`` (atomically: temp file + rename)."""
+    path = Path(path or cache_path())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = _read(path)
+    data.setdefault("devices", {})[device_name] = table
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+    load_table.cache_clear()
+    return path
+
+
+def _rate(table: dict, kernel: str, head_dim: int, length: int) -> float | None:
+    rates = table["rates"]
+    dims = sorted(int(d) for d in rates)
+    d = min(dims, key=lambda x: (abs(x - head_dim), x))
+    row = rates[str(d)].get(kernel)
+    if not row:
+        return None
+    i = max(0, bisect.bisect_right(table["buckets"], length) - 1)
+    return row[i] or None
+
+
+def estimate_ms(kernel: str, seq_lengths, heads: int, head_dim: int, table: dict, causal: bool = True,
+                layers: int = 1, row_len: int | None = None) -> float:
+    """Forward+backward milliseconds per layer the table predicts for ``kernel`` on these documents
+    (inf: not measured), including its once-per-forward setup spread over ``layers`` layers."""
+    setup = table.get("setup_ms", {}).get(kernel, 0.0)
+    tokens = sum(seq_lengths)
+    row = row_len or tokens
+    total = setup * (tokens / row) * (row / table.get("row_tokens", 16384)) ** 2 / max(1, layers)
+    for length in seq_lengths:
+        if length <= 0:
+            continue
+        rate = _rate(table, kernel, head_dim, length)
+        if rate is None:
+            return float("inf")
+        pairs = length * length / (2 if causal else 1)
+        total += 4.0 * pairs * heads * head_dim * 3.5 / (rate * 1e9)
+    return total
+
+
+def layout_lengths(layout) -> list[int]:
+    """The layout's document lengths, read once per layout (one small device-to-host copy)."""
+    memo = layout._memo
+    if "lengths" not in memo:
+        memo["lengths"] = layout.seq_lengths
+    return memo["lengths"]
+
+
+def _device_name(q: torch.Tensor) -> str | None:
+    return torch.cuda.get_device_name(q.device) if q.is_cuda else None
+
+
+def choose_kernel(candidates, layout, q: torch.Tensor, layers: int = 1) -> tuple[str, dict]:
+    """The cheapest of ``candidates`` (kernels that can run the call exactly) and the estimates.
+
+    Without a table for this GPU model, or under ``torch.compile`` (where reading the layout's
+    lengths would stop the graph), the first candidate wins: the dispatcher lists them fastest first.
+    """
+    priced = [c for c in candidates if c in KERNELS]
+    if len(priced) < 2:
+        return candidates[0], {"reason": "only candidate" if len(candidates) == 1 else "unpriced"}
+    if torch.compiler.is_compiling():
+        return candidates[0], {"reason": "static order under torch.compile"}
+    name = _device_name(q)
+    table = load_table(name) if name else None
+    if table is None:
+        return candidates[0], {"reason": "no cost table for this GPU (python -m packmask.backends.calibrate)"}
+    memo = layout._memo
+    key = ("kernel_choice", tuple(priced), q.shape[1], q.shape[-1], layers)
+    if key not in memo:
+        lengths = layout_lengths(layout)
+        est = {c: estimate_ms(c, lengths, q.shape[1], q.shape[-1], table, layout.causal, layers,
+                              layout.seq_len) for c in priced}
+        memo[key] = (min(est, key=est.get), {"estimated_ms": est, "source": table.get("source")})
+    return memo[key]

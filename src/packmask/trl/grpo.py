@@ -1,0 +1,111 @@
+"""``PackedGRPOTrainer``: ``trl.GRPOTrainer`` whose log-prob passes run on shared-prefix tree rows.
+
+GRPO scores G completions of each prompt. TRL's log-prob passes (policy, reference, old policy) run
+``[prompt | completion]`` rows, left-padded prompts and right-padded completions, so every prompt is
+computed G times. This subclass overrides the one method those passes go through,
+``_get_per_token_logps_and_entropies``: consecutive rows with the same prompt become one tree (the
+prompt once, each completion a branch), packed into rows, and the per-token log-probs (and entropies)
+are scattered back into TRL's ``[B, logits_to_keep]`` layout. Generation, rewards and the loss are TRL's.
+
+Rows TRL cannot lay out as trees here -- multimodal inputs, the MoE aux loss, a completion mask that is
+not a prefix -- go through TRL's own method unchanged.
+
+Recipe::
+
+    from packmask.trl import PackedGRPOTrainer
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="packmask")
+    trainer = PackedGRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(num_generations=8, ...),
+                                train_dataset=prompts, processing_class=tokenizer)
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from trl import GRPOTrainer
+
+from ..data.logps import branch_logps, per_branch_padded
+from ..data.preference import TreePackingStats, _prompt_branch_forest
+from ..data.tree import pack_forest
+from ..data.tree_collator import collate_forest
+from ..errors import PackmaskError
+
+__all__ = ["PackedGRPOTrainer", "group_rows"]
+
+_MULTIMODAL = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
+               "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+
+def group_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int, row_length: int | None = None,
+               pad_token_id: int = 0):
+    """TRL's padded ``[prompt | completion]`` rows -> a packed tree batch, or ``None`` when the rows do
+    not have that form (a completion mask that is not a prefix, an empty prompt or completion).
+
+    Rows ``i`` and ``i + 1`` share a tree when their prompts (tokens and padding) are identical.
+    """
+    K = logits_to_keep
+    ids = input_ids.detach().cpu().numpy()
+    mask = attention_mask.detach().cpu().numpy().astype(bool)
+    p_ids, p_mask = ids[:, :-K], mask[:, :-K]
+    c_ids, c_mask = ids[:, -K:], mask[:, -K:]
+    c_len = c_mask.sum(1)
+    p_len = p_mask.sum(1)
+    if not np.array_equal(c_mask, np.arange(K)[None] < c_len[:, None]):
+        return None   # completion tokens are not a prefix of the completion block
+    if not np.array_equal(p_mask, np.arange(p_mask.shape[1])[None] >= (p_mask.shape[1] - p_len)[:, None]):
+        return None   # prompt is not left-padded
+    if (c_len == 0).any() or (p_len == 0).any():
+        return None
+    B = ids.shape[0]
+    new_group = np.ones(B, bool)
+    new_group[1:] = ~(np.all(p_ids[1:] == p_ids[:-1], 1) & np.all(p_mask[1:] == p_mask[:-1], 1))
+    firsts = np.flatnonzero(new_group)
+    sizes = np.diff(np.append(firsts, B))
+    p_vals, c_vals = p_ids[firsts][p_mask[firsts]], c_ids[c_mask]
+    p_off = np.concatenate([[0], np.cumsum(p_len[firsts])])
+    c_off = np.concatenate([[0], np.cumsum(c_len)])
+    big = int(p_len[firsts].max() + np.add.reduceat(c_len, firsts).max())
+    stats = TreePackingStats(max_length=big, overflow="error", truncation_mode="keep_start")
+    forest = _prompt_branch_forest(np.concatenate([p_vals, c_vals]), p_off[:-1], np.diff(p_off),
+                                   c_off[:-1] + p_vals.shape[0], np.diff(c_off), sizes, np.ones(B, np.int64), big,
+                                   "error", "keep_start", stats, "completion")
+    total = int(forest.tokens.shape[0])
+    packed = pack_forest(forest, max(row_length or total, big))
+    return collate_forest(packed, pad_token_id=pad_token_id, device=input_ids.device)
+
+
+class PackedGRPOTrainer(GRPOTrainer):
+    """``trl.GRPOTrainer`` with tree-packed log-prob passes (module docstring). Extra argument:
+    ``row_length`` -- tokens per packed row (``None``: each chunk of ``batch_size`` rows in one row)."""
+
+    def __init__(self, *args, row_length: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.row_length = row_length
+        impl = getattr(self.model.config, "_attn_implementation", None)
+        if impl != "packmask":
+            raise PackmaskError(f"PackedGRPOTrainer: the model uses attn_implementation={impl!r}; tree rows need a "
+                                "[B, N, N] mask: load it with attn_implementation='packmask' (after import packmask).")
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **multimodal):
+        if compute_aux_loss or any(multimodal.get(k) is not None for k in _MULTIMODAL):
+            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                              batch_size, compute_entropy, compute_aux_loss, **multimodal)
+        batch_size = batch_size or input_ids.size(0)
+        logps, entropies = [], []
+        for start in range(0, input_ids.size(0), batch_size):   # TRL's memory chunks
+            end = min(start + batch_size, input_ids.size(0))
+            batch = group_rows(input_ids[start:end], attention_mask[start:end], logits_to_keep, self.row_length)
+            if batch is None:
+                lp, ent, _ = super()._get_per_token_logps_and_entropies(
+                    model, input_ids[start:end], attention_mask[start:end], logits_to_keep, None, compute_entropy)
+            else:
+                with self.accelerator.autocast():
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   position_ids=batch["position_ids"], use_cache=False,
+                                   logits_to_keep=batch["logits_to_keep"]).logits
+                out = branch_logps(logits, batch, temperature=self.temperature, with_stats=compute_entropy)
+                lp = per_branch_padded(out.per_token, batch, logits_to_keep)
+                ent = per_branch_padded(out.entropy, batch, logits_to_keep) if compute_entropy else None
+            logps.append(lp)
+            entropies.append(ent)
+        return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
