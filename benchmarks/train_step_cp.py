@@ -16,7 +16,9 @@ random-init Llama-shaped model (bf16, gradient checkpointing, ``attn_implementat
 2. **single** — rank 0 alone trains a ``--single-row`` (65,536) token row: tokens/s, peak memory;
    then tries the full ``--row`` on one GPU and records whether it runs out of memory.
 3. **cp** — all ranks train the ``--row`` row with context parallelism: per-GPU tokens/s
-   (row / N / step time), peak memory (max over ranks), and the ratio to phase 2's tokens/s.
+   (row / N / step time), peak memory (max over ranks), and the ratio to phase 2's tokens/s. The
+   row is sharded once before timing (host planning, recorded as ``shard_s``: a data loader
+   would do it ahead of the step).
 
 Documents follow the "long" distribution of benchmarks/cp_balance.py (log-normal, median 8,000
 tokens). Prints a table and writes ``train_step_cp.json`` to $OUT (or the current directory).
@@ -178,15 +180,20 @@ def context_parallel_run(args, ctx, world) -> dict:
     batch = make_batch(args.row, model.config.vocab_size, 2, args.median)
     reset_peak()
 
+    begin = time.perf_counter()
+    local = ctx.shard(batch)  # host planning; a data loader would do it ahead of the step
+    shard_s = time.perf_counter() - begin
+
     def step():
         with ctx:
-            model(**ctx.shard(batch)).loss.backward()
+            model(**local).loss.backward()
         ctx.all_reduce_gradients(model)
         sgd_step(model)
     seconds = timed_steps(step, args.warmup, args.steps, collective=True)
     peak = torch.tensor([peak_gib() or 0.0], device=DEV)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    return dict(row=args.row, gpus=world, step_s=round(seconds, 4), tokens_per_s_per_gpu=round(args.row / world / seconds, 1),
+    return dict(row=args.row, gpus=world, step_s=round(seconds, 4), shard_s=round(shard_s, 4),
+                tokens_per_s_per_gpu=round(args.row / world / seconds, 1),
                 peak_gib_max_rank=peak.item() if DEV == "cuda" else None)
 
 
@@ -214,7 +221,8 @@ def main() -> int:
         DEV = "cpu"
         args.row, args.single_row, args.check_row, args.layers, args.median = 512, 256, 128, 2, 40
         args.warmup, args.steps = 1, 2
-    dist.init_process_group("nccl" if DEV == "cuda" else "gloo")
+    # rank 0 runs the one-GPU phase while the others wait: a long timeout
+    dist.init_process_group("nccl" if DEV == "cuda" else "gloo", timeout=datetime.timedelta(minutes=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     if DEV == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

@@ -168,6 +168,7 @@ def test_bad_inputs_have_clear_errors():
         ContextParallel(None)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("world", [2, 4])
 def test_context_parallel_matches_one_process(world, tmp_path):
     """torchrun on gloo: logits, loss and every parameter gradient equal one process (tiny Llama MHA /
