@@ -231,7 +231,11 @@ class ContextParallel:
 
     # ---- results ----------------------------------------------------------------------------------
     def gather(self, local: torch.Tensor, plan: ShardPlan | None = None) -> torch.Tensor:
-        """``[B, N // cp, ...]`` per rank -> the full ``[B, N, ...]`` in row order (differentiable)."""
+        """``[B, N // cp, ...]`` per rank -> the full ``[B, N, ...]`` in row order.
+
+        Differentiable, with the all-gather's backward: each rank's part receives the *sum* of
+        every rank's gradient. If every rank computes the same loss from the gathered tensor,
+        divide that loss by ``cp`` (or, simpler, backpropagate each rank's own ``out.loss``)."""
         plan = plan or self.plan
         if plan is None:
             raise PackmaskError("gather() needs a plan: call shard() first (or pass plan=).")
