@@ -126,9 +126,6 @@ def test_pack_jsonl_writes_rows_metadata_histogram_and_stats(tmp_path, token_jso
         unpacked += [ids[start : start + length] for start, length in zip(starts, lengths)]
     assert sorted(unpacked) == sorted(originals)
 
-    again = run_cli("pack", token_jsonl, "-o", output, "--max-length", 256)
-    assert_one_line_error(again, "already exists", "--force")
-
 
 def test_pack_text_into_saved_dataset_folder(tmp_path):
     source = tmp_path / "text.jsonl"
@@ -231,30 +228,45 @@ CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'assistant' %}<|assi
                  "<|endoftext|>{% endif %}{% endfor %}")
 
 
-def test_chat_messages_go_through_the_chat_template(tmp_path):
-    pytest.importorskip("packmask.data.chat", reason="packmask.data.chat (lib-apps) is not on this branch yet")
+def chat_tokenizer_folder(folder: Path) -> Path:
+    """The demo tokenizer with a chat template that marks assistant turns, saved like a model's."""
     from packmask.cli.demo import build_demo_tokenizer
 
     tokenizer = build_demo_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(tmp_path / "tok")
-    source = tmp_path / "chat.jsonl"
-    source.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
-                                                       {"role": "assistant", "content": f"It is {2 * i}."}]}) + "\n"
-                              for i in range(20)))
-    labelled = {}
-    for train_on in ("assistant", "all"):
-        output = tmp_path / f"{train_on}.jsonl"
-        result = run_cli("pack", source, "-o", output, "--max-length", 128, "--tokenizer", tmp_path / "tok",
-                         "--train-on", train_on, "--no-plot")
-        assert result.returncode == 0, result.stdout + result.stderr
-        rows = [json.loads(line) for line in output.read_text().splitlines()]
-        assert all(len(row["labels"]) == len(row["input_ids"]) for row in rows)
-        labelled[train_on] = sum(label != -100 for row in rows for label in row["labels"])
-        meta = json.loads((tmp_path / f"{train_on}.jsonl.packmask.json").read_text())
-        assert meta["source"] == "chat messages" and meta["train_on"] == train_on
-        assert meta["tokenizer"] == str((tmp_path / "tok").resolve())
-    assert 0 < labelled["assistant"] < labelled["all"]
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_chat(path: Path, n: int = 20) -> Path:
+    path.write_text("".join(json.dumps({"id": i, "messages": [{"role": "user", "content": f"What is {i} + {i}?"},
+                                                              {"role": "assistant", "content": f"It is {2 * i}."}]})
+                            + "\n" for i in range(n)))
+    return path
+
+
+def test_chat_messages_go_through_the_chat_template_with_labels_on_assistant_turns(tmp_path):
+    tokenizer_folder = chat_tokenizer_folder(tmp_path / "tok")
+    source = write_chat(tmp_path / "chat.jsonl")
+    output = tmp_path / "packed.jsonl"
+    result = run_cli("pack", source, "-o", output, "--max-length", 128, "--tokenizer", tokenizer_folder, "--no-plot")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "chat template" in result.stdout and "input columns not in the output: id" in " ".join(result.stdout.split())
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert sum(len(row["seq_lengths"]) for row in rows) == 20
+    for row in rows:
+        assert len(row["labels"]) == len(row["input_ids"])
+        labelled = [label for label in row["labels"] if label != -100]
+        assert all(label == token for label, token in zip(row["labels"], row["input_ids"]) if label != -100)
+        text = tokenizer.decode(labelled)
+        assert text.count("It is") == len(row["seq_lengths"]) and "What" not in text and "user" not in text, text
+    meta = json.loads((tmp_path / "packed.jsonl.packmask.json").read_text())
+    assert meta["source"] == "chat messages" and meta["train_on"] == "assistant"
+    assert meta["tokenizer"] == str(tokenizer_folder.resolve()) and meta["dropped_columns"] == ["id"]
 
 
 def test_error_unknown_family_and_debug_shows_traceback():
@@ -279,6 +291,7 @@ def test_bench_on_cpu_times_packmask_against_transformers_and_skips_gpu_methods(
     rows = report["results"]
     assert rows["transformers sdpa"]["attention"] == "sdpa"
     assert rows["packmask collator"]["packmask_backend"] == "sdpa"  # what the dispatcher picks on a CPU
+    assert "flex" in rows["packmask collator"]["dispatch"]["refused"]  # and why not a GPU kernel
     for name in ("transformers sdpa", "packmask collator", "packmask [B,N,N] mask"):
         assert rows[name]["passed"] and rows[name]["rel_err_vs_alone"] < 1e-4, (name, rows[name])
 

@@ -46,6 +46,10 @@ BAD_RECORDS = {
     "float token": ([{"input_ids": [1]}, {"input_ids": [1, 2.5]}], [], ["line 2", "non-integer token id 2.5"]),
     "negative token": ([{"input_ids": [1]}, {"input_ids": [3, -1]}], [], ["line 2", "negative token id -1"]),
     "null token": ([{"input_ids": [1]}, {"input_ids": [3, None]}], [], ["line 2", "null token id"]),
+    "empty chat": ([{"messages": [{"role": "user", "content": "hi"}]}, {"messages": []}], ["--tokenizer", "demo"],
+                   ["line 2", "'messages'", "empty list of messages"]),
+    "message without role": ([{"messages": [{"role": "user", "content": "hi"}]}, {"messages": [{"content": "x"}]}],
+                             ["--tokenizer", "demo"], ["line 2", "without a 'role'"]),
 }
 
 
@@ -116,6 +120,36 @@ def test_output_linked_to_the_input_is_refused(tmp_path, capsys):
     assert_error(run(capsys, "pack", source, "-o", tmp_path / "link.jsonl", "--max-length", 8, "--force"), "is the input")
     os.link(source, tmp_path / "hard.jsonl")
     assert_error(run(capsys, "pack", tmp_path / "hard.jsonl", "-o", source, "--max-length", 8, "--force"), "is the input")
+
+
+def test_existing_output_needs_force(tmp_path, capsys):
+    source = write_lines(tmp_path / "in.jsonl", GOOD)
+    (tmp_path / "out.parquet").write_bytes(b"previous")
+    assert_error(run(capsys, "pack", source, "-o", tmp_path / "out.parquet", "--max-length", 8), "already exists",
+                 "--force")
+    assert (tmp_path / "out.parquet").read_bytes() == b"previous"
+
+
+def test_chat_train_on_all_labels_every_token(tmp_path, capsys):
+    from test_cli import chat_tokenizer_folder, write_chat
+
+    folder = chat_tokenizer_folder(tmp_path / "tok")
+    code, out, err = run(capsys, "pack", write_chat(tmp_path / "chat.jsonl", 4), "-o", tmp_path / "all.jsonl",
+                         "--max-length", 64, "--tokenizer", folder, "--train-on", "all", "--no-plot")
+    assert code == 0, (out, err)
+    rows = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()]
+    assert all(row["labels"] == row["input_ids"] for row in rows)
+    assert json.loads((tmp_path / "all.jsonl.packmask.json").read_text())["train_on"] == "all"
+
+
+def test_chat_without_template_is_one_line_error(tmp_path, capsys):
+    from packmask.cli.demo import build_demo_tokenizer
+
+    build_demo_tokenizer().save_pretrained(tmp_path / "plain")
+    source = tmp_path / "chat.jsonl"
+    source.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    assert_error(run(capsys, "stats", source, "--max-length", 8, "--tokenizer", tmp_path / "plain"),
+                 "has no chat template", "chat_template")
 
 
 def test_error_missing_file(tmp_path, capsys):

@@ -83,11 +83,12 @@ def _backend(name: str | None):
     return packmask.backend(name) if name is not None else nullcontext()
 
 
-def _chosen_backend(model, batch, device, dtype) -> str:
-    """The kernel packmask's dispatcher picks for this batch in training (first layer's shapes)."""
+def _dispatch(model, batch, device, dtype) -> dict:
+    """What packmask's dispatcher picks for this batch in training, and why the others were refused
+    (:func:`packmask.backends.describe_choice` on the first layer's shapes)."""
     import torch
 
-    from ..backends import AttentionSpec, choose_backend
+    from ..backends import AttentionSpec, choose_backend, describe_choice
     from ..layout import DocumentLayout
 
     config = model.config
@@ -95,7 +96,10 @@ def _chosen_backend(model, batch, device, dtype) -> str:
     B, N = batch["input_ids"].shape
     layout = DocumentLayout.from_position_ids(batch["position_ids"]) if "position_ids" in batch else None
     q = torch.empty(B, config.num_attention_heads, N, head_dim, device=device, dtype=dtype)
-    return choose_backend(layout, AttentionSpec(scale=head_dim ** -0.5), q, True)
+    spec = AttentionSpec(scale=head_dim ** -0.5)
+    info = describe_choice(layout, spec, q, True)
+    info["backend"] = choose_backend(layout, spec, q, True, layers=config.num_hidden_layers)
+    return {key: value for key, value in info.items() if isinstance(value, (str, int, float, list, dict))}
 
 
 def _relative_error(model, batch, reference) -> float:
@@ -110,38 +114,40 @@ def _alone_logits(input_ids, lengths, device, dtype, small, row_length):
     """Row 0's documents, each run alone with plain sdpa: the reference every method must match."""
     import torch
 
+    from ..segments import spans_from_lengths
+
     model = _model("sdpa", device, dtype, small, row_length)
-    parts, start = [], 0
     with torch.no_grad():
-        for length in lengths:
-            parts.append(model(input_ids=input_ids[:1, start : start + length].to(device)).logits[0].float())
-            start += length
+        parts = [model(input_ids=input_ids[:1, start : start + length].to(device)).logits[0].float()
+                 for _, start, length in spans_from_lengths([lengths], row_length)]
     return torch.cat(parts)
 
 
-def _time_steps(model, batch, steps: int, device) -> tuple[float, float]:
-    """Seconds per forward+backward step (after one warm-up step) and peak GiB on CUDA."""
+def _timed_step(model, batch, device) -> tuple[float, float]:
+    """One forward + backward: ``(seconds, GiB the step allocated beyond the resident memory)``."""
     import torch
 
-    def step():
-        model(**batch).loss.backward()
-
-    step()
+    model.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        resident = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
-    for _ in range(steps):
-        step()
+    model(**batch).loss.backward()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = (time.perf_counter() - started) / steps
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    return seconds, peak
+        return time.perf_counter() - started, (torch.cuda.max_memory_allocated(device) - resident) / 2**30
+    return time.perf_counter() - started, float("nan")
 
 
 def run_bench(device=None, steps: int = 5, row_length: int | None = None, console=None) -> dict:
-    """Run every method that this device supports; returns ``{"env": ..., "results": {method: ...}}``."""
+    """Check, then time, every method this device supports; ``{"env": ..., "results": {method: ...}}``.
+
+    Methods are timed in lockstep (step i of every method, then step i + 1), after one warm-up step
+    each, and the median step is reported, so other load on the machine slows all of them alike.
+    """
+    import statistics
+
     import torch
     import transformers
 
@@ -157,6 +163,7 @@ def run_bench(device=None, steps: int = 5, row_length: int | None = None, consol
     reference = _alone_logits(input_ids, segments[0], device, dtype, small, row_length)
     tolerance = 5e-2 if dtype == torch.bfloat16 else 1e-4
     results: dict[str, dict] = {}
+    runs = {}  # method -> (model, batch, forced backend)
     for method in METHODS:
         if method in GPU_ONLY and not cuda:
             results[method] = {"skipped": f"needs CUDA ({GPU_ONLY[method]})"}
@@ -165,16 +172,23 @@ def run_bench(device=None, steps: int = 5, row_length: int | None = None, consol
             continue
         attn = {"transformers sdpa": "sdpa", "transformers flex": "flex_attention"}.get(method, packmask.NAME)
         forced = "flex" if method == "packmask flex" else None
-        model = _model(attn, device, dtype, small, row_length)
-        batch = _inputs(method, input_ids, segments, device)
+        model, batch = _model(attn, device, dtype, small, row_length), _inputs(method, input_ids, segments, device)
         with _backend(forced):
             error = _relative_error(model, batch, reference)
-            seconds, peak = _time_steps(model, batch, steps, device)
-            backend = _chosen_backend(model, batch, device, dtype) if attn == packmask.NAME and forced is None else (forced or "-")
-        results[method] = {"attention": attn, "packmask_backend": backend, "step_s": seconds,
-                           "real_tokens_per_s": input_ids.numel() / seconds, "peak_gib": peak,
-                           "rel_err_vs_alone": error, "passed": error <= tolerance}
-        del model
+            dispatch = _dispatch(model, batch, device, dtype) if attn == packmask.NAME else None
+            _timed_step(model, batch, device)  # warm-up: kernel compilation, allocator
+        results[method] = {"attention": attn, "packmask_backend": forced or (dispatch or {}).get("backend", "-"),
+                           "dispatch": dispatch, "rel_err_vs_alone": error, "passed": error <= tolerance}
+        runs[method] = (model, batch, forced)
+    timings = {method: [] for method in runs}
+    for _ in range(steps):
+        for method, (model, batch, forced) in runs.items():
+            with _backend(forced):
+                timings[method].append(_timed_step(model, batch, device))
+    for method, measured in timings.items():
+        seconds = statistics.median(t for t, _ in measured)
+        results[method].update(step_s=seconds, real_tokens_per_s=input_ids.numel() / seconds,
+                               step_gib=max(g for _, g in measured))
     env = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "dtype": str(dtype).replace("torch.", ""),
            "torch": torch.__version__, "transformers": transformers.__version__, "packmask": packmask.__version__,
            "row_length": row_length, "rows": 2, "documents_per_row": [len(s) for s in segments], "steps": steps,
@@ -189,18 +203,19 @@ def bench_table(report: dict):
     base = results.get("transformers sdpa", {}).get("real_tokens_per_s")
     table = Table(title=f"packmask bench — train step, {env['device']}, {env['dtype']}, 2 rows × {env['row_length']} "
                         f"tokens, torch {env['torch']}, transformers {env['transformers']}")
-    for name in ("method", "attn", "kernel", "real tok/s", "vs sdpa", "step ms", "peak GiB", "rel err", "check"):
+    for name in ("method", "attn", "kernel", "real tok/s", "vs sdpa", "step ms", "step GiB", "rel err", "check"):
         table.add_column(name, justify="left" if name in ("method", "attn", "kernel") else "right", no_wrap=True)
     for method, row in results.items():
         if "skipped" in row:
             continue
         table.add_row(method, row["attention"], row["packmask_backend"], f"{row['real_tokens_per_s']:,.0f}",
                       f"{row['real_tokens_per_s'] / base:.2f}x" if base else "-", f"{row['step_s'] * 1e3:.1f}",
-                      "-" if row["peak_gib"] != row["peak_gib"] else f"{row['peak_gib']:.2f}",
+                      "-" if row["step_gib"] != row["step_gib"] else f"{row['step_gib']:.2f}",
                       f"{row['rel_err_vs_alone']:.1e}", "pass" if row["passed"] else "[bold red]FAIL[/]")
     table.caption = (f"attn: attn_implementation; kernel: the one packmask's dispatcher chose; vs sdpa: against "
                      f"transformers' sdpa packing; rel err: row 0's logits vs each document alone (tolerance "
-                     f"{env['tolerance']:g}); forward + backward, {env['steps']} steps after one warm-up step")
+                     f"{env['tolerance']:g}); step: median forward + backward of {env['steps']}, methods in lockstep; step GiB: CUDA memory "
+                     "a step allocates beyond the weights")
     return table
 
 

@@ -90,12 +90,11 @@ def to_device(batch: dict, device) -> dict:
 
 
 def documents_of(row: dict) -> list[list[int]]:
-    """Split a packed row back into its documents, using ``seq_lengths``."""
-    documents, start = [], 0
-    for length in row["seq_lengths"]:
-        documents.append(row["input_ids"][start : start + length])
-        start += length
-    return documents
+    """Split a packed row back into its documents, using ``seq_lengths`` (:mod:`packmask.segments`)."""
+    from ..segments import spans_from_lengths
+
+    ids = row["input_ids"]
+    return [ids[start : start + length] for _, start, length in spans_from_lengths([row["seq_lengths"]], len(ids))]
 
 
 def padded_micro_batches(documents: list[list[int]], token_budget: int) -> list[list[list[int]]]:

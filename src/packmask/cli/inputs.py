@@ -172,7 +172,12 @@ def resolve_tokenizer(spec: str | None):
                        "downloaded to the Hugging Face cache, or 'demo' for the built-in toy tokenizer") from None
 
 
-def require_tokenizer(tokenizer, fld: Field, path: Path) -> None:
+def require_tokenizer(tokenizer, fld: Field, path: Path, tokenizer_name: str | None = None) -> None:
+    """Text and chat need a tokenizer, chat one with a chat template: checked before tokenizing."""
+    if fld.kind == "chat" and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+        raise CLIError(f"{path}: column {fld.name!r} holds chat messages, but the tokenizer {tokenizer_name} has no "
+                       "chat template", "pass --tokenizer a chat/instruct model's tokenizer, or set "
+                       "tokenizer.chat_template and save it with save_pretrained")
     if tokenizer is None and fld.kind != "tokens":
         what = "text" if fld.kind == "text" else "chat messages"
         raise CLIError(f"{path}: column {fld.name!r} holds {what}, and no tokenizer was given",

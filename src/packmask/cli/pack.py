@@ -98,7 +98,7 @@ def _pack_report(args, console, write: bool) -> int:
     # -- read and check every record --------------------------------------------------------------
     with _spinner(console, f"reading {input_path}"):
         loaded = load_input(input_path, args)
-    require_tokenizer(tokenizer, loaded.field, input_path)
+    require_tokenizer(tokenizer, loaded.field, input_path, tokenizer_name)
     if loaded.bad.count:
         print_warning(console, loaded.bad.summary())
     if tokenizer is not None and loaded.field.kind != "tokens":

@@ -39,6 +39,7 @@ _FIXES = {
     "missing": "give every record the field",
     "tokens": "token ids must be lists of non-negative integers",
     "type": "give every record the same kind of value in this field",
+    "chat": "each record needs \"messages\": [{\"role\": \"user\", \"content\": \"...\"}, ...]",
 }
 
 
@@ -94,8 +95,10 @@ def value_problem(kind: str, name: str, value) -> tuple[str, str] | None:
     if kind == "text":
         return None if isinstance(value, str) else (f"field {name!r} is a {type(value).__name__}, not text", "type")
     if kind == "chat":
+        if isinstance(value, list) and not value:
+            return f"field {name!r} is an empty list of messages", "chat"
         ok = isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in value)
-        return None if ok else (f"field {name!r} is not a list of messages {{\"role\": ..., \"content\": ...}}", "type")
+        return None if ok else (f"field {name!r} is not a list of messages {{\"role\": ..., \"content\": ...}}", "chat")
     if not isinstance(value, list):
         return f"field {name!r} is a {type(value).__name__}, not a list of token ids", "tokens"
     if not value:
@@ -146,6 +149,24 @@ def _token_problems(column, name: str):
     return found
 
 
+def _chat_problems(column, name: str):
+    """``[(rows, text)]``: empty conversations, and messages without a ``role`` (vectorised)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    lengths = np.asarray(pc.list_value_length(column).to_numpy(zero_copy_only=False))
+    found = [(np.flatnonzero((lengths == 0) & ~np.asarray(column.is_null().to_numpy(zero_copy_only=False))),
+              f"field {name!r} is an empty list of messages")]
+    messages = pc.list_flatten(column)
+    if pa.types.is_struct(messages.type):
+        roles = messages.field("role") if messages.type.get_field_index("role") >= 0 else pa.nulls(len(messages))
+        missing = np.asarray(roles.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+        parents = np.asarray(pc.list_parent_indices(column))
+        found.append((np.unique(parents[missing]), f"field {name!r} has a message without a 'role'"))
+    return [(rows, text) for rows, text in found if rows.size]
+
+
 def check_table(table, fld: Field, bad: BadRecords, where):
     """``table`` without the bad records of ``fld`` (or the first one raised); token ids as int64.
 
@@ -161,6 +182,8 @@ def check_table(table, fld: Field, bad: BadRecords, where):
     problems = [(null_rows, {}, f"field {fld.name!r} is missing or null", "missing")]
     if fld.kind == "tokens" and is_list:
         problems += [(rows, offenders, text, "tokens") for rows, offenders, text in _token_problems(column, fld.name)]
+    if fld.kind == "chat" and is_list:
+        problems += [(rows, {}, text, "chat") for rows, text in _chat_problems(column, fld.name)]
     all_bad = np.unique(np.concatenate([rows for rows, *_ in problems]).astype(np.int64))
     if all_bad.size:
         shown = all_bad[: SHOWN if bad.skip else 1].tolist()
