@@ -39,6 +39,9 @@ _LAZY = {
     "tokenize_chat_dataset": "packmask.data.chat",
     # proof tool
     "verify": "packmask.verification",
+    # context parallelism (torch.distributed)
+    "context_parallel": "packmask.distributed.context_parallel",
+    "ContextParallel": "packmask.distributed.context_parallel",
 }
 
 

@@ -30,7 +30,7 @@ from .layout import DocumentLayout, GeneralLayout, TreeLayout, analyse_mask, cac
 from .segments import starts_from_ids, starts_from_position_ids
 from .support import check_packed_input, position_offset
 
-__all__ = ["NAME", "PackmaskMask", "packmask_attention", "packmask_mask", "enable", "register"]
+__all__ = ["NAME", "LAYOUT_KWARG", "PackmaskMask", "packmask_attention", "packmask_mask", "enable", "register"]
 
 NAME = "packmask"
 
@@ -176,6 +176,16 @@ def _layout_from_positions(pos, padding, causal):
     return DocumentLayout._from_start_flags(pos_start | pad_change, causal=causal)
 
 
+#: Model keyword through which a caller hands packmask's attention a ready-made layout object that
+#: brings its own kernel: ``layout.attend(module, q, k, v, spec=..., training=...) -> [B, N, H, D]``.
+#: transformers forwards a model's extra keywords to every attention call, so no model code is
+#: touched. Context parallelism (:mod:`packmask.distributed.context_parallel`) uses it; while a
+#: context-parallel context is active, an attention call without it raises (a model that does not
+#: forward its keywords to attention would otherwise attend to this rank's tokens only).
+LAYOUT_KWARG = "packmask_layout"
+_external_layout = {"required": 0}
+
+
 def packmask_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                        sliding_window=None, softcap=None, **kwargs):
     """``AttentionInterface`` entry: one call per layer."""
@@ -187,7 +197,14 @@ def packmask_attention(module, query, key, value, attention_mask, scaling=None, 
             f"[B, N, N] mask cannot reach it intact. Train this model unpacked (2D padding mask).")
     B, H, N, D = query.shape
     kv_len = key.shape[2]
-    layout = _resolve_layout(module, attention_mask, kwargs, B, N, kv_len, query.device, sliding_window)
+    external = kwargs.get(LAYOUT_KWARG)
+    if external is None and _external_layout["required"]:
+        raise PackmaskError(
+            f"{type(module).__name__} ran packmask attention without the {LAYOUT_KWARG!r} keyword while context "
+            f"parallelism is active: pass the whole batch from ContextParallel.shard(...) to the model; a model whose "
+            f"forward does not hand its keywords on to attention cannot be context-parallel.")
+    layout = None if external is not None else _resolve_layout(module, attention_mask, kwargs, B, N, kv_len,
+                                                                query.device, sliding_window)
     window = int(sliding_window) if sliding_window else None
     if layout is not None and window is not None and window >= getattr(layout, "key_len", N):
         window = None  # no document (no root-to-leaf path over the cache) is longer than the window
@@ -199,6 +216,11 @@ def packmask_attention(module, query, key, value, attention_mask, scaling=None, 
         is_causal=getattr(module, "is_causal", True),
         sinks=sinks,
     )
+    if external is not None:  # a layout with its own kernel (context parallelism): N is this rank's share
+        if sinks is not None:
+            raise UnsupportedModelError(f"{type(module).__name__} has attention sinks, which {type(external).__name__} "
+                                        f"does not implement.")
+        return external.attend(module, query, key, value, spec=spec, training=module.training), None
     standard = None
     if layout is None and isinstance(attention_mask, PackmaskMask):
         standard = attention_mask.standard_mask()
@@ -290,6 +312,11 @@ def _forward_takes_kwargs(cls) -> bool:
 def _derive_inputs(model, args, kwargs):
     names, takes_positions = _forward_params(type(model))
     if not _uses_packmask(model):  # help with the mistakes a stock sdpa / eager model would hide (guards.py)
+        if kwargs.get(LAYOUT_KWARG) is not None:  # its attention would ignore the layout: wrong, silently
+            raise PackmaskError(
+                f"{type(model).__name__} got {LAYOUT_KWARG!r} (a context-parallel batch) but runs attn_implementation="
+                f"{getattr(model.config, '_attn_implementation', None)!r}: build it with attn_implementation={NAME!r} "
+                f"or call packmask.enable(model).")
         return check_stock_forward(model, names, args, kwargs)
     bound = dict(zip(names, args))
     mask = kwargs.get("attention_mask", bound.get("attention_mask"))
@@ -310,6 +337,9 @@ def _derive_inputs(model, args, kwargs):
         cache = next((c for c in (kwargs.get(n, bound.get(n)) for n in ("cache", "past_key_values")) if c is not None),
                      None)
         check_mask_against_cache(mask, ref.shape[1], cache)
+    external = kwargs.get(LAYOUT_KWARG)
+    if external is not None and hasattr(external, "check_model"):
+        external.check_model(model)  # e.g. context parallelism refuses recurrent families by name
     # refuse models that cannot isolate packed sequences (recurrent layers, attention outside the interface)
     check_packed_input(model, mask=mask, position_ids=kwargs.get("position_ids", bound.get("position_ids")),
                        cu_seq_lens=kwargs.get("cu_seq_lens_q"), seq_lengths=kwargs.get("seq_lengths"),

@@ -1,7 +1,8 @@
-"""Data-parallel packed training: balanced rows per rank, sharded streaming, global loss counts.
+"""Multi-process packed training: balanced rows per rank, sharded streaming, global loss counts
+(data parallelism), and one long packed row split over several ranks (context parallelism:
+``context_parallel.py``, ``cp_plan.py``, ``cp_attention.py``).
 
-Everything is imported on first use (``import packmask.distributed`` stays light). The context-parallel
-helpers (``context_parallel*.py``) live beside these modules.
+Everything is imported on first use (``import packmask.distributed`` stays light).
 """
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ _LAZY = {
     "shard_documents": "packmask.distributed.streaming",
     "PackedTrainerMixin": "packmask.distributed.trainer",
     "BalancedTrainer": "packmask.distributed.trainer",
+    "context_parallel": "packmask.distributed.context_parallel",
+    "ContextParallel": "packmask.distributed.context_parallel",
+    "ShardPlan": "packmask.distributed.cp_plan",
+    "plan_context_parallel": "packmask.distributed.cp_plan",
 }
 
 __all__ = sorted(_LAZY)

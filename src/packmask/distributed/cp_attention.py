@@ -1,0 +1,251 @@
+"""Attention of one context-parallel rank: its queries against the all-gathered keys of the row.
+
+Llama 3's context parallelism: every layer all-gathers K and V over the CP group (the backward
+reduce-scatters dK and dV), then each rank attends its own queries to the keys of their
+documents. The gathered keys come rank-major (rank 0's tokens, then rank 1's, ...); which key a
+query may see is decided from the document and position of both, never from where they sit::
+
+    query (doc d, position p) may attend key (doc e, position s)  iff  d == e and s <= p
+                                                                 (and p - s < window)
+
+Two kernels:
+
+* **dense** (any device, fp32, softcap, dropout): a ``[B, 1, n, cp * n]`` bool mask through
+  packmask's SDPA / eager backends. O(n * N) memory: for CPU, tests and short rows.
+* **varlen** (CUDA, fp16/bf16): the rank's queries cut into *pieces* (runs of consecutive tokens
+  of one document); each piece gets its own key range — its document from the start (or from the
+  window's reach) up to the piece's last query — copied into a packed key tensor. Query and key
+  lengths differ (``cu_seqlens_q != cu_seqlens_k``) and causality is bottom-right aligned, as
+  FlashAttention-2 defines it for ``seqlen_q < seqlen_k``.
+
+Worked example (rank 0 of the plan in :mod:`packmask.distributed.cp_plan`, document ``a`` of
+10 tokens zig-zagged over 2 ranks): rank 0 holds ``a0 a1`` and ``a7 a8 a9``::
+
+    piece   queries (positions)   keys (positions)      causal, bottom-right aligned
+    0       a0 a1                 a0 a1                 a1 sees a0 a1
+    1       a7 a8 a9              a0 .. a9 (10 keys)    a7 sees a0..a7, a9 sees a0..a9
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..backends import requested_backend
+from ..backends.eager import eager_attention
+from ..backends.sdpa import sdpa_attention
+from ..backends.spec import AttentionSpec
+from ..backends.varlen import _gqa_native_varlen, _varlen_params, varlen_available
+from ..errors import PackmaskError
+from ..segments import doc_bounds_from_starts, starts_from_ids
+
+__all__ = ["all_gather_sequence", "ContextParallelLayout", "dense_cp_mask", "varlen_pieces"]
+
+
+def _gather_flat(x: torch.Tensor, group) -> torch.Tensor:
+    world = dist.get_world_size(group)
+    out = x.new_empty(world * x.numel())
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, x.reshape(-1), group=group)
+    return out.view((world,) + tuple(x.shape))
+
+
+class _AllGather(torch.autograd.Function):
+    """All-gather along a new leading rank dimension; the backward sums every rank's gradient of
+    the gathered tensor and hands each rank its own slot (a reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather_flat(x.contiguous(), group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        group = ctx.group
+        grad = grad.contiguous()
+        if dist.get_backend(group) == dist.Backend.NCCL:
+            out = grad.new_empty(grad.shape[1:])
+            scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+            scatter(out.view(-1), grad.view(-1), group=group)
+            return out, None
+        # gloo has no reduce-scatter on every torch: all-reduce and keep this rank's slot
+        dist.all_reduce(grad, group=group)
+        return grad[dist.get_rank(group)].clone(), None
+
+
+def all_gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    """``[cp, *x.shape]``: every rank's ``x`` (differentiable: dx = sum over ranks of their grads)."""
+    return _AllGather.apply(x, group)
+
+
+def dense_cp_mask(q_doc, q_pos, k_doc, k_pos, causal: bool = True, window: int | None = None) -> torch.Tensor:
+    """``[B, 1, n, K]`` bool: may query ``i`` attend key ``j`` (documents and positions given per token)."""
+    m = q_doc[:, :, None] == k_doc[:, None, :]
+    if causal:
+        m &= k_pos[:, None, :] <= q_pos[:, :, None]
+    if window is not None:
+        m &= (q_pos[:, :, None] - k_pos[:, None, :]) < window
+    return m[:, None]
+
+
+def varlen_pieces(index_r: torch.Tensor, index_all: torch.Tensor, doc_ids: torch.Tensor, position_ids: torch.Tensor,
+                  causal: bool = True, window: int | None = None):
+    """Query pieces of one rank and the flat gathered-key indices of each piece's key range.
+
+    Args:
+        index_r: ``[B, n]`` row positions of this rank's tokens (ascending).
+        index_all: ``[cp, B, n]`` row positions of every rank's tokens (the gathered key order).
+        doc_ids, position_ids: ``[B, N]``.
+
+    Returns:
+        ``(cu_q, cu_k, key_index, max_q, max_k)``: int32 cumulative piece lengths over the flat
+        ``B * n`` queries and over the packed keys, the long ``key_index`` into the flat gathered
+        keys ``[B * cp * n]`` (batch-major, then rank-major), and the longest piece / key range.
+    """
+    cp, B, n = index_all.shape
+    N = doc_ids.shape[1]
+    dev = index_r.device
+    doc_q = torch.gather(doc_ids, 1, index_r)
+    new = torch.ones(B, n, dtype=torch.bool, device=dev)
+    new[:, 1:] = (doc_q[:, 1:] != doc_q[:, :-1]) | (index_r[:, 1:] != index_r[:, :-1] + 1)
+    first = torch.nonzero(new.reshape(-1)).reshape(-1)  # flat query index of every piece start
+    q_len = torch.diff(torch.cat([first, first.new_tensor([B * n])]))
+    last = first + q_len - 1
+    row = first // n
+    g_first = index_r.reshape(-1)[first]  # row positions of each piece's first and last query
+    g_last = index_r.reshape(-1)[last]
+    pos_first = position_ids.reshape(-1)[row * N + g_first]
+    doc_start = g_first - pos_first
+    if causal:
+        k_begin = doc_start if window is None else torch.maximum(doc_start, g_first - (window - 1))
+        k_end = g_last + 1
+    else:
+        if window is not None:
+            raise PackmaskError("context parallelism has no bidirectional sliding window; train this model without it.")
+        _, doc_end = doc_bounds_from_starts(starts_from_ids(doc_ids))
+        k_begin = doc_start
+        k_end = doc_end.reshape(-1)[row * N + g_first]
+    k_len = k_end - k_begin
+    # slot of every (row, row position) in the flat gathered keys [B, cp * n]
+    slot = torch.empty(B, N, dtype=torch.long, device=dev)
+    slot.scatter_(1, index_all.permute(1, 0, 2).reshape(B, cp * n),
+                  torch.arange(cp * n, device=dev).expand(B, -1).contiguous())
+    total = int(k_len.sum())
+    offsets = torch.cumsum(k_len, 0) - k_len
+    along = torch.arange(total, device=dev) - torch.repeat_interleave(offsets, k_len)
+    g = torch.repeat_interleave(k_begin, k_len) + along  # row position of every packed key
+    r = torch.repeat_interleave(row, k_len)
+    key_index = r * (cp * n) + slot[r, g]
+    zero = q_len.new_zeros(1)
+    cu_q = torch.cat([zero, torch.cumsum(q_len, 0)]).to(torch.int32)
+    cu_k = torch.cat([zero, torch.cumsum(k_len, 0)]).to(torch.int32)
+    return cu_q, cu_k, key_index, int(q_len.max()), int(k_len.max())
+
+
+def _varlen_rect(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window):
+    """torch's ``varlen_attn`` with different query and key lengths (flat ``[T, H, D]`` tensors), GQA
+    as packmask's varlen backend does it (``enable_gqa`` on new torch, the custom op on 2.11)."""
+    from torch.nn.attention.varlen import varlen_attn
+    H = q.shape[1]
+    left = window - 1 if window is not None else -1
+    right = 0 if causal else -1
+    if k.shape[1] != H:
+        if "enable_gqa" in _varlen_params():
+            return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(left, right),
+                               enable_gqa=True)
+        if _gqa_native_varlen():
+            out, _, _ = torch.ops.torch_attn._varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale,
+                                                          [left, right])
+            return out
+        k = k.repeat_interleave(H // k.shape[1], dim=1)
+        v = v.repeat_interleave(H // v.shape[1], dim=1)
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(left, right))
+
+
+class ContextParallelLayout:
+    """The layout one CP rank hands to packmask's attention function (as the ``packmask_layout``
+    model keyword, see :data:`packmask.integration.LAYOUT_KWARG`): it brings its own ``attend``.
+
+    Built by :meth:`packmask.distributed.context_parallel.ContextParallel.shard`; holds the plan,
+    this rank and the CP process group. Everything derived from the plan is computed on first use
+    and reused by every layer of the forward (and by a gradient-checkpointing recompute).
+    """
+
+    def __init__(self, plan, rank: int, group):
+        self.plan, self.rank, self.group = plan, rank, group
+        self._memo = {}
+        self.batch_size, self.seq_len = plan.batch_size, plan.local_len  # what the rank's model sees
+
+    def _meta(self, device):
+        key = ("meta", str(device))
+        if key not in self._memo:
+            p = self.plan
+            idx_all = p.index.to(device)
+            doc, pos = p.doc_ids.to(device), p.position_ids.to(device)
+            keys = idx_all.permute(1, 0, 2).reshape(p.batch_size, -1)  # gathered order: rank-major per row
+            self._memo[key] = (torch.gather(doc, 1, idx_all[self.rank]), torch.gather(pos, 1, idx_all[self.rank]),
+                               torch.gather(doc, 1, keys), torch.gather(pos, 1, keys))
+        return self._memo[key]
+
+    def dense_mask(self, device, causal: bool, window: int | None) -> torch.Tensor:
+        key = ("dense", str(device), causal, window)
+        if key not in self._memo:
+            self._memo[key] = dense_cp_mask(*self._meta(device), causal=causal, window=window)
+        return self._memo[key]
+
+    def pieces(self, device, causal: bool, window: int | None):
+        key = ("pieces", str(device), causal, window)
+        if key not in self._memo:
+            p = self.plan
+            idx = p.index.to(device)
+            self._memo[key] = varlen_pieces(idx[self.rank], idx, p.doc_ids.to(device), p.position_ids.to(device),
+                                            causal, window)
+        return self._memo[key]
+
+    def check_model(self, model) -> None:
+        """Refuse models whose sequence mixing is not all attention (their state would not be sharded)."""
+        from ..support import unsupported_reason
+        reason = unsupported_reason(model)
+        if reason:
+            from ..errors import UnsupportedModelError
+            raise UnsupportedModelError(f"packmask cannot shard this model over context-parallel ranks: {reason} "
+                                        f"Train it without context parallelism.")
+
+    def attend(self, module, query, key, value, *, spec: AttentionSpec, training: bool) -> torch.Tensor:
+        """``query [B, H, n, D]``, ``key/value [B, Hkv, n, D]`` (this rank's tokens) -> ``[B, n, H, D]``."""
+        B, H, n, D = query.shape
+        if (B, n) != (self.batch_size, self.seq_len):
+            raise PackmaskError(
+                f"the context-parallel layout is for [{self.batch_size}, {self.seq_len}] local tokens but "
+                f"{type(module).__name__} got queries of shape {tuple(query.shape)}: pass the batch returned by "
+                f"ContextParallel.shard unchanged, with use_cache=False.")
+        cp = self.plan.cp
+        Hkv = key.shape[1]
+        k_all = all_gather_sequence(key, self.group).permute(1, 2, 0, 3, 4).reshape(B, Hkv, cp * n, D)
+        v_all = all_gather_sequence(value, self.group).permute(1, 2, 0, 3, 4).reshape(B, Hkv, cp * n, D)
+        causal, window = spec.is_causal, spec.sliding_window
+        if self._use_varlen(module, query, spec, training):
+            cu_q, cu_k, key_index, max_q, max_k = self.pieces(query.device, causal, window)
+            kf = k_all.transpose(1, 2).reshape(B * cp * n, Hkv, D).index_select(0, key_index)
+            vf = v_all.transpose(1, 2).reshape(B * cp * n, Hkv, D).index_select(0, key_index)
+            qf = query.transpose(1, 2).reshape(B * n, H, D)
+            out = _varlen_rect(qf, kf, vf, cu_q, cu_k, max_q, max_k, causal, spec.scale, window)
+            return out.view(B, n, H, D)
+        mask = self.dense_mask(query.device, causal, window)
+        plain = spec.without_window()  # the window is in the mask
+        if spec.softcap is not None or requested_backend(module) == "eager":
+            return eager_attention(query, k_all, v_all, mask, plain, training)
+        return sdpa_attention(query, k_all, v_all, mask, plain, training)
+
+    @staticmethod
+    def _use_varlen(module, query, spec: AttentionSpec, training: bool) -> bool:
+        """varlen on CUDA in fp16 / bf16 (the dense mask path otherwise), as packmask.backend() asks."""
+        requested = requested_backend(module)
+        ok = (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and spec.softcap is None
+              and not (spec.dropout > 0 and training) and varlen_available() and query.shape[-1] <= 256)
+        if requested == "varlen" and not ok:
+            raise PackmaskError("backend 'varlen' cannot run this context-parallel layer: it needs CUDA, fp16/bf16, "
+                                "no softcap and no dropout. Use packmask.backend('auto').")
+        if requested == "flex":
+            raise PackmaskError("context parallelism has no flex path; use packmask.backend('auto'), 'varlen', 'sdpa' "
+                                "or 'eager'.")
+        return ok and requested in ("auto", "varlen")
