@@ -34,7 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     return run(build_parser().parse_args(argv))
 
 
+_TERMINATED: list[int] = []  # set by the handler: a library may swallow the exception but not this
+
+
 def _raise_terminated(signum, frame):
+    _TERMINATED.append(signum)
     raise Terminated()
 
 
@@ -67,9 +71,7 @@ def run(args) -> int:
             command = getattr(importlib.import_module(f"{__package__}.{module_name}"), function_name)
             return command(args, console)
         except KeyboardInterrupt as stop:
-            terminated = isinstance(stop, Terminated)
-            errors.print("terminated" if terminated else "interrupted")
-            return EXIT_SIGTERM if terminated else EXIT_SIGINT
+            return _stopped(errors, stop)
         except CLIError as error:
             return _report(errors, debug, str(error), error.exit_code)
         except OSError as error:  # unwritable --out-dir / -o, a full disk, ...
@@ -78,11 +80,32 @@ def run(args) -> int:
         except Exception as error:  # noqa: BLE001 -- the last line of defence: no traceback unless --debug
             from ..errors import PackmaskError
 
+            stop = _interrupt_behind(error) or (Terminated() if _TERMINATED else None)
+            if stop is not None:  # a library (Arrow, pandas) re-raised our Ctrl-C / SIGTERM as its own error
+                return _stopped(errors, stop)
+
             if isinstance(error, PackmaskError):  # packmask's own messages name the fix
                 return _report(errors, debug, str(error), EXIT_USAGE)
             return _report(errors, debug, f"{type(error).__name__}: {error} (fix: run again with --debug for "
                                           "the traceback, and report it if the cause is not your input)",
                            EXIT_FAILED)
+
+
+def _stopped(errors, stop: KeyboardInterrupt) -> int:
+    terminated = isinstance(stop, Terminated)
+    errors.print("terminated" if terminated else "interrupted")
+    return EXIT_SIGTERM if terminated else EXIT_SIGINT
+
+
+def _interrupt_behind(error: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C / SIGTERM that caused ``error``, if any (following ``__cause__`` / ``__context__``)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _report(errors, debug: bool, message: str, code: int) -> int:
