@@ -46,6 +46,14 @@ def _flex_fn():
     return _compiled["fn"]
 
 
+def block_indices(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, q_blocks, kv_blocks]`` bool tiles -> BlockMask's ``(counts, indices)``, heads dim 1:
+    per query block, how many key blocks are set and their indices first (stable order)."""
+    counts = tiles.sum(-1, dtype=torch.int32)[:, None]
+    idx = torch.argsort(tiles.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)[:, None]
+    return counts, idx
+
+
 def document_block_mask(layout: DocumentLayout, device, block: int = FLEX_BLOCK):
     """BlockMask of a block-diagonal layout computed from document offsets, O((N/block)²).
 
@@ -72,13 +80,8 @@ def document_block_mask(layout: DocumentLayout, device, block: int = FLEX_BLOCK)
         full = full & (i[:, None] > i[None, :])
     partial = overlap & ~full
 
-    def to_indices(m):
-        counts = m.sum(-1, dtype=torch.int32)[:, None]
-        idx = torch.argsort(m.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)[:, None]
-        return counts, idx
-
-    kv_num, kv_idx = to_indices(partial)
-    full_num, full_idx = to_indices(full)
+    kv_num, kv_idx = block_indices(partial)
+    full_num, full_idx = block_indices(full)
     causal = layout.causal
 
     def mask_mod(b, h, q_idx, kv_idx_):

@@ -288,13 +288,10 @@ def tree_block_mask(layout: TreeLayout, kv_len: int | None, sliding_window: int 
         full = torch.zeros_like(full)  # the window cuts into tiles: evaluate them all
     part = part & ~full
 
-    def to_indices(m):
-        counts = m.sum(-1, dtype=torch.int32)[:, None]
-        idx = torch.argsort(m.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)[:, None]
-        return counts, idx
+    from .flex import block_indices
 
-    kv_num, kv_idx = to_indices(part)
-    full_num, full_idx = to_indices(full)
+    kv_num, kv_idx = block_indices(part)
+    full_num, full_idx = block_indices(full)
     of_token, dep, anc = tok_seg, seg["depth"], seg["ancestors"]
     cache_start = L.cache_start
     consts = torch.tensor([offset, past, K, N - 1], device=device)
