@@ -130,3 +130,38 @@ def test_set_backend_is_deprecated_but_works():
     finally:
         with pytest.warns(DeprecationWarning):
             packmask.set_backend("auto")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_document_block_mask_equals_create_block_mask_on_cpu(causal):
+    """The BlockMask built from document offsets (O(blocks²), no element-wise pass) covers exactly the
+    tiles flex's own create_block_mask finds, its full tiles are truly full, and its mask_mod is the
+    document mask."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from packmask.backends.flex import document_block_mask
+
+    seq_lengths = [[40, 7, 1, 80], [128], [16, 16, 64, 32]]
+    layout = DocumentLayout.from_seq_lengths(seq_lengths, 128, causal=causal)
+    ours = document_block_mask(layout, "cpu", block=16)
+    dense = layout.dense_mask()[:, 0]
+
+    def mask_mod(b, h, q, k):
+        return dense[b, q, k]
+
+    reference = create_block_mask(mask_mod, 3, None, 128, 128, device="cpu", BLOCK_SIZE=16)
+    assert torch.equal(ours.to_dense(), reference.to_dense())
+    # every tile we call full is full in the element mask, and the element mask_mod is the layout's
+    full = torch.zeros(3, 8, 8, dtype=torch.bool)
+    for b in range(3):
+        for qb in range(8):
+            n = int(ours.full_kv_num_blocks[b, 0, qb])
+            full[b, qb, ours.full_kv_indices[b, 0, qb, :n].long()] = True
+    tiles = dense.view(3, 8, 16, 8, 16).all(-1).all(2)
+    assert not bool((full & ~tiles).any())
+    q, k = torch.meshgrid(torch.arange(128), torch.arange(128), indexing="ij")
+    for b in range(3):
+        assert torch.equal(ours.mask_mod(torch.tensor(b), 0, q, k), dense[b])
+    # control: a layout with one boundary moved gives a different tile set
+    moved = DocumentLayout.from_seq_lengths([[20, 28, 80], [128], [16, 16, 64, 32]], 128, causal=causal)
+    assert not torch.equal(document_block_mask(moved, "cpu", block=16).to_dense(), reference.to_dense())
