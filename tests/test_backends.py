@@ -165,3 +165,25 @@ def test_document_block_mask_equals_create_block_mask_on_cpu(causal):
     # control: a layout with one boundary moved gives a different tile set
     moved = DocumentLayout.from_seq_lengths([[20, 28, 80], [128], [16, 16, 64, 32]], 128, causal=causal)
     assert not torch.equal(document_block_mask(moved, "cpu", block=16).to_dense(), reference.to_dense())
+
+
+def test_scoped_backend_survives_checkpoint_recomputation():
+    """Activation checkpointing recomputes layers during backward — on CUDA in autograd's own thread,
+    outside the ``with packmask.backend(...)`` block. The recomputation must use the kernel the
+    forward used (else torch.utils.checkpoint raises: different tensors saved), and the gradients
+    must equal the run without checkpointing."""
+    torch.manual_seed(0)
+    reference = tiny_model("llama", "packmask").train()
+    model = tiny_model("llama", "packmask").train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(1, 128, (2, 12))
+    mask = packmask.block_diagonal_mask([[5, 7], [12]], 12)
+    for m in (reference, model):
+        with packmask.backend("eager"):  # sdpa would be auto's choice on CPU
+            loss = m(input_ids=ids, attention_mask=mask, labels=ids).loss
+        worker = threading.Thread(target=loss.backward)  # like CUDA's autograd thread: no context
+        worker.start()
+        worker.join()
+    for (name, a), b in zip(reference.named_parameters(), model.parameters()):
+        assert a.grad is not None and b.grad is not None, name
+        assert rel_err(b.grad, a.grad) < 1e-5, name

@@ -113,12 +113,24 @@ def refresh_traced_request() -> None:
     _traced_request["name"] = _forced.get()
 
 
-def requested_backend(module=None) -> str:
+def requested_backend(module=None, layout=None) -> str:
     """The backend asked for: a ``backend(...)`` block, else the model's own setting
-    (``packmask.enable(model, backend=...)``), else the (deprecated) process default."""
-    name = _traced_request["name"] if torch.compiler.is_compiling() else _forced.get()
+    (``packmask.enable(model, backend=...)``), else the (deprecated) process default.
+
+    A ``backend(...)`` block is remembered on the forward's ``layout``: activation checkpointing
+    recomputes layers during backward — on CUDA in autograd's own thread, outside the block — and
+    the recomputation must run the kernel the forward ran (torch.utils.checkpoint checks it saves
+    the same tensors).
+    """
+    compiling = torch.compiler.is_compiling()
+    name = _traced_request["name"] if compiling else _forced.get()
+    memo = None if compiling else getattr(layout, "_memo", None)
     if name is not None:
+        if memo is not None:
+            memo["requested_backend"] = name
         return name
+    if memo is not None and "requested_backend" in memo:
+        return memo["requested_backend"]
     per_model = getattr(module, "_packmask_backend", None)
     if per_model is not None:
         return per_model
@@ -225,7 +237,7 @@ def attend(q, k, v, layout: Layout | None, spec: AttentionSpec, *, training: boo
            standard_mask: torch.Tensor | None = None, module=None) -> torch.Tensor:
     """Run attention for one layer. ``layout`` None means the ordinary (unpacked) path, where
     ``standard_mask`` is transformers' own 4D bool mask (or None for plain causal)."""
-    requested = requested_backend(module)
+    requested = requested_backend(module, layout)
     name = choose_backend(layout, spec, q, training, requested, _layers(module))
     if layout is None:
         run = eager_attention if name == "eager" else sdpa_attention

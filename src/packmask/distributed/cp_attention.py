@@ -232,14 +232,13 @@ class ContextParallelLayout:
             return out.view(B, n, H, D)
         mask = self.dense_mask(query.device, causal, window)
         plain = spec.without_window()  # the window is in the mask
-        if spec.softcap is not None or requested_backend(module) == "eager":
+        if spec.softcap is not None or requested_backend(module, self) == "eager":
             return eager_attention(query, k_all, v_all, mask, plain, training)
         return sdpa_attention(query, k_all, v_all, mask, plain, training)
 
-    @staticmethod
-    def _use_varlen(module, query, spec: AttentionSpec, training: bool) -> bool:
+    def _use_varlen(self, module, query, spec: AttentionSpec, training: bool) -> bool:
         """varlen on CUDA in fp16 / bf16 (the dense mask path otherwise), as packmask.backend() asks."""
-        requested = requested_backend(module)
+        requested = requested_backend(module, self)
         ok = (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and spec.softcap is None
               and not (spec.dropout > 0 and training) and varlen_available() and query.shape[-1] <= 256)
         if requested == "varlen" and not ok:
