@@ -39,40 +39,35 @@ import torch
 from ..errors import PackmaskError
 from .tree import PackedForest, _ranges, concat_forests
 
-__all__ = ["tree_mask", "collate_forest", "TreeCollator", "BRANCH_KEYS"]
+__all__ = ["token_parents", "collate_forest", "TreeCollator", "BRANCH_KEYS"]
 
 #: batch keys that are bookkeeping for :func:`packmask.branch_logps`, not model arguments
 BRANCH_KEYS = ("logp_source", "logp_target", "logp_labels", "logp_branch", "logp_source_kept", "logits_to_keep",
                "branch_example", "branch_kind", "branch_length", "branch_offset")
 
 
-def tree_mask(segment_ids: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
-    """``[B, N, N]`` bool tree mask from each token's row-local segment id ``[B, N]`` and each segment's
-    parent ``[B, S]`` (``-1`` for roots). Query ``q`` may attend key ``k`` iff ``k <= q`` and ``k``'s
-    segment is ``q``'s segment or one of its ancestors (ancestors always precede their children).
+def token_parents(packed: PackedForest, seg_rows: np.ndarray, N: int) -> np.ndarray:
+    """``[R, N]`` row-local index of each token's parent in the tree (``-1`` for a root's first token):
+    the previous token inside a segment, the parent segment's last token at a segment's start.
+    Padding after a row's last segment is a root chain of its own. This is the form
+    :class:`packmask.layout_tree.TreeLayout` takes.
 
-    Private builder of the preference helper; ``packmask.masks.tree_mask_from_segments`` (spec-tree)
-    is the shared one -- switch to it once it is on main. Loops over tree depth only.
-
-    >>> tree_mask(torch.tensor([[0, 0, 1, 2]]), torch.tensor([[-1, 0, 0]]))[0].int().tolist()
-    [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 0, 1]]
+    >>> from packmask.data.tree import PackedForest
+    >>> z = np.zeros(3, np.int64)
+    >>> forest = PackedForest(np.zeros(7, np.int64), z, np.array([0, 7]), np.array([0, 3]), np.array([0, 3, 5]),
+    ...                       np.array([3, 2, 2]), np.array([-1, 0, 0]), z, z, z)
+    >>> token_parents(forest, np.zeros(3, np.int64), 8).tolist()   # p0 p1 p2 | c0 c1 | r0 r1 | pad
+    [[-1, 0, 1, 2, 3, 2, 5, -1]]
     """
-    B, S = parents.shape
-    device = parents.device
-    ancestor = torch.zeros(B, S, S, dtype=torch.bool, device=device)   # ancestor[b, s, a]: a is s or above s
-    b_idx = torch.arange(B, device=device)[:, None].expand(B, S)
-    s_idx = torch.arange(S, device=device)[None].expand(B, S)
-    current = s_idx.clone()
-    for _ in range(S):
-        alive = current >= 0
-        if not bool(alive.any()):
-            break
-        ancestor[b_idx[alive], s_idx[alive], current[alive]] = True
-        current = torch.where(alive, parents.gather(1, current.clamp_min(0)), current)
-    N = segment_ids.shape[1]
-    visible = ancestor.gather(1, segment_ids[:, :, None].expand(B, N, S))          # [B, N(q), S]
-    mask = visible.gather(2, segment_ids[:, None, :].expand(B, N, N))              # [B, N(q), N(k)]
-    return mask & torch.ones(N, N, dtype=torch.bool, device=device).tril()
+    R = packed.num_rows
+    parent = np.tile(np.arange(-1, N, dtype=np.int64), (R, 1))  # one spare column: a full row
+    parent[np.arange(R), packed.row_lengths()] = -1  # the padding chain's root (never past the row end)
+    first = packed.seg_start
+    parent_seg = packed.seg_parent + packed.seg_row_offsets[seg_rows]  # global index of the parent segment
+    has_parent = packed.seg_parent >= 0
+    parent_last = np.where(has_parent, packed.seg_start[parent_seg] + packed.seg_length[parent_seg] - 1, -1)
+    parent[seg_rows, first] = parent_last
+    return parent[:, :N]
 
 
 def _row_length(longest: int, seq_len: int | None, pad_to_multiple_of: int | None) -> int:
@@ -108,19 +103,16 @@ def collate_forest(packed: PackedForest, *, pad_token_id: int = 0, seq_len: int 
     pad_cols = np.arange(R * N) % N - np.repeat(row_len, N)
     positions = np.where(pad_cols >= 0, pad_cols, 0)
     positions[flat] = packed.positions
-    seg_local = np.arange(packed.seg_start.shape[0]) - packed.seg_row_offsets[seg_rows]
-    segment_ids = np.repeat(np.diff(packed.seg_row_offsets), N)       # pad segment = number of real segments
-    segment_ids[flat] = np.repeat(seg_local, packed.seg_length)
 
     out: dict[str, Any] = {
         "input_ids": torch.from_numpy(input_ids.reshape(R, N)),
         "position_ids": torch.from_numpy(positions.reshape(R, N)),
     }
     if return_mask:
-        S = int(np.diff(packed.seg_row_offsets).max()) + 1 if R else 1
-        parents = np.full((R, S), -1, np.int64)
-        parents[seg_rows, seg_local] = packed.seg_parent
-        out["attention_mask"] = tree_mask(torch.from_numpy(segment_ids.reshape(R, N)), torch.from_numpy(parents))
+        from ..layout_tree import TreeLayout
+
+        tree = TreeLayout.from_parents(torch.from_numpy(token_parents(packed, seg_rows, N)))
+        out["attention_mask"] = tree.dense_mask()[:, 0]
     out.update(_branch_bookkeeping(packed, seg_rows, N, input_ids))
     if device is not None:
         out = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
