@@ -144,3 +144,17 @@ def test_encoder_style_bidirectional_documents():
         alone = torch.ones(1, 1, length, length, dtype=torch.bool)
         exp = ref(input_ids=ids[b:b + 1, s:s + length], attention_mask=alone, use_cache=False).logits
         assert rel_err(out[b:b + 1, s:s + length], exp) <= TOL
+
+
+def test_seq_lengths_on_a_model_without_position_ids_is_refused():
+    """BART's forward takes no ``position_ids``: ``seq_lengths`` used to flow on through ``**kwargs``,
+    unread, and the packed row ran as one sequence (contaminated, positions never restarting)."""
+    from transformers import AutoModel
+
+    from packmask.testing import tiny_config
+    model = AutoModel.from_config(tiny_config("bart"), attn_implementation="packmask").eval()
+    ids = torch.randint(0, 100, (1, 8))
+    with torch.no_grad():
+        model(input_ids=ids, decoder_input_ids=ids)  # unpacked: still runs
+        with pytest.raises(packmask.UnsupportedModelError, match="position_ids"):
+            model(input_ids=ids, decoder_input_ids=ids, seq_lengths=[[4, 4]])

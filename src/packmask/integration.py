@@ -344,9 +344,13 @@ def _derive_inputs(model, args, kwargs):
     check_packed_input(model, mask=mask, position_ids=kwargs.get("position_ids", bound.get("position_ids")),
                        cu_seq_lens=kwargs.get("cu_seq_lens_q"), seq_lengths=kwargs.get("seq_lengths"),
                        batch_size=ref.shape[0] if ref is not None else None)
-    if not takes_positions:
-        return args, kwargs
     seq_lengths = kwargs.pop("seq_lengths", None)
+    if not takes_positions:
+        if seq_lengths is not None:  # it would flow on through **kwargs unread: the row would run as one sequence
+            raise UnsupportedModelError(
+                f"{type(model).__name__}.forward takes no position_ids, so packmask cannot restart positions per "
+                f"packed sequence from seq_lengths. Train this model unpacked (one sequence per row).")
+        return args, kwargs
     if seq_lengths is not None and ref is not None:
         B, N = ref.shape[:2]
         lengths = seq_lengths.tolist() if isinstance(seq_lengths, torch.Tensor) else seq_lengths
