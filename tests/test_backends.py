@@ -187,3 +187,19 @@ def test_scoped_backend_survives_checkpoint_recomputation():
     for (name, a), b in zip(reference.named_parameters(), model.parameters()):
         assert a.grad is not None and b.grad is not None, name
         assert rel_err(b.grad, a.grad) < 1e-5, name
+
+
+def test_scoped_backend_does_not_leak_into_a_later_forward_reusing_the_mask():
+    """The block is remembered on the layout cached on the mask tensor (for checkpoint recomputation);
+    a later forward outside the block with the same mask must dispatch afresh, not run the block's
+    kernel — here sdpa, which cannot softcap, so gemma2 was refused outside any block."""
+    llama, gemma = tiny_model("llama", "packmask").eval(), tiny_model("gemma2", "packmask").eval()
+    mask = packmask.block_diagonal_mask([[3, 5]], 8)
+    ids = torch.randint(1, 128, (1, 8))
+    with torch.no_grad():
+        with packmask.backend("sdpa"):
+            llama(input_ids=ids, attention_mask=mask)
+            with pytest.raises(PackmaskError, match="softcapping"):  # control: inside the block it refuses
+                gemma(input_ids=ids, attention_mask=mask)
+        expected = gemma(input_ids=ids, attention_mask=packmask.block_diagonal_mask([[3, 5]], 8)).logits
+        assert rel_err(gemma(input_ids=ids, attention_mask=mask).logits, expected) < 1e-5

@@ -22,7 +22,7 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .backends import AttentionSpec, attend
+from .backends import AttentionSpec, attend, begin_forward
 from .errors import PackmaskError, UnsupportedModelError
 from .guards import check_construction, check_stock_forward
 from .kvcache import check_mask_against_cache
@@ -318,6 +318,7 @@ def _derive_inputs(model, args, kwargs):
                 f"{getattr(model.config, '_attn_implementation', None)!r}: build it with attn_implementation={NAME!r} "
                 f"or call packmask.enable(model).")
         return check_stock_forward(model, names, args, kwargs)
+    begin_forward()  # a backend(...) block remembered on a reused input's layout ends here
     bound = dict(zip(names, args))
     mask = kwargs.get("attention_mask", bound.get("attention_mask"))
     ids = kwargs.get("input_ids", bound.get("input_ids"))

@@ -113,6 +113,18 @@ def refresh_traced_request() -> None:
     _traced_request["name"] = _forced.get()
 
 
+# Forwards started outside any backend(...) block (counted by the model's forward pre-hook): a block
+# remembered on a layout holds for its own forward's recomputation, not for a later forward outside
+# the block that reuses the same input tensors (and so the same cached layout).
+_unscoped_forwards = [0]
+
+
+def begin_forward() -> None:
+    """Called by the model's forward pre-hook before the model body runs."""
+    if _forced.get() is None:
+        _unscoped_forwards[0] += 1
+
+
 def requested_backend(module=None, layout=None) -> str:
     """The backend asked for: a ``backend(...)`` block, else the model's own setting
     (``packmask.enable(model, backend=...)``), else the (deprecated) process default.
@@ -127,10 +139,11 @@ def requested_backend(module=None, layout=None) -> str:
     memo = None if compiling else getattr(layout, "_memo", None)
     if name is not None:
         if memo is not None:
-            memo["requested_backend"] = name
+            memo["requested_backend"] = (name, _unscoped_forwards[0])
         return name
-    if memo is not None and "requested_backend" in memo:
-        return memo["requested_backend"]
+    remembered = memo.get("requested_backend") if memo is not None else None
+    if remembered is not None and remembered[1] == _unscoped_forwards[0]:
+        return remembered[0]
     per_model = getattr(module, "_packmask_backend", None)
     if per_model is not None:
         return per_model
