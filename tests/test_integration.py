@@ -158,3 +158,25 @@ def test_seq_lengths_on_a_model_without_position_ids_is_refused():
         model(input_ids=ids, decoder_input_ids=ids)  # unpacked: still runs
         with pytest.raises(packmask.UnsupportedModelError, match="position_ids"):
             model(input_ids=ids, decoder_input_ids=ids, seq_lengths=[[4, 4]])
+
+
+def test_user_windowed_mask_derives_unsaturated_positions():
+    """A block-diagonal mask that already holds a sliding window (packmask.masks), no position_ids:
+    each document equals it run alone with the same window and positions 0..n-1. Before the fix the
+    derived positions stopped at window − 1 (wrong RoPE)."""
+    from packmask import masks
+    model = tiny_model("llama", "packmask").eval()
+    lengths, n, window = [[7, 5]], 12, 3
+    ids = torch.randint(1, 128, (1, n))
+
+    def windowed(seq_lengths, size):
+        doc = masks.document_ids_from_lengths(seq_lengths, size)
+        return masks.materialize(masks.and_masks(masks.same_document(doc), masks.causal,
+                                                 masks.sliding_window(window)), 1, size)
+    with torch.no_grad():
+        packed = model(input_ids=ids, attention_mask=windowed(lengths, n)).logits
+        alone = torch.cat([model(input_ids=ids[:, s:s + k], attention_mask=windowed([[k]], k),
+                                 position_ids=torch.arange(k)[None]).logits for s, k in ((0, 7), (7, 5))], 1)
+        unwindowed = model(input_ids=ids, attention_mask=packmask.block_diagonal_mask(lengths, n)).logits
+    assert rel_err(packed, alone) < TOL
+    assert rel_err(unwindowed, alone) > 1e-2  # control: the window matters at these lengths

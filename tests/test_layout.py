@@ -182,3 +182,20 @@ def test_cached_on_memoises_per_tensor_and_sees_in_place_edits():
     assert cached_on(view, "layout", compute) is first and len(calls) == 1
     mask[0, 3, 0] = True  # an in-place edit bumps the version: computed again
     assert cached_on(mask, "layout", compute) is not first and len(calls) == 2
+
+
+def test_positions_of_a_user_windowed_mask_do_not_saturate():
+    """A causal mask that already holds a sliding window (block-diagonal ∧ window, built with
+    packmask.masks) is no tree: its positions are the document index, not ``visible keys − 1``
+    (which stops growing at window − 1). Trees keep their depth."""
+    from packmask import masks
+    doc = masks.document_ids_from_lengths([[6, 2]], 8)
+    windowed = masks.materialize(masks.and_masks(masks.same_document(doc), masks.causal, masks.sliding_window(3)), 1, 8)
+    layout = analyse_mask(windowed)
+    assert isinstance(layout, GeneralLayout)
+    assert layout.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 0, 1]]
+    assert torch.equal(layout.dense_mask()[:, 0], windowed)
+    # a shared-prefix tree with a window on top: positions are depths along each branch
+    from packmask.layout import TreeLayout
+    tree = TreeLayout.from_parents(torch.tensor([[-1, 0, 1, 2, 3, 1, 5]]))  # prompt 2 | branch 3 | branch 2
+    assert analyse_mask(tree.dense_mask(sliding_window=2)[:, 0]).position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 3]]

@@ -43,7 +43,7 @@ import torch
 
 from . import segments
 from .errors import PackmaskError
-from .layout_tree import TreeLayout, analyse_tree_mask
+from .layout_tree import TreeLayout, analyse_tree_mask, tree_depths
 
 __all__ = [
     "DocumentLayout",
@@ -322,7 +322,28 @@ def analyse_mask(mask: torch.Tensor, batch_size: int | None = None, seq_len: int
     if tree is not None:
         return tree
     doc_ids = segments.doc_ids_from_starts(start_flag, local=True)
-    return GeneralLayout(m, doc_ids, positions)
+    return GeneralLayout(m, doc_ids, _forgetful_forest_positions(m, row_lower, positions))
+
+
+def _forgetful_forest_positions(m: torch.Tensor, row_lower: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Positions of causal rows where every query sees at most what its parent (the last earlier key
+    it sees) sees, plus itself — a sliding window over documents or tree branches. Their position
+    is the depth along parents: ``visible keys − 1`` would stop growing at ``window − 1``.
+
+        windowed document (window 3)     parents          depth (position)
+        a0 a1 a2 a3 a4                    -1 0 1 2 3       0 1 2 3 4
+    """
+    B, N, _ = m.shape
+    idx = torch.arange(N, device=m.device)
+    earlier = m & (idx[None, :] < idx[:, None])
+    has_parent = earlier.any(-1)
+    parent = torch.where(has_parent, (N - 1) - earlier.flip(-1).to(torch.uint8).argmax(-1), -1)
+    parent_rows = torch.gather(m, 1, parent.clamp(min=0)[:, :, None].expand(B, N, N)) & has_parent[:, :, None]
+    eye = torch.eye(N, dtype=torch.bool, device=m.device)
+    forest = row_lower[:, 0] & (m <= (parent_rows | eye)).all(-1).all(-1)  # [B]: every query forgets only
+    if not bool(forest.any()):
+        return positions
+    return torch.where(forest[:, None], tree_depths(parent), positions)
 
 
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
