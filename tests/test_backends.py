@@ -203,3 +203,22 @@ def test_scoped_backend_does_not_leak_into_a_later_forward_reusing_the_mask():
                 gemma(input_ids=ids, attention_mask=mask)
         expected = gemma(input_ids=ids, attention_mask=packmask.block_diagonal_mask([[3, 5]], 8)).logits
         assert rel_err(gemma(input_ids=ids, attention_mask=mask).logits, expected) < 1e-5
+
+
+@pytest.mark.parametrize("layout_causal", [True, False])
+@pytest.mark.parametrize("layer_causal", [True, False])
+@pytest.mark.parametrize("window", [None, 3])
+def test_varlen_window_band_equals_the_dense_mask(layout_causal, layer_causal, window):
+    """varlen's (left, right) band hides exactly the keys the dense-mask backends hide. It used to take
+    the window's side from the layout, not the layer: a decoder's sliding window over bidirectional
+    documents became two-sided on varlen while sdpa / eager / flex kept it one-sided."""
+    from packmask.backends.varlen import window_size
+    from packmask.layout import DocumentLayout
+    layout = DocumentLayout.from_seq_lengths([[6, 2], [8]], 8, causal=layout_causal)
+    spec = AttentionSpec(scale=1.0, sliding_window=window, is_causal=layer_causal)
+    left, right = window_size(layout, spec)
+    doc, pos = layout.doc_ids, layout.position_ids
+    delta = pos[:, :, None] - pos[:, None, :]  # query minus key
+    band = (doc[:, :, None] == doc[:, None, :]) & ((left < 0) | (delta <= left)) & ((right < 0) | (-delta <= right))
+    expected = layout.dense_mask(window, bidirectional_window=spec.bidirectional_window)[:, 0]
+    assert torch.equal(band, expected)

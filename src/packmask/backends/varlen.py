@@ -74,14 +74,32 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(B * N, H, D)
 
 
+def window_size(layout: DocumentLayout, spec: AttentionSpec) -> tuple[int, int]:
+    """FlashAttention's ``(left, right)`` band (-1 = unbounded) for the layout's documents and the
+    layer's window: the same keys as ``layout.dense_mask(window, spec.bidirectional_window)``. The
+    window is one-sided for causal layers (a decoder given bidirectional documents still sees every
+    later key of its document) and two-sided for bidirectional layers.
+
+    >>> from packmask.layout import DocumentLayout
+    >>> docs = DocumentLayout.from_seq_lengths([[4]], 4, causal=False)
+    >>> window_size(docs, AttentionSpec(1.0, sliding_window=3, is_causal=True))
+    (2, -1)
+    >>> window_size(docs, AttentionSpec(1.0, sliding_window=3, is_causal=False))
+    (2, 2)
+    """
+    window = spec.sliding_window
+    left = window - 1 if window is not None else -1
+    if layout.causal:
+        return left, 0
+    return left, (window - 1 if spec.bidirectional_window else -1)
+
+
 def varlen_attention(q, k, v, layout: DocumentLayout, spec: AttentionSpec, native_gqa: bool | None = None) -> torch.Tensor:
     """``q [B, H, N, D]``, ``k, v [B, Hkv, N, D]`` over the layout's documents; returns ``[B, N, H, D]``."""
     from torch.nn.attention.varlen import varlen_attn
     B, H, N, D = q.shape
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
-    window = spec.sliding_window
-    left = window - 1 if window is not None else -1
-    right = 0 if layout.causal else (window - 1 if window is not None else -1)
+    left, right = window_size(layout, spec)
     cu = layout.cu_seqlens.to(q.device)
     mx = layout.max_seqlen
     if kf.shape[1] != H:
