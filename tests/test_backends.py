@@ -222,3 +222,62 @@ def test_varlen_window_band_equals_the_dense_mask(layout_causal, layer_causal, w
     band = (doc[:, :, None] == doc[:, None, :]) & ((left < 0) | (delta <= left)) & ((right < 0) | (-delta <= right))
     expected = layout.dense_mask(window, bidirectional_window=spec.bidirectional_window)[:, 0]
     assert torch.equal(band, expected)
+
+
+def _reference_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+    """torch's varlen_attn contract in plain math (a loop per piece; test only): bottom-right aligned
+    band ``(left, right)``, -1 unbounded; kv heads shared only with ``enable_gqa``."""
+    out = torch.empty_like(q)
+    left, right = window_size
+    for i in range(len(cu_q) - 1):
+        qs, ks, vs = q[cu_q[i]:cu_q[i + 1]], k[cu_k[i]:cu_k[i + 1]], v[cu_k[i]:cu_k[i + 1]]
+        if ks.shape[1] != qs.shape[1]:
+            assert enable_gqa, "kv heads differ without enable_gqa"
+            ks, vs = (t.repeat_interleave(qs.shape[1] // t.shape[1], 1) for t in (ks, vs))
+        nq, nk = qs.shape[0], ks.shape[0]
+        delta = torch.arange(nk - nq, nk)[:, None] - torch.arange(nk)[None]
+        allowed = ((left < 0) | (delta <= left)) & ((right < 0) | (-delta <= right))
+        scores = torch.einsum("qhd,khd->hqk", qs, ks) * scale
+        probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        out[cu_q[i]:cu_q[i + 1]] = torch.einsum("hqk,khd->qhd", probs, vs)
+    return out
+
+
+@pytest.mark.parametrize("gqa_route", ["enable_gqa", "expand"])
+@pytest.mark.parametrize("causal,layer_causal,window", [(True, True, None), (True, True, 3), (False, False, 3),
+                                                         (False, True, 3), (False, False, None)])
+def test_varlen_glue_equals_eager_on_cpu(monkeypatch, gqa_route, causal, layer_causal, window):
+    """The varlen backend's glue (flattening, window band, GQA routes) equals the eager backend, with
+    torch's kernel replaced by its contract in plain math (the kernel itself is CUDA-only:
+    tests/test_backends_cuda.py). Control: a band taken from the layout, as before, differs."""
+    import torch.nn.attention.varlen as tv
+
+    from packmask.backends import varlen as vl
+    from packmask.layout import DocumentLayout
+    monkeypatch.setattr(tv, "varlen_attn", _reference_varlen_attn)
+    params = vl._varlen_params() - ({"enable_gqa"} if gqa_route == "expand" else set())
+    monkeypatch.setattr(vl, "_varlen_params", lambda: params)
+    torch.manual_seed(0)
+    layout = DocumentLayout.from_seq_lengths([[6, 2], [3, 5]], 8, causal=causal)
+    q, k, v = torch.randn(2, 4, 8, 8), torch.randn(2, 2, 8, 8), torch.randn(2, 2, 8, 8)
+    spec = AttentionSpec(scale=0.3, sliding_window=window, is_causal=layer_causal)
+    expected = eager.run(q, k, v, layout, spec, False)
+    assert rel_err(vl.varlen_attention(q, k, v, layout, spec, native_gqa=False), expected) < 1e-5
+    if not causal and layer_causal and window:  # control: the old two-sided band on a causal layer
+        monkeypatch.setattr(vl, "window_size", lambda layout, spec: (window - 1, window - 1))
+        assert rel_err(vl.varlen_attention(q, k, v, layout, spec, native_gqa=False), expected) > 1e-2
+
+
+@pytest.mark.parametrize("window", [None, 2])
+def test_tree_varlen_glue_equals_eager_on_cpu(monkeypatch, window):
+    """Tree pieces with gathered keys through the shared varlen call equal eager (kernel as above)."""
+    import torch.nn.attention.varlen as tv
+
+    from packmask.backends.tree import tree_varlen_attention
+    from packmask.layout import TreeLayout
+    monkeypatch.setattr(tv, "varlen_attn", _reference_varlen_attn)
+    torch.manual_seed(0)
+    layout = TreeLayout.from_parents(torch.tensor([[-1, 0, 1, 2, 3, 1, 5], [-1, 0, 0, 2, -1, 4, 5]]))
+    q, k, v = torch.randn(2, 4, 7, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    spec = AttentionSpec(scale=0.3, sliding_window=window)
+    assert rel_err(tree_varlen_attention(q, k, v, layout, spec), eager.run(q, k, v, layout, spec, False)) < 1e-5

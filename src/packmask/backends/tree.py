@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from ..layout_tree import TreeLayout
-from .varlen import _gqa_native_varlen, _varlen_params
+from .varlen import _gqa_native_varlen, _varlen_params, varlen_flat
 
 __all__ = ["TreePieces", "tree_pieces", "varlen_pieces_attention", "tree_varlen_attention", "tree_block_mask",
            "tree_flex_attention"]
@@ -117,25 +117,13 @@ def varlen_pieces_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, key_index, max_
     piece ``i`` are flat rows ``cu_seqlens_q[i]:cu_seqlens_q[i+1]``, its keys the flat key rows
     ``key_index[cu_seqlens_k[i]:cu_seqlens_k[i+1]]``. Returns ``[B, N, H, D]``.
     """
-    from torch.nn.attention.varlen import varlen_attn
     B, H, N, D = q.shape
     qf = q.transpose(1, 2).reshape(B * N, H, D)
     kf = k.transpose(1, 2).reshape(-1, k.shape[1], D).index_select(0, key_index)
     vf = v.transpose(1, 2).reshape(-1, v.shape[1], D).index_select(0, key_index)
     left = sliding_window - 1 if sliding_window is not None else -1
-    cu_q, cu_k = cu_seqlens_q.to(q.device), cu_seqlens_k.to(q.device)
-    if kf.shape[1] != H:
-        if "enable_gqa" in _varlen_params():
-            out = varlen_attn(qf, kf, vf, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(left, 0),
-                              enable_gqa=True)
-            return out.view(B, N, H, D)
-        if _gqa_native_varlen():  # torch 2.11: the custom op forwards un-expanded kv heads to FlashAttention-2
-            out, _, _ = torch.ops.torch_attn._varlen_attn(qf, kf, vf, cu_q, cu_k, max_q, max_k, True, scale,
-                                                          [left, 0])
-            return out.view(B, N, H, D)
-        kf = kf.repeat_interleave(H // kf.shape[1], dim=1)
-        vf = vf.repeat_interleave(H // vf.shape[1], dim=1)
-    out = varlen_attn(qf, kf, vf, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(left, 0))
+    out = varlen_flat(qf, kf, vf, cu_seqlens_q.to(q.device), cu_seqlens_k.to(q.device), max_q, max_k, scale=scale,
+                      window_size=(left, 0))
     return out.view(B, N, H, D)
 
 

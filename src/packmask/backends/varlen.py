@@ -94,27 +94,35 @@ def window_size(layout: DocumentLayout, spec: AttentionSpec) -> tuple[int, int]:
     return left, (window - 1 if spec.bidirectional_window else -1)
 
 
-def varlen_attention(q, k, v, layout: DocumentLayout, spec: AttentionSpec, native_gqa: bool | None = None) -> torch.Tensor:
-    """``q [B, H, N, D]``, ``k, v [B, Hkv, N, D]`` over the layout's documents; returns ``[B, N, H, D]``."""
+def varlen_flat(qf, kf, vf, cu_q, cu_k, max_q: int, max_k: int, *, scale: float, window_size: tuple[int, int],
+                native_gqa: bool | None = None) -> torch.Tensor:
+    """torch's ``varlen_attn`` on flat ``[T, H, D]`` queries, ``[T_k, Hkv, D]`` keys/values; returns
+    ``[T, H, D]``. ``window_size`` is FlashAttention's ``(left, right)`` band (-1 = unbounded, right 0 =
+    causal, bottom-right aligned). GQA without expanding K/V wherever torch allows it."""
     from torch.nn.attention.varlen import varlen_attn
-    B, H, N, D = q.shape
-    qf, kf, vf = _flat(q), _flat(k), _flat(v)
-    left, right = window_size(layout, spec)
-    cu = layout.cu_seqlens.to(q.device)
-    mx = layout.max_seqlen
+    H = qf.shape[1]
     if kf.shape[1] != H:
         if "enable_gqa" in _varlen_params():
-            out = varlen_attn(qf, kf, vf, cu, cu, mx, mx, scale=spec.scale, window_size=(left, right), enable_gqa=True)
-            return out.view(B, N, H, D)
+            return varlen_attn(qf, kf, vf, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size,
+                               enable_gqa=True)
         if native_gqa if native_gqa is not None else _gqa_native_varlen():
             # torch 2.11: the public wrapper has no enable_gqa; call its custom op, which forwards the
             # un-expanded kv heads to FlashAttention-2 (saves expanding K/V: memory and copies)
-            out, _, _ = torch.ops.torch_attn._varlen_attn(qf, kf, vf, cu, cu, mx, mx, right == 0, spec.scale,
-                                                          [left, right])
-            return out.view(B, N, H, D)
+            out, _, _ = torch.ops.torch_attn._varlen_attn(qf, kf, vf, cu_q, cu_k, max_q, max_k, window_size[1] == 0,
+                                                          scale, list(window_size))
+            return out
         kf = kf.repeat_interleave(H // kf.shape[1], dim=1)
         vf = vf.repeat_interleave(H // vf.shape[1], dim=1)
-    out = varlen_attn(qf, kf, vf, cu, cu, mx, mx, scale=spec.scale, window_size=(left, right))
+    return varlen_attn(qf, kf, vf, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size)
+
+
+def varlen_attention(q, k, v, layout: DocumentLayout, spec: AttentionSpec, native_gqa: bool | None = None) -> torch.Tensor:
+    """``q [B, H, N, D]``, ``k, v [B, Hkv, N, D]`` over the layout's documents; returns ``[B, N, H, D]``."""
+    B, H, N, D = q.shape
+    cu = layout.cu_seqlens.to(q.device)
+    mx = layout.max_seqlen
+    out = varlen_flat(_flat(q), _flat(k), _flat(v), cu, cu, mx, mx, scale=spec.scale,
+                      window_size=window_size(layout, spec), native_gqa=native_gqa)
     return out.view(B, N, H, D)
 
 

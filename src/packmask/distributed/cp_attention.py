@@ -34,7 +34,7 @@ from ..backends import requested_backend
 from ..backends.eager import eager_attention
 from ..backends.sdpa import sdpa_attention
 from ..backends.spec import AttentionSpec
-from ..backends.varlen import _gqa_native_varlen, _varlen_params, varlen_available
+from ..backends.varlen import varlen_available, varlen_flat
 from ..errors import PackmaskError
 from ..segments import doc_bounds_from_starts, starts_from_ids
 
@@ -144,21 +144,8 @@ def varlen_pieces(index_r: torch.Tensor, index_all: torch.Tensor, doc_ids: torch
 def _varlen_rect(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window):
     """torch's ``varlen_attn`` with different query and key lengths (flat ``[T, H, D]`` tensors), GQA
     as packmask's varlen backend does it (``enable_gqa`` on new torch, the custom op on 2.11)."""
-    from torch.nn.attention.varlen import varlen_attn
-    H = q.shape[1]
     left = window - 1 if window is not None else -1
-    right = 0 if causal else -1
-    if k.shape[1] != H:
-        if "enable_gqa" in _varlen_params():
-            return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(left, right),
-                               enable_gqa=True)
-        if _gqa_native_varlen():
-            out, _, _ = torch.ops.torch_attn._varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale,
-                                                          [left, right])
-            return out
-        k = k.repeat_interleave(H // k.shape[1], dim=1)
-        v = v.repeat_interleave(H // v.shape[1], dim=1)
-    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(left, right))
+    return varlen_flat(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(left, 0 if causal else -1))
 
 
 class ContextParallelLayout:
