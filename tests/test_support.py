@@ -156,3 +156,15 @@ def test_packed_multimodal_rope_positions_without_a_mask_are_refused():
     # one sequence per row: nothing packed, the ordinary path
     out, _ = packmask_attention(module, q, k, v, None, position_ids=torch.arange(6).expand(3, 1, 6))
     assert out.shape == (1, 6, 2, 8)
+
+
+def test_an_additive_causal_4d_mask_is_not_packed():
+    """transformers' additive convention (0 = attend, dtype-min = blocked): an ordinary causal mask is
+    not packed input (it used to be read as 0 = blocked, so recurrent models refused an unpacked batch);
+    an additive block-diagonal mask is."""
+    causal = torch.ones(1, 1, N, N, dtype=torch.bool).tril()
+    additive = torch.zeros(causal.shape).masked_fill(~causal, torch.finfo(torch.float32).min)
+    assert not is_packed_input(mask=additive)
+    packed = packmask.block_diagonal_mask(SEQ_LENGTHS, N)[:, None]
+    assert is_packed_input(mask=torch.zeros(packed.shape).masked_fill(~packed, float("-inf")))
+    check_packed_input(tiny_model("mamba"), mask=additive)  # an ordinary batch: not refused

@@ -123,8 +123,8 @@ def is_packed_input(mask=None, position_ids=None, cu_seq_lens=None, seq_lengths=
     if cu_seq_lens is not None:
         return cu_seq_lens.numel() - 1 > (batch_size or 1)
     if isinstance(mask, torch.Tensor) and mask.dim() in (3, 4) and mask.shape[-1] == mask.shape[-2]:
-        m = mask.reshape(-1, mask.shape[-2], mask.shape[-1])
-        m = m != 0 if m.dtype != torch.bool else m
+        from .layout import _as_bool_mask  # bool, 0/1 or additive (0 = attend): one reading of every form
+        m = _as_bool_mask(mask.reshape(-1, mask.shape[-2], mask.shape[-1]), None, None)
         n = m.shape[-1]
         causal = torch.ones(n, n, dtype=torch.bool, device=m.device).tril()
         return not (bool((m == causal).all()) or bool(m.all()))
