@@ -180,3 +180,24 @@ def test_user_windowed_mask_derives_unsaturated_positions():
         unwindowed = model(input_ids=ids, attention_mask=packmask.block_diagonal_mask(lengths, n)).logits
     assert rel_err(packed, alone) < TOL
     assert rel_err(unwindowed, alone) > 1e-2  # control: the window matters at these lengths
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("phimoe", dict(sliding_window=3)),  # config window, applied only through the model's mask
+    ("qwen2_moe", dict(use_sliding_window=True, sliding_window=3,
+                       layer_types=["sliding_attention", "full_attention"])),  # module.sliding_window
+])
+def test_window_applied_only_through_the_mask_is_kept_when_packed(family, overrides):
+    """Some models never hand their sliding window to the attention function: their mask holds it. A
+    packed layout replaces that mask, so packmask used to drop the window (documents longer than it
+    attended too far back)."""
+    model = tiny_model(family, "packmask", **overrides)
+    ref = tiny_model(family, "eager", **overrides)
+    ids = torch.randint(1, 100, (1, 12))
+    with torch.no_grad():
+        alone = torch.cat([ref(input_ids=ids[:, s:s + k]).logits for s, k in ((0, 7), (7, 5))], 1)
+        packed = model(input_ids=ids, attention_mask=packmask.block_diagonal_mask([[7, 5]], 12)).logits
+        no_window = tiny_model(family, "eager", **dict(overrides, sliding_window=None, use_sliding_window=False,
+                                                        layer_types=None))(input_ids=ids[:, :7]).logits
+    assert rel_err(packed, alone) < TOL
+    assert rel_err(no_window, alone[:, :7]) > 1e-2  # control: the window matters at these lengths

@@ -15,6 +15,8 @@ model code is edited. Data flows one way:
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -133,9 +135,33 @@ def _resolve_layout(module, attention_mask, kwargs, B, N, kv_len, device, slidin
 
 
 
+_ABSENT = object()
+
+
+def _mask_only_window(module):
+    """The sliding window of a layer whose model applies it through the mask alone, never handing it
+    to the attention function (qwen2_moe: ``module.sliding_window`` on sliding layers; phimoe, blt,
+    doge: ``config.sliding_window`` for every layer, through ``create_sliding_window_causal_mask``).
+    A packed layout replaces that mask, so the window must come from here. Cached on the module."""
+    cached = module.__dict__.get("_packmask_mask_window", _ABSENT)
+    if cached is not _ABSENT:
+        return cached
+    window = getattr(module, "sliding_window", None)
+    if window is None and "sliding_window" not in vars(module):
+        config = getattr(module, "config", None)
+        source = sys.modules.get(type(module).__module__)
+        if (config is not None and getattr(config, "layer_types", None) is None
+                and hasattr(source, "create_sliding_window_causal_mask")):
+            window = getattr(config, "sliding_window", None)
+    module.__dict__["_packmask_mask_window"] = window
+    return window
+
+
 def packmask_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                       sliding_window=None, softcap=None, **kwargs):
+                       sliding_window=_ABSENT, softcap=None, **kwargs):
     """``AttentionInterface`` entry: one call per layer."""
+    if sliding_window is _ABSENT:
+        sliding_window = _mask_only_window(module)
     sinks = next((kwargs[name] for name in _SINK_KWARGS if kwargs.get(name) is not None), None)
     if query.dim() != 4:  # the mask was applied to hidden states before attention (esm's token dropout)
         raise UnsupportedModelError(
