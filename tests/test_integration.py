@@ -201,3 +201,19 @@ def test_window_applied_only_through_the_mask_is_kept_when_packed(family, overri
                                                         layer_types=None))(input_ids=ids[:, :7]).logits
     assert rel_err(packed, alone) < TOL
     assert rel_err(no_window, alone[:, :7]) > 1e-2  # control: the window matters at these lengths
+
+
+def test_chunked_attention_layers_keep_their_chunks_when_packed():
+    """llama4's chunked layers (a query sees only its own chunk of positions) apply chunks through the
+    mask alone; a packed layout used to drop them. Documents are now cut into chunks."""
+    model = tiny_model("llama4_text", "packmask", attention_chunk_size=3)
+    ref = tiny_model("llama4_text", "eager", attention_chunk_size=3)
+    ids = torch.randint(1, 100, (1, 12))
+    with torch.no_grad():
+        alone = torch.cat([ref(input_ids=ids[:, s:s + k]).logits for s, k in ((0, 7), (7, 5))], 1)
+        for inputs in (dict(attention_mask=packmask.block_diagonal_mask([[7, 5]], 12)), dict(seq_lengths=[[7, 5]])):
+            assert rel_err(model(input_ids=ids, **inputs).logits, alone) < TOL
+        unchunked = tiny_model("llama4_text", "eager", attention_chunk_size=64)(input_ids=ids[:, :7]).logits
+        assert rel_err(unchunked, alone[:, :7]) > 1e-2  # control: chunks matter at these lengths
+        with pytest.raises(packmask.UnsupportedModelError, match="chunked-attention"):
+            model(input_ids=ids, attention_mask=packmask.prefix_lm_mask([[7, 5]], [[2, 0]], 12))

@@ -27,7 +27,7 @@ from .forward_inputs import (LAYOUT_KWARG, NAME, _derive_inputs_hook, _external_
                              _layout_from_positions, _uses_packmask)
 from .guards import check_construction
 from .layout import DocumentLayout, GeneralLayout, TreeLayout, analyse_mask, cached_on
-from .segments import starts_from_position_ids
+from .segments import starts_from_cu_seqlens, starts_from_position_ids
 
 
 class PackmaskMask:
@@ -157,6 +157,41 @@ def _mask_only_window(module):
     return window
 
 
+def _chunk_size(module) -> int | None:
+    """The chunk of a chunked-attention layer (llama4's ``"chunked_attention"`` layers: a query sees
+    the keys of its own ``attention_chunk_size`` positions only), None for other layers. The model
+    applies chunks through its mask alone. Cached on the module."""
+    cached = module.__dict__.get("_packmask_chunk", _ABSENT)
+    if cached is not _ABSENT:
+        return cached
+    config = getattr(module, "config", None)
+    types, idx = getattr(config, "layer_types", None), getattr(module, "layer_idx", None)
+    chunk = None
+    if types is not None and isinstance(idx, int) and idx < len(types) and types[idx] == "chunked_attention":
+        chunk = getattr(config, "attention_chunk_size", None)
+    module.__dict__["_packmask_chunk"] = chunk
+    return chunk
+
+
+def _chunked(layout, chunk: int, module):
+    """The layout with every document cut into chunks of ``chunk`` positions (chunked causal attention
+    inside a document is block-diagonal over its chunks). Once per layout and chunk size.
+
+        document   a0 a1 a2 a3 a4   (chunk 2)  ->  a0 a1 | a2 a3 | a4
+    """
+    key = ("chunked", chunk)
+    if key not in layout._memo:
+        if not isinstance(layout, DocumentLayout):
+            raise UnsupportedModelError(
+                f"{type(module).__name__} is a chunked-attention layer; packmask applies chunks to block-diagonal "
+                f"(document) layouts only, not to a {type(layout).__name__}. Pass seq_lengths / a block-diagonal mask, "
+                f"or train this model unpacked.")
+        starts = starts_from_cu_seqlens(layout.cu_seqlens, layout.batch_size, layout.seq_len)
+        layout._memo[key] = DocumentLayout._from_start_flags(starts | (layout.position_ids % chunk == 0),
+                                                             causal=layout.causal)
+    return layout._memo[key]
+
+
 def packmask_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                        sliding_window=_ABSENT, softcap=None, **kwargs):
     """``AttentionInterface`` entry: one call per layer."""
@@ -178,6 +213,9 @@ def packmask_attention(module, query, key, value, attention_mask, scaling=None, 
             f"forward does not hand its keywords on to attention cannot be context-parallel.")
     layout = None if external is not None else _resolve_layout(module, attention_mask, kwargs, B, N, kv_len,
                                                                 query.device, sliding_window)
+    chunk = _chunk_size(module) if layout is not None else None
+    if chunk is not None and chunk < getattr(layout, "max_seqlen", N):
+        layout = _chunked(layout, chunk, module)
     window = int(sliding_window) if sliding_window else None
     if layout is not None and window is not None and window >= getattr(layout, "key_len", N):
         window = None  # no document (no root-to-leaf path over the cache) is longer than the window
