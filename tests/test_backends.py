@@ -187,3 +187,16 @@ def test_scoped_backend_survives_checkpoint_recomputation():
     for (name, a), b in zip(reference.named_parameters(), model.parameters()):
         assert a.grad is not None and b.grad is not None, name
         assert rel_err(b.grad, a.grad) < 1e-5, name
+
+
+def test_a_reused_mask_does_not_replay_an_earlier_block():
+    """The remembered request serves only the recomputation of the same forward: the same mask tensor
+    used later outside any block dispatches afresh."""
+    model = tiny_model("llama", "packmask")
+    ids = torch.randint(1, 128, (1, 8))
+    mask = packmask.block_diagonal_mask([[3, 5]], 8)
+    with packmask.backend("eager"):
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    with packmask.backend("flex"), pytest.raises(PackmaskError, match="flex needs CUDA"):
+        model(input_ids=ids, attention_mask=mask)
+    assert rel_err(model(input_ids=ids, attention_mask=mask).logits, expected) < 1e-5  # auto: sdpa on CPU

@@ -125,12 +125,18 @@ def requested_backend(module=None, layout=None) -> str:
     compiling = torch.compiler.is_compiling()
     name = _traced_request["name"] if compiling else _forced.get()
     memo = None if compiling else getattr(layout, "_memo", None)
-    if name is not None:
-        if memo is not None:
+    if memo is not None:
+        # inside a backward pass (a checkpointed layer being recomputed): replay the forward's request;
+        # in a forward: record it (or clear a previous forward's), so a reused input never replays a stale one
+        if torch._C._current_graph_task_id() != -1:
+            if name is None and "requested_backend" in memo:
+                return memo["requested_backend"]
+        elif name is not None:
             memo["requested_backend"] = name
+        else:
+            memo.pop("requested_backend", None)
+    if name is not None:
         return name
-    if memo is not None and "requested_backend" in memo:
-        return memo["requested_backend"]
     per_model = getattr(module, "_packmask_backend", None)
     if per_model is not None:
         return per_model
