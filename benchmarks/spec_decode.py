@@ -23,6 +23,7 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import packmask
+from _report import finish
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DT = torch.bfloat16 if DEV == "cuda" else torch.float32
@@ -168,16 +169,7 @@ def main():
             print(f"{r['batch']:>5} {r['method']:<40} {r['rel_err']:>9.1e}")
         else:
             print(f"{r['batch']:>5} {r['method']:<22} {r['error']}")
-    out = os.environ.get("OUT")
-    if out:
-        os.makedirs(out, exist_ok=True)
-        tmp = os.path.join(out, "spec_decode.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(dict(env=env, results=results, failures=failures), f, indent=1)
-        os.replace(tmp, os.path.join(out, "spec_decode.json"))
-    if failures:
-        print("FAILED:\n  " + "\n  ".join(failures))
-        sys.exit(1)
+    finish("spec_decode", dict(env=env, results=results, failures=failures), failures)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,8 @@ prompt + rejected run alone. The mask is analysed once (cached on the tensor, re
 its analysis time is reported separately. On CPU it shrinks to a smoke test (sdpa).
 """
 import contextlib
-import json
 import math
 import os
-import sys
 import time
 
 import torch
@@ -26,6 +24,7 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import packmask
+from _report import finish
 from packmask.layout import analyse_mask
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -178,16 +177,7 @@ def main():
             print(f"{r['method']:<34} rel err {r['rel_err']:.1e}")
         else:
             print(f"{r['method']:<34} {r['error']}")
-    out = os.environ.get("OUT")
-    if out:
-        os.makedirs(out, exist_ok=True)
-        tmp = os.path.join(out, "tree_attention.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(dict(env=env, results=results, failures=failures), f, indent=1)
-        os.replace(tmp, os.path.join(out, "tree_attention.json"))
-    if failures:
-        print("FAILED:\n  " + "\n  ".join(failures))
-        sys.exit(1)
+    finish("tree_attention", dict(env=env, results=results, failures=failures), failures)
 
 
 if __name__ == "__main__":

@@ -281,3 +281,16 @@ def test_tree_varlen_glue_equals_eager_on_cpu(monkeypatch, window):
     q, k, v = torch.randn(2, 4, 7, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
     spec = AttentionSpec(scale=0.3, sliding_window=window)
     assert rel_err(tree_varlen_attention(q, k, v, layout, spec), eager.run(q, k, v, layout, spec, False)) < 1e-5
+
+
+def test_a_reused_mask_does_not_replay_an_earlier_block():
+    """The remembered request serves only the recomputation of the same forward: the same mask tensor
+    used later outside any block dispatches afresh."""
+    model = tiny_model("llama", "packmask")
+    ids = torch.randint(1, 128, (1, 8))
+    mask = packmask.block_diagonal_mask([[3, 5]], 8)
+    with packmask.backend("eager"):
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    with packmask.backend("flex"), pytest.raises(PackmaskError, match="flex needs CUDA"):
+        model(input_ids=ids, attention_mask=mask)
+    assert rel_err(model(input_ids=ids, attention_mask=mask).logits, expected) < 1e-5  # auto: sdpa on CPU

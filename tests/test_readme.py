@@ -7,13 +7,24 @@ import re
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_quickstart_runs_as_printed():
-    code = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)[0]
+def _quickstart_error(code: str) -> float:
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         exec(compile(code, "README.md", "exec"), {})
-    value = float(buf.getvalue().strip().split("=")[-1])
-    assert value < 1e-5, buf.getvalue()
+    return float(buf.getvalue().strip().split("=")[-1])
+
+
+def test_readme_quickstart_runs_as_printed():
+    code = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)[0]
+    assert _quickstart_error(code) < 1e-5
+
+
+def test_readme_quickstart_control_detects_contamination():
+    """The same recipe with one causal block over the whole row (documents see each other) fails."""
+    code = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)[0]
+    contaminated = code.replace("block_diagonal_mask([[5, 4, 3]])", "block_diagonal_mask([[12]])")
+    assert contaminated != code
+    assert _quickstart_error(contaminated) > 1e-2
 
 
 def test_readme_commands_match_ci():

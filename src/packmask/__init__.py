@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .backends import backend, get_backend, set_backend
 from .errors import PackmaskError, PackmaskWarning, UnsupportedModelError

@@ -22,7 +22,6 @@ from functools import lru_cache
 
 import torch
 
-from .backends import begin_forward
 from .errors import PackmaskError, UnsupportedModelError
 from .guards import check_stock_forward
 from .kvcache import check_mask_against_cache
@@ -163,7 +162,6 @@ def _derive_inputs(model, args, kwargs):
                 f"{getattr(model.config, '_attn_implementation', None)!r}: build it with attn_implementation={NAME!r} "
                 f"or call packmask.enable(model).")
         return check_stock_forward(model, names, args, kwargs)
-    begin_forward()  # a backend(...) block remembered on a reused input's layout ends here
     bound = dict(zip(names, args))
     mask = kwargs.get("attention_mask", bound.get("attention_mask"))
     ids = kwargs.get("input_ids", bound.get("input_ids"))

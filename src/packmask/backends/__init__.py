@@ -113,18 +113,6 @@ def refresh_traced_request() -> None:
     _traced_request["name"] = _forced.get()
 
 
-# Forwards started outside any backend(...) block (counted by the model's forward pre-hook): a block
-# remembered on a layout holds for its own forward's recomputation, not for a later forward outside
-# the block that reuses the same input tensors (and so the same cached layout).
-_unscoped_forwards = [0]
-
-
-def begin_forward() -> None:
-    """Called by the model's forward pre-hook before the model body runs."""
-    if _forced.get() is None:
-        _unscoped_forwards[0] += 1
-
-
 def requested_backend(module=None, layout=None) -> str:
     """The backend asked for: a ``backend(...)`` block, else the model's own setting
     (``packmask.enable(model, backend=...)``), else the (deprecated) process default.
@@ -137,13 +125,18 @@ def requested_backend(module=None, layout=None) -> str:
     compiling = torch.compiler.is_compiling()
     name = _traced_request["name"] if compiling else _forced.get()
     memo = None if compiling else getattr(layout, "_memo", None)
+    if memo is not None:
+        # inside a backward pass (a checkpointed layer being recomputed): replay the forward's request;
+        # in a forward: record it (or clear a previous forward's), so a reused input never replays a stale one
+        if torch._C._current_graph_task_id() != -1:
+            if name is None and "requested_backend" in memo:
+                return memo["requested_backend"]
+        elif name is not None:
+            memo["requested_backend"] = name
+        else:
+            memo.pop("requested_backend", None)
     if name is not None:
-        if memo is not None:
-            memo["requested_backend"] = (name, _unscoped_forwards[0])
         return name
-    remembered = memo.get("requested_backend") if memo is not None else None
-    if remembered is not None and remembered[1] == _unscoped_forwards[0]:
-        return remembered[0]
     per_model = getattr(module, "_packmask_backend", None)
     if per_model is not None:
         return per_model
