@@ -59,6 +59,17 @@ def _layout_from_cu(kwargs, B, N, causal=True) -> DocumentLayout:
     return cached_on(cu, ("cu", B, N, causal), build)
 
 
+def layout_from_positions_cached(pos, B: int, causal: bool, padding, padding_owner):
+    """:func:`_layout_from_positions`, cached on ``pos`` per padding tensor. The entry keeps
+    ``padding_owner`` (the tensor the padding was read from) alive: a key on its ``id`` alone went
+    stale when a later forward's padding tensor was allocated at the freed address."""
+    N = pos.shape[-1]
+    if padding is None:
+        return cached_on(pos, ("pos", B, causal, None), lambda: _layout_from_positions(pos.expand(B, N), None, causal))
+    key = ("pos", B, causal, id(padding_owner), padding_owner._version)
+    return cached_on(pos, key, lambda: (padding_owner, _layout_from_positions(pos.expand(B, N), padding, causal)))[1]
+
+
 def _layout_from_positions(pos, padding, causal):
     layout = DocumentLayout.from_position_ids(pos, causal=causal)
     B = pos.shape[0]
@@ -136,8 +147,7 @@ def _derive_inputs_outside_graph(model, args, kwargs):
         pos = kwargs.get("position_ids", bound.get("position_ids"))
         if isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.shape[-1] == N:
             padding = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()) else None
-            layout = cached_on(pos, ("pos", B, True, None if padding is None else id(mask)),
-                               lambda: _layout_from_positions(pos.expand(B, N), padding, True))
+            layout = layout_from_positions_cached(pos, B, True, padding, mask)
     if layout is None or len(layout.cu_seqlens) - 1 <= B:
         return args, kwargs
     cu = layout.cu_seqlens.to(ref.device)

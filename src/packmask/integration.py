@@ -24,7 +24,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from .backends import AttentionSpec, attend
 from .errors import PackmaskError, UnsupportedModelError
 from .forward_inputs import (LAYOUT_KWARG, NAME, _derive_inputs_hook, _external_layout, _layout_from_cu,
-                             _layout_from_positions, _uses_packmask)
+                             _uses_packmask, layout_from_positions_cached)
 from .guards import check_construction
 from .layout import DocumentLayout, GeneralLayout, TreeLayout, analyse_mask, cached_on
 from .segments import starts_from_cu_seqlens, starts_from_position_ids
@@ -129,8 +129,7 @@ def _resolve_layout(module, attention_mask, kwargs, B, N, kv_len, device, slidin
     if pos is None or pos.dim() != 2 or pos.shape[-1] != N:
         return None
     padding = attention_mask.padding_mask if isinstance(attention_mask, PackmaskMask) else None
-    key = ("pos", B, causal, None if padding is None else id(padding))
-    return cached_on(pos, key, lambda: _layout_from_positions(pos.expand(B, N), padding, causal))
+    return layout_from_positions_cached(pos, B, causal, padding, padding)
 
 
 
