@@ -199,3 +199,20 @@ def test_positions_of_a_user_windowed_mask_do_not_saturate():
     from packmask.layout import TreeLayout
     tree = TreeLayout.from_parents(torch.tensor([[-1, 0, 1, 2, 3, 1, 5]]))  # prompt 2 | branch 3 | branch 2
     assert analyse_mask(tree.dense_mask(sliding_window=2)[:, 0]).position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 3]]
+
+
+def test_cached_on_memoises_a_none_result_once_per_forward(monkeypatch):
+    """"Nothing is packed" (None) is a result too: unpacked position_ids used to be re-analysed by
+    every layer (a host sync per layer)."""
+    from packmask.testing import tiny_model
+    pos = torch.arange(8)[None]
+    calls = []
+    assert cached_on(pos, "k", lambda: calls.append(1)) is None
+    assert cached_on(pos, "k", lambda: calls.append(1)) is None and len(calls) == 1
+    model = tiny_model("llama")
+    counted, original = [], DocumentLayout.from_position_ids.__func__
+    monkeypatch.setattr(DocumentLayout, "from_position_ids",
+                        classmethod(lambda cls, *a, **k: counted.append(1) or original(cls, *a, **k)))
+    with torch.no_grad():
+        model(input_ids=torch.randint(1, 100, (1, 8)), position_ids=torch.arange(8)[None], use_cache=False)
+    assert len(counted) == 1 < model.config.num_hidden_layers

@@ -71,12 +71,11 @@ def cached_on(tensor: torch.Tensor, key, compute: Callable):
         owner = owner._base
     store = owner.__dict__.setdefault("_packmask_cache", {})
     full_key = (key, tuple(tensor.shape), tensor.stride(), tensor.storage_offset(), owner._version)
-    hit = store.get(full_key)
-    if hit is None:
+    if full_key not in store:  # None ("nothing packed") is a result too, computed once
         if len(store) > 16:  # stale versions of an edited tensor
             store.clear()
-        hit = store[full_key] = compute()
-    return hit
+        store[full_key] = compute()
+    return store[full_key]
 
 
 def _within_window(pos: torch.Tensor, window: int, bidirectional: bool) -> torch.Tensor:
