@@ -152,6 +152,8 @@ def _mask_only_window(module):
         if (config is not None and getattr(config, "layer_types", None) is None
                 and hasattr(source, "create_sliding_window_causal_mask")):
             window = getattr(config, "sliding_window", None)
+    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+        window = None  # not a window size (a flag or a placeholder of some model)
     module.__dict__["_packmask_mask_window"] = window
     return window
 
