@@ -48,16 +48,31 @@ def masks(draw):
     return mask
 
 
+def _reference_causal_positions(mask):
+    """Causal-row positions by their definition, one token at a time (test oracle)."""
+    out = mask.sum(-1) - 1
+    for b in range(mask.shape[0]):
+        rows = [set(torch.nonzero(mask[b, i]).flatten().tolist()) for i in range(mask.shape[1])]
+        parent = [max((j for j in r if j < i), default=-1) for i, r in enumerate(rows)]
+        if all(i in r and r <= (rows[p] if p >= 0 else set()) | {i} for i, (r, p) in enumerate(zip(rows, parent))):
+            depth = []
+            for p in parent:
+                depth.append(0 if p < 0 else depth[p] + 1)
+            out[b] = torch.tensor(depth)
+    return out
+
+
 @FAST
 @given(masks())
 def test_analyse_mask_reproduces_every_mask_exactly(mask):
     layout = analyse_mask(mask)
     assert torch.equal(layout.dense_mask()[:, 0], mask)
     assert layout.batch_size == mask.shape[0] and layout.seq_len == mask.shape[1]
-    # positions restart per segment; on causal rows they are the number of visible keys - 1 (tree depth)
+    # positions restart per segment; on causal rows they are the depth along parents (the last earlier
+    # key a query sees) where every query sees itself and at most what its parent sees (trees, windows),
+    # else the number of visible keys - 1
     causal_rows = (mask.int().triu(1) == 0).all(-1).all(-1)
-    depth = mask.sum(-1) - 1
-    assert torch.equal(layout.position_ids[causal_rows], depth[causal_rows])
+    assert torch.equal(layout.position_ids[causal_rows], _reference_causal_positions(mask)[causal_rows])
     if isinstance(layout, DocumentLayout):  # the same mask written as lengths gives the same layout
         lengths = packmask.segments.lengths_from_starts(packmask.segments.starts_from_ids(layout.doc_ids))
         again = packmask.block_diagonal_mask(lengths, mask.shape[1], causal_within=layout.causal)

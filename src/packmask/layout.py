@@ -339,7 +339,8 @@ def _forgetful_forest_positions(m: torch.Tensor, row_lower: torch.Tensor, positi
     parent = torch.where(has_parent, (N - 1) - earlier.flip(-1).to(torch.uint8).argmax(-1), -1)
     parent_rows = torch.gather(m, 1, parent.clamp(min=0)[:, :, None].expand(B, N, N)) & has_parent[:, :, None]
     eye = torch.eye(N, dtype=torch.bool, device=m.device)
-    forest = row_lower[:, 0] & (m <= (parent_rows | eye)).all(-1).all(-1)  # [B]: every query forgets only
+    # [B]: every query sees itself and at most what its parent sees (it forgets, never adds)
+    forest = row_lower[:, 0] & m.diagonal(dim1=1, dim2=2).all(-1) & (m <= (parent_rows | eye)).all(-1).all(-1)
     if not bool(forest.any()):
         return positions
     return torch.where(forest[:, None], tree_depths(parent), positions)
