@@ -349,8 +349,10 @@ def _forgetful_forest_positions(m: torch.Tensor, row_lower: torch.Tensor, positi
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Positions that make each packed sequence start at 0, derived from a ``[B, N, N]`` mask.
 
-    Causal (lower-triangular) rows: the number of visible keys − 1, which is also the depth of a
-    token in a tree / shared-prefix mask. Other rows: the index inside its segment.
+    Causal (lower-triangular) rows: the depth of a token along its parents (the last earlier key it
+    sees) where every query sees itself and at most what its parent sees — documents, trees and
+    shared prefixes, with or without a sliding window already in the mask; otherwise the number of
+    visible keys − 1. Other rows: the index inside its segment.
 
     >>> m = torch.ones(5, 5, dtype=torch.bool).tril()
     >>> m[3:, :3] = False                 # two documents: 3 + 2 tokens
