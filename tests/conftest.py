@@ -18,3 +18,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def fake_varlen_kernel(monkeypatch):
+    """Install a plain-math stand-in for torch's CUDA-only ``varlen_attn`` (CPU tests of the glue
+    around it). The backend memoises the kernel's signature, so it gets a fresh memo for the stand-in,
+    restored with everything else at teardown; no test can leak a stand-in's signature to another."""
+    import functools
+
+    import torch.nn.attention.varlen as torch_varlen
+
+    from packmask.backends import varlen as varlen_backend
+
+    def install(kernel):
+        monkeypatch.setattr(torch_varlen, "varlen_attn", kernel)
+        fresh = functools.lru_cache(maxsize=None)(varlen_backend._varlen_params.__wrapped__)
+        monkeypatch.setattr(varlen_backend, "_varlen_params", fresh)
+    return install

@@ -246,15 +246,13 @@ def _reference_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, win
 @pytest.mark.parametrize("gqa_route", ["enable_gqa", "expand"])
 @pytest.mark.parametrize("causal,layer_causal,window", [(True, True, None), (True, True, 3), (False, False, 3),
                                                          (False, True, 3), (False, False, None)])
-def test_varlen_glue_equals_eager_on_cpu(monkeypatch, gqa_route, causal, layer_causal, window):
+def test_varlen_glue_equals_eager_on_cpu(monkeypatch, fake_varlen_kernel, gqa_route, causal, layer_causal, window):
     """The varlen backend's glue (flattening, window band, GQA routes) equals the eager backend, with
     torch's kernel replaced by its contract in plain math (the kernel itself is CUDA-only:
     tests/test_backends_cuda.py). Control: a band taken from the layout, as before, differs."""
-    import torch.nn.attention.varlen as tv
-
     from packmask.backends import varlen as vl
     from packmask.layout import DocumentLayout
-    monkeypatch.setattr(tv, "varlen_attn", _reference_varlen_attn)
+    fake_varlen_kernel(_reference_varlen_attn)
     params = vl._varlen_params() - ({"enable_gqa"} if gqa_route == "expand" else set())
     monkeypatch.setattr(vl, "_varlen_params", lambda: params)
     torch.manual_seed(0)
@@ -269,13 +267,11 @@ def test_varlen_glue_equals_eager_on_cpu(monkeypatch, gqa_route, causal, layer_c
 
 
 @pytest.mark.parametrize("window", [None, 2])
-def test_tree_varlen_glue_equals_eager_on_cpu(monkeypatch, window):
+def test_tree_varlen_glue_equals_eager_on_cpu(fake_varlen_kernel, window):
     """Tree pieces with gathered keys through the shared varlen call equal eager (kernel as above)."""
-    import torch.nn.attention.varlen as tv
-
     from packmask.backends.tree import tree_varlen_attention
     from packmask.layout import TreeLayout
-    monkeypatch.setattr(tv, "varlen_attn", _reference_varlen_attn)
+    fake_varlen_kernel(_reference_varlen_attn)
     torch.manual_seed(0)
     layout = TreeLayout.from_parents(torch.tensor([[-1, 0, 1, 2, 3, 1, 5], [-1, 0, 0, 2, -1, 4, 5]]))
     q, k, v = torch.randn(2, 4, 7, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)

@@ -302,12 +302,11 @@ def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_s
 
 @pytest.mark.parametrize("grad, window, crop", [(True, None, False), (False, None, False), (True, 5, True)],
                          ids=["gathered-keys+backward", "cache-split-by-lse", "sliding-cropped-cache"])
-def test_varlen_tree_decomposition_equals_dense_math(monkeypatch, grad, window, crop):
-    import torch.nn.attention.varlen as tv
+def test_varlen_tree_decomposition_equals_dense_math(fake_varlen_kernel, grad, window, crop):
     from packmask.backends.spec import AttentionSpec
     from packmask.backends.tree import tree_varlen_attention
     from packmask.backends.eager import eager_attention
-    monkeypatch.setattr(tv, "varlen_attn", _reference_varlen)
+    fake_varlen_kernel(_reference_varlen)
     torch.manual_seed(4)
     parents, past = torch.tensor([PARENTS, [-1, 0, 1, 1, -1, 4, 5, 3, 7, 7, 2, 0, 11, 12]]), [9, 0]  # row 1: none
     layout = TreeLayout.from_parents(parents, past)
