@@ -22,6 +22,7 @@ from packmask.distributed.cp_attention import ContextParallelLayout
 from packmask.errors import PackmaskError, UnsupportedModelError
 from packmask.integration import LAYOUT_KWARG
 from packmask.testing import grad_rel_err, rel_err, tiny_model
+from _teardown import finish_process
 
 #: rows of 48 tokens, 3-7 documents, each row with one document longer than half a row
 #: (longer than a rank's share at cp = 2 and 4); row 1 ends with 4 padding tokens
@@ -172,15 +173,8 @@ def main(out_path):
         with open(tmp, "w") as f:
             json.dump(results, f, indent=1)
         os.replace(tmp, out_path)
-    dist.barrier()  # tear the group down together: a rank leaving early can abort gloo
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    # results are written and the group is gone: skip interpreter teardown, where a C++ thread of the
-    # runtime occasionally aborts the process ("terminate called without an active exception") after
-    # the work succeeded
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    finish_process(0)

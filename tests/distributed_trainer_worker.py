@@ -30,6 +30,7 @@ from distributed_worker import ACCUM, BATCH, LR, STEPS, flat, make_rows, referen
 import packmask  # noqa: E402
 from packmask.distributed import BalancedBatchSampler, PackedTrainerMixin  # noqa: E402
 from packmask.testing import tiny_model  # noqa: E402
+from _teardown import finish_process
 
 SEED = 3
 
@@ -88,13 +89,4 @@ def main():
 
 if __name__ == "__main__":
     main()
-    import torch.distributed as dist
-
-    if dist.is_initialized():  # tear the group down together (a rank leaving early can abort gloo)
-        dist.barrier()
-        dist.destroy_process_group()
-    # results are written: skip interpreter teardown, where a C++ thread of the runtime occasionally
-    # aborts the process ("terminate called without an active exception") after the work succeeded
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    finish_process(0)

@@ -30,6 +30,7 @@ from packmask.data.loss import packed_causal_lm_loss
 from packmask.data.packing import pack_lengths
 from packmask.distributed import BalancedBatchSampler, count_loss_items
 from packmask.testing import tiny_model
+from _teardown import finish_process
 
 ROW, BATCH, ACCUM, STEPS, LR, VOCAB = 32, 2, 2, 3, 2.0, 128
 ALL = ["ddp-token", "ddp-sequence", "fsdp2-token", "fsdp2-sequence", "ddp-token-local-count"]
@@ -196,15 +197,8 @@ def main():
         with open(tmp, "w") as f:
             json.dump(results, f, indent=1)
         os.replace(tmp, out_path)
-    dist.barrier()  # tear the group down together: a rank leaving early can abort gloo
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
-    # results are written and the group is gone: skip interpreter teardown, where a C++ thread of the
-    # runtime occasionally aborts the process ("terminate called without an active exception") after
-    # the work succeeded
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    finish_process(0)
