@@ -249,6 +249,27 @@ def cu_seqlens_from_starts(starts: torch.Tensor) -> torch.Tensor:
     return torch.cat([begins, total]).to(torch.int32)
 
 
+def cu_seqlens_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
+    """int32 ``cu_seqlens`` of consecutive pieces of these lengths: ``[0, l0, l0 + l1, ...]``.
+
+    >>> cu_seqlens_from_lengths(torch.tensor([3, 0, 2])).tolist()
+    [0, 3, 3, 5]
+    """
+    return torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
+
+
+def span_indices(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The indices of the spans ``[starts[i], starts[i] + lengths[i])``, concatenated (vectorised).
+
+    >>> span_indices(torch.tensor([5, 0, 9]), torch.tensor([2, 3, 0])).tolist()
+    [5, 6, 0, 1, 2]
+    """
+    first = torch.cumsum(lengths, 0) - lengths  # where each span begins in the output
+    total = int(lengths.sum())
+    return (torch.repeat_interleave(starts, lengths, output_size=total)
+            + torch.arange(total, device=starts.device) - torch.repeat_interleave(first, lengths, output_size=total))
+
+
 def lengths_from_starts(starts: torch.Tensor) -> list[list[int]]:
     """Per-row document lengths (host lists), the padding document included: starts cannot tell it apart.
 

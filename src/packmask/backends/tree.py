@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from ..layout_tree import TreeLayout
+from ..segments import cu_seqlens_from_lengths, span_indices
 from .varlen import _gqa_native_varlen, _varlen_params, varlen_flat
 
 __all__ = ["TreePieces", "tree_pieces", "varlen_pieces_attention", "tree_varlen_attention", "tree_block_mask",
@@ -59,23 +60,6 @@ class TreePieces:
     key_index: torch.Tensor
     max_q: int
     max_k: int
-
-
-def gather_ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """The indices of the ranges ``[starts[i], starts[i] + lengths[i])``, concatenated (vectorised).
-
-    >>> gather_ranges(torch.tensor([5, 0, 9]), torch.tensor([2, 3, 0])).tolist()
-    [5, 6, 0, 1, 2]
-    """
-    first = torch.cumsum(lengths, 0) - lengths  # where each range begins in the output
-    total = int(lengths.sum())
-    return (torch.repeat_interleave(starts, lengths, output_size=total)
-            + torch.arange(total, device=starts.device) - torch.repeat_interleave(first, lengths, output_size=total))
-
-
-def offsets(lengths: torch.Tensor) -> torch.Tensor:
-    """int32 ``cu_seqlens`` of consecutive pieces: ``[0, l0, l0 + l1, ...]``."""
-    return torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
 
 
 def _intervals(layout: TreeLayout, kv_len: int | None, include_own: bool):
@@ -111,9 +95,9 @@ def tree_pieces(layout: TreeLayout, kv_len: int | None = None) -> TreePieces:
     seg = layout.segments()
     lo, hi, kv = _intervals(layout, kv_len, include_own=True)
     row_base = (seg["row"] * kv)[:, None]
-    key_index = gather_ranges((lo + row_base).reshape(-1), (hi - lo).reshape(-1))
+    key_index = span_indices((lo + row_base).reshape(-1), (hi - lo).reshape(-1))
     per_piece = (hi - lo).sum(1)
-    cu_k = offsets(per_piece)
+    cu_k = cu_seqlens_from_lengths(per_piece)
     B, N = layout.batch_size, layout.seq_len
     cu_q = torch.cat([seg["start"], seg["start"].new_tensor([B * N])]).to(torch.int32)
     pieces = TreePieces(cu_q, cu_k, key_index, int(seg["length"].max()), int(per_piece.max()))
@@ -197,16 +181,16 @@ def _split_cache_attention(q, k, v, layout: TreeLayout, spec) -> torch.Tensor:
         hi = torch.full_like(lo, layout.past - offset).clamp(min=0)
         lengths = (hi - lo).clamp(min=0)
         rows = torch.arange(B, device=lo.device)
-        idx = gather_ranges(rows * kv + lo, lengths)
-        cu_k = offsets(lengths)
+        idx = span_indices(rows * kv + lo, lengths)
+        cu_k = cu_seqlens_from_lengths(lengths)
         cu_q = (torch.arange(B + 1, device=lo.device) * N).to(torch.int32)
         empty = torch.repeat_interleave(lengths == 0, N)  # rows that see no cache at all
         seg = layout.segments()
         lo_t, hi_t, _ = _intervals(layout, kv, include_own=True)
         lo_t, hi_t = lo_t[:, 1:], hi_t[:, 1:]  # drop the cache interval
-        t_idx = gather_ranges((lo_t + (seg["row"] * kv)[:, None]).reshape(-1), (hi_t - lo_t).reshape(-1))
+        t_idx = span_indices((lo_t + (seg["row"] * kv)[:, None]).reshape(-1), (hi_t - lo_t).reshape(-1))
         per = (hi_t - lo_t).sum(1)
-        t_cu_k = offsets(per)
+        t_cu_k = cu_seqlens_from_lengths(per)
         t_cu_q = torch.cat([seg["start"], seg["start"].new_tensor([B * N])]).to(torch.int32)
         layout._memo[memo_key] = (idx, cu_q, cu_k, int(lengths.max()), empty, t_idx, t_cu_q, t_cu_k,
                                   int(seg["length"].max()), int(per.max()))

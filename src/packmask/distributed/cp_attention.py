@@ -36,7 +36,7 @@ from ..backends.sdpa import sdpa_attention
 from ..backends.spec import AttentionSpec
 from ..backends.varlen import varlen_available, varlen_flat
 from ..errors import PackmaskError
-from ..segments import doc_bounds_from_starts, starts_from_ids
+from ..segments import cu_seqlens_from_lengths, doc_bounds_from_starts, span_indices, starts_from_ids
 
 __all__ = ["all_gather_sequence", "ContextParallelLayout", "dense_cp_mask", "varlen_pieces"]
 
@@ -129,16 +129,11 @@ def varlen_pieces(index_r: torch.Tensor, index_all: torch.Tensor, doc_ids: torch
     slot = torch.empty(B, N, dtype=torch.long, device=dev)
     slot.scatter_(1, index_all.permute(1, 0, 2).reshape(B, cp * n),
                   torch.arange(cp * n, device=dev).expand(B, -1).contiguous())
-    total = int(k_len.sum())
-    offsets = torch.cumsum(k_len, 0) - k_len
-    along = torch.arange(total, device=dev) - torch.repeat_interleave(offsets, k_len)
-    g = torch.repeat_interleave(k_begin, k_len) + along  # row position of every packed key
+    g = span_indices(k_begin, k_len)  # row position of every packed key
     r = torch.repeat_interleave(row, k_len)
     key_index = r * (cp * n) + slot[r, g]
-    zero = q_len.new_zeros(1)
-    cu_q = torch.cat([zero, torch.cumsum(q_len, 0)]).to(torch.int32)
-    cu_k = torch.cat([zero, torch.cumsum(k_len, 0)]).to(torch.int32)
-    return cu_q, cu_k, key_index, int(q_len.max()), int(k_len.max())
+    return (cu_seqlens_from_lengths(q_len), cu_seqlens_from_lengths(k_len), key_index, int(q_len.max()),
+            int(k_len.max()))
 
 
 def _varlen_rect(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window):
