@@ -6,14 +6,19 @@ import os
 import sys
 
 
+def write_json(path: str, record: dict) -> None:
+    """Write ``record`` to ``path`` atomically (a temp file in the same folder, then a rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}")
+
+
 def finish(name: str, record: dict, failures: list[str], out: str | None = None) -> None:
     out = out if out is not None else os.environ.get("OUT")
     if out:
-        os.makedirs(out, exist_ok=True)
-        path = os.path.join(out, f"{name}.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(record, f, indent=1)
-        os.replace(path + ".tmp", path)
+        write_json(os.path.join(out, f"{name}.json"), record)
     if failures:
         print("FAILED:\n  " + "\n  ".join(failures))
         sys.exit(1)

@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import platform
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -37,6 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from packmask.data.packing import pack_lengths  # noqa: E402
 from packmask.distributed.sampler import (BalancedBatchSampler, balance_report, round_robin_steps,  # noqa: E402
                                           row_costs)
+from _report import write_json  # noqa: E402
 
 GOAL_ATTENTION, GOAL_TOKENS = 1.05, 1.02
 
@@ -136,12 +135,7 @@ def main(argv=None):
                   args=vars(args), date=datetime.date.today().isoformat(), machine=platform.processor() or platform.machine(),
                   cpus=os.cpu_count(), python=platform.python_version(), numpy=np.__version__,
                   numba=numba.__version__, torch=torch.__version__)
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=out_dir, delete=False, suffix=".tmp") as f:
-        json.dump(record, f, indent=1)
-    os.replace(f.name, args.out)
-    print(f"wrote {args.out}")
+    write_json(args.out, record)
 
 
 if __name__ == "__main__":

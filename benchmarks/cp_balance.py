@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import platform
@@ -28,6 +27,7 @@ import torch
 from packmask.data.packing import pack_lengths
 from packmask.distributed.cp_plan import plan_context_parallel
 from packmask.layout import DocumentLayout
+from _report import write_json  # noqa: E402
 
 #: name -> (median document length, log-normal sigma, min, max, row length)
 DISTRIBUTIONS = {
@@ -121,12 +121,7 @@ def main() -> int:
     record = dict(script="benchmarks/cp_balance.py", goal=GOAL, goal_met=met, results=results,
                   machine=platform.processor() or platform.machine(), python=platform.python_version(),
                   torch=torch.__version__, date=datetime.date.today().isoformat())
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "cp_balance.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(path + ".tmp", path)
-    print(f"wrote {path}")
+    write_json(os.path.join(args.out, "cp_balance.json"), record)
     return 0
 
 

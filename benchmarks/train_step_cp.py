@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import sys
@@ -39,6 +38,7 @@ from transformers import AutoModelForCausalLM
 
 from packmask.distributed.context_parallel import ContextParallel
 from packmask.testing import rel_err, tiny_config
+from _report import write_json  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -256,12 +256,7 @@ def main() -> int:
             print(f"{name:<28} {r['row']:>9,} {g:>4} {tps:>13,.0f} {peak if peak is None else round(peak, 1)!s:>9}")
         if "per_gpu_vs_single" in record["cp"]:
             print(f"per-GPU throughput, context parallel / one GPU: {record['cp']['per_gpu_vs_single']:.2f} (goal >= 0.8)")
-        os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, "train_step_cp.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(record, f, indent=1)
-        os.replace(path + ".tmp", path)
-        print(f"wrote {path}")
+        write_json(os.path.join(args.out, "train_step_cp.json"), record)
     flag = torch.tensor([0 if ok else 1], device=DEV)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     dist.destroy_process_group()

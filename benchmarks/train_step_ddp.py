@@ -25,12 +25,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import math
 import os
 import platform
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -44,6 +42,7 @@ from packmask.data.collator import PackedCollator  # noqa: E402
 from packmask.data.loss import packed_causal_lm_loss  # noqa: E402
 from packmask.data.packing import pack_lengths  # noqa: E402
 from packmask.distributed import BalancedBatchSampler, count_loss_items, round_robin_steps  # noqa: E402
+from _report import write_json  # noqa: E402
 
 
 def make_rows(n_rows: int, row: int, vocab: int, seed: int = 0):
@@ -202,12 +201,7 @@ def main(argv=None):
                       device=torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
                       torch=torch.__version__, transformers=transformers.__version__,
                       date=datetime.date.today().isoformat())
-        out_dir = os.path.dirname(os.path.abspath(args.out))
-        os.makedirs(out_dir, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=out_dir, delete=False, suffix=".tmp") as f:
-            json.dump(record, f, indent=1)
-        os.replace(f.name, args.out)
-        print(f"wrote {args.out}")
+        write_json(args.out, record)
         for f in failures:
             print("FAIL:", f)
     dist.barrier()  # rank 0 printed and wrote: tear the group down together (a rank leaving early can abort gloo)
