@@ -59,6 +59,11 @@ def _layout_from_cu(kwargs, B, N, causal=True) -> DocumentLayout:
     return cached_on(cu, ("cu", B, N, causal), build)
 
 
+def layout_from_cu(kwargs, B: int, N: int, causal: bool = True) -> DocumentLayout:  # recurrent: public
+    """The layout of a forward's ``cu_seq_lens_q/k`` (cached on the tensor; see :func:`_layout_from_cu`)."""
+    return _layout_from_cu(kwargs, B, N, causal)
+
+
 def layout_from_positions_cached(pos, B: int, causal: bool, padding, padding_owner):
     """:func:`_layout_from_positions`, cached on ``pos`` per padding tensor. The entry keeps
     ``padding_owner`` (the tensor the padding was read from) alive: a key on its ``id`` alone went
@@ -98,6 +103,8 @@ def _forward_params(cls) -> tuple[tuple[str, ...], bool]:
 
 def _uses_packmask(model) -> bool:
     config = getattr(model, "config", None)
+    if getattr(config, "_packmask_recurrent_only", False):  # recurrent: attention-free model enabled by packmask.enable
+        return True
     impl = getattr(config, "_attn_implementation", None)
     if isinstance(impl, dict):
         return NAME in impl.values()
@@ -107,8 +114,15 @@ def _uses_packmask(model) -> bool:
 def _derive_inputs_hook(model, args, kwargs):
     """Fill in ``position_ids`` (and varlen keys from ``seq_lengths``) when the user omitted them."""
     if torch.compiler.is_compiling() and _uses_packmask(model):
-        return _derive_inputs_outside_graph(model, args, kwargs)
-    return _derive_inputs(model, args, kwargs)
+        return _enter_recurrent(model, _derive_inputs_outside_graph(model, args, kwargs), args, kwargs)
+    return _enter_recurrent(model, _derive_inputs(model, args, kwargs), args, kwargs)
+
+
+def _enter_recurrent(model, derived, args, kwargs):  # recurrent: this forward's layout for packmask.recurrent
+    if not model.__dict__.get("_packmask_recurrent_hooked"):
+        return derived
+    from .recurrent import enter_forward
+    return enter_forward(model, *(derived if derived is not None else (args, kwargs)))
 
 
 @torch.compiler.disable
@@ -191,6 +205,8 @@ def _derive_inputs(model, args, kwargs):
         cache = next((c for c in (kwargs.get(n, bound.get(n)) for n in ("cache", "past_key_values")) if c is not None),
                      None)
         check_mask_against_cache(mask, ref.shape[1], cache)
+    from .recurrent import ensure_installed  # recurrent: mixers run per packed sequence from the first forward
+    ensure_installed(model)
     external = kwargs.get(LAYOUT_KWARG)
     if external is not None and hasattr(external, "check_model"):
         external.check_model(model)  # e.g. context parallelism refuses recurrent families by name
@@ -200,6 +216,9 @@ def _derive_inputs(model, args, kwargs):
                        batch_size=ref.shape[0] if ref is not None else None)
     seq_lengths = kwargs.pop("seq_lengths", None)
     if not takes_positions:
+        if seq_lengths is not None and model.__dict__.get("_packmask_recurrent_hooked"):  # recurrent: read by
+            kwargs["seq_lengths"] = seq_lengths  # packmask.recurrent.enter_forward (an attention-free model)
+            return args, kwargs
         if seq_lengths is not None:  # it would flow on through **kwargs unread: the row would run as one sequence
             raise UnsupportedModelError(
                 f"{type(model).__name__}.forward takes no position_ids, so packmask cannot restart positions per "

@@ -70,6 +70,7 @@ __all__ = [
     "starts_from_lengths", "spans_from_lengths", "starts_from_position_ids", "starts_from_ids", "starts_from_cu_seqlens",
     "doc_ids_from_starts", "position_ids_from_starts", "doc_bounds_from_starts", "cu_seqlens_from_starts",
     "lengths_from_starts", "doc_ids_and_positions_from_cu_seqlens", "check_cu_seqlens", "max_length",
+    "row_spans_from_cu_seqlens",  # recurrent:
 ]
 
 
@@ -347,3 +348,14 @@ def max_length(cu_seqlens: torch.Tensor) -> int:
     """
     cu = cu_seqlens.reshape(-1)
     return int((cu[1:] - cu[:-1]).max())
+
+
+def row_spans_from_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int) -> list[tuple[int, int, int]]:
+    """``(row, start, end)`` of every non-empty document of ``cu_seqlens`` over rows of ``seq_len``
+    tokens, in order (host ints: one copy; the per-segment recurrent path loops over them).
+
+    >>> row_spans_from_cu_seqlens(torch.tensor([0, 3, 5, 5, 6, 10, 12]), 6)
+    [(0, 0, 3), (0, 3, 5), (0, 5, 6), (1, 0, 4), (1, 4, 6)]
+    """
+    cu = cu_seqlens.reshape(-1).tolist()
+    return [(a // seq_len, a % seq_len, a % seq_len + (b - a)) for a, b in zip(cu, cu[1:]) if b > a]

@@ -41,28 +41,17 @@ import sys
 import torch
 
 from .errors import UnsupportedModelError
+from .recurrent.detect import RECURRENT_MODULE_PATTERN, recurrent_module_names  # recurrent: shared with packmask.recurrent
 from .segments import starts_from_position_ids
 
 __all__ = ["unsupported_reason", "check_packed_input", "is_packed_input", "RECURRENT_MODULE_PATTERN"]
-
-#: class names of token-mixing layers other than attention (state-space, recurrent, linear attention)
-RECURRENT_MODULE_PATTERN = re.compile(
-    r"Mamba|Mixer$|GatedDeltaNet|DeltaAttention|DeltaNet|LinearAttention|LightningAttention|ShortConv|Rglru|"
-    r"RecurrentBlock|Rwkv|xLSTM|mLSTM|sLSTM")
 
 _FIX = ("Train this model unpacked (one sequence per row with a 2D padding mask), or pick a model whose "
         "sequence mixing is attention only (check with packmask.verify(model)).")
 
 
 def _recurrent_modules(model) -> list[str]:
-    found = []
-    for module in model.modules():
-        name = type(module).__name__
-        if RECURRENT_MODULE_PATTERN.search(name) and not name.endswith(("Config", "Cache", "Output")):
-            found.append(name)
-        elif isinstance(module, torch.nn.Conv1d) and module.kernel_size[0] > 1:
-            found.append(f"{name} (convolution over the sequence)")
-    return sorted(set(found))
+    return recurrent_module_names(model)  # recurrent: moved to packmask.recurrent.detect
 
 
 def _uses_attention_interface(model) -> bool:
@@ -93,14 +82,14 @@ def _diagnose(model) -> tuple[str, str]:
     model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
     kind, reason = "", ""
     recurrent = _recurrent_modules(model)
-    if recurrent:
-        kind = "recurrent"
-        reason = (f"{model_type} has state-space / recurrent layers ({', '.join(recurrent[:3])}) whose state flows "
-                  f"from one packed sequence into the next; an attention mask cannot isolate them.")
-    elif any(type(m).__name__.endswith("Indexer") for m in model.modules()):
+    if any(type(m).__name__.endswith("Indexer") for m in model.modules()):  # recurrent: named before recurrent layers
         kind = "recurrent"  # refused on packed input, like recurrent layers
         reason = (f"{model_type} has a sparse-attention indexer (DeepSeek sparse attention) that selects keys from the "
                   f"raw attention mask itself, outside the attention function packmask replaces.")
+    elif recurrent:
+        kind = "recurrent"
+        reason = (f"{model_type} has state-space / recurrent layers ({', '.join(recurrent[:3])}) whose state flows "
+                  f"from one packed sequence into the next; an attention mask cannot isolate them.")
     elif not _uses_attention_interface(model):
         alibi = bool(getattr(model.config, "alibi", False)) or model_type in ("bloom", "mpt")
         what = "ALiBi attention computed by the model's own code" if alibi else "its own attention code"
@@ -146,8 +135,14 @@ def check_packed_input(model, **inputs) -> None:
         raise UnsupportedModelError(
             f"packmask cannot run this model: {reason} Use attn_implementation='eager' (or 'sdpa') for it and "
             f"train unpacked (one sequence per row with a 2D padding mask).")
-    if kind == "recurrent" and is_packed_input(**inputs):
+    # recurrent: models whose mixers run per packed sequence (packmask.recurrent) are exact on packed input
+    if kind == "recurrent" and is_packed_input(**inputs) and not _runs_per_sequence(model):
         raise UnsupportedModelError(f"packmask cannot pack this model: {reason} {_FIX}")
+
+
+def _runs_per_sequence(model) -> bool:  # recurrent:
+    from .recurrent import installed
+    return bool(installed(model)) and not any(type(m).__name__.endswith("Indexer") for m in model.modules())
 
 
 def position_offset(model) -> int:

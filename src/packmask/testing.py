@@ -40,6 +40,11 @@ FAMILY_OVERRIDES = {
     "gpt_neo": dict(attention_types=[[["global", "local"], 1]], window_size=4),
     "deepseek_v2": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
 }
+# recurrent: tiny mixers and interleaved mixer / attention layers for the hybrid families
+from .recurrent.families import HYBRID_OVERRIDES  # noqa: E402
+
+for _family, _settings in HYBRID_OVERRIDES.items():
+    FAMILY_OVERRIDES[_family] = {**FAMILY_OVERRIDES.get(_family, {}), **_settings}
 # multi-head latent attention (DeepSeek-style): as many kv heads as query heads
 for _family in ("axk1", "axk2", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa",
                 "longcat_flash", "minicpm3", "sarvam_mla", "youtu"):

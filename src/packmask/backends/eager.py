@@ -45,7 +45,8 @@ def eager_attention(q, k, v, mask: torch.Tensor | None, spec: AttentionSpec, tra
     if spec.sinks is not None:
         # one extra logit per head joins every query's softmax and is dropped afterwards (gpt-oss)
         B, H, N, _ = scores.shape
-        sink = spec.sinks.reshape(1, -1, 1, 1).expand(B, H, N, 1).to(scores.dtype)
+        sinks = spec.sinks if spec.sinks.dim() == 4 else spec.sinks.reshape(1, -1, 1, 1)  # recurrent: [B, H, N, 1]
+        sink = sinks.expand(B, H, N, 1).to(scores.dtype)  # per-token sinks (inkling2) or one per head (gpt-oss)
         probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1, dtype=torch.float32)[..., :-1]
     else:
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
