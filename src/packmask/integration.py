@@ -199,6 +199,10 @@ def packmask_attention(module, query, key, value, attention_mask, scaling=None, 
     if sliding_window is _ABSENT:
         sliding_window = _mask_only_window(module)
     sinks = next((kwargs[name] for name in _SINK_KWARGS if kwargs.get(name) is not None), None)
+    if kwargs.get("position_bias") is not None:  # recurrent: inkling's additive bias; ignoring it would be wrong
+        raise UnsupportedModelError(
+            f"{type(module).__name__} hands the attention function an additive position_bias, which packmask's "
+            f"attention does not apply. Use attn_implementation='eager' for this model and train unpacked.")
     if query.dim() != 4:  # the mask was applied to hidden states before attention (esm's token dropout)
         raise UnsupportedModelError(
             f"{type(module).__name__} got queries of shape {tuple(query.shape)}, not [batch, heads, tokens, head_dim]: "

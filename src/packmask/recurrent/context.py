@@ -61,6 +61,11 @@ def _forward_names(cls) -> tuple[str, ...]:
     return tuple(p for p in inspect.signature(cls.forward).parameters if p != "self")
 
 
+@lru_cache(maxsize=None)
+def _takes_kwargs(cls) -> bool:
+    return any(p.kind == p.VAR_KEYWORD for p in inspect.signature(cls.forward).parameters.values())
+
+
 def _refuse(what: str):
     raise UnsupportedModelError(
         f"packmask cannot pack this recurrent model exactly: {what} State-space / recurrent layers are run once per "
@@ -145,8 +150,12 @@ def enter_forward(model, args, kwargs):
         if kwargs.get("use_cache", bound.get("use_cache")) is True:
             _refuse("packed input came with use_cache=True; a cache of a packed row would mix its sequences. Pass "
                     "use_cache=False (or leave it out) for packed training.")
-        if "use_cache" in names and "use_cache" not in bound:
+        if "use_cache" not in bound and ("use_cache" in names or _takes_kwargs(type(model))):
             kwargs["use_cache"] = False
+        if kwargs.get("cu_seq_lens_q") is None and _takes_kwargs(type(model)):
+            # packed position_ids: some hybrids hand no position_ids to their attention layers (granitemoehybrid);
+            # the boundaries reach packmask's attention as cu_seq_lens instead (the mixers drop them)
+            kwargs["cu_seq_lens_q"] = kwargs["cu_seq_lens_k"] = layout.cu_seqlens.to(torch.int32)
     tokens[-1] = _LAYOUT.set(layout if layout is not None else UNPACKED)
     return args, kwargs
 

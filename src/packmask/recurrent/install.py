@@ -67,6 +67,8 @@ def install(model) -> list[str]:
     done = installed(model)
     if done is not None:
         return done
+    for sub in model.modules():
+        sub.__dict__.pop(_CHECKED, None)
     mixers = find_mixers(model)
     names = [name for name, _ in mixers]
     handles = []
@@ -89,7 +91,8 @@ def install(model) -> list[str]:
 
 
 def uninstall(model) -> int:
-    """Restore the original forwards and remove the hooks; returns how many mixers were restored."""
+    """Restore the original forwards and remove the hooks; returns how many mixers were restored.
+    The model then refuses packed input again (until :func:`install`)."""
     from transformers import PreTrainedModel
 
     restored = 0
@@ -104,8 +107,9 @@ def uninstall(model) -> int:
         handle.remove()
     for sub in model.modules():
         if isinstance(sub, PreTrainedModel):
-            for key in (_INSTALLED, HOOKED, _CHECKED):
+            for key in (_INSTALLED, HOOKED):
                 sub.__dict__.pop(key, None)
+            sub.__dict__[_CHECKED] = True  # stays off (packed input is refused again) until install(model)
     return restored
 
 
