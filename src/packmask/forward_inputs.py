@@ -102,9 +102,9 @@ def _forward_params(cls) -> tuple[tuple[str, ...], bool]:
 
 
 def _uses_packmask(model) -> bool:
-    config = getattr(model, "config", None)
-    if getattr(config, "_packmask_recurrent_only", False):  # recurrent: attention-free model enabled by packmask.enable
+    if model.__dict__.get("_packmask_recurrent_only"):  # recurrent: attention-free model enabled by packmask.enable
         return True
+    config = getattr(model, "config", None)
     impl = getattr(config, "_attn_implementation", None)
     if isinstance(impl, dict):
         return NAME in impl.values()

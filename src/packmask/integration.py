@@ -266,13 +266,25 @@ def enable(model, backend: str | None = None):
     """Switch an existing model to packmask (needed only for models built before ``import packmask``).
 
     Sets ``attn_implementation="packmask"`` and attaches the position-deriving hook to every
-    ``PreTrainedModel`` inside it. ``backend`` forces one kernel for this model's layers (see
+    ``PreTrainedModel`` inside it. State-space / recurrent / convolution layers are set to run once per
+    packed sequence (:mod:`packmask.recurrent`); an attention-free model (mamba, rwkv, ...) that
+    transformers will not switch is enabled through them alone. ``backend`` forces one kernel for this model's layers (see
     :mod:`packmask.backends`; a ``with packmask.backend(...)`` block still wins). Returns the model.
     """
     for m in model.modules():
         if isinstance(m, PreTrainedModel):
             _attach_hook(m)
-    model.set_attn_implementation(NAME)
+    from .recurrent import attention_free, ensure_installed  # recurrent:
+    try:
+        model.set_attn_implementation(NAME)
+    except (ValueError, NotImplementedError):
+        if not attention_free(model):  # recurrent: a model with no attention may refuse any implementation
+            raise
+    if not _uses_packmask(model) and attention_free(model):  # recurrent: packmask runs its mixers per sequence
+        for m in model.modules():
+            if isinstance(m, PreTrainedModel):
+                m.__dict__["_packmask_recurrent_only"] = True
+    ensure_installed(model)  # recurrent: state-space / convolution mixers run once per packed sequence
     if not _uses_packmask(model):  # e.g. falcon: attention classes chosen by name at construction
         from .support import unsupported_reason
         raise UnsupportedModelError(

@@ -119,6 +119,9 @@ class VerifyReport:
     seq_lengths: list
     output_name: str
     rows: list = field(default_factory=list)
+    #: mixers (state-space / recurrent / convolution layers) run once per packed sequence (packmask.recurrent)
+    recurrent: list = field(default_factory=list)
+    attention_free: bool = False  #: the model has no attention layer: attn / reference_impl do not apply
 
     @property
     def passed(self) -> bool:
@@ -149,8 +152,13 @@ class VerifyReport:
         """A ``rich.table.Table`` of the rows."""
         from rich.table import Table
 
-        t = Table(title=f"packmask verify — {self.model_type} ({self.model_class}, attn={self.attn_implementation} "
-                        f"packed vs {self.reference_impl} alone), {self.dtype}, tol {self.tol:.0e}",
+        if self.attention_free:  # recurrent: no attention to name (mamba, rwkv, ...)
+            how = f"{len(self.recurrent)} recurrent layers run per sequence, packed vs each sequence alone"
+        else:
+            how = f"attn={self.attn_implementation} packed vs {self.reference_impl} alone" + (
+                f"; {len(self.recurrent)} recurrent layers run per sequence" if self.recurrent else "")
+        t = Table(title=f"packmask verify — {self.model_type} ({self.model_class}, {how}), {self.dtype}, "
+                        f"tol {self.tol:.0e}",
                   caption=f"documents per row: {self.seq_lengths}")
         for col in ("form", f"max |Δ| {self.output_name}", f"rel err {self.output_name}", "rel err loss",
                     "worst grad rel err", "parameter", "status"):
@@ -393,6 +401,8 @@ def verify(model, *, seq_lengths: Sequence[Sequence[int]] | None = None,
         model.set_attn_implementation(impl)
         model.zero_grad(set_to_none=True)
         model.train(was_training)
+    from .recurrent import attention_free, installed  # recurrent: what ran per sequence, for the header
+    report.recurrent, report.attention_free = list(installed(model) or []), attention_free(model)
     if print_table:
         from rich.console import Console
         Console().print(report.table())

@@ -12,12 +12,20 @@ model's forward; a forward hook that runs on exceptions too (:func:`exit_forward
       exit_forward    ContextVar reset
 
 **Activation checkpointing** recomputes a layer during backward, outside the model's forward,
-where the ContextVar is empty. :func:`replay_pre_hook` (on every decoder layer that holds a mixer,
-and on the mixer) remembers the layout of each training-mode call under the identity of the
-layer's input tensor (its storage, offset, shape and version: the tensor checkpointing saves and
-hands back, or a detached alias of it), and sets it again when that input comes back with no
-forward active. A call inside an unpacked forward is remembered too (as unpacked), so a recompute
-never picks up a stale layout.
+where the ContextVar is empty. Two mechanisms carry the layout into the recompute:
+
+* transformers' ``gradient_checkpointing_enable``: every module's ``_gradient_checkpointing_func``
+  (the per-instance checkpoint function transformers calls with the layer's forward) is wrapped
+  (:class:`CheckpointWithLayout`, on each training forward, so enabling checkpointing later works
+  too): the function it checkpoints is bound to this forward's layout, so the original call and
+  the recompute both run with it. Exact whatever the order of backward passes.
+* checkpoint wrappers around a module's ``__call__`` (FSDP's activation checkpointing, a manual
+  ``torch.utils.checkpoint(layer, ...)``) run module hooks again on recompute:
+  :func:`replay_pre_hook` (on every decoder layer that holds a mixer, and on the mixer) remembers
+  the layout of each training-mode call under the identity of its input tensor (storage, offset,
+  shape, version: the tensor checkpointing saves and hands back, or a detached alias of it) and
+  sets it again when that input comes back with no forward active. Calls inside unpacked forwards
+  are remembered too (as unpacked), so a recompute never picks up a stale layout.
 """
 from __future__ import annotations
 
@@ -33,12 +41,14 @@ from ..layout import DocumentLayout, analyse_mask, cached_on
 from ..segments import starts_from_cu_seqlens
 
 __all__ = ["current_layout", "packed_layout", "enter_forward", "exit_forward", "replay_pre_hook", "replay_exit_hook",
-           "UNPACKED", "HOOKED"]
+           "bind_checkpointing", "CheckpointWithLayout", "UNPACKED", "HOOKED", "CHECKPOINTED"]
 
 #: the value of the ContextVar inside a model forward whose input is not packed
 UNPACKED = "unpacked"
 #: model attribute marking a PreTrainedModel whose forward sets the layout (it has the exit hook)
 HOOKED = "_packmask_recurrent_hooked"
+#: model attribute: the modules of the model that can hold a ``_gradient_checkpointing_func``
+CHECKPOINTED = "_packmask_recurrent_checkpointed"
 _TOKENS = "_packmask_recurrent_tokens"
 _REPLAY = "_packmask_recurrent_replay"
 _REPLAY_TOKENS = "_packmask_recurrent_replay_tokens"
@@ -156,6 +166,8 @@ def enter_forward(model, args, kwargs):
             # packed position_ids: some hybrids hand no position_ids to their attention layers (granitemoehybrid);
             # the boundaries reach packmask's attention as cu_seq_lens instead (the mixers drop them)
             kwargs["cu_seq_lens_q"] = kwargs["cu_seq_lens_k"] = layout.cu_seqlens.to(torch.int32)
+    if model.training and torch.is_grad_enabled():
+        bind_checkpointing(model.__dict__.get(CHECKPOINTED, ()))
     tokens[-1] = _LAYOUT.set(layout if layout is not None else UNPACKED)
     return args, kwargs
 
@@ -167,6 +179,39 @@ def exit_forward(model, args, output):
         token = tokens.pop()
         if token is not None:
             _LAYOUT.reset(token)
+
+
+class _WithLayout:
+    """``fn`` run with ``layout`` as the forward's layout (the original call and the recompute)."""
+
+    def __init__(self, fn, layout):
+        self.fn, self.layout = fn, layout
+
+    def __call__(self, *args, **kwargs):
+        token = _LAYOUT.set(self.layout)
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            _LAYOUT.reset(token)
+
+
+class CheckpointWithLayout:
+    """A module's ``_gradient_checkpointing_func`` whose checkpointed function keeps the layout."""
+
+    def __init__(self, checkpoint_func):
+        self.checkpoint_func = checkpoint_func
+
+    def __call__(self, fn, *args, **kwargs):
+        layout = _LAYOUT.get()
+        return self.checkpoint_func(fn if layout is None else _WithLayout(fn, layout), *args, **kwargs)
+
+
+def bind_checkpointing(modules) -> None:
+    """Wrap the ``_gradient_checkpointing_func`` of ``modules`` that have one (see the module doc)."""
+    for module in modules:
+        func = module.__dict__.get("_gradient_checkpointing_func")
+        if func is not None and not isinstance(func, CheckpointWithLayout):
+            module._gradient_checkpointing_func = CheckpointWithLayout(func)
 
 
 def _first_tensor(args, kwargs):

@@ -31,7 +31,7 @@ import re
 
 import torch
 
-__all__ = ["RECURRENT_MODULE_PATTERN", "recurrent_module_names", "find_mixers", "is_sequence_conv"]
+__all__ = ["RECURRENT_MODULE_PATTERN", "recurrent_module_names", "find_mixers", "is_sequence_conv", "attention_free"]
 
 #: class names of token-mixing layers other than attention (state-space, recurrent, linear attention)
 RECURRENT_MODULE_PATTERN = re.compile(
@@ -69,6 +69,16 @@ def _is_attention(module) -> bool:
     if _named_like_mixer(module):
         return False
     return isinstance(getattr(module, "is_causal", None), bool) or type(module).__name__.endswith("Attention")
+
+
+def attention_free(model) -> bool:
+    """Whether ``model`` has no softmax-attention layer at all (mamba, rwkv, xlstm, ...).
+
+    >>> from packmask.testing import tiny_model
+    >>> attention_free(tiny_model("mamba")), attention_free(tiny_model("qwen3_5_text"))
+    (True, False)
+    """
+    return not any(_is_attention(m) for m in model.modules())
 
 
 def _mixes_tokens(module) -> bool:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .context import HOOKED, enter_forward, exit_forward, replay_exit_hook, replay_pre_hook
+from .context import CHECKPOINTED, HOOKED, enter_forward, exit_forward, replay_exit_hook, replay_pre_hook
 from .detect import find_mixers
 from .segmented import SegmentedForward
 
@@ -79,9 +79,11 @@ def install(model) -> list[str]:
             handles.append(module.register_forward_pre_hook(replay_pre_hook, with_kwargs=True))
             handles.append(module.register_forward_hook(replay_exit_hook, always_call=True))
         wrapped = {id(m) for _, m in mixers}
+        checkpointed = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
         for sub in model.modules():
             if isinstance(sub, PreTrainedModel) and any(id(m) in wrapped for m in sub.modules()):
                 sub.__dict__[HOOKED] = True
+                sub.__dict__[CHECKPOINTED] = checkpointed
                 handles.append(sub.register_forward_hook(exit_forward, always_call=True))
     for sub in model.modules():
         if isinstance(sub, PreTrainedModel):
@@ -107,7 +109,7 @@ def uninstall(model) -> int:
         handle.remove()
     for sub in model.modules():
         if isinstance(sub, PreTrainedModel):
-            for key in (_INSTALLED, HOOKED):
+            for key in (_INSTALLED, HOOKED, CHECKPOINTED):
                 sub.__dict__.pop(key, None)
             sub.__dict__[_CHECKED] = True  # stays off (packed input is refused again) until install(model)
     return restored
