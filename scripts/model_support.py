@@ -112,7 +112,8 @@ def check_family(family: str, timeout: int = 120) -> dict:
                                                 "tests/test_encoders.py")
             return row
         guard = unsupported_reason(model)
-        if guard:  # the guard must refuse packed input before anything else runs
+        row["recurrent_family"] = "state-space / recurrent" in (guard or "")
+        if guard:  # the guard must refuse packed input before anything else runs (unless packmask.recurrent runs it)
             ids = torch.randint(3, min(100, model.get_input_embeddings().num_embeddings), (2, 18))
             try:
                 with torch.no_grad():
@@ -173,7 +174,13 @@ def check_family(family: str, timeout: int = 120) -> dict:
             row["status"] = "error" if all(r.error is not None for r in bad) else "FAIL"
             row["reason"] = "; ".join(f"{r.form}: {r.error or f'out {r.output_rel_err:.1e} grad {r.grad_rel_err:.1e} ({r.grad_param})'}"
                                       for r in bad)[:400]
-        if guard and row["status"] != "refused":
+        from packmask.recurrent import installed
+        mixers = sorted({type(m).__name__ for name, m in model.named_modules() if name in (installed(model) or [])})
+        if mixers and row["status"] == "pass":  # recurrent: exact because packmask.recurrent runs them per sequence
+            row["recurrent"] = mixers
+            row["reason"] = (f"{', '.join(mixers)} run once per packed sequence (packmask.recurrent). "
+                             + row["reason"]).strip()
+        elif guard and row["status"] != "refused":
             row["reason"] = (row["reason"] + f" [guard registry says: {guard}]").strip()
     except _Timeout:
         row.update(status="timeout", reason=f"verify took longer than {timeout} s")
@@ -220,6 +227,8 @@ def render(rows: list[dict], elapsed: float) -> str:
     pos_pass = sum(r["status"] == "pass" for r in with_pos)
     packable = [r for r in with_pos if r["status"] != "refused"]
     wrong = [r for r in built if r["status"] == "FAIL"]
+    recurrent = [r for r in built if r.get("recurrent_family") or r.get("recurrent")]
+    recurrent_pass = [r for r in recurrent if r["status"] == "pass"]
     today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     lines = [
         "# Model support",
@@ -235,16 +244,25 @@ def render(rows: list[dict], elapsed: float) -> str:
         "",
         f"**Summary:** {pos_pass}/{len(packable)} ({100 * pos_pass / max(1, len(packable)):.0f}%) of the buildable "
         f"families whose forward takes `position_ids` and that attention masks can isolate pass; counting the "
-        f"{len(with_pos) - len(packable)} refused ones too (state-space / recurrent layers, sparse-attention "
-        f"indexers, attention outside transformers' interface), {pos_pass}/{len(with_pos)} "
+        f"{len(with_pos) - len(packable)} refused ones too (sparse-attention indexers, attention outside "
+        f"transformers' interface, ...), {pos_pass}/{len(with_pos)} "
         f"({100 * pos_pass / max(1, len(with_pos)):.0f}%). "
         + ", ".join(f"{counts.get(k, 0)} {k}" for k in order if counts.get(k)) + f" of {len(rows)} families. "
         + (f"**{len(wrong)} silently wrong: {', '.join(r['family'] for r in wrong)}.**" if wrong else
            "No family gives a silently wrong result."),
         "",
+        f"**Hybrid and recurrent families** (state-space, linear-attention, RG-LRU, RWKV, xLSTM or short-convolution "
+        f"layers): {len(recurrent_pass)}/{len(recurrent)} ({100 * len(recurrent_pass) / max(1, len(recurrent)):.0f}%) "
+        f"pass, their recurrent layers run once per packed sequence (`packmask.recurrent`, see docs/hybrid.md): "
+        f"{', '.join(r['family'] for r in recurrent_pass) or 'none'}. "
+        + ("Refused or failing: " + "; ".join(f"{r['family']} ({r['status']})" for r in recurrent
+                                              if r["status"] != "pass") + "." if len(recurrent_pass) < len(recurrent)
+           else ""),
+        "",
         "Statuses:",
         "",
-        "- **pass** — packed == each sequence alone (logits, loss, gradients), all three forms.",
+        "- **pass** — packed == each sequence alone (logits, loss, gradients), all three forms. For hybrid and "
+        "recurrent families the reason names the layers packmask runs once per packed sequence.",
         "- **refused** — packed input raises `packmask.UnsupportedModelError` naming the reason and the fix "
         "(the model mixes tokens outside attention, or its attention never calls packmask); see "
         "`packmask.support`. State-space / recurrent / indexer models still run ordinary unpacked batches; "

@@ -19,11 +19,11 @@ PASSING = {
     "deepseek_v3": "multi-head latent attention, MoE",
     "ctrl": "reshapes any mask below 4D (packmask hands it the 4D view)",
     "biogpt": "scaled learned positions",
+    "mamba": "state-space layers, run per packed sequence (packmask.recurrent)",
+    "qwen3_next": "gated delta-net + attention layers, the delta net run per packed sequence",
+    "zaya": "convolution over the sequence inside attention, its projection run per packed sequence",
 }
 REFUSED = {
-    "mamba": "state-space layers",
-    "qwen3_next": "gated delta-net layers",
-    "zaya": "convolution over the sequence inside attention",
     "deepseek_v32": "sparse-attention indexer reads the raw mask",
 }
 

@@ -34,10 +34,13 @@ def _packed(seed=0):
 
 
 @pytest.mark.parametrize("family", ["mamba", "jamba"])
-def test_recurrent_family_refuses_packed_input_and_runs_unpacked(family):
+def test_recurrent_family_refuses_packed_input_without_the_per_sequence_path(family):
     model = tiny_model(family)
     assert "state-space / recurrent" in unsupported_reason(model)
     ids, slices, pos, _ = _packed()
+    from packmask.recurrent import install, uninstall
+    install(model)
+    uninstall(model)  # the mixers back on their own forwards: packed input must be refused
     for kwargs in (dict(attention_mask=packmask.block_diagonal_mask(SEQ_LENGTHS, N)), dict(position_ids=pos),
                    dict(seq_lengths=SEQ_LENGTHS)):
         with pytest.raises(packmask.UnsupportedModelError, match="cannot pack this model.*unpacked"):

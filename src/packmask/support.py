@@ -5,7 +5,10 @@ masks per document) and the only per-token input that depends on the document is
 (which packmask restarts per document). Models that mix tokens some other way cannot be made
 exact by a mask; packmask refuses them **on packed input** with
 :class:`~packmask.UnsupportedModelError` instead of returning a silently wrong result. An
-ordinary unpacked batch is never refused.
+ordinary unpacked batch is never refused. Recurrent: state-space / recurrent / convolution layers are
+the exception once :mod:`packmask.recurrent` runs them once per packed sequence (automatic on
+``attn_implementation="packmask"``, or ``packmask.enable``): such models are accepted on packed input;
+:func:`unsupported_reason` still names their layers (context parallelism, for one, cannot split them).
 
 Detection is by capability, not by name, so a new family with the same feature is caught too:
 

@@ -34,6 +34,9 @@ Outputs: per-token tensors (``[1, e - s, ...]``, or the tokens on another axis s
 ``[1, heads, e - s, d]``) are concatenated back into ``[B, N, ...]``; other
 tensors with a batch dimension (a final recurrent state) keep each row's last sequence's value.
 On input that is not packed (no layout active) the wrapper calls the original forward unchanged.
+
+By default sequences of similar length share one call, right-padded (:mod:`packmask.recurrent.batched`:
+exact because the mixers are causal); ``configure(batched=False)`` makes one call per sequence.
 """
 from __future__ import annotations
 
@@ -41,11 +44,12 @@ import inspect
 
 import torch
 
-from ..errors import UnsupportedModelError
+from ..errors import PackmaskError, UnsupportedModelError
 from ..segments import row_spans_from_cu_seqlens
+from .batched import gather_tokens, group_index, length_groups, padded_length
 from .context import current_layout
 
-__all__ = ["SegmentedForward", "CACHE_ARGUMENTS", "DROPPED_ARGUMENTS"]
+__all__ = ["SegmentedForward", "CACHE_ARGUMENTS", "DROPPED_ARGUMENTS", "configure"]
 
 #: mixer arguments that carry a cache or a recurrent state: a packed call must not get one
 CACHE_ARGUMENTS = frozenset({"cache", "past_key_values", "past_key_value", "cache_params", "layer_past", "state",
@@ -59,6 +63,30 @@ class _Refuse(Exception):
     pass
 
 
+class _Ambiguous(Exception):
+    pass
+
+
+_SETTINGS = {"batched": True}
+
+
+def configure(*, batched: bool | None = None) -> dict:
+    """``batched=True`` (default): sequences of similar length share one right-padded mixer call;
+    False: one call per sequence (exact by construction, slower). Returns the previous settings.
+
+    >>> configure(batched=False)
+    {'batched': True}
+    >>> configure(batched=True)
+    {'batched': False}
+    """
+    previous = dict(_SETTINGS)
+    if batched is not None:
+        if not isinstance(batched, bool):
+            raise PackmaskError(f"configure(batched=...) takes True or False, got {batched!r}.")
+        _SETTINGS["batched"] = batched
+    return previous
+
+
 def _row_spans(layout) -> list[tuple[int, int, int]]:
     memo = layout._memo
     if "row_spans" not in memo:
@@ -68,6 +96,50 @@ def _row_spans(layout) -> list[tuple[int, int, int]]:
 
 def _is_mask_object(value) -> bool:
     return type(value).__name__ == "PackmaskMask"
+
+
+class _Span:
+    """Cuts arguments for one sequence ``(row b, tokens s:e)``."""
+
+    def __init__(self, b, s, e, B, N):
+        self.b, self.s, self.e, self.B, self.N = b, s, e, B, N
+        self.length = e - s
+
+    def tokens(self, value, name):
+        rows = slice(self.b, self.b + 1) if value.shape[0] == self.B else slice(0, 1)
+        return value[rows, self.s:self.e]
+
+    def channels(self, value):
+        rows = slice(self.b, self.b + 1) if value.shape[0] == self.B else slice(0, 1)
+        return value[rows, :, self.s:self.e]
+
+    def rows(self, value):
+        return value[self.b:self.b + 1]
+
+
+class _Group:
+    """Cuts arguments for a group of sequences, right-padded to ``length`` (see :mod:`.batched`)."""
+
+    def __init__(self, layout, spans, members, length):
+        self.B, self.N, self.length = layout.batch_size, layout.seq_len, length
+        self.index, self.valid = group_index(layout, spans, members, length)
+        self.row_index = torch.tensor([spans[i][0] for i in members], device=self.index.device)
+
+    def tokens(self, value, name):
+        return gather_tokens(value, self.index, self.valid, self.B, self.N, continue_positions=name == "position_ids")
+
+    def channels(self, value):
+        return gather_tokens(value, self.index, self.valid, self.B, self.N, channels_first=True)
+
+    def rows(self, value):
+        return value.index_select(0, self.row_index.to(value.device))
+
+
+class _Tokens:
+    """A per-sequence output piece whose tokens are on ``axis`` (moved to axis 1 here)."""
+
+    def __init__(self, tensor, axis):
+        self.tensor, self.axis = tensor, axis
 
 
 class SegmentedForward:
@@ -84,45 +156,68 @@ class SegmentedForward:
         self.channels_first = isinstance(module, torch.nn.Conv1d)
         self.signature = inspect.signature(original)
         self.var_keyword = next((p.name for p in self.signature.parameters.values() if p.kind == p.VAR_KEYWORD), None)
+        # padded lengths avoid these sizes, so an output's token axis is never mistaken (see .batched)
+        self.forbidden = frozenset(d for t in (*module.parameters(), *module.buffers()) for d in t.shape)
 
     def __call__(self, *args, **kwargs):
         layout = current_layout()
         if layout is None:
             return self.original(*args, **kwargs)
-        return self.per_segment(layout, args, kwargs)
+        try:
+            arguments, extra = self._bind(layout, args, kwargs)
+            if _SETTINGS["batched"]:
+                return self._batched(layout, arguments, extra)
+            spans = _row_spans(layout)
+            B, N = layout.batch_size, layout.seq_len
+            outputs = [self._call(arguments, extra, _Span(b, s, e, B, N)) for b, s, e in spans]
+            return self._join([self._pieces(out, 1, [e - s])[0] for out, (_, s, e) in zip(outputs, spans)], spans,
+                              layout)
+        except _Refuse as why:
+            raise UnsupportedModelError(
+                f"packmask cannot run the recurrent layer {self.name} ({self.module_class}) per packed sequence: "
+                f"{why} Train this model unpacked, or report the layer to packmask.") from None
 
-    # ---- the per-segment run --------------------------------------------------------------------
-    def per_segment(self, layout, args, kwargs):
-        bound = self.signature.bind(*args, **kwargs)
-        arguments = dict(bound.arguments)
+    def _bind(self, layout, args, kwargs):
+        arguments = dict(self.signature.bind(*args, **kwargs).arguments)
         extra = dict(arguments.pop(self.var_keyword, None) or {}) if self.var_keyword else {}
         B, N = layout.batch_size, layout.seq_len
         first = next(iter(arguments.values()), None)
-        expected = (B, None, N) if self.channels_first else (B, N)
-        if not isinstance(first, torch.Tensor) or first.dim() < 2 or (
-                (first.shape[0], first.shape[-1]) != (B, N) if self.channels_first else tuple(first.shape[:2]) != (B, N)):
-            raise UnsupportedModelError(
-                f"packmask cannot run the recurrent layer {self.name} ({self.module_class}) per "
-                f"packed sequence: its first argument is {_describe(first)}, not the hidden states of shape "
-                f"{expected}. Train this model unpacked.")
-        spans = _row_spans(layout)
-        outputs = []
-        for b, s, e in spans:
-            try:
-                call = {k: self._cut(k, v, b, s, e, B, N) for k, v in arguments.items()}
-                call_extra = {k: self._cut(k, v, b, s, e, B, N) for k, v in extra.items() if k not in DROPPED_ARGUMENTS}
-            except _Refuse as why:
-                raise UnsupportedModelError(
-                    f"packmask cannot run the recurrent layer {self.name} ({self.module_class}) per "
-                    f"packed sequence: {why} Train this model unpacked, or report the layer to packmask.") from None
-            new = self.signature.bind_partial()
-            new.arguments.update(call)
-            if self.var_keyword:
-                new.arguments[self.var_keyword] = call_extra
-            outputs.append(self.original(*new.args, **new.kwargs))
-        return self._join(outputs, spans, B, N)
+        ok = isinstance(first, torch.Tensor) and first.dim() >= 2 and (
+            (first.shape[0], first.shape[-1]) == (B, N) if self.channels_first else tuple(first.shape[:2]) == (B, N))
+        if not ok:
+            shape = (B, "channels", N) if self.channels_first else (B, N, "...")
+            raise _Refuse(f"its first argument is {_describe(first)}, not the hidden states of shape {shape}.")
+        return arguments, extra
 
-    def _cut(self, name, value, b, s, e, B, N):
+    def _call(self, arguments, extra, where):
+        B, N = where.B, where.N
+        call = {k: self._cut(k, v, where, B, N) for k, v in arguments.items()}
+        new = self.signature.bind_partial()
+        new.arguments.update(call)
+        if self.var_keyword:
+            new.arguments[self.var_keyword] = {k: self._cut(k, v, where, B, N) for k, v in extra.items()
+                                               if k not in DROPPED_ARGUMENTS}
+        return self.original(*new.args, **new.kwargs)
+
+    def _batched(self, layout, arguments, extra):
+        spans = _row_spans(layout)
+        pieces = [None] * len(spans)
+        for members, longest in length_groups(spans):
+            length = padded_length(longest, self.forbidden)
+            for _ in range(8):  # an output with two axes of the padded length: one token longer
+                out = self._call(arguments, extra, _Group(layout, spans, members, length))
+                try:
+                    split = self._pieces(out, len(members), [spans[i][2] - spans[i][1] for i in members], length)
+                    break
+                except _Ambiguous:
+                    length = padded_length(length + 1, self.forbidden)
+            else:  # pragma: no cover - eight collisions in a row
+                raise _Refuse("its outputs have several axes of every padded length tried.")
+            for i, piece in zip(members, split):
+                pieces[i] = piece
+        return self._join(pieces, spans, layout)
+
+    def _cut(self, name, value, where, B, N):
         if name in DROPPED_ARGUMENTS:
             return None
         if name in CACHE_ARGUMENTS:
@@ -133,73 +228,86 @@ class SegmentedForward:
         if name == "use_cache":
             return False
         if name == "cache_position" and isinstance(value, torch.Tensor):
-            return torch.arange(e - s, device=value.device, dtype=value.dtype)
-        return self._cut_value(name, value, b, s, e, B, N)
+            return torch.arange(where.length, device=value.device, dtype=value.dtype)
+        return self._cut_value(name, value, where, B, N)
 
-    def _cut_value(self, name, value, b, s, e, B, N):
+    def _cut_value(self, name, value, where, B, N):
         if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
             return value
         if isinstance(value, (tuple, list)):
-            return type(value)(self._cut_value(name, v, b, s, e, B, N) for v in value)
+            return type(value)(self._cut_value(name, v, where, B, N) for v in value)
         if isinstance(value, dict):
-            return {k: self._cut_value(name, v, b, s, e, B, N) for k, v in value.items()}
+            return {k: self._cut_value(name, v, where, B, N) for k, v in value.items()}
         if _is_mask_object(value):
             return None  # packmask's mask: a whole document alone runs with no mask
         if not isinstance(value, torch.Tensor):
             raise _Refuse(f"argument {name!r} is a {type(value).__name__}, which packmask does not know how to cut.")
         shape = tuple(value.shape)
-        rows = slice(b, b + 1) if shape and shape[0] == B else slice(0, 1)
         if self.channels_first and value.dim() == 3 and shape[0] in (B, 1) and shape[-1] == N:
-            return value[rows, :, s:e]
+            return where.channels(value)
         if value.dim() in (3, 4) and shape[-1] == shape[-2] == N and shape[0] in (B, 1) and (
                 value.dim() == 3 or shape[1] == 1):
             return None  # a [B, (1,) N, N] mask: the document alone needs none
         if value.dim() >= 2 and shape[0] in (B, 1) and shape[1] == N:
-            return value[rows, s:e]
+            return where.tokens(value, name)
         if shape and shape[0] == B and N not in shape[1:]:
-            return value[b:b + 1]
+            return where.rows(value)
         if N not in shape:
             return value  # no batch and no token axis: shared by every sequence (a table, a scalar)
         raise _Refuse(f"argument {name!r} has shape {shape}, with no clear token axis for [batch={B}, tokens={N}].")
 
-    def _join(self, outputs, spans, B, N):
-        lengths = [e - s for _, s, e in spans]
+    # ---- outputs --------------------------------------------------------------------------------
+    def _pieces(self, out, count, lengths, padded=None):
+        """Split one call's output into ``count`` per-sequence pieces: token tensors cut to each
+        sequence's length (``_Tokens``), batch tensors per sequence, anything else shared."""
+        if out is None:
+            return [None] * count
+        if isinstance(out, torch.Tensor):
+            if out.dim() >= 2 and out.shape[0] == count:
+                size = padded if padded is not None else lengths[0]
+                axes = [a for a in range(1, out.dim()) if out.shape[a] == size]
+                if self.channels_first:
+                    axes = axes[-1:]
+                if padded is None and len(axes) > 1:
+                    axes = axes[-1:] if self.channels_first else axes[:1]  # one sequence: its own length
+                if len(axes) > 1:
+                    raise _Ambiguous()
+                if axes:
+                    moved = out.movedim(axes[0], 1)
+                    return [_Tokens(moved[j:j + 1, :n], axes[0]) for j, n in enumerate(lengths)]
+            if out.dim() >= 1 and out.shape[0] == count:
+                return [out[j:j + 1] for j in range(count)]
+            return [out] * count
+        if isinstance(out, (tuple, list)) and not hasattr(out, "_fields"):
+            parts = [self._pieces(v, count, lengths, padded) for v in out]
+            return [type(out)(p[j] for p in parts) for j in range(count)]
+        if isinstance(out, dict):
+            parts = {k: self._pieces(v, count, lengths, padded) for k, v in out.items()}
+            return [(type(out)(**{k: p[j] for k, p in parts.items()}) if type(out) is not dict else
+                     {k: p[j] for k, p in parts.items()}) for j in range(count)]
+        return [out] * count
+
+    def _join(self, pieces, spans, layout):
         last_of_row = [i for i, (b, _, _) in enumerate(spans) if i + 1 == len(spans) or spans[i + 1][0] != b]
-        return self._join_values(outputs, lengths, last_of_row, B, N)
+        return self._join_values(pieces, last_of_row, layout.batch_size, layout.seq_len)
 
-    def _token_axis(self, values, lengths) -> int | None:
-        """The axis holding the tokens of per-sequence outputs: the one whose size is each sequence's
-        length (axis 1 first, or the last for a wrapped ``Conv1d``; some mixers return ``[1, heads, L, d]``)."""
-        first = values[0]
-        if first.dim() < 2 or first.shape[0] != 1:
-            return None
-        axes = list(range(1, first.dim()))
-        if self.channels_first:
-            axes.reverse()
-        for axis in axes:
-            if all(v.dim() == first.dim() and v.shape[axis] == n for v, n in zip(values, lengths)):
-                return axis
-        return None
-
-    def _join_values(self, values, lengths, last_of_row, B, N):
+    def _join_values(self, values, last_of_row, B, N):
         first = values[0]
         if first is None:
             return None
+        if isinstance(first, _Tokens):  # every token in flattened order: [1, B*N, ..] -> [B, N, ..], axis back
+            if not all(isinstance(v, _Tokens) and v.axis == first.axis for v in values):
+                raise _Refuse("its per-sequence outputs disagree on where the tokens are.")
+            joined = torch.cat([v.tensor for v in values], dim=1).unflatten(1, (B, N)).squeeze(0)
+            return joined.movedim(1, first.axis)
         if isinstance(first, torch.Tensor):
-            axis = self._token_axis(values, lengths)
-            if axis is not None:  # the spans cover every token in flattened order: [1, .., B*N, ..] -> [B, .., N, ..]
-                joined = torch.cat(values, dim=axis).unflatten(axis, (B, N))
-                return joined.movedim(axis, 0).squeeze(1)
             if first.dim() >= 1 and first.shape[0] == 1:
                 return torch.cat([values[i] for i in last_of_row], dim=0)  # a state: each row's last sequence
-            raise UnsupportedModelError(
-                f"packmask cannot join the outputs of the recurrent layer {self.name} over packed sequences: an "
-                f"output of shape {tuple(first.shape)} has no batch axis. Train this model unpacked.")
+            return first
         if isinstance(first, (tuple, list)) and not hasattr(first, "_fields"):
-            return type(first)(self._join_values([v[i] for v in values], lengths, last_of_row, B, N)
-                               for i in range(len(first)))
+            return type(first)(self._join_values([v[i] for v in values], last_of_row, B, N) for i in range(len(first)))
         if isinstance(first, dict):
-            joined = {k: self._join_values([v[k] for v in values], lengths, last_of_row, B, N) for k in first}
+            joined = {k: self._join_values([v[k] for v in values], last_of_row, B, N) for k in first}
             return type(first)(**joined) if type(first) is not dict else joined
         return first
 
