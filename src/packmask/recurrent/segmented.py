@@ -20,7 +20,8 @@ argument                               per sequence
 2D padding mask, ``position_ids``,
 ``(cos, sin)``, ...)
 ``[B, C, N]`` (a wrapped ``Conv1d``)   ``[b:b+1, :, s:e]``
-``[B, 1, N, N]`` / ``[B, N, N]`` mask  None: a whole document alone needs no mask
+``[B, 1, N, N]`` / ``[B, N, N]`` mask  None: a whole document alone needs no mask (arguments named
+                                       ``*mask*``)
 packmask's mask object                 None (the same)
 ``[B, ...]`` tensor without tokens     ``[b:b+1]``
 ``cache_position``                     ``arange(e - s)``
@@ -245,7 +246,7 @@ class SegmentedForward:
         shape = tuple(value.shape)
         if self.channels_first and value.dim() == 3 and shape[0] in (B, 1) and shape[-1] == N:
             return where.channels(value)
-        if value.dim() in (3, 4) and shape[-1] == shape[-2] == N and shape[0] in (B, 1) and (
+        if "mask" in name and value.dim() in (3, 4) and shape[-1] == shape[-2] == N and shape[0] in (B, 1) and (
                 value.dim() == 3 or shape[1] == 1):
             return None  # a [B, (1,) N, N] mask: the document alone needs none
         if value.dim() >= 2 and shape[0] in (B, 1) and shape[1] == N:
