@@ -63,6 +63,8 @@ def test_gradient_checkpointing_replays_the_layout(family, use_reentrant, monkey
         _, bad = _packed_grads(model, input_ids=ids, attention_mask=mask, labels=labels)
     except ValueError as error:  # qwen3.5 on CPU: transformers refuses cu_seq_lens without fla
         assert "flash-linear-attention" in str(error)
+    except torch.utils.checkpoint.CheckpointError:  # torch sees the recompute differ (another tensor count)
+        pass
     else:
         assert _worst(bad, ref) > 1e-3
 
