@@ -70,8 +70,8 @@ def model_config(name: str, tiny: bool, vocab: int):
         if "layers_block_type" in keys:
             blocks = dict(layers_block_type=kinds)
         else:  # older releases: one character per layer (M mamba, - mlp, * attention)
-            blocks = dict(hybrid_override_pattern="".join({"linear_attention": "M", "mlp": "-", "full_attention": "*"}[k]
-                                                          for k in kinds))
+            letter = {"linear_attention": "M", "mlp": "-", "full_attention": "*"}
+            blocks = dict(hybrid_override_pattern="".join(letter[k] for k in kinds))
         return AutoConfig.for_model("nemotron_h", expand=2, conv_kernel=4, **blocks, **mamba, **common)
     raise SystemExit(f"unknown --model {name!r}: qwen35, nemotron_h or all")
 

@@ -268,8 +268,9 @@ def enable(model, backend: str | None = None):
     Sets ``attn_implementation="packmask"`` and attaches the position-deriving hook to every
     ``PreTrainedModel`` inside it. State-space / recurrent / convolution layers are set to run once per
     packed sequence (:mod:`packmask.recurrent`); an attention-free model (mamba, rwkv, ...) that
-    transformers will not switch is enabled through them alone. ``backend`` forces one kernel for this model's layers (see
-    :mod:`packmask.backends`; a ``with packmask.backend(...)`` block still wins). Returns the model.
+    transformers will not switch is enabled through them alone. ``backend`` forces one kernel for this
+    model's layers (see :mod:`packmask.backends`; a ``with packmask.backend(...)`` block still wins).
+    Returns the model.
     """
     for m in model.modules():
         if isinstance(m, PreTrainedModel):

@@ -38,13 +38,13 @@ mamba has state-space / recurrent layers (...) whose state flows from one packed
 """
 from __future__ import annotations
 
-import re
 import sys
 
 import torch
 
 from .errors import UnsupportedModelError
-from .recurrent.detect import RECURRENT_MODULE_PATTERN, recurrent_module_names  # recurrent: shared with packmask.recurrent
+# recurrent: the detection is shared with packmask.recurrent
+from .recurrent.detect import RECURRENT_MODULE_PATTERN, recurrent_module_names
 from .segments import starts_from_position_ids
 
 __all__ = ["unsupported_reason", "check_packed_input", "is_packed_input", "RECURRENT_MODULE_PATTERN"]
