@@ -1,10 +1,12 @@
 """The per-sequence recurrent path: checkpointing replay, unpacked input untouched, refusals, enable()."""
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import packmask
 from packmask.recurrent import context, find_mixers, install, installed, uninstall
-from packmask.testing import pack_rows, rel_err, tiny_model
+from packmask.testing import pack_rows, rel_err, run_alone, tiny_model
 
 SEQ_LENGTHS = [[5, 9, 4], [8, 6]]
 N = 18
@@ -198,3 +200,23 @@ def test_grouped_and_one_call_per_sequence(family, batched):
     finally:
         configure(**previous)
     assert report.passed, report.summary()
+
+
+_MAMBA2 = {}
+
+
+@settings(max_examples=6, deadline=None)
+@given(st.lists(st.lists(st.integers(1, 12), min_size=1, max_size=4), min_size=1, max_size=3))
+def test_random_layouts_equal_each_sequence_alone(rows):
+    """Any split into sequences (length-1 ones included) gives each sequence's own logits (Mamba2: chunked scan)."""
+    if "model" not in _MAMBA2:
+        _MAMBA2["model"] = tiny_model("mamba2")
+    model = _MAMBA2["model"]
+    n = max(sum(r) for r in rows)
+    slices, _ = pack_rows(rows, n)
+    ids = torch.randint(3, 100, (len(rows), n), generator=torch.Generator().manual_seed(len(slices)))
+    with torch.no_grad():
+        alone = run_alone(model, ids, slices)
+        packed = model(input_ids=ids, seq_lengths=rows).logits
+    for b, s, length in slices:
+        assert rel_err(packed[b, s:s + length], alone[b, s:s + length]) <= 1e-5
