@@ -138,6 +138,7 @@ def packed_layout(model, args, kwargs) -> DocumentLayout | None:
             f"separate documents; a recurrent state cannot follow a tree's branches.")
 
 
+@torch.compiler.disable  # under torch.compile: analysed eagerly, once per forward, before the graph runs
 def enter_forward(model, args, kwargs):
     """Set the layout of this forward for the model's mixers (packmask's forward pre-hook calls it
     last). Returns ``(args, kwargs)``: on packed input ``use_cache`` becomes False (a packed row's

@@ -90,6 +90,11 @@ def configure(*, batched: bool | None = None) -> dict:
     return previous
 
 
+@torch.compiler.disable  # a ContextVar read: outside any traced graph
+def _layout_now():
+    return current_layout()
+
+
 def _row_spans(layout) -> list[tuple[int, int, int]]:
     memo = layout._memo
     if "row_spans" not in memo:
@@ -145,9 +150,13 @@ class SegmentedForward:
                                                        for d in t.shape)
 
     def __call__(self, *args, **kwargs):
-        layout = current_layout()
+        layout = _layout_now()
         if layout is None:
             return self.original(*args, **kwargs)
+        return self._per_sequence(layout, args, kwargs)
+
+    @torch.compiler.disable  # under torch.compile the per-sequence calls run eagerly (host ints, Python loops)
+    def _per_sequence(self, layout, args, kwargs):
         try:
             arguments, extra = self._bind(layout, args, kwargs)
             spans = _row_spans(layout)
