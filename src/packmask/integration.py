@@ -245,7 +245,7 @@ def packmask_attention(module, query, key, value, attention_mask, scaling=None, 
 
 def _attach_hook(model) -> None:
     if not getattr(model, "_packmask_hooked", False):
-        check_construction(model, NAME)  # before the layers exist: falcon & co. would raise a raw KeyError
+        check_construction(model, NAME)  # before the layers exist: gpt_neo & co. would raise a raw KeyError
         model.register_forward_pre_hook(_derive_inputs_hook, with_kwargs=True, prepend=True)
         model._packmask_hooked = True
 
@@ -269,7 +269,7 @@ def enable(model, backend: str | None = None):
         if isinstance(m, PreTrainedModel):
             _attach_hook(m)
     model.set_attn_implementation(NAME)
-    if not _uses_packmask(model):  # e.g. falcon: attention classes chosen by name at construction
+    if not _uses_packmask(model):  # e.g. gpt_neo: attention classes chosen by name at construction
         from .support import unsupported_reason
         raise UnsupportedModelError(
             f"{type(model).__name__} stayed on attn_implementation={model.config._attn_implementation!r}: transformers "

@@ -21,7 +21,7 @@ linear-attention layers     lightning attention, RG-LRU, RWKV, xLSTM or short co
                             boundaries whatever the mask says.
 attention outside           no module of the model comes from a file that uses transformers'
 transformers' interface     ``ALL_ATTENTION_FUNCTIONS``: its own attention code never calls packmask
-                            (bloom and mpt with ALiBi, falcon, xglm, reformer, xlnet, …), so a
+                            (bloom and mpt with ALiBi, gpt_neo, xglm, reformer, xlnet, …), so a
                             packed mask would not reach it. Refused on every call with packmask.
 sparse-attention indexer    a sub-module class ending in ``Indexer`` (deepseek_v32, glm_moe_dsa, …):
                             it reads the raw mask outside the attention function.
@@ -68,7 +68,7 @@ def _recurrent_modules(model) -> list[str]:
 def _uses_attention_interface(model) -> bool:
     """Whether any module of ``model`` is defined next to transformers' ``ALL_ATTENTION_FUNCTIONS``
     (the attention-interface dispatch that calls packmask); models with their own attention code
-    (bloom, mpt, falcon, xglm, …) never import it."""
+    (bloom, mpt, gpt_neo, xglm, …) never import it."""
     seen = set()
     for module in model.modules():
         name = type(module).__module__
