@@ -80,6 +80,32 @@ def _uses_attention_interface(model) -> bool:
     return not seen  # not a transformers model: assume it follows the interface
 
 
+def alibi_setting(model) -> str | None:
+    """What turns ALiBi on in ``model`` (None when it is off): a config flag (``alibi=True`` as in falcon,
+    ``attn_config.alibi=True`` as in mpt, ``position_embedding_type="alibi"``), or, for a family
+    with no flag (bloom), an ALiBi builder in its modeling module.
+
+    >>> from transformers import FalconConfig, FalconForCausalLM
+    >>> alibi_setting(FalconForCausalLM(FalconConfig(num_hidden_layers=1, hidden_size=8, num_attention_heads=2,
+    ...                                              vocab_size=16, alibi=True)))
+    'config.alibi=True'
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "position_embedding_type", None) == "alibi":
+        return "config.position_embedding_type='alibi'"
+    flags = [("config.alibi", getattr(config, "alibi", None)),
+             ("config.attn_config.alibi", getattr(getattr(config, "attn_config", None), "alibi", None))]
+    flags = [(name, value) for name, value in flags if isinstance(value, bool)]
+    if flags:
+        return next((f"{name}=True" for name, value in flags if value), None)
+    for module in model.modules():
+        builders = sorted((a for a in vars(sys.modules.get(type(module).__module__, object)) if "alibi" in a.lower()),
+                          key=lambda a: (a.startswith("_"), a))  # a public builder names it best
+        if type(module).__module__.startswith("transformers.models.") and builders:
+            return f"{builders[0]} in {type(module).__module__}"
+    return None
+
+
 def unsupported_reason(model) -> str | None:
     """Why packed rows cannot be exact for ``model`` (None when they can). Cached on the model."""
     return _diagnose(model)[1] or None
@@ -101,12 +127,15 @@ def _diagnose(model) -> tuple[str, str]:
         kind = "recurrent"  # refused on packed input, like recurrent layers
         reason = (f"{model_type} has a sparse-attention indexer (DeepSeek sparse attention) that selects keys from the "
                   f"raw attention mask itself, outside the attention function packmask replaces.")
+    elif alibi_setting(model):
+        kind = "interface"  # refused on every call: the bias rides on the attention mask packmask replaces
+        reason = (f"{model_type} ({type(model).__name__}) uses ALiBi ({alibi_setting(model)}): the model adds its "
+                  f"distance bias to the attention scores in its own code, outside transformers' AttentionInterface, "
+                  f"where packmask's per-sequence mask cannot reach it.")
     elif not _uses_attention_interface(model):
-        alibi = bool(getattr(model.config, "alibi", False)) or model_type in ("bloom", "mpt")
-        what = "ALiBi attention computed by the model's own code" if alibi else "its own attention code"
         kind = "interface"
-        reason = (f"{model_type} ({type(model).__name__}) uses {what}, which does not go through transformers' "
-                  f"AttentionInterface, so packmask's per-sequence mask never reaches it.")
+        reason = (f"{model_type} ({type(model).__name__}) uses its own attention code, which does not go through "
+                  f"transformers' AttentionInterface, so packmask's per-sequence mask never reaches it.")
     model.__dict__["_packmask_unsupported"] = (kind, reason)
     return kind, reason
 

@@ -141,7 +141,9 @@ class VerifyReport:
     def summary(self) -> str:
         w = self.worst()
         fmt = lambda v: "-" if v is None else f"{v:.1e}"  # noqa: E731
-        verdict = "PASS" if self.passed else ("REFUSED" if self.refused else "FAIL")
+        if self.refused:  # the reason in full (a table cell cuts it)
+            return f"REFUSED {self.model_type}: {self.rows[0].error}"
+        verdict = "PASS" if self.passed else "FAIL"
         return (f"{verdict} {self.model_type}: {self.output_name} rel err {fmt(w['output'])}, loss {fmt(w['loss'])}, "
                 f"grads {fmt(w['grad'])} (tol {self.tol:.0e})")
 
