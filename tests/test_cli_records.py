@@ -49,7 +49,7 @@ BAD_RECORDS = {
     "empty chat": ([{"messages": [{"role": "user", "content": "hi"}]}, {"messages": []}], ["--tokenizer", "demo"],
                    ["line 2", "'messages'", "empty list of messages"]),
     "message without role": ([{"messages": [{"role": "user", "content": "hi"}]}, {"messages": [{"content": "x"}]}],
-                             ["--tokenizer", "demo"], ["line 2", "without a 'role'"]),
+                             ["--tokenizer", "demo"], ["line 2", "'messages[0].role' is missing"]),
 }
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .errors import CLIError
 from .parser import DEMO_TOKENIZER
-from .records import BadRecords, Field, check_table, read_json_array, read_json_lines
+from .records import BadRecords, Field, check_one_kind, check_table, present_in_table, read_json_array, read_json_lines
 
 __all__ = ["Loaded", "suffix_of", "field_chooser", "load_input", "resolve_tokenizer", "tokenize", "JSON_SUFFIXES"]
 
@@ -50,10 +50,14 @@ def suffix_of(path: Path) -> str:
 
 
 def field_chooser(args):
-    """``choose(columns) -> Field``: the token, text or messages column, or a one-line error."""
+    """``choose(columns) -> Field``: the token, text or messages column, or a one-line error.
+
+    ``choose.candidates`` lists the three names, to find files that mix kinds of records.
+    """
+    candidates = (("tokens", args.column), ("text", args.text_column), ("chat", args.messages_column))
 
     def choose(columns) -> Field:
-        for kind, name in (("tokens", args.column), ("text", args.text_column), ("chat", args.messages_column)):
+        for kind, name in candidates:
             if name in columns:
                 return Field(kind, name)
         raise CLIError(
@@ -62,6 +66,7 @@ def field_chooser(args):
             "pass --column NAME for token-id lists, --text-column NAME for text, or --messages-column NAME for chat",
         )
 
+    choose.candidates = [name for _, name in candidates]
     return choose
 
 
@@ -105,6 +110,7 @@ def load_input(path: Path, args) -> Loaded:
         raise CLIError(f"{path}: unsupported input type {suffix or '(no extension)'!r}", f"INPUT must be {WHAT_INPUT}")
     fld = choose(table.column_names)
     check_column_type(table.schema.field(fld.name).type, fld)
+    check_one_kind(present_in_table(table, choose.candidates), fld, path, lambda rows: [f"row {r}" for r in rows])
     return Loaded(check_table(table, fld, bad, lambda rows: [f"row {r}" for r in rows]), fld, bad)
 
 
