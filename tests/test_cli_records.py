@@ -100,7 +100,7 @@ def test_output_checks_come_before_reading_the_input(tmp_path, capsys):
     assert_error(run(capsys, "pack", missing_input, "-o", tmp_path / "o.parquet", "--max-length", 8,
                      "--plot", tmp_path / "hist.txt"), "--plot", ".png")
     assert_error(run(capsys, "pack", missing_input, "-o", tmp_path / "o.parquet", "--max-length", 8,
-                     "--tokenizer", tmp_path / "no-tokenizer"), "could not load a tokenizer")
+                     "--tokenizer", tmp_path / "no-tokenizer"), "no such folder")
     assert not (tmp_path / "o.parquet").exists()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from .errors import CLIError
 from .parser import DEMO_TOKENIZER
 from .records import BadRecords, Field, check_one_kind, check_table, present_in_table, read_json_array, read_json_lines
 
-__all__ = ["Loaded", "suffix_of", "field_chooser", "load_input", "resolve_tokenizer", "tokenize", "JSON_SUFFIXES"]
+__all__ = ["Loaded", "suffix_of", "field_chooser", "load_input", "resolve_tokenizer", "tokenize", "JSON_SUFFIXES",
+           "looks_like_a_model_name"]
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")
 WHAT_INPUT = "a .jsonl, .json or .parquet file, or a folder written by Dataset.save_to_disk"
@@ -166,16 +168,42 @@ def resolve_tokenizer(spec: str | None):
         return build_demo_tokenizer(), "packmask-demo-bpe (built-in toy tokenizer)"
     from transformers import AutoTokenizer
 
-    path = Path(spec)
+    path = Path(spec).expanduser()
     name = str(path.resolve()) if path.exists() else spec
+    if path.is_file():
+        raise CLIError(f"--tokenizer {spec}: is a file, not a folder", _TOKENIZER_FIX)
+    if not path.exists() and not looks_like_a_model_name(spec):
+        raise CLIError(f"--tokenizer {spec}: no such folder", _TOKENIZER_FIX)
     try:
-        return AutoTokenizer.from_pretrained(spec, local_files_only=True), name
+        return AutoTokenizer.from_pretrained(str(path) if path.exists() else spec, local_files_only=True), name
     except (OSError, ValueError) as error:
+        if not path.exists():  # the hub's own message speaks of repo ids and connecting to huggingface.co
+            raise CLIError(f"--tokenizer {spec}: not a local folder, and no model of that name is in the Hugging "
+                           "Face cache (packmask never downloads)", _TOKENIZER_FIX) from None
+        if not any((path / f).exists() for f in _TOKENIZER_FILES):
+            raise CLIError(f"--tokenizer {spec}: the folder holds no tokenizer files ({', '.join(_TOKENIZER_FILES[:2])})",
+                           _TOKENIZER_FIX) from None
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        where = "the folder" if path.exists() else "no such folder, and not in the Hugging Face cache"
-        raise CLIError(f"could not load a tokenizer from {spec!r} ({where}: {first_line})",
-                       "point --tokenizer at a folder written by tokenizer.save_pretrained, a model already "
-                       "downloaded to the Hugging Face cache, or 'demo' for the built-in toy tokenizer") from None
+        raise CLIError(f"--tokenizer {spec}: the folder holds no tokenizer transformers can load ({first_line})",
+                       _TOKENIZER_FIX) from None
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "spiece.model")
+
+
+_TOKENIZER_FIX = ("pass --tokenizer a folder written by tokenizer.save_pretrained, a model name already downloaded "
+                  "(hf download NAME), or 'demo' for the built-in toy tokenizer")
+
+
+def looks_like_a_model_name(spec: str) -> bool:
+    """Whether ``spec`` could be a Hugging Face model name (``name`` or ``owner/name``) rather than a path.
+
+    >>> [looks_like_a_model_name(s) for s in ("gpt2", "Qwen/Qwen2.5-0.5B", "./tok", "a/b/c", "/abs", "x-")]
+    [True, True, False, False, False, False]
+    """
+    part = r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?"
+    return re.fullmatch(f"{part}(?:/{part})?", spec) is not None and ".." not in spec
 
 
 def require_tokenizer(tokenizer, fld: Field, path: Path, tokenizer_name: str | None = None) -> None:
