@@ -151,47 +151,19 @@ class VerifyReport:
                 f"grads {fmt(w['grad'])} (tol {self.tol:.0e})")
 
     def header(self) -> str:
-        """What was compared with what, honest per model (a model without attention has no attention
-        implementation to compare: only packed against each sequence alone)."""
-        compared = (f"attn={self.attn_implementation} packed vs {self.reference_impl} alone" if self.has_attention
-                    else "no attention layers: packed vs each sequence alone")
-        return f"packmask verify — {self.model_type} ({self.model_class}, {compared}), {self.dtype}, tol {self.tol:.0e}"
+        """The table's title: what was compared with what (:mod:`packmask.verification_table`)."""
+        from .verification_table import report_header
+        return report_header(self)
 
     def reasons(self) -> list[str]:
         """``"mask3d, mask4d: <the whole error>"``: each distinct error once, with the forms it stopped."""
-        grouped: dict[str, list[str]] = {}
-        for r in self.rows:
-            if r.error is not None:
-                grouped.setdefault(r.error, []).append(r.form)
-        return [f"{', '.join(forms)}: {error}" for error, forms in grouped.items()]
+        from .verification_table import report_reasons
+        return report_reasons(self)
 
     def table(self):
-        """A ``rich.table.Table`` of the rows; the reasons of refused / failed forms are written out
-        whole under it (wrapped to the width), not cut to fit a cell."""
-        from rich.table import Table
-
-        reasons = self.reasons()
-        caption = (f"documents per row: {self.seq_lengths}; max |Δ|, rel err: {self.output_name}; loss, grads: "
-                   "relative error; worst parameter: the largest gradient error")
-        if reasons:
-            caption += "\n" + "\n".join(f"{'why' if len(reasons) == 1 else f'why ({i})'} {reason}"
-                                         for i, reason in enumerate(reasons, 1))
-        t = Table(title=self.header(), caption=caption, caption_justify="left")
-        for col in ("form", "max |Δ|", "rel err", "loss", "grads", "worst parameter", "status"):
-            t.add_column(col, justify="left" if col in ("form", "worst parameter") else "right", overflow="fold",
-                         no_wrap=col not in ("worst parameter",))
-        fmt = lambda v: "–" if v is None or v != v else f"{v:.1e}"  # noqa: E731
-        style = {"pass": "green", "FAIL": "bold red", "error": "bold red", "refused": "yellow"}
-        numbered = {error: i for i, error in enumerate(dict.fromkeys(r.error for r in self.rows if r.error), 1)}
-        for r in self.rows:
-            status = f"[{style[r.status]}]{r.status}[/]"
-            if r.error is not None:
-                see = "see why below" if len(numbered) == 1 else f"see why ({numbered[r.error]})"
-                t.add_row(r.form, "–", "–", "–", "–", see, status)
-            else:
-                t.add_row(r.form, fmt(r.max_abs_err), fmt(r.output_rel_err), fmt(r.loss_rel_err),
-                          fmt(r.grad_rel_err), r.grad_param, status)
-        return t
+        """A ``rich.table.Table`` of the rows, reasons written out whole under it (:mod:`packmask.verification_table`)."""
+        from .verification_table import report_table
+        return report_table(self)
 
     def __rich__(self):
         return self.table()
