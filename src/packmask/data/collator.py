@@ -72,6 +72,11 @@ class PackedCollator:
         label_pad_token_id: label for padding, sequence starts and masked-out tokens.
         use_completion_mask: if an example has ``completion_mask`` or ``assistant_masks`` (TRL's
             columns), tokens where it is 0 get label ``-100``.
+        return_attention_mask: also return a 2D ``attention_mask`` ``[B, N]`` (1 on real tokens, 0 on
+            row padding): what TRL's ``SFTTrainer`` sums for its ``num_tokens`` metric (without it, TRL
+            counts the row width). Only for a model on ``attn_implementation="packmask"``, which takes
+            it with the packed keys and stays exact; stock sdpa / eager / flash attention read a 2D
+            mask as plain padding and stop separating the sequences (packmask warns).
         packed: ``True``: every example is a packed row and must carry ``seq_lengths`` (raises with
             the fix when it was dropped, e.g. by the Trainer's ``remove_unused_columns``); ``False``:
             every example is one sequence (an example with ``seq_lengths`` raises); ``None``
@@ -80,7 +85,8 @@ class PackedCollator:
     Output keys: ``input_ids``, ``labels``, ``position_ids`` (int64 ``[B, N]``), ``cu_seq_lens_q``,
     ``cu_seq_lens_k`` (int32, over the ``B * N`` flattened tokens, row padding its own segment, so
     ``cu[-1] == B * N``), ``max_length_q``, ``max_length_k`` (Python ints), optionally
-    ``attention_mask`` and ``seq_lengths``.
+    ``attention_mask`` (``[B, N, N]`` with ``return_mask``, ``[B, N]`` with ``return_attention_mask``)
+    and ``seq_lengths``.
     """
 
     pad_token_id: int = 0
@@ -92,8 +98,12 @@ class PackedCollator:
     label_pad_token_id: int = -100
     use_completion_mask: bool = True
     packed: bool | None = None
+    return_attention_mask: bool = False
 
     def __post_init__(self):
+        if self.return_attention_mask and self.return_mask:
+            raise PackmaskError("return_mask=True (a [B, N, N] attention_mask) and return_attention_mask=True (a 2D one) "
+                                "both name the attention_mask key; choose one.")
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
             raise PackmaskError(f"pad_to_multiple_of must be >= 1 or None, got {self.pad_to_multiple_of}.")
         if self.max_length is not None and self.max_length < 1:
@@ -177,6 +187,9 @@ class PackedCollator:
         }
         if self.return_mask:
             batch["attention_mask"] = block_diagonal_mask(seq_lengths, width)
+        if self.return_attention_mask:  # real tokens 1, row padding 0: TRL's SFTTrainer sums it as num_tokens
+            lengths = torch.tensor([sum(row) for row in seq_lengths])
+            batch["attention_mask"] = (torch.arange(width)[None, :] < lengths[:, None]).long()
         if self.return_seq_lengths:
             batch["seq_lengths"] = seq_lengths
         return batch
