@@ -1,7 +1,8 @@
 """Bad chat records (issue 21, item 6): one line naming file, 1-based line and field; ``--skip-invalid``
 skips them without shifting line numbers; a file mixing ``text`` and ``messages`` is named in one line.
 
-Through ``packmask.cli.main.main`` in this process, and one case as a real subprocess."""
+Through ``packmask.cli.main.main`` in this process (the command's code path; tests/test_cli.py runs
+the command as a subprocess), and through the API."""
 from __future__ import annotations
 
 import json
@@ -106,14 +107,6 @@ def test_a_file_mixing_text_and_messages_is_named_in_one_line(tmp_path, capsys, 
     code, out, err = _run(capsys, "stats", _write(tmp_path / "chat.jsonl", [GOOD] * 3), "--max-length", 64,
                           "--tokenizer", tokenizer_folder)
     assert code == 0, (out, err)
-
-
-def test_bad_chat_record_as_a_real_command(tmp_path, tokenizer_folder):
-    from test_cli import assert_one_line_error, run_cli
-
-    source = _write(tmp_path / "chat.jsonl", [GOOD, {"messages": [USER, {"role": "assistant", "content": 42}]}])
-    assert_one_line_error(run_cli("stats", source, "--max-length", 64, "--tokenizer", tokenizer_folder),
-                          str(source), "line 2", "'messages[1].content'", "an int (42)")
 
 
 def test_api_names_row_and_field(tokenizer_folder):
