@@ -121,3 +121,11 @@ def test_api_names_row_and_field(tokenizer_folder):
     with pytest.raises(PackmaskError, match=r"^row 1 \(dataset\[1\]\): field 'messages\[1\].content' is missing"):
         tokenize_chat_dataset(dataset, tokenizer)
     assert tokenize_chat_dataset(dataset.select([0]), tokenizer).num_rows == 1  # control: the good row alone
+
+
+def test_chat_content_of_two_kinds_names_the_first_record_of_the_other_kind(tmp_path, capsys, tokenizer_folder):
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}, ASSISTANT]}
+    source = _write(tmp_path / "chat.jsonl", [GOOD, GOOD, "", parts, GOOD])
+    code, out, err = _run(capsys, "stats", source, "--max-length", 64, "--tokenizer", tokenizer_folder)
+    assert code == 2 and len(err) == 1, (out, err)
+    assert f"{source}, line 4: field 'messages' holds a different kind of value" in err[0], err

@@ -270,9 +270,23 @@ def _nonblank_line_numbers(path: Path) -> list[int]:
         return [number for number, line in enumerate(handle, 1) if line.strip()]
 
 
-def _table_from_records(records: list[dict], fld: Field | None):
+def _first_other_kind(values: list) -> int:
+    """Index of the first value Arrow cannot hold in one column with the first non-null value."""
+    import pyarrow as pa
+
+    first = next((v for v in values if v is not None), None)
+    for index, value in enumerate(values):
+        try:
+            pa.array([first, value])
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            return index
+    return 0
+
+
+def _table_from_records(records: list[dict], fld: Field | None, path=None, where=None):
     """Arrow table of parsed records; a column whose values disagree in type (other than the
-    checked field) is left out and named in the returned list."""
+    checked field) is left out and named in the returned list. ``where(rows)`` names records for
+    the one-line error when the checked field itself disagrees."""
     import pyarrow as pa
 
     try:
@@ -287,8 +301,12 @@ def _table_from_records(records: list[dict], fld: Field | None):
             kept.append(name)
         except (pa.ArrowInvalid, pa.ArrowTypeError):
             if fld is not None and name == fld.name:
-                raise CLIError(f"field {name!r} holds values of different types",
-                               "give every record the same kind of value in this field") from None
+                place = ""
+                if where is not None:
+                    place = f"{path}, {where([_first_other_kind([record.get(name) for record in records])])[0]}: "
+                raise CLIError(f"{place}field {name!r} holds a different kind of value than the records before it",
+                               "give every record the same kind of value in this field (chat: every content a "
+                               "string, or every content a list of parts)") from None
             mixed.append(name)
     return pa.table(dict(zip(kept, arrays))), mixed
 
@@ -381,7 +399,7 @@ def read_json_lines(path: Path, choose, check_type, bad: BadRecords):
                    lambda rows: [f"line {lines[r]}" for r in rows])
     records, lines, value_problems = _drop_bad_values(records, lines, fld)
     _report_in_order(problems + value_problems, bad, "line")
-    table, mixed = _table_from_records(records, fld)
+    table, mixed = _table_from_records(records, fld, path, lambda rows: [f"line {lines[r]}" for r in rows])
     return check_table(table, fld, bad, lambda rows: [f"line {lines[r]}" for r in rows]), fld, mixed
 
 
@@ -421,5 +439,5 @@ def read_json_array(path: Path, records: list, choose, check_type, bad: BadRecor
                    lambda rows: [f"record {numbers[r]}" for r in rows])
     objects, numbers, value_problems = _drop_bad_values(objects, numbers, fld)
     _report_in_order(problems + value_problems, bad, "record")
-    table, mixed = _table_from_records(objects, fld)
+    table, mixed = _table_from_records(objects, fld, path, lambda rows: [f"record {numbers[r]}" for r in rows])
     return check_table(table, fld, bad, lambda rows: [f"record {numbers[r]}" for r in rows]), fld, mixed
