@@ -181,8 +181,8 @@ def resolve_tokenizer(spec: str | None):
             raise CLIError(f"--tokenizer {spec}: not a local folder, and no model of that name is in the Hugging "
                            "Face cache (packmask never downloads)", _TOKENIZER_FIX) from None
         if not any((path / f).exists() for f in _TOKENIZER_FILES):
-            raise CLIError(f"--tokenizer {spec}: the folder holds no tokenizer files ({', '.join(_TOKENIZER_FILES[:2])})",
-                           _TOKENIZER_FIX) from None
+            raise CLIError(f"--tokenizer {spec}: the folder holds no tokenizer files "
+                           f"({', '.join(_TOKENIZER_FILES[:2])})", _TOKENIZER_FIX) from None
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CLIError(f"--tokenizer {spec}: the folder holds no tokenizer transformers can load ({first_line})",
                        _TOKENIZER_FIX) from None

@@ -66,8 +66,10 @@ def messages_problem(messages: Any, name: str = "messages") -> str | None:
     "field 'messages[0].content' is missing or null"
     >>> messages_problem([{"role": "bot", "content": "x"}])
     "field 'messages[0].role' is 'bot', not a known role"
-    >>> messages_problem([{"content": "x"}]), messages_problem([]), messages_problem("hi")
-    ("field 'messages[0].role' is missing or null", "field 'messages' is an empty list of messages", "field 'messages' is a str ('hi'), not a list of messages")
+    >>> messages_problem([{"content": "x"}])
+    "field 'messages[0].role' is missing or null"
+    >>> messages_problem([]), messages_problem("hi")
+    ("field 'messages' is an empty list of messages", "field 'messages' is a str ('hi'), not a list of messages")
     >>> messages_problem([{"role": "assistant", "content": None, "tool_calls": [{"name": "f"}]}]) is None
     True
     """

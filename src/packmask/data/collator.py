@@ -46,8 +46,9 @@ from ..masks import block_diagonal_mask
 __all__ = ["PackedCollator"]
 
 _MASK_KEYS = ("completion_mask", "assistant_masks")
-MISSING_SEQ_LENGTHS_FIX = ("the HF Trainer drops that column by default: set TrainingArguments(remove_unused_columns=False), "
-                           "or mix packmask.distributed.PackedTrainerMixin into the Trainer (it keeps the column)")
+MISSING_SEQ_LENGTHS_FIX = ("the HF Trainer drops that column by default: set "
+                           "TrainingArguments(remove_unused_columns=False), or mix "
+                           "packmask.distributed.PackedTrainerMixin into the Trainer (it keeps the column)")
 
 
 def _as_list(value) -> list:
@@ -151,7 +152,8 @@ class PackedCollator:
     def __call__(self, features: Sequence[dict[str, Any]], return_tensors: str | None = None) -> dict[str, Any]:
         if return_tensors not in (None, "pt"):
             raise PackmaskError(f"PackedCollator returns torch tensors only, got return_tensors={return_tensors!r}.")
-        has_lengths = {f.get("seq_lengths") is not None for f in features if f.get("input_ids") is not None and len(f["input_ids"]) > 0}
+        nonempty = [f for f in features if f.get("input_ids") is not None and len(f["input_ids"]) > 0]
+        has_lengths = {f.get("seq_lengths") is not None for f in nonempty}
         if self.packed is None and len(has_lengths) > 1:
             raise PackmaskError("This batch mixes packed rows (with 'seq_lengths') and examples without it; if these are "
                                 f"packed rows whose 'seq_lengths' was lost, {MISSING_SEQ_LENGTHS_FIX}.")
