@@ -129,3 +129,21 @@ def test_chat_content_of_two_kinds_names_the_first_record_of_the_other_kind(tmp_
     code, out, err = _run(capsys, "stats", source, "--max-length", 64, "--tokenizer", tokenizer_folder)
     assert code == 2 and len(err) == 1, (out, err)
     assert f"{source}, line 4: field 'messages' holds a different kind of value" in err[0], err
+
+
+def test_a_role_the_chat_template_names_is_known(tmp_path, capsys):
+    from test_cli import CHAT_TEMPLATE
+
+    from packmask.cli.demo import build_demo_tokenizer
+
+    tokenizer = build_demo_tokenizer()
+    tokenizer.chat_template = "{% if messages[0]['role'] == 'document' %}[doc]{% endif %}" + CHAT_TEMPLATE
+    tokenizer.save_pretrained(tmp_path / "tok")
+    with_document = {"messages": [{"role": "document", "content": "some text"}, USER, ASSISTANT]}
+    source = _write(tmp_path / "chat.jsonl", [GOOD, with_document])
+    code, out, err = _run(capsys, "stats", source, "--max-length", 64, "--tokenizer", tmp_path / "tok")
+    assert code == 0, (out, err)
+    # control: a role neither standard nor in the template is still refused
+    source = _write(tmp_path / "bot.jsonl", [GOOD, {"messages": [{"role": "bot", "content": "x"}]}])
+    code, out, err = _run(capsys, "stats", source, "--max-length", 64, "--tokenizer", tmp_path / "tok")
+    assert code == 2 and "'messages[0].role' is 'bot', not a known role" in err[0], err

@@ -51,17 +51,18 @@ def suffix_of(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
-def field_chooser(args):
+def field_chooser(args, chat_roles: tuple | None = None):
     """``choose(columns) -> Field``: the token, text or messages column, or a one-line error.
 
-    ``choose.candidates`` lists the three names, to find files that mix kinds of records.
+    ``choose.candidates`` lists the three names, to find files that mix kinds of records;
+    ``chat_roles`` are the message roles a chat field accepts (default :data:`packmask.data.chat.ROLES`).
     """
     candidates = (("tokens", args.column), ("text", args.text_column), ("chat", args.messages_column))
 
     def choose(columns) -> Field:
         for kind, name in candidates:
             if name in columns:
-                return Field(kind, name)
+                return Field(kind, name, chat_roles) if kind == "chat" and chat_roles else Field(kind, name)
         raise CLIError(
             f"INPUT has no token column {args.column!r}, no text column {args.text_column!r} and no messages "
             f"column {args.messages_column!r} (columns: {', '.join(columns) or 'none'})",
@@ -89,10 +90,13 @@ def check_column_type(kind, fld: Field) -> None:
                        "each record needs \"messages\": [{\"role\": \"user\", \"content\": \"...\"}, ...]")
 
 
-def load_input(path: Path, args) -> Loaded:
-    """Read INPUT (jsonl / json / parquet / a saved dataset folder) and check its records."""
+def load_input(path: Path, args, chat_roles: tuple | None = None) -> Loaded:
+    """Read INPUT (jsonl / json / parquet / a saved dataset folder) and check its records.
+
+    ``chat_roles``: the message roles chat records may use (those the tokenizer's template names too).
+    """
     bad = BadRecords(str(path), skip=args.skip_invalid)
-    choose = field_chooser(args)
+    choose = field_chooser(args, chat_roles)
     if not path.exists():
         raise CLIError(f"{path}: no such file or directory", f"check the path; INPUT is {WHAT_INPUT}")
     suffix = suffix_of(path)

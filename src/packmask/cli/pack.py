@@ -121,8 +121,11 @@ def _pack_report(args, console, write: bool) -> int:
     tokenizer, tokenizer_name = resolve_tokenizer(args.tokenizer)
 
     # -- read and check every record --------------------------------------------------------------
+    from ..data.chat import template_roles
+
+    roles = template_roles(getattr(tokenizer, "chat_template", None)) if tokenizer is not None else None
     with _spinner(console, f"reading {input_path}"):
-        loaded = load_input(input_path, args)
+        loaded = load_input(input_path, args, roles)
     refuse_packed_input(input_path, None, loaded.table.column_names, command=command)
     require_tokenizer(tokenizer, loaded.field, input_path, tokenizer_name)
     if loaded.bad.count:

@@ -27,7 +27,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data.chat import MESSAGES_FIX, messages_problem
+from ..data.chat import MESSAGES_FIX, ROLES, messages_problem
 from .errors import CLIError
 
 __all__ = ["Field", "BadRecords", "check_table", "read_json_lines", "read_json_array", "value_problem",
@@ -51,6 +51,7 @@ class Field:
 
     kind: str
     name: str
+    roles: tuple = field(default=ROLES, repr=False)  # chat: known message roles (the template may add its own)
 
 
 @dataclass
@@ -80,7 +81,7 @@ class BadRecords:
 
 # --------------------------------------------------------------------------- one value (line-by-line path)
 
-def value_problem(kind: str, name: str, value) -> tuple[str, str] | None:
+def value_problem(kind: str, name: str, value, roles: tuple = ROLES) -> tuple[str, str] | None:
     """What is wrong with one record's ``value`` of field ``name``, as ``(problem, fix_kind)``.
 
     >>> value_problem("tokens", "input_ids", [1, "a"])
@@ -97,7 +98,7 @@ def value_problem(kind: str, name: str, value) -> tuple[str, str] | None:
     if kind == "text":
         return None if isinstance(value, str) else (f"field {name!r} is a {type(value).__name__}, not text", "type")
     if kind == "chat":
-        problem = messages_problem(value, name)
+        problem = messages_problem(value, name, roles)
         return None if problem is None else (problem, "chat")
     if not isinstance(value, list):
         return f"field {name!r} is a {type(value).__name__}, not a list of token ids", "tokens"
@@ -194,7 +195,7 @@ def _token_problems(column, name: str):
     return found
 
 
-def _chat_problems(column, name: str):
+def _chat_problems(column, name: str, roles: tuple = ROLES):
     """``[(rows, text)]``, one per bad conversation (:func:`packmask.data.chat.messages_problem`).
 
     A Python loop per record: chat records are rendered one by one by the chat template anyway.
@@ -204,7 +205,7 @@ def _chat_problems(column, name: str):
     found = []
     for row, messages in enumerate(column.to_pylist()):
         if messages is not None:  # null rows are reported as missing by check_table
-            problem = messages_problem(messages, name)
+            problem = messages_problem(messages, name, roles)
             if problem is not None:
                 found.append((np.array([row]), problem))
     return found
@@ -226,7 +227,7 @@ def check_table(table, fld: Field, bad: BadRecords, where):
     if fld.kind == "tokens" and is_list:
         problems += [(rows, offenders, text, "tokens") for rows, offenders, text in _token_problems(column, fld.name)]
     if fld.kind == "chat" and is_list:
-        problems += [(rows, {}, text, "chat") for rows, text in _chat_problems(column, fld.name)]
+        problems += [(rows, {}, text, "chat") for rows, text in _chat_problems(column, fld.name, fld.roles)]
     all_bad = np.unique(np.concatenate([rows for rows, *_ in problems]).astype(np.int64))
     if all_bad.size:
         shown = all_bad[: SHOWN if bad.skip else 1].tolist()
@@ -407,7 +408,7 @@ def _drop_bad_values(records, numbers, fld: Field):
     """Records (and their numbers) whose ``fld`` value passes :func:`value_problem`, and the problems."""
     kept, kept_numbers, problems = [], [], []
     for record, number in zip(records, numbers):
-        problem = value_problem(fld.kind, fld.name, record.get(fld.name))
+        problem = value_problem(fld.kind, fld.name, record.get(fld.name), fld.roles)
         if problem is not None:
             problems.append((number, *problem))
             continue

@@ -33,8 +33,8 @@ from typing import Any
 
 from ..errors import PackmaskError
 
-__all__ = ["tokenize_messages", "tokenize_chat_dataset", "messages_problem", "TRAIN_ON", "IGNORE_INDEX", "ROLES",
-           "MESSAGES_FIX"]
+__all__ = ["tokenize_messages", "tokenize_chat_dataset", "messages_problem", "template_roles", "TRAIN_ON",
+           "IGNORE_INDEX", "ROLES", "MESSAGES_FIX"]
 
 #: label value the loss ignores (transformers / PyTorch convention)
 IGNORE_INDEX = -100
@@ -42,8 +42,22 @@ TRAIN_ON = ("assistant", "all")
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 #: message roles the chat templates of transformers models use (``ipython``: Llama 3.1 tool output)
 ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
-MESSAGES_FIX = ('each message needs "role" (one of ' + ", ".join(ROLES) + ') and "content" (a string, or a list '
-                'of content parts; null only beside "tool_calls")')
+MESSAGES_FIX = ('each message needs "role" (one of ' + ", ".join(ROLES) + ', or a role the chat template names) and '
+                '"content" (a string, or a list of content parts; null only beside "tool_calls")')
+_ROLE_TEST = re.compile(r"""role['"]?\]?\s*[!=]=\s*['"]([\w-]+)['"]""")
+
+
+def template_roles(template) -> tuple[str, ...]:
+    """:data:`ROLES` plus the roles a chat template compares against (``message['role'] == 'document'``),
+    so a template's own roles are known roles.
+
+    >>> template_roles("{% if m['role'] == 'document' %}...{% elif m.role != 'system' %}")[-2:]
+    ('ipython', 'document')
+    """
+    if isinstance(template, dict):  # several named templates
+        template = " ".join(t for t in template.values() if isinstance(t, str))
+    found = _ROLE_TEST.findall(template) if isinstance(template, str) else []
+    return ROLES + tuple(dict.fromkeys(r for r in found if r not in ROLES))
 
 
 def _kind(value) -> str:
@@ -55,10 +69,11 @@ def _kind(value) -> str:
     return f"{article} {kind}" if isinstance(value, (list, dict)) else f"{article} {kind} ({repr(value)[:40]})"
 
 
-def messages_problem(messages: Any, name: str = "messages") -> str | None:
+def messages_problem(messages: Any, name: str = "messages", roles: tuple[str, ...] = ROLES) -> str | None:
     """What is wrong with one conversation, naming the field (``messages[i].role``), or ``None``.
 
-    Messages are numbered as Python indexes them (``messages[0]`` is the first).
+    Messages are numbered as Python indexes them (``messages[0]`` is the first). ``roles``: the
+    known roles (:func:`template_roles` of the tokenizer's template adds the template's own).
 
     >>> messages_problem([{"role": "user", "content": "hi"}, {"role": "assistant", "content": 42}])
     "field 'messages[1].content' is an int (42), not text"
@@ -88,7 +103,7 @@ def messages_problem(messages: Any, name: str = "messages") -> str | None:
             return f"field {at + '.role'!r} is missing or null"
         if not isinstance(role, str):
             return f"field {at + '.role'!r} is {_kind(role)}, not a role name"
-        if role not in ROLES:
+        if role not in roles:
             return f"field {at + '.role'!r} is {role!r}, not a known role"
         if content is None:
             if message.get("tool_calls"):
@@ -113,8 +128,8 @@ def _check_args(tokenizer, train_on: str) -> str:
     return template
 
 
-def _check_messages(messages: Any, where: str = "", name: str = "messages") -> None:
-    problem = messages_problem(messages, name)
+def _check_messages(messages: Any, where: str = "", name: str = "messages", roles: tuple[str, ...] = ROLES) -> None:
+    problem = messages_problem(messages, name, roles)
     if problem is not None:
         raise PackmaskError(f"{where}{problem}; {MESSAGES_FIX}.")
 
@@ -173,7 +188,7 @@ def tokenize_messages(tokenizer, messages, *, train_on: str = "assistant") -> di
     (skipped as doctests: they need a tokenizer, which the tests build offline in tests/test_chat.py)
     """
     template = _check_args(tokenizer, train_on)
-    _check_messages(messages)
+    _check_messages(messages, roles=template_roles(template))
     return _tokenize_one(tokenizer, messages, train_on, bool(_GENERATION_TAG.search(template)), "")
 
 
@@ -217,12 +232,13 @@ def tokenize_chat_dataset(dataset, tokenizer, *, column: str = "messages", train
         raise PackmaskError(f"the dataset already has {clashes}; remove them first (dataset.remove_columns({clashes})) "
                             f"so the chat tokens are not mixed with older ones.")
     has_tags = bool(_GENERATION_TAG.search(template))
+    roles = template_roles(template)
 
     def tokenize_batch(batch, indices):
         out = {"input_ids": [], "labels": []}
         for messages, index in zip(batch[column], indices):
             where = f" of row {index}"  # dataset[index], 0-based
-            _check_messages(messages, f"row {index} (dataset[{index}]): ", column)
+            _check_messages(messages, f"row {index} (dataset[{index}]): ", column, roles)
             one = _tokenize_one(tokenizer, messages, train_on, has_tags, where)
             out["input_ids"].append(one["input_ids"])
             out["labels"].append(one["labels"])
