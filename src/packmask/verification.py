@@ -18,10 +18,13 @@ Worked example (a tiny random Llama, fp32 on CPU)::
 
 ``report.table()`` is a rich table (printed by default)::
 
-    verify llama (LlamaForCausalLM, attn=packmask vs eager alone), fp32, tol 1e-05
-    form      max |Δ| out  rel err out  rel err loss  worst grad rel err  status
-    mask3d        4.8e-07      1.1e-07       3.5e-08   2.9e-07 (model…)     pass
+    packmask verify — llama (LlamaForCausalLM, attn=packmask packed vs eager alone), float32, tol 1e-05
+    form      max |Δ|  rel err     loss    grads  worst parameter                         status
+    mask3d    1.6e-07  2.1e-07  0.0e+00  3.8e-07  model.layers.1.self_attn.q_proj.weight    pass
     ...
+
+A refused or failed form shows ``see why below``; its whole reason is written under the table
+(:meth:`VerifyReport.reasons`), wrapped, never cut to fit a cell.
 
 Input forms (``forms=``):
 
@@ -58,7 +61,8 @@ from .masks import block_diagonal_mask
 from .support import position_offset
 from .testing import pack_rows, rel_err, tiny_config, tiny_model
 
-__all__ = ["verify", "model_for", "VerifyReport", "FormResult", "FORMS", "DEFAULT_SEQ_LENGTHS", "tiny_model", "tiny_config"]
+__all__ = ["verify", "model_for", "VerifyReport", "FormResult", "FORMS", "DEFAULT_SEQ_LENGTHS", "tiny_model", "tiny_config",
+           "has_attention_layers"]
 
 #: every input form verify knows (see the module docstring)
 FORMS = ("mask3d", "mask4d", "collator", "position_ids", "position_ids_ones_2d", "seq_lengths")
@@ -119,6 +123,7 @@ class VerifyReport:
     seq_lengths: list
     output_name: str
     rows: list = field(default_factory=list)
+    has_attention: bool = True  #: False for models without attention layers (mamba): no implementation to compare
 
     @property
     def passed(self) -> bool:
@@ -147,32 +152,37 @@ class VerifyReport:
         return (f"{verdict} {self.model_type}: {self.output_name} rel err {fmt(w['output'])}, loss {fmt(w['loss'])}, "
                 f"grads {fmt(w['grad'])} (tol {self.tol:.0e})")
 
-    def table(self):
-        """A ``rich.table.Table`` of the rows."""
-        from rich.table import Table
+    def header(self) -> str:
+        """The table's title: what was compared with what (:mod:`packmask.verification_table`)."""
+        from .verification_table import report_header
+        return report_header(self)
 
-        t = Table(title=f"packmask verify — {self.model_type} ({self.model_class}, attn={self.attn_implementation} "
-                        f"packed vs {self.reference_impl} alone), {self.dtype}, tol {self.tol:.0e}",
-                  caption=f"documents per row: {self.seq_lengths}")
-        for col in ("form", f"max |Δ| {self.output_name}", f"rel err {self.output_name}", "rel err loss",
-                    "worst grad rel err", "parameter", "status"):
-            t.add_column(col, justify="left" if col in ("form", "parameter") else "right")
-        fmt = lambda v: "–" if v is None or v != v else f"{v:.1e}"  # noqa: E731
-        style = {"pass": "green", "FAIL": "bold red", "error": "bold red", "refused": "yellow"}
-        for r in self.rows:
-            status = f"[{style[r.status]}]{r.status}[/]"
-            if r.error is not None:
-                t.add_row(r.form, "–", "–", "–", "–", r.error[:90], status)
-            else:
-                t.add_row(r.form, fmt(r.max_abs_err), fmt(r.output_rel_err), fmt(r.loss_rel_err),
-                          fmt(r.grad_rel_err), r.grad_param, status)
-        return t
+    def reasons(self) -> list[str]:
+        """``"mask3d, mask4d: <the whole error>"``: each distinct error once, with the forms it stopped."""
+        from .verification_table import report_reasons
+        return report_reasons(self)
+
+    def table(self):
+        """A ``rich.table.Table`` of the rows, reasons written out whole under it (:mod:`packmask.verification_table`)."""
+        from .verification_table import report_table
+        return report_table(self)
 
     def __rich__(self):
         return self.table()
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def has_attention_layers(model) -> bool:
+    """Whether any submodule is an attention layer (by class name, as transformers names them:
+    ``LlamaAttention``, ``BertSelfAttention``, ...); a mamba model has none.
+
+    >>> from packmask.testing import tiny_model
+    >>> has_attention_layers(tiny_model("llama")), has_attention_layers(torch.nn.Linear(2, 2))
+    (True, False)
+    """
+    return any("attention" in type(module).__name__.lower() for module in model.modules())
 
 
 def _accepts(model, name: str) -> bool:
@@ -305,7 +315,8 @@ def verify(model, *, seq_lengths: Sequence[Sequence[int]] | None = None,
     impl = model.config._attn_implementation
     report = VerifyReport(model_type=getattr(model.config, "model_type", "?"), model_class=type(model).__name__,
                           attn_implementation=str(impl), reference_impl=reference_impl, dtype=str(dtype).replace(
-                              "torch.", ""), tol=tol, seq_lengths=seq_lengths, output_name=output_name)
+                              "torch.", ""), tol=tol, seq_lengths=seq_lengths, output_name=output_name,
+                          has_attention=has_attention_layers(model))
 
     g = torch.Generator().manual_seed(seed)
     slices, pos = pack_rows(seq_lengths, N)
