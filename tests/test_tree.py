@@ -304,7 +304,7 @@ def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_s
                          ids=["gathered-keys+backward", "cache-split-by-lse", "sliding-cropped-cache"])
 def test_varlen_tree_decomposition_equals_dense_math(fake_varlen_kernel, grad, window, crop):
     from packmask.backends.spec import AttentionSpec
-    from packmask.backends.tree import tree_varlen_attention
+    from packmask.backends.varlen import tree_varlen_attention
     from packmask.backends.eager import eager_attention
     fake_varlen_kernel(_reference_varlen)
     torch.manual_seed(4)
@@ -334,7 +334,7 @@ def test_varlen_tree_decomposition_equals_dense_math(fake_varlen_kernel, grad, w
 def test_tree_block_mask_tiles_and_mask_mod(window, kv_extra):
     """The flex BlockMask built from the tree: mask_mod equals the dense mask, every visible pair lies
     in a listed tile, and every tile marked full is fully visible (a wrong full tile would leak)."""
-    from packmask.backends.tree import tree_block_mask
+    from packmask.backends.flex import tree_block_mask
     g = torch.Generator().manual_seed(5)
     parents = torch.stack([torch.tensor([-1] + [int(torch.randint(-1, i, (1,), generator=g)) for i in range(1, 45)])
                            for _ in range(2)])

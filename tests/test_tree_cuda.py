@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from packmask.backends.spec import AttentionSpec
-from packmask.backends.tree import tree_flex_attention, tree_varlen_attention
+from packmask.backends.flex import flex_attention_call
+from packmask.backends.varlen import tree_varlen_attention
 from packmask.layout_tree import TreeLayout
 from packmask.masks import _segment_parents
 from packmask.testing import rel_err
@@ -69,7 +70,7 @@ def _check(kernel, layout, window=None, kv_len=None, H=4, Hkv=2, D=64):
 FLEX_FAILS = pytest.mark.xfail(
     reason="torch 2.11 inductor: no valid triton config for the tree BlockMask on H100 (shared memory over the limit); "
            "flex refuses tree layouts, so the dispatcher never sends them there", strict=False)
-KERNELS = [tree_varlen_attention, pytest.param(tree_flex_attention, marks=FLEX_FAILS)]
+KERNELS = [tree_varlen_attention, pytest.param(flex_attention_call, marks=FLEX_FAILS)]
 
 
 @pytest.mark.parametrize("kernel", KERNELS, ids=["varlen", "flex"])

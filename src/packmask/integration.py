@@ -21,7 +21,7 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .backends import AttentionSpec, attend
+from .backends import AttentionSpec, attend, check_backend_name
 from .errors import PackmaskError, UnsupportedModelError
 from .forward_inputs import (LAYOUT_KWARG, NAME, _derive_inputs_hook, _external_layout, _layout_from_cu,
                              _uses_packmask, layout_from_positions_cached)
@@ -276,8 +276,7 @@ def enable(model, backend: str | None = None):
             f"cannot switch this model's attention after construction. {unsupported_reason(model) or ''} Build it with "
             f"attn_implementation='packmask' if the family supports it (check with packmask.verify), or train unpacked.")
     if backend is not None:
-        from .backends import _check_name
-        _check_name(backend)
+        check_backend_name(backend)
         for m in model.modules():  # read per layer call by the dispatcher (packmask.backends.requested_backend)
             m._packmask_backend = backend
     return model

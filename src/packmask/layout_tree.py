@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import PackmaskError
+from .segments import cu_seqlens_from_starts, doc_ids_from_starts, lengths_from_cu_seqlens
 
 __all__ = ["TreeLayout", "tree_depths", "analyse_tree_mask"]
 
@@ -168,7 +169,8 @@ class TreeLayout:
         """Segments over the flattened ``B * N`` tokens (computed once, vectorised).
 
         A token starts a segment unless its parent is the token just before it and that token has
-        no other child. Returns ``start`` (flat index), ``length``, ``parent`` (global segment id
+        no other child. Returns ``start`` (flat index), ``length``, ``cu_seqlens`` (int32, the
+        segments as varlen sequences), ``parent`` (global segment id
         or -1), ``row``, ``depth`` (segment depth), ``of_token`` ``[B, N]`` and ``ancestors``
         ``[S, D + 1]``: the ancestor segment of each segment at every depth (-1 beyond its own).
         """
@@ -182,11 +184,11 @@ class TreeLayout:
                               torch.ones_like(self.parent))
         start = torch.ones(B, N, dtype=torch.bool, device=dev)
         start[:, 1:] = (self.parent[:, 1:] != idx[1:] - 1) | (children[:, :N - 1] > 1)
-        flat_start = start.reshape(-1)
-        of_token = flat_start.long().cumsum(0).reshape(B, N) - 1
-        seg_start = torch.nonzero(flat_start).reshape(-1)
+        of_token = doc_ids_from_starts(start)  # segments are the documents of these start flags
+        cu = cu_seqlens_from_starts(start)
+        seg_start = cu[:-1].long()
         S = seg_start.numel()
-        seg_len = torch.diff(seg_start, append=torch.tensor([B * N], device=dev))
+        seg_len = lengths_from_cu_seqlens(cu)
         row = seg_start // max(N, 1)
         par_tok = self.parent.reshape(-1)[seg_start]
         seg_parent = torch.where(par_tok >= 0, of_token.reshape(-1)[(row * N + par_tok).clamp(min=0)],
@@ -204,7 +206,7 @@ class TreeLayout:
             cur = torch.where(bit, up[cur], cur)
             up = up[up]
         ancestors = torch.where(steps >= 0, cur, torch.full_like(cur, -1))
-        out = dict(start=seg_start, length=seg_len, parent=seg_parent, row=row, depth=seg_depth,
+        out = dict(start=seg_start, length=seg_len, cu_seqlens=cu, parent=seg_parent, row=row, depth=seg_depth,
                    of_token=of_token, ancestors=ancestors)
         self._memo["segments"] = out
         return out
