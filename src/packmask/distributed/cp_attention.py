@@ -144,7 +144,8 @@ def varlen_pieces(index_r: torch.Tensor, index_all: torch.Tensor, doc_ids: torch
 
 class ContextParallelLayout:
     """The layout one CP rank hands to packmask's attention function (as the ``packmask_layout``
-    model keyword, see :data:`packmask.integration.LAYOUT_KWARG`): it brings its own ``attend``.
+    model keyword, see :data:`packmask.inputs.LAYOUT_KWARG`): it brings its own keys
+    (:meth:`keys_and_layout`: the all-gathered keys and the pieces of this rank's queries).
 
     Built by :meth:`packmask.distributed.context_parallel.ContextParallel.shard`; holds the plan,
     this rank and the CP process group. Everything derived from the plan is computed on first use
@@ -200,21 +201,28 @@ class ContextParallelLayout:
             raise UnsupportedModelError(f"packmask cannot shard this model over context-parallel ranks: {reason} "
                                         f"Train it without context parallelism.")
 
-    def attend(self, module, query, key, value, *, spec: AttentionSpec, training: bool) -> torch.Tensor:
-        """``query [B, H, n, D]``, ``key/value [B, Hkv, n, D]`` (this rank's tokens) -> ``[B, n, H, D]``."""
+    def keys_and_layout(self, module, query, key, value, *, spec: AttentionSpec):
+        """``(keys, values, layout)`` of this rank's call: ``key/value [B, Hkv, n, D]`` (this rank's tokens)
+        all-gathered over the context group to ``[B, Hkv, cp * n, D]``, and the
+        :class:`~packmask.layout_pieces.PiecesLayout` of this rank's queries against them. packmask's
+        attention function runs the call through the dispatcher like any other."""
         B, H, n, D = query.shape
         if (B, n) != (self.batch_size, self.seq_len):
             raise PackmaskError(
                 f"the context-parallel layout is for [{self.batch_size}, {self.seq_len}] local tokens but "
                 f"{type(module).__name__} got queries of shape {tuple(query.shape)}: pass the batch returned by "
                 f"ContextParallel.shard unchanged, with use_cache=False.")
-        cp = self.plan.cp
-        Hkv = key.shape[1]
-        k_all = all_gather_sequence(key, self.group).permute(1, 2, 0, 3, 4).reshape(B, Hkv, cp * n, D)
-        v_all = all_gather_sequence(value, self.group).permute(1, 2, 0, 3, 4).reshape(B, Hkv, cp * n, D)
         causal, window = spec.is_causal, spec.sliding_window
         if window is not None and not causal:
             raise PackmaskError(f"{type(module).__name__} has a bidirectional sliding window; context parallelism has "
                                 f"none. Train this model without context parallelism.")
-        layout = self.pieces_layout(query.device, causal, window)
+        cp = self.plan.cp
+        Hkv = key.shape[1]
+        k_all = all_gather_sequence(key, self.group).permute(1, 2, 0, 3, 4).reshape(B, Hkv, cp * n, D)
+        v_all = all_gather_sequence(value, self.group).permute(1, 2, 0, 3, 4).reshape(B, Hkv, cp * n, D)
+        return k_all, v_all, self.pieces_layout(query.device, causal, window)
+
+    def attend(self, module, query, key, value, *, spec: AttentionSpec, training: bool) -> torch.Tensor:
+        """``query [B, H, n, D]``, ``key/value [B, Hkv, n, D]`` (this rank's tokens) -> ``[B, n, H, D]``."""
+        k_all, v_all, layout = self.keys_and_layout(module, query, key, value, spec=spec)
         return attend(query, k_all, v_all, layout, spec, training=training, module=module)
