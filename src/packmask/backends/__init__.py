@@ -12,10 +12,11 @@ backend           where               honours
                   ``packmask[cudnn]`` sliding windows, head dim <= 128. Not: softcap, dropout,
                                       sinks, general masks (cuDNN SDPA with ragged offsets).
 ``varlen``        CUDA, fp16/bf16     block-diagonal layouts, causal or not; tree layouts (shared
-                                      prefixes, draft trees over a KV cache) as pieces with gathered
-                                      keys (backends/tree.py); GQA, scale, sliding windows.
+                                      prefixes, draft trees over a KV cache) and pieces layouts
+                                      (context parallelism) as pieces with gathered keys
+                                      (decomposed by backends/tree.py); GQA, scale, sliding windows.
                                       Not: softcap, dropout, sinks, general masks.
-``flex``          CUDA                any layout (BlockMask; trees' built from their segments), GQA,
+``flex``          CUDA                any layout but pieces (BlockMask; trees' from their segments), GQA,
                                       scale, sliding windows, softcap (score_mod). Not: dropout, sinks.
 ``sdpa``          anywhere            any layout via a dense bool mask, GQA, scale, windows,
                                       dropout. Not: softcap, sinks.

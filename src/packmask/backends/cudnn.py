@@ -31,8 +31,8 @@ from functools import lru_cache
 
 import torch
 
-__all__ = ["NAME", "available", "frontend_version", "refusal", "run", "cudnn_attention", "set_deterministic", "deterministic",
-           "slot_count"]
+__all__ = ["NAME", "available", "frontend_version", "refusal", "run", "cudnn_attention", "set_deterministic",
+           "deterministic", "slot_count"]
 
 NAME = "cudnn"
 
