@@ -41,6 +41,7 @@ import sys
 import torch
 
 from .errors import UnsupportedModelError
+from .inputs import is_packed, layout_from_mask, resolve_layout
 from .segments import starts_from_position_ids
 
 __all__ = ["unsupported_reason", "check_packed_input", "is_packed_input", "RECURRENT_MODULE_PATTERN"]
@@ -145,21 +146,25 @@ def is_packed_input(mask=None, position_ids=None, cu_seq_lens=None, seq_lengths=
 
     A ``[B, N, N]`` / ``[B, 1, N, N]`` mask that is not plain causal or full, ``cu_seq_lens`` or
     ``seq_lengths`` with more sequences than rows, or ``position_ids`` that restart inside a row (the
-    restart rule of :mod:`packmask.segments`).
+    restart rule of :mod:`packmask.segments`). Read by :func:`packmask.inputs.resolve_layout`, so the
+    analysis is shared with the forward that follows. Row padding after the last of ``seq_lengths``
+    does not count as a sequence.
+
+    >>> is_packed_input(position_ids=torch.tensor([[0, 1, 2, 0, 1]])), is_packed_input(seq_lengths=[[3], [4]])
+    (True, False)
     """
     if seq_lengths is not None:
         return any(sum(int(x) > 0 for x in r) > 1 for r in seq_lengths)  # empty documents vanish
-    if cu_seq_lens is not None:
-        return cu_seq_lens.numel() - 1 > (batch_size or 1)
     if isinstance(mask, torch.Tensor) and mask.dim() in (3, 4) and mask.shape[-1] == mask.shape[-2]:
-        from .layout import _as_bool_mask  # bool, 0/1 or additive (0 = attend): one reading of every form
-        m = _as_bool_mask(mask.reshape(-1, mask.shape[-2], mask.shape[-1]), None, None)
-        n = m.shape[-1]
-        causal = torch.ones(n, n, dtype=torch.bool, device=m.device).tril()
-        return not (bool((m == causal).all()) or bool(m.all()))
-    if isinstance(position_ids, torch.Tensor) and position_ids.dim() >= 2 and position_ids.shape[-1] > 1:
+        return is_packed(layout_from_mask(mask))
+    if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 3:  # multimodal RoPE: [3, B, N]
         return bool(starts_from_position_ids(position_ids)[..., 1:].any())
-    return False
+    if cu_seq_lens is None and not (isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2
+                                    and position_ids.shape[-1] > 1):
+        return False
+    B = batch_size or (position_ids.shape[0] if position_ids is not None else 1)
+    N = position_ids.shape[-1] if position_ids is not None else (int(cu_seq_lens.reshape(-1)[-1]) // max(B, 1))
+    return is_packed(resolve_layout(B, N, position_ids=position_ids, cu_seq_lens_q=cu_seq_lens))
 
 
 def check_packed_input(model, **inputs) -> None:
