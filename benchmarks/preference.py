@@ -32,7 +32,8 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import packmask
-from packmask.data.tree import Forest, _offsets, pack_forest
+from packmask.data.spans import lengths_from_offsets
+from packmask.data.tree import Forest, pack_forest
 from packmask.data.tree_collator import collate_forest
 
 
@@ -80,7 +81,7 @@ def packed_batches(examples, row, rows_per_step, dup, dev):
         kw = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
         if dup:   # documents = each root with its child; boundaries through packmask.segments
             from packmask.segments import cu_seqlens_from_starts
-            seg_rows = np.repeat(np.arange(sub.num_rows), np.diff(sub.seg_row_offsets))
+            seg_rows = np.repeat(np.arange(sub.num_rows), lengths_from_offsets(sub.seg_row_offsets))
             roots = sub.seg_parent < 0
             starts = torch.zeros(sub.num_rows, row + 1, dtype=torch.bool)
             starts[torch.from_numpy(seg_rows[roots]), torch.from_numpy(sub.seg_start[roots])] = True

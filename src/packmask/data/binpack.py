@@ -26,7 +26,7 @@ so every length here is in ``[1, max_length]``.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from .numba_cache import njit
 
 __all__ = ["assign_rows"]
 
