@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from .. import segments
 from ..errors import PackmaskError
 
-__all__ = ["packed_causal_lm_loss", "sequence_ids"]
+__all__ = ["packed_causal_lm_loss", "sequence_ids", "all_reduce_count"]
 
 
 def sequence_ids(*, position_ids: torch.Tensor | None = None, cu_seq_lens: torch.Tensor | None = None,
@@ -124,7 +124,7 @@ def packed_causal_lm_loss(
     per_token = per_token * valid
     if reduction == "token":
         denominator = valid.sum() if num_items_in_batch is None else num_items_in_batch
-        denominator = _all_reduce_count(denominator, reduce_across)
+        denominator = all_reduce_count(denominator, reduce_across)
         if isinstance(denominator, torch.Tensor):
             denominator = denominator.to(per_token.device)
         return per_token.sum() / denominator
@@ -136,13 +136,13 @@ def packed_causal_lm_loss(
     scored = tokens > 0
     means = sums[scored] / tokens[scored]
     denominator = scored.sum() if num_sequences_in_batch is None else num_sequences_in_batch
-    denominator = _all_reduce_count(denominator, reduce_across)
+    denominator = all_reduce_count(denominator, reduce_across)
     if isinstance(denominator, torch.Tensor):
         denominator = denominator.to(means.device)
     return means.sum() / denominator
 
 
-def _all_reduce_count(count, group):
+def all_reduce_count(count, group):
     """``count`` summed over the ranks of ``group`` (``True``: the default group); unchanged for ``None``."""
     if group is None:
         return count
