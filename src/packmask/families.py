@@ -75,7 +75,7 @@ def model_for(spec: str, *, attn_implementation: str = "packmask", seed: int = 0
     from transformers import AutoModel, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from .testing import tiny_config
+    from .tiny import tiny_config
 
     config = tiny_config(spec)
     if is_encoder_config(config):
