@@ -1,7 +1,9 @@
 """Lengths in, a :class:`PackAssignment` out: which piece of which document goes into which row.
 
-Pure numpy around the numba row assignment (:mod:`packmask.data.binpack`); the overflow policy
-(truncate, split, drop, error) and the empty documents are settled here, before the assignment.
+Pure numpy around the row assignment (:mod:`packmask.data.binpack`, numba; or its numpy twin
+:mod:`packmask.data.binpack_python` in a process's first call, see :mod:`packmask.data.kernel_choice`);
+the overflow policy (truncate, split, drop, error) and the empty documents are settled here, before
+the assignment.
 
     >>> a = pack_lengths([5, 3, 6, 2], 8)
     >>> a.seq_lengths(), a.row_lengths().tolist()
@@ -16,11 +18,12 @@ from typing import Any
 import numpy as np
 
 from ..errors import PackmaskError
-from .binpack import assign_rows
+from .binpack_python import rows_bfd
+from .kernel_choice import packing_call, use_numba
 from .packing_stats import PackingStats
 from .spans import lengths_from_offsets, offsets_from_lengths, positions_from_lengths, span_indices
 
-__all__ = ["pack_lengths", "PackAssignment", "check_packing_args", "STRATEGIES", "OVERFLOWS"]
+__all__ = ["pack_lengths", "PackAssignment", "assign_rows", "check_packing_args", "STRATEGIES", "OVERFLOWS"]
 
 STRATEGIES = ("bfd", "ffd", "sequential")
 OVERFLOWS = ("truncate", "split", "drop", "error")
@@ -82,6 +85,16 @@ def check_packing_args(max_length: int, strategy: str, overflow: str) -> None:
         raise PackmaskError(f"Unknown overflow {overflow!r}; use one of {OVERFLOWS}.")
 
 
+def assign_rows(lengths: np.ndarray, max_length: int, strategy: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(grouped, row_offsets)`` of :func:`packmask.data.binpack.assign_rows`, from the numba kernels or,
+    for ``"bfd"`` in a process's first call, from their numpy twin (identical output)."""
+    if strategy == "bfd" and not use_numba(lengths.shape[0]):
+        return rows_bfd(lengths, max_length)
+    from .binpack import assign_rows as numba_assign_rows   # imports numba: only when it runs
+
+    return numba_assign_rows(lengths, max_length, strategy)
+
+
 def pack_lengths(
     lengths: Any,
     max_length: int,
@@ -111,6 +124,11 @@ def pack_lengths(
         >>> a.doc_index.tolist()
         [2, 3, 0, 1]
     """
+    with packing_call():
+        return _pack_lengths(lengths, max_length, strategy, overflow)
+
+
+def _pack_lengths(lengths, max_length, strategy, overflow) -> PackAssignment:
     begin = time.perf_counter()
     check_packing_args(max_length, strategy, overflow)
     max_length = int(max_length)

@@ -40,6 +40,7 @@ from ..errors import PackmaskError
 from . import arrow
 from .assignment import OVERFLOWS, STRATEGIES, PackAssignment, check_packing_args, pack_lengths  # noqa: F401 (API)
 from .hf_datasets import arrow_table, derived_fingerprint, in_memory_dataset
+from .kernel_choice import packing_call
 from .packing_stats import PackingStats
 from .spans import offsets_from_lengths
 from .streaming import pack_iterable
@@ -49,6 +50,11 @@ __all__ = ["pack_lengths", "pack_dataset", "pack_iterable", "PackingStats", "Pac
 
 
 def _pack_one(dataset, max_length, strategy, overflow, column, shuffle, seed, num_threads):
+    with packing_call():
+        return _pack_table(dataset, max_length, strategy, overflow, column, shuffle, seed, num_threads)
+
+
+def _pack_table(dataset, max_length, strategy, overflow, column, shuffle, seed, num_threads):
     import pyarrow as pa
 
     begin = time.perf_counter()

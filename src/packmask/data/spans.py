@@ -41,7 +41,7 @@ from ..errors import PackmaskError
 __all__ = [
     "offsets_from_lengths", "lengths_from_offsets", "span_indices", "positions_from_lengths", "run_starts",
     "run_lengths", "starts_from_lengths", "starts_from_position_ids", "starts_from_ids", "doc_ids_from_starts",
-    "position_ids_from_starts", "cu_seqlens_from_starts", "lengths_from_starts", "gather_spans",
+    "position_ids_from_starts", "cu_seqlens_from_starts", "lengths_from_starts", "gather_spans", "gather_spans_numpy",
 ]
 
 
@@ -236,14 +236,15 @@ def lengths_from_starts(starts) -> list[list[int]]:
 # ---- gathering spans ----------------------------------------------------------------------------
 
 def gather_spans(values: np.ndarray, starts, lengths, *, num_threads: int | None = None) -> np.ndarray:
-    """``values[starts[i] : starts[i] + lengths[i]]`` for every span, concatenated (one parallel copy;
-    no index array per token). ``num_threads`` as in :func:`packmask.data.threads.numba_threads`.
+    """``values[starts[i] : starts[i] + lengths[i]]`` for every span, concatenated (no index array per
+    token). numba's parallel copy on ``num_threads`` threads (as in
+    :func:`packmask.data.threads.numba_threads`), or a numpy copy in a process's first packing call
+    (:mod:`packmask.data.kernel_choice`); the same values either way.
 
     >>> gather_spans(np.array([10, 11, 12, 20, 21]), [3, 0], [2, 3]).tolist()
     [20, 21, 10, 11, 12]
     """
-    from .span_kernels import copy_spans   # numba: imported on first use, not with this module
-    from .threads import numba_threads
+    from .kernel_choice import use_numba
 
     values = np.ascontiguousarray(values)
     starts = np.ascontiguousarray(starts, np.int64).reshape(-1)
@@ -251,5 +252,30 @@ def gather_spans(values: np.ndarray, starts, lengths, *, num_threads: int | None
     dst = offsets_from_lengths(lengths)
     if lengths.size and (starts.min() < 0 or (starts + lengths).max() > values.shape[0] or lengths.min() < 0):
         raise PackmaskError(f"gather_spans: a span lies outside the {values.shape[0]} values.")
+    if not use_numba(lengths.shape[0]):
+        return gather_spans_numpy(values, starts, lengths)
+    from .span_kernels import copy_spans   # numba: imported on first use, not with this module
+    from .threads import numba_threads
+
     with numba_threads(num_threads):
         return copy_spans(values, starts, lengths, dst[:-1], int(dst[-1]))
+
+
+def gather_spans_numpy(values: np.ndarray, starts, lengths) -> np.ndarray:
+    """:func:`gather_spans` in numpy, one thread. The output lives in an anonymous memory map, not a
+    ``numpy.empty`` buffer: numpy asks the kernel for transparent huge pages on large arrays, and on a
+    fragmented machine the first touch of those stalls in compaction (the reason numba's copy
+    allocates its own output too; see :mod:`packmask.data.span_kernels`).
+
+    >>> gather_spans_numpy(np.array([10, 11, 12, 20, 21]), [3, 0], [2, 3]).tolist()
+    [20, 21, 10, 11, 12]
+    """
+    import mmap
+
+    values = np.asarray(values)
+    total = int(np.sum(lengths))
+    out = np.frombuffer(mmap.mmap(-1, max(total * values.itemsize, 1)), values.dtype, total)
+    if total:
+        np.concatenate([values[s:s + n] for s, n in zip(np.asarray(starts).tolist(), np.asarray(lengths).tolist())],
+                       out=out)
+    return out

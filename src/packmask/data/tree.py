@@ -33,6 +33,7 @@ import numpy as np
 
 from ..errors import PackmaskError
 from .assignment import pack_lengths
+from .kernel_choice import packing_call
 from .spans import gather_spans, lengths_from_offsets, offsets_from_lengths, run_lengths, run_starts, span_indices
 
 __all__ = ["Forest", "PackedForest", "pack_forest", "concat_forests"]
@@ -159,6 +160,11 @@ def pack_forest(forest: Forest, max_length: int, *, strategy: str = "bfd") -> Pa
 
     An example larger than a row raises (the presets apply their overflow policy before calling this).
     """
+    with packing_call():
+        return _pack_forest(forest, max_length, strategy)
+
+
+def _pack_forest(forest: Forest, max_length: int, strategy: str) -> PackedForest:
     ids, sizes, first_seg, seg_counts = forest.example_sizes()
     if np.any(sizes > max_length):
         i = int(np.flatnonzero(sizes > max_length)[0])
