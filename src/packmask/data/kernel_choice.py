@@ -5,10 +5,8 @@ packing 200k documents takes once they are loaded. So the first packing call of 
 outermost :func:`packing_call`) runs the numpy twins -- :func:`packmask.data.binpack_python.rows_bfd`
 for the default ``"bfd"`` assignment and a numpy span copy -- which give identical results (tested
 against the kernels); later calls, inputs of at least :data:`NUMBA_AT` documents or spans (where the
-load pays for itself), and any call once the kernels are loaded, run numba.
-
-    >>> use_numba(10)            # nothing packed yet in this process, small input  # doctest: +SKIP
-    False
+load pays for itself), and any call once the kernels are loaded, run numba
+(``tests/data/test_kernel_choice.py`` checks both halves in a fresh process).
 """
 from __future__ import annotations
 
