@@ -1,8 +1,9 @@
 """The ``datasets`` adapter: a ``Dataset``'s Arrow data in, an in-memory ``Dataset`` out, through the
 library's public API.
 
-A shuffled or selected ``Dataset`` is a full table plus an indices mapping; ``with_format("arrow")``
-applies the mapping (one Arrow ``take``), and an unshuffled one comes back without a copy.
+A shuffled or selected ``Dataset`` is a full table plus an indices mapping; reading it in the
+``"arrow"`` format applies the mapping (one Arrow ``take``), and an unshuffled one comes back without
+a copy.
 
     >>> from datasets import Dataset
     >>> ds = Dataset.from_dict({"input_ids": [[1, 2], [3], [4, 5, 6]]}).select([2, 0])
@@ -18,12 +19,16 @@ __all__ = ["arrow_table", "arrow_column", "derived_fingerprint", "in_memory_data
 
 def arrow_table(dataset):
     """The rows of ``dataset`` (indices mapping applied), as one ``pyarrow.Table``."""
-    return dataset.with_format("arrow")[:]
+    # formatted_as, not with_format: no deep copy of the Dataset (whose garbage a later collection
+    # pays for; measured 0.2 s in a fresh process with torch loaded)
+    with dataset.formatted_as("arrow"):
+        return dataset[:]
 
 
 def arrow_column(dataset, name: str):
     """One column of ``dataset`` (indices mapping applied), as a ``pyarrow.ChunkedArray``."""
-    return dataset.with_format("arrow")[name]
+    with dataset.formatted_as("arrow"):
+        return dataset[name]
 
 
 def derived_fingerprint(source, settings: tuple, tag: str) -> str:
