@@ -214,7 +214,8 @@ def main() -> None:
         versions["trl"] = trl.__version__
     except ImportError:
         args.no_trl = True
-    results.update(cpu=cpu, cores=os.cpu_count(), versions=versions)
+    results.update(cpu=cpu, cores=os.cpu_count(), versions=versions,
+                   load_average_at_start=os.getloadavg() if hasattr(os, "getloadavg") else None)
     console.print(f"[bold]device[/] {cpu}, {os.cpu_count()} cores; versions {versions}")
 
     # the issue-22 goal: a fresh process's first pack_dataset call >= 10x TRL's bfd on 200k documents
