@@ -19,7 +19,7 @@ An *encoder* is a family with a masked-LM class whose config is not set up as a 
 its attention layers (:func:`is_causal_model`), so a ``BertLMHeadModel`` with ``is_decoder=False``
 is treated as the encoder it is.
 
->>> from packmask.testing import tiny_config
+>>> from packmask.tiny import tiny_config
 >>> is_encoder_config(tiny_config("bert")), is_encoder_config(tiny_config("llama"))
 (True, False)
 """

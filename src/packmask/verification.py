@@ -9,7 +9,7 @@ parameter gradient.
 Worked example (a tiny random Llama, fp32 on CPU)::
 
     >>> import packmask
-    >>> from packmask.testing import tiny_model
+    >>> from packmask.tiny import tiny_model
     >>> report = packmask.verify(tiny_model("llama"), print_table=False)
     >>> report.passed
     True
@@ -183,7 +183,7 @@ def verify(model, *, seq_lengths: Sequence[Sequence[int]] | None = None,
         :class:`VerifyReport`. The model is left in the attention implementation and train/eval
         mode it came in; its parameter ``.grad`` are reset to None.
 
-    >>> from packmask.testing import tiny_model
+    >>> from packmask.tiny import tiny_model
     >>> verify(tiny_model("qwen2"), forms=("collator",), print_table=False).passed
     True
     """
