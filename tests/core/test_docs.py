@@ -5,7 +5,7 @@ docs/ is executed here (a block of ``>>>`` lines runs as a doctest). A block may
 reader brings along (``name``, ``tok``, ``tokenized``, ``chats``, ...): they are built below from a
 tiny random Llama and the demo's offline tokenizer, saved to a temporary folder, so nothing is
 downloaded. Mark only blocks that run on a CPU in about a second. The README quickstart is run (and
-its printed error checked) by tests/test_readme.py.
+its printed error checked) by tests/core/test_readme.py.
 """
 import doctest
 import pathlib
