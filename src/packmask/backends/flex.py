@@ -36,7 +36,7 @@ def refusal(layout, spec: AttentionSpec, q: torch.Tensor, training: bool) -> str
     if isinstance(layout, PiecesLayout):
         return "flex has no pieces (context-parallel) path"
     if isinstance(layout, TreeLayout):
-        # measured on one H100 with torch 2.11 (tests/test_tree_cuda.py, 2026-11-25): inductor finds no
+        # measured on one H100 with torch 2.11 (tests/backends/test_tree_cuda.py, 2026-11-25): inductor finds no
         # kernel config for the tree BlockMask (triton shared memory over the limit), so trees go to
         # varlen or the dense-mask backends instead of failing mid-training
         return "flex tree BlockMasks fail to compile on torch 2.11 (triton shared-memory limit)"

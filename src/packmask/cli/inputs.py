@@ -167,7 +167,7 @@ def resolve_tokenizer(spec: str | None):
     if spec is None:
         return None, None
     if spec == DEMO_TOKENIZER:
-        from .demo import build_demo_tokenizer
+        from .demo_corpus import build_demo_tokenizer
 
         return build_demo_tokenizer(), "packmask-demo-bpe (built-in toy tokenizer)"
     from transformers import AutoTokenizer

@@ -17,7 +17,7 @@ import argparse
 __all__ = ["build_parser", "STRATEGIES", "OVERFLOWS", "TRAIN_ON", "DEMO_TOKENIZER", "version"]
 
 # mirrors packmask.data.packing.STRATEGIES / OVERFLOWS (literal so --help needs no numba import;
-# tests/test_cli.py checks they agree)
+# tests/cli/test_cli.py checks they agree)
 STRATEGIES = ("bfd", "ffd", "sequential")
 OVERFLOWS = ("truncate", "split", "drop", "error")
 TRAIN_ON = ("assistant", "all")

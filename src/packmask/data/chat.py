@@ -185,7 +185,7 @@ def tokenize_messages(tokenizer, messages, *, train_on: str = "assistant") -> di
         >>> out["labels"][-2:] == out["input_ids"][-2:], set(out["labels"][:-2])  # doctest: +SKIP
         (True, {-100})
 
-    (skipped as doctests: they need a tokenizer, which the tests build offline in tests/test_chat.py)
+    (skipped as doctests: they need a tokenizer, which the tests build offline in tests/data/test_chat.py)
     """
     template = _check_args(tokenizer, train_on)
     _check_messages(messages, roles=template_roles(template))

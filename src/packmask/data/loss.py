@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from .. import segments
 from ..errors import PackmaskError
 
-__all__ = ["packed_causal_lm_loss", "sequence_ids"]
+__all__ = ["packed_causal_lm_loss", "sequence_ids", "all_reduce_count"]
 
 
 def sequence_ids(*, position_ids: torch.Tensor | None = None, cu_seq_lens: torch.Tensor | None = None,

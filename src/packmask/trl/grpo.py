@@ -24,7 +24,8 @@ import torch
 from trl import GRPOTrainer
 
 from ..data.logps import branch_logps, per_branch_padded
-from ..data.preference import TreePackingStats, _prompt_branch_forest
+from ..data.branch_forest import TreePackingStats, prompt_branch_forest
+from ..data.spans import offsets_from_lengths, run_lengths, run_starts
 from ..data.tree import pack_forest
 from ..data.tree_collator import collate_forest
 from ..errors import PackmaskError
@@ -57,18 +58,16 @@ def group_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_
     if (c_len == 0).any() or (p_len == 0).any():
         return None
     B = ids.shape[0]
-    new_group = np.ones(B, bool)
-    new_group[1:] = ~(np.all(p_ids[1:] == p_ids[:-1], 1) & np.all(p_mask[1:] == p_mask[:-1], 1))
+    new_group = run_starts(np.concatenate([p_ids, p_mask], 1))   # a new prompt (tokens or padding) starts a tree
     firsts = np.flatnonzero(new_group)
-    sizes = np.diff(np.append(firsts, B))
+    sizes = run_lengths(new_group)
     p_vals, c_vals = p_ids[firsts][p_mask[firsts]], c_ids[c_mask]
-    p_off = np.concatenate([[0], np.cumsum(p_len[firsts])])
-    c_off = np.concatenate([[0], np.cumsum(c_len)])
+    p_starts = offsets_from_lengths(p_len[firsts])[:-1]
+    c_starts = offsets_from_lengths(c_len)[:-1] + p_vals.shape[0]
     big = int(p_len[firsts].max() + np.add.reduceat(c_len, firsts).max())
     stats = TreePackingStats(max_length=big, overflow="error", truncation_mode="keep_start")
-    forest = _prompt_branch_forest(np.concatenate([p_vals, c_vals]), p_off[:-1], np.diff(p_off),
-                                   c_off[:-1] + p_vals.shape[0], np.diff(c_off), sizes, np.ones(B, np.int64), big,
-                                   "error", "keep_start", stats, "completion")
+    forest = prompt_branch_forest(np.concatenate([p_vals, c_vals]), p_starts, p_len[firsts], c_starts, c_len, sizes,
+                                  np.ones(B, np.int64), big, "error", "keep_start", stats, "completion")
     total = int(forest.tokens.shape[0])
     packed = pack_forest(forest, max(row_length or total, big))
     return collate_forest(packed, pad_token_id=pad_token_id, device=input_ids.device)

@@ -4,7 +4,7 @@ import io
 import pathlib
 import re
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+README = next(p for p in pathlib.Path(__file__).resolve().parents if (p / "pyproject.toml").is_file()) / "README.md"
 
 
 def _quickstart_error(code: str) -> float:

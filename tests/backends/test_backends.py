@@ -237,7 +237,7 @@ def _reference_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, win
 def test_varlen_glue_equals_eager_on_cpu(monkeypatch, fake_varlen_kernel, gqa_route, causal, layer_causal, window):
     """The varlen backend's glue (flattening, window band, GQA routes) equals the eager backend, with
     torch's kernel replaced by its contract in plain math (the kernel itself is CUDA-only:
-    tests/test_backends_cuda.py). Control: a band taken from the layout, as before, differs."""
+    tests/backends/test_backends_cuda.py). Control: a band taken from the layout, as before, differs."""
     from packmask.backends import varlen as vl
     from packmask.layout import DocumentLayout
     fake_varlen_kernel(_reference_varlen_attn)

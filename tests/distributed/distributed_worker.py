@@ -7,7 +7,7 @@ sdpa, 2D padding mask) in one big batch per step, with the same loss reduction. 
 the update is proportional to the gradient, so a wrong normalisation shows up in full (Adam would
 hide a constant factor). Rank 0 writes ``{config: {param_rel_err, update_rel_err, ...}}`` as JSON.
 
-    torchrun --standalone --nproc-per-node 2 tests/distributed_worker.py OUT.json [config ...]
+    torchrun --standalone --nproc-per-node 2 tests/distributed/distributed_worker.py OUT.json [config ...]
 
 configs: ddp-token ddp-sequence fsdp2-token fsdp2-sequence ddp-token-local-count (the control: each
 micro-batch divided by its own count, the usual per-batch mean / accumulation steps).

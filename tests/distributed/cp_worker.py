@@ -1,6 +1,6 @@
-"""torchrun worker for tests/test_context_parallel.py: context-parallel runs vs one process.
+"""torchrun worker for tests/distributed/test_context_parallel.py: context-parallel runs vs one process.
 
-``torchrun --standalone --nproc-per-node W tests/cp_worker.py OUT.json`` runs every case for the
+``torchrun --standalone --nproc-per-node W tests/distributed/cp_worker.py OUT.json`` runs every case for the
 world size W on gloo (CPU, fp32) and global rank 0 writes ``{case: {...errors...}}`` to OUT.json
 (atomically). Kept out of pytest collection (no ``test_`` prefix).
 """

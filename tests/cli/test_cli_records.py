@@ -1,6 +1,6 @@
 """Bad input records, checks before work and atomic writing, through ``packmask.cli.main.main``
 in this process (the same code path as the command, without a 5-second interpreter start per
-case). tests/test_cli.py runs one case of each kind as a real subprocess."""
+case). tests/cli/test_cli.py runs one case of each kind as a real subprocess."""
 from __future__ import annotations
 
 import json

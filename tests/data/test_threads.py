@@ -13,6 +13,7 @@ from packmask import PackmaskError
 from packmask.data.threads import numba_threads
 
 SCRIPT = textwrap.dedent("""
+    import sys
     import torch
     torch.set_num_threads(1)
     assert torch.get_num_threads() == 1  # asking first matters: it is what made the old code lose the setting
@@ -22,7 +23,10 @@ SCRIPT = textwrap.dedent("""
     from packmask.data.threads import numba_threads
 
     ds = Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5], [6, 7, 8, 9]] * 50})
-    packed = packmask.pack_dataset(ds, 8)
+    packmask.pack_dataset(ds, 8)   # a process's first packing call runs numba-free (data/kernel_choice.py) ...
+    assert "packmask.data.span_kernels" not in sys.modules
+    packed = packmask.pack_dataset(ds, 8)   # ... the second starts numba's pool: the moment under test
+    assert "packmask.data.span_kernels" in sys.modules
     assert torch.get_num_threads() == 1, f"pack_dataset changed torch's threads to {torch.get_num_threads()}"
     with numba_threads() as used:
         assert used == 1 and numba.get_num_threads() == 1, (used, numba.get_num_threads())

@@ -3,7 +3,7 @@ one-line errors and the files written.
 
 Each call starts a fresh interpreter (torch + transformers import, ~4 s), so the file keeps to
 one call per behaviour and a demo of a few steps; variants of one behaviour (every kind of bad
-record, every way OUTPUT can be the input) run in-process in tests/test_cli_records.py.
+record, every way OUTPUT can be the input) run in-process in tests/cli/test_cli_records.py.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file()) / "src"
 
 
 def run_cli(*args, cwd=None, timeout=180, env=None):

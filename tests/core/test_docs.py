@@ -5,7 +5,7 @@ docs/ is executed here (a block of ``>>>`` lines runs as a doctest). A block may
 reader brings along (``name``, ``tok``, ``tokenized``, ``chats``, ...): they are built below from a
 tiny random Llama and the demo's offline tokenizer, saved to a temporary folder, so nothing is
 downloaded. Mark only blocks that run on a CPU in about a second. The README quickstart is run (and
-its printed error checked) by tests/test_readme.py.
+its printed error checked) by tests/core/test_readme.py.
 """
 import doctest
 import pathlib
@@ -14,7 +14,7 @@ import re
 import pytest
 import torch
 
-DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
+DOCS = next(p for p in pathlib.Path(__file__).resolve().parents if (p / "pyproject.toml").is_file()) / "docs"
 MARKER = "<!-- test -->"
 # pages whose recipes must stay under test: removing a marker fails test_marked_blocks_exist
 EXPECTED = {"packing.md": 4, "preference.md": 1, "speculative-decoding.md": 2}

@@ -12,7 +12,7 @@ dealt by ``PackedTrainerMixin``'s balanced sampler:
 Each is compared with ``distributed_worker.reference_updates`` (one process, same documents unpacked
 in one big batch per step). Rank 0 writes JSON.
 
-    accelerate launch --multi_gpu --num_processes 2 tests/distributed_trainer_worker.py OUT.json
+    accelerate launch --multi_gpu --num_processes 2 tests/distributed/distributed_trainer_worker.py OUT.json
 """
 from __future__ import annotations
 

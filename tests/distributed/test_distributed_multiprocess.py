@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -19,12 +20,13 @@ import pytest
 pytestmark = pytest.mark.multiprocess
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = next(str(p) for p in pathlib.Path(HERE).parents if (p / "pyproject.toml").is_file())  # the repository
 TOL = 1e-5
 
 
 def _env():
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    src = os.path.join(os.path.dirname(HERE), "src")
+    src = os.path.join(ROOT, "src")
     env["PYTHONPATH"] = os.pathsep.join([src] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return env
 
@@ -88,7 +90,7 @@ def test_accelerate_launch_hf_trainer_packed_equals_one_big_unpacked_batch(tmp_p
 def test_train_step_ddp_benchmark_smoke_runs(tmp_path):
     """benchmarks/train_step_ddp.py is meant for a multi-GPU machine; its CPU smoke mode proves it runs."""
     out = str(tmp_path / "smoke.json")
-    script = os.path.join(os.path.dirname(HERE), "benchmarks", "train_step_ddp.py")
+    script = os.path.join(ROOT, "benchmarks", "train_step_ddp.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", script, "--smoke",
            "--out", out]
     record = _launch(cmd, out)

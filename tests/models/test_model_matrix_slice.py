@@ -1,6 +1,6 @@
 """CI slice of the coverage matrix (docs/model-support.md; full matrix: python3 scripts/model_support.py).
 
-Families beyond tests/test_integration.py, each chosen for a feature: packmask.verify must pass
+Families beyond tests/core/test_integration.py, each chosen for a feature: packmask.verify must pass
 (logits, loss, parameter gradients vs each sequence alone, fp32, 1e-5) or — for families packmask
 cannot isolate — every packed form must be refused with UnsupportedModelError.
 """
