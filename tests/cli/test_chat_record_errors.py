@@ -147,3 +147,24 @@ def test_a_role_the_chat_template_names_is_known(tmp_path, capsys):
     source = _write(tmp_path / "bot.jsonl", [GOOD, {"messages": [{"role": "bot", "content": "x"}]}])
     code, out, err = _run(capsys, "stats", source, "--max-length", 64, "--tokenizer", tmp_path / "tok")
     assert code == 2 and "'messages[0].role' is 'bot', not a known role" in err[0], err
+
+
+def test_a_conversation_the_template_rejects_is_named_by_its_line(tmp_path, capsys):
+    from test_cli import CHAT_TEMPLATE
+    from transformers import AutoTokenizer
+
+    from packmask.cli.demo import build_demo_tokenizer
+    from packmask.data.chat import ChatRowError
+
+    tokenizer = build_demo_tokenizer()
+    tokenizer.chat_template = "{% if messages|length > 2 %}{{ raise_exception('one turn only') }}{% endif %}" + CHAT_TEMPLATE
+    tokenizer.save_pretrained(tmp_path / "tok")
+    long = {"messages": [USER, ASSISTANT, USER]}
+    source = _write(tmp_path / "chat.jsonl", [GOOD, "{not json", GOOD, long, GOOD])  # skipping line 2 shifts nothing
+    code, out, err = _run(capsys, "stats", source, "--max-length", 64, "--tokenizer", tmp_path / "tok", "--skip-invalid")
+    assert code == 2 and len(err) == 1, (out, err)
+    assert f"{source}, line 4: the chat template rejected this conversation" in err[0] and "one turn only" in err[0], err
+    dataset = Dataset.from_dict({"messages": [GOOD["messages"], long["messages"]]})
+    with pytest.raises(ChatRowError, match=r"^row 1 \(dataset\[1\]\): the chat template rejected") as error:
+        tokenize_chat_dataset(dataset, AutoTokenizer.from_pretrained(tmp_path / "tok"))
+    assert error.value.row == 1

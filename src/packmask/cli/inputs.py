@@ -269,7 +269,14 @@ def _tokenize_chat(loaded: Loaded, tokenizer, args):
             raise
         raise CLIError("chat input needs packmask.data.chat, which this install lacks",
                        "update packmask, or tokenize the messages yourself into input_ids / labels") from None
+    from ..data.chat import ChatRowError
+
     dataset = datasets.Dataset(loaded.table.select([loaded.field.name]))
-    tokenized = tokenize_chat_dataset(dataset, tokenizer, column=loaded.field.name, train_on=args.train_on)
+    try:
+        tokenized = tokenize_chat_dataset(dataset, tokenizer, column=loaded.field.name, train_on=args.train_on)
+    except ChatRowError as error:  # named by the record's own line, as the checks before tokenizing name it
+        places = loaded.bad.kept_places
+        place = places[error.row] if places is not None and error.row < len(places) else f"record {error.row + 1}"
+        raise CLIError(f"{loaded.bad.path}, {place}: {error.problem}", error.fix) from None
     keep = [name for name in ("input_ids", "labels") if name in tokenized.column_names]
     return tokenized.select_columns(keep)

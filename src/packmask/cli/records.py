@@ -63,6 +63,7 @@ class BadRecords:
     count: int = 0
     first: list = field(default_factory=list)   # where the first SHOWN bad records are
     problems: list = field(default_factory=list)  # (where, problem) of those
+    kept_places: list | None = None  # chat: where each kept record is, to name one the chat template rejects
 
     def add(self, where: str, problem: str, fix_kind: str) -> None:
         if not self.skip:
@@ -235,9 +236,12 @@ def check_table(table, fld: Field, bad: BadRecords, where):
             rows, offenders, text, fix_kind = next(p for p in problems if row in p[0])
             bad.add(place, f"{text} {offenders[row]!r}" if offenders.get(row) is not None else text, fix_kind)
         bad.count += int(all_bad.size) - len(shown)
-        keep = np.ones(table.num_rows, dtype=bool)
-        keep[all_bad] = False
+    keep = np.ones(table.num_rows, dtype=bool)
+    keep[all_bad] = False
+    if all_bad.size:
         table = table.filter(pa.array(keep))
+    if fld.kind == "chat":  # records are tokenized one by one later: remember where each came from
+        bad.kept_places = where(np.flatnonzero(keep).tolist())
     if fld.kind == "tokens" and is_list:
         table = table.set_column(table.schema.get_field_index(fld.name), fld.name,
                                  table.column(fld.name).cast(pa.list_(pa.int64())))

@@ -33,7 +33,7 @@ from typing import Any
 
 from ..errors import PackmaskError
 
-__all__ = ["tokenize_messages", "tokenize_chat_dataset", "messages_problem", "template_roles", "TRAIN_ON",
+__all__ = ["tokenize_messages", "tokenize_chat_dataset", "messages_problem", "template_roles", "ChatRowError", "TRAIN_ON",
            "IGNORE_INDEX", "ROLES", "MESSAGES_FIX"]
 
 #: label value the loss ignores (transformers / PyTorch convention)
@@ -58,6 +58,15 @@ def template_roles(template) -> tuple[str, ...]:
         template = " ".join(t for t in template.values() if isinstance(t, str))
     found = _ROLE_TEST.findall(template) if isinstance(template, str) else []
     return ROLES + tuple(dict.fromkeys(r for r in found if r not in ROLES))
+
+
+class ChatRowError(PackmaskError):
+    """A conversation of :func:`tokenize_chat_dataset` is malformed or rejected by the chat template;
+    ``row`` is its index in the dataset (``dataset[row]``), ``problem`` what is wrong."""
+
+    def __init__(self, row: int, problem: str, fix: str):
+        super().__init__(f"row {row} (dataset[{row}]): {problem}; {fix}")
+        self.row, self.problem, self.fix = row, problem, fix
 
 
 def _kind(value) -> str:
@@ -237,9 +246,17 @@ def tokenize_chat_dataset(dataset, tokenizer, *, column: str = "messages", train
     def tokenize_batch(batch, indices):
         out = {"input_ids": [], "labels": []}
         for messages, index in zip(batch[column], indices):
-            where = f" of row {index}"  # dataset[index], 0-based
-            _check_messages(messages, f"row {index} (dataset[{index}]): ", column, roles)
-            one = _tokenize_one(tokenizer, messages, train_on, has_tags, where)
+            problem = messages_problem(messages, column, roles)
+            if problem is not None:
+                raise ChatRowError(index, problem, MESSAGES_FIX + ".")
+            try:
+                one = _tokenize_one(tokenizer, messages, train_on, has_tags, f" of row {index}")
+            except PackmaskError:
+                raise
+            except Exception as error:  # the template's own checks (raise_exception), jinja errors
+                raise ChatRowError(index, f"the chat template rejected this conversation ({type(error).__name__}: "
+                                          f"{str(error).strip().splitlines()[0] if str(error).strip() else ''})",
+                                   "fix the conversation (or use a tokenizer whose template takes it)") from None
             out["input_ids"].append(one["input_ids"])
             out["labels"].append(one["labels"])
         return out
