@@ -27,6 +27,7 @@ import torch
 from packmask.data.packing import pack_lengths
 from packmask.distributed.cp_plan import plan_context_parallel
 from packmask.layout import DocumentLayout
+from packmask.segments import cu_seqlens_from_lengths
 from _report import write_json  # noqa: E402
 
 #: name -> (median document length, log-normal sigma, min, max, row length)
@@ -45,7 +46,7 @@ def document_lengths(name: str, tokens: int, seed: int = 0) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     count = max(16, int(3 * tokens / median))
     lengths = torch.exp(torch.randn(count, generator=g) * sigma + math.log(median)).clamp(lo, hi).long()
-    keep = torch.cumsum(lengths, 0) <= tokens
+    keep = cu_seqlens_from_lengths(lengths)[1:] <= tokens   # the documents that end within the budget
     return lengths[keep].tolist()
 
 

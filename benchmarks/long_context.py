@@ -36,6 +36,7 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import packmask
+from packmask import segments
 
 SMOKE = not torch.cuda.is_available()  # on a CPU machine: a tiny smoke run of the same code path
 DEV = "cpu" if SMOKE else "cuda"
@@ -77,9 +78,10 @@ def batch(step):
     lens = lengths(ROW, MEDIAN, seed=step)
     g = torch.Generator().manual_seed(1000 + step)
     ids = torch.randint(0, SHAPE["vocab_size"], (1, ROW), generator=g)
-    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    starts = segments.starts_from_lengths([lens], ROW)
+    pos = segments.position_ids_from_starts(starts)
     labels = ids.clone()
-    labels[pos == 0] = -100
+    labels[starts] = -100
     return lens, ids.to(DEV), pos.to(DEV), labels.to(DEV)
 
 
@@ -88,7 +90,7 @@ def step_fn(model, method, inputs):
     if method == "plain_causal":
         kw = dict(input_ids=ids, labels=labels)
     elif method == "sdpa_dense_mask":
-        doc = torch.cumsum((pos == 0).int(), -1)
+        doc = segments.doc_ids_from_starts(segments.starts_from_position_ids(pos), local=True)  # the restart rule
         mask = (doc[:, :, None] == doc[:, None, :]).tril()[:, None]
         kw = dict(input_ids=ids, position_ids=pos, attention_mask=mask, labels=labels)
     else:

@@ -32,7 +32,8 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import packmask
-from packmask.data.tree import Forest, _offsets, pack_forest
+from packmask.data.spans import lengths_from_offsets
+from packmask.data.tree import Forest, pack_forest
 from packmask.data.tree_collator import collate_forest
 
 
@@ -79,14 +80,14 @@ def packed_batches(examples, row, rows_per_step, dup, dev):
         batch = collate_forest(sub, seq_len=row, return_mask=not dup, device=dev)
         kw = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
         if dup:   # documents = each root with its child; boundaries through packmask.segments
-            from packmask.segments import cu_seqlens_from_starts
-            seg_rows = np.repeat(np.arange(sub.num_rows), np.diff(sub.seg_row_offsets))
+            from packmask.segments import cu_seqlens_from_starts, max_length, starts_from_lengths
+            seg_rows = np.repeat(np.arange(sub.num_rows), lengths_from_offsets(sub.seg_row_offsets))
             roots = sub.seg_parent < 0
-            starts = torch.zeros(sub.num_rows, row + 1, dtype=torch.bool)
-            starts[torch.from_numpy(seg_rows[roots]), torch.from_numpy(sub.seg_start[roots])] = True
-            starts[torch.arange(sub.num_rows), torch.from_numpy(sub.row_lengths())] = True   # padding document
-            cu_t = cu_seqlens_from_starts(starts[:, :row]).to(dev)
-            mx = int(cu_t.diff().max())
+            # an example runs from its root to the next root (or the row's end); the padding rule adds the rest
+            per_row = [lengths_from_offsets(np.append(sub.seg_start[roots & (seg_rows == r)], sub.row_lengths()[r]))
+                       for r in range(sub.num_rows)]
+            cu_t = cu_seqlens_from_starts(starts_from_lengths(per_row, row)).to(dev)
+            mx = max_length(cu_t)
             kw.update(cu_seq_lens_q=cu_t, cu_seq_lens_k=cu_t, max_length_q=mx, max_length_k=mx)
         else:
             kw["attention_mask"] = batch["attention_mask"]

@@ -24,6 +24,7 @@ import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, AttentionInterface
 import packmask
+from packmask import segments
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DT = torch.bfloat16 if DEV == "cuda" else torch.float32
@@ -252,7 +253,7 @@ def main():
     def pk_varlen(i):
         ids, pos, segs, real = packed_inputs(i)
         flat = [l for rl in segs for l in rl]
-        cu = torch.tensor([0] + flat, device=DEV).cumsum(0).to(torch.int32)
+        cu = segments.cu_seqlens_from_lengths(torch.tensor(flat)).to(DEV)
         return dict(input_ids=ids, position_ids=pos, labels=ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
                     max_length_q=max(flat), max_length_k=max(flat)), real, ids.numel()
 

@@ -109,7 +109,7 @@ def check_family(family: str, timeout: int = 120) -> dict:
                 hasattr(m, "is_causal") for m in model.modules()):
             row.update(status="skipped", reason="bidirectional attention in this configuration (an encoder used as a "
                                                 "decoder only with is_decoder=True): packed as an encoder, see "
-                                                "tests/test_encoders.py")
+                                                "tests/models/test_encoders.py")
             return row
         guard = unsupported_reason(model)
         row["recurrent_family"] = "state-space / recurrent" in (guard or "")
@@ -198,7 +198,7 @@ def _encoder_family(family, config) -> str:
 
     if family in MODEL_FOR_MASKED_LM_MAPPING_NAMES and hasattr(config, "is_decoder") and not config.is_decoder:
         return ("encoder (BERT-style, bidirectional; a causal LM only with is_decoder=True): packed as an encoder, "
-                "see tests/test_encoders.py")
+                "see tests/models/test_encoders.py")
     return ""
 
 
@@ -274,7 +274,7 @@ def render(rows: list[dict], elapsed: float) -> str:
         "- **FAIL** — a wrong result (a bug: report it). **error** — another exception (listed with it).",
         "- **unbuildable** — cannot be built offline from a tiny config (needs a checkpoint or special "
         "inputs); **skipped** — not a decoder-only text causal LM: encoder-decoder, multimodal composite (its "
-        "text decoder is its own row), or a BERT-style encoder (packed as an encoder: `tests/test_encoders.py`).",
+        "text decoder is its own row), or a BERT-style encoder (packed as an encoder: `tests/models/test_encoders.py`).",
         "",
         "Check any model yourself, including your own checkpoint: `packmask verify --model FAMILY|PATH` or "
         "`packmask.verify(model)`.",

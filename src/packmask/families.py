@@ -19,7 +19,7 @@ An *encoder* is a family with a masked-LM class whose config is not set up as a 
 its attention layers (:func:`is_causal_model`), so a ``BertLMHeadModel`` with ``is_decoder=False``
 is treated as the encoder it is.
 
->>> from packmask.testing import tiny_config
+>>> from packmask.tiny import tiny_config
 >>> is_encoder_config(tiny_config("bert")), is_encoder_config(tiny_config("llama"))
 (True, False)
 """
@@ -64,7 +64,7 @@ def model_for(spec: str, *, attn_implementation: str = "packmask", seed: int = 0
 
     Raises :class:`PackmaskError` naming the fix for an unknown family, a family that is neither a
     decoder nor an encoder (t5, bark, ...), or a folder that does not load; and
-    :class:`~packmask.UnsupportedModelError` for a family packmask refuses (falcon, ...).
+    :class:`~packmask.UnsupportedModelError` for a family packmask refuses (gpt_neo, ...).
 
     >>> type(model_for("bert")).__name__, type(model_for("llama")).__name__
     ('BertModel', 'LlamaForCausalLM')
@@ -75,7 +75,7 @@ def model_for(spec: str, *, attn_implementation: str = "packmask", seed: int = 0
     from transformers import AutoModel, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from .testing import tiny_config
+    from .tiny import tiny_config
 
     config = tiny_config(spec)
     if is_encoder_config(config):

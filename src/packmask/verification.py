@@ -9,7 +9,7 @@ parameter gradient.
 Worked example (a tiny random Llama, fp32 on CPU)::
 
     >>> import packmask
-    >>> from packmask.testing import tiny_model
+    >>> from packmask.tiny import tiny_model
     >>> report = packmask.verify(tiny_model("llama"), print_table=False)
     >>> report.passed
     True
@@ -18,10 +18,13 @@ Worked example (a tiny random Llama, fp32 on CPU)::
 
 ``report.table()`` is a rich table (printed by default)::
 
-    verify llama (LlamaForCausalLM, attn=packmask vs eager alone), fp32, tol 1e-05
-    form      max |Δ| out  rel err out  rel err loss  worst grad rel err  status
-    mask3d        4.8e-07      1.1e-07       3.5e-08   2.9e-07 (model…)     pass
+    packmask verify — llama (LlamaForCausalLM, attn=packmask packed vs eager alone), float32, tol 1e-05
+    form      max |Δ|  rel err     loss    grads  worst parameter                         status
+    mask3d    1.6e-07  2.1e-07  0.0e+00  3.8e-07  model.layers.1.self_attn.q_proj.weight    pass
     ...
+
+A refused or failed form shows ``see why below``; its whole reason is written under the table
+(:meth:`VerifyReport.reasons`), wrapped, never cut to fit a cell.
 
 Input forms (``forms=``):
 
@@ -47,7 +50,7 @@ cannot isolate (see :mod:`packmask.support`).
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -55,10 +58,13 @@ import torch
 from .errors import PackmaskError, UnsupportedModelError
 from .families import is_causal_model, model_for
 from .masks import block_diagonal_mask
+from .reference import pack_rows, rel_err
 from .support import position_offset
-from .testing import pack_rows, rel_err, tiny_config, tiny_model
+from .tiny import tiny_config, tiny_model
+from .verify_report import FormResult, VerifyReport
 
-__all__ = ["verify", "model_for", "VerifyReport", "FormResult", "FORMS", "DEFAULT_SEQ_LENGTHS", "tiny_model", "tiny_config"]
+__all__ = ["verify", "model_for", "VerifyReport", "FormResult", "FORMS", "DEFAULT_SEQ_LENGTHS", "tiny_model", "tiny_config",
+           "has_attention_layers"]
 
 #: every input form verify knows (see the module docstring)
 FORMS = ("mask3d", "mask4d", "collator", "position_ids", "position_ids_ones_2d", "seq_lengths")
@@ -68,117 +74,18 @@ DEFAULT_SEQ_LENGTHS = [[5, 9, 4], [11, 6]]
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
 
-@dataclass
-class FormResult:
-    """The comparison of one input form against each sequence run alone."""
-
-    form: str
-    max_abs_err: float = float("nan")  #: largest |packed - alone| over the real tokens' outputs
-    output_rel_err: float = float("nan")  #: ||packed - alone|| / ||alone|| of logits / hidden states
-    loss_rel_err: float | None = None  #: relative error of the loss (None for models without labels)
-    #: the worst per-parameter relative gradient error; each parameter's denominator is its reference
-    #: gradient norm, floored at 1e-4 x the largest one (exactly-zero gradients are rounding noise)
-    grad_rel_err: float = float("nan")
-    grad_param: str = ""  #: the parameter with that worst gradient error
-    tol: float = 1e-5
-    error: str | None = None  #: ``"ErrorType: message"`` when the packed run raised
-    error_type: str | None = None
-
-    @property
-    def raised_packmask_error(self) -> bool:
-        """The packed run refused with a clear :class:`~packmask.PackmaskError` (not a wrong result)."""
-        return self.error_type in ("PackmaskError", "UnsupportedModelError")
-
-    @property
-    def passed(self) -> bool:
-        if self.error is not None:
-            return False
-        errs = [self.output_rel_err, self.grad_rel_err] + ([self.loss_rel_err] if self.loss_rel_err is not None else [])
-        return all(e == e and e <= self.tol for e in errs)  # e == e: NaN fails
-
-    @property
-    def status(self) -> str:
-        if self.error is not None:
-            return "refused" if self.raised_packmask_error else "error"
-        return "pass" if self.passed else "FAIL"
-
-
-@dataclass
-class VerifyReport:
-    """What :func:`verify` found: one :class:`FormResult` per input form.
-
-    ``passed`` is True only when every form ran and every error is within ``tol``.
-    """
-
-    model_type: str
-    model_class: str
-    attn_implementation: str
-    reference_impl: str
-    dtype: str
-    tol: float
-    seq_lengths: list
-    output_name: str
-    rows: list = field(default_factory=list)
-    #: mixers (state-space / recurrent / convolution layers) run once per packed sequence (packmask.recurrent)
-    recurrent: list = field(default_factory=list)
-    attention_free: bool = False  #: the model has no attention layer: attn / reference_impl do not apply
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.rows) and all(r.passed for r in self.rows)
-
-    @property
-    def refused(self) -> bool:
-        """Every form was refused with a clear packmask error (an unsupported model, guarded)."""
-        return bool(self.rows) and all(r.raised_packmask_error for r in self.rows)
-
-    def worst(self) -> dict:
-        """Largest errors over the forms that ran: ``{"output": ..., "loss": ..., "grad": ...}``."""
-        ran = [r for r in self.rows if r.error is None]
-        def mx(vals):
-            vals = [v for v in vals if v is not None]
-            return max(vals) if vals else None
-        return {"output": mx(r.output_rel_err for r in ran), "loss": mx(r.loss_rel_err for r in ran),
-                "grad": mx(r.grad_rel_err for r in ran)}
-
-    def summary(self) -> str:
-        w = self.worst()
-        fmt = lambda v: "-" if v is None else f"{v:.1e}"  # noqa: E731
-        verdict = "PASS" if self.passed else ("REFUSED" if self.refused else "FAIL")
-        return (f"{verdict} {self.model_type}: {self.output_name} rel err {fmt(w['output'])}, loss {fmt(w['loss'])}, "
-                f"grads {fmt(w['grad'])} (tol {self.tol:.0e})")
-
-    def table(self):
-        """A ``rich.table.Table`` of the rows."""
-        from rich.table import Table
-
-        if self.attention_free:  # recurrent: no attention to name (mamba, rwkv, ...)
-            how = f"{len(self.recurrent)} recurrent layers run per sequence, packed vs each sequence alone"
-        else:
-            how = f"attn={self.attn_implementation} packed vs {self.reference_impl} alone" + (
-                f"; {len(self.recurrent)} recurrent layers run per sequence" if self.recurrent else "")
-        t = Table(title=f"packmask verify — {self.model_type} ({self.model_class}, {how}), {self.dtype}, "
-                        f"tol {self.tol:.0e}",
-                  caption=f"documents per row: {self.seq_lengths}")
-        for col in ("form", f"max |Δ| {self.output_name}", f"rel err {self.output_name}", "rel err loss",
-                    "worst grad rel err", "parameter", "status"):
-            t.add_column(col, justify="left" if col in ("form", "parameter") else "right")
-        fmt = lambda v: "–" if v is None or v != v else f"{v:.1e}"  # noqa: E731
-        style = {"pass": "green", "FAIL": "bold red", "error": "bold red", "refused": "yellow"}
-        for r in self.rows:
-            status = f"[{style[r.status]}]{r.status}[/]"
-            if r.error is not None:
-                t.add_row(r.form, "–", "–", "–", "–", r.error[:90], status)
-            else:
-                t.add_row(r.form, fmt(r.max_abs_err), fmt(r.output_rel_err), fmt(r.loss_rel_err),
-                          fmt(r.grad_rel_err), r.grad_param, status)
-        return t
-
-    def __rich__(self):
-        return self.table()
-
-
 # ---------------------------------------------------------------------------------------------
+
+
+def has_attention_layers(model) -> bool:
+    """Whether any submodule is an attention layer (by class name, as transformers names them:
+    ``LlamaAttention``, ``BertSelfAttention``, ...); a mamba model has none.
+
+    >>> from packmask.testing import tiny_model
+    >>> has_attention_layers(tiny_model("llama")), has_attention_layers(torch.nn.Linear(2, 2))
+    (True, False)
+    """
+    return any("attention" in type(module).__name__.lower() for module in model.modules())
 
 
 def _accepts(model, name: str) -> bool:
@@ -291,29 +198,81 @@ def verify(model, *, seq_lengths: Sequence[Sequence[int]] | None = None,
         :class:`VerifyReport`. The model is left in the attention implementation and train/eval
         mode it came in; its parameter ``.grad`` are reset to None.
 
-    >>> from packmask.testing import tiny_model
+    >>> from packmask.tiny import tiny_model
     >>> verify(tiny_model("qwen2"), forms=("collator",), print_table=False).passed
     True
     """
+    seq_lengths = _check_args(seq_lengths, forms)
+    param = next(model.parameters())
+    tol = TOLERANCE.get(param.dtype, 1e-5) if tol is None else tol
+    causal = is_causal_model(model)
+    impl = model.config._attn_implementation
+    report = VerifyReport(model_type=getattr(model.config, "model_type", "?"), model_class=type(model).__name__,
+                          attn_implementation=str(impl), reference_impl=reference_impl,
+                          dtype=str(param.dtype).replace("torch.", ""), tol=tol, seq_lengths=seq_lengths,
+                          output_name="logits" if causal else "last_hidden_state",
+                          has_attention=has_attention_layers(model))
+    g = torch.Generator().manual_seed(seed)
+    batch = _packed_batch(model, seq_lengths, g, causal)
+
+    was_training = model.training
+    model.eval()  # dropout off: exact comparisons need deterministic forwards
+    try:
+        try:
+            model.set_attn_implementation(reference_impl)
+            reference = _run_alone(model, batch, report, g)  # once, shared by every form
+        except Exception as e:  # noqa: BLE001 — e.g. a model packmask refuses even unpacked
+            report.rows += [FormResult(form=form, tol=tol, error_type=type(e).__name__,
+                                       error=f"{type(e).__name__}: {_first_line(e)} (running each sequence alone)")
+                            for form in forms]
+            forms = ()
+        model.set_attn_implementation(impl)
+        for form in forms:
+            report.rows.append(_run_form(model, form, batch, reference, report.output_name, tol))
+    finally:
+        model.set_attn_implementation(impl)
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    from .recurrent import installed  # recurrent: what ran per sequence, for the header
+    report.recurrent = list(installed(model) or [])
+    if print_table:
+        from rich.console import Console
+        Console().print(report.table())
+    return report
+
+
+# ---- the steps of verify -------------------------------------------------------------------------
+
+def _check_args(seq_lengths, forms) -> list[list[int]]:
     seq_lengths = [list(map(int, r)) for r in (seq_lengths or DEFAULT_SEQ_LENGTHS)]
     if any(x < 2 for r in seq_lengths for x in r):
         raise PackmaskError("verify needs documents of at least 2 tokens (a 1-token document has no loss term).")
     for f in forms:
         if f not in FORMS:
             raise PackmaskError(f"unknown verify form {f!r}; choose from {FORMS}.")
+    return seq_lengths
+
+
+@dataclass
+class _Batch:
+    """The packed rows every form and the reference run: tokens, labels (-100 at each document's
+    first token), positions, which tokens are real (not padding), and where each document lies."""
+
+    seq_lengths: list
+    slices: list
+    ids: torch.Tensor
+    labels: torch.Tensor
+    pos: torch.Tensor
+    real: torch.Tensor
+    causal: bool
+    with_labels: bool
+    no_cache: dict
+
+
+def _packed_batch(model, seq_lengths, g, causal) -> _Batch:
     N = max(sum(r) for r in seq_lengths)
     B = len(seq_lengths)
-    param = next(model.parameters())
-    device, dtype = param.device, param.dtype
-    tol = TOLERANCE.get(dtype, 1e-5) if tol is None else tol
-    causal = is_causal_model(model)
-    output_name = "logits" if causal else "last_hidden_state"
-    impl = model.config._attn_implementation
-    report = VerifyReport(model_type=getattr(model.config, "model_type", "?"), model_class=type(model).__name__,
-                          attn_implementation=str(impl), reference_impl=reference_impl, dtype=str(dtype).replace(
-                              "torch.", ""), tol=tol, seq_lengths=seq_lengths, output_name=output_name)
-
-    g = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
     slices, pos = pack_rows(seq_lengths, N)
     ids = _random_ids(model, (B, N), g)
     labels = torch.full_like(ids, -100)
@@ -322,88 +281,77 @@ def verify(model, *, seq_lengths: Sequence[Sequence[int]] | None = None,
         labels[b, s + 1:s + length] = ids[b, s + 1:s + length]  # -100 at each document's first token
         real[b, s:s + length] = True
     pos = pos + position_offset(model)  # RoBERTa-style models number positions from padding_idx + 1
-    ids, labels, pos, real = ids.to(device), labels.to(device), pos.to(device), real.to(device)
-    with_labels = causal and _accepts(model, "labels")
-    no_cache = dict(use_cache=False) if _accepts(model, "use_cache") else {}
-    projection = None  # encoders: gradients of a fixed random projection of the hidden states
+    return _Batch(seq_lengths, slices, ids.to(device), labels.to(device), pos.to(device), real.to(device), causal,
+                  causal and _accepts(model, "labels"), dict(use_cache=False) if _accepts(model, "use_cache") else {})
 
-    was_training = model.training
-    model.eval()  # dropout off: exact comparisons need deterministic forwards
+
+@dataclass
+class _Reference:
+    """Each sequence run alone: outputs scattered into the packed grid, the loss, every gradient, and
+    (encoders, or models without a loss) the fixed random projection whose gradients are compared."""
+
+    expected: torch.Tensor
+    loss: torch.Tensor | None
+    grads: dict
+    projection: torch.Tensor | None
+
+
+def _run_alone(model, batch: _Batch, report: VerifyReport, g) -> _Reference:
+    model.zero_grad(set_to_none=True)
+    B, N = batch.ids.shape
+    device = batch.ids.device
+    loss_terms, n_loss, outs = [], 0, []
+    projection = None
+    with torch.enable_grad():
+        for b, s, length in batch.slices:
+            kw = dict(input_ids=batch.ids[b:b + 1, s:s + length], **batch.no_cache)
+            if batch.with_labels:
+                kw["labels"] = batch.labels[b:b + 1, s:s + length]
+            out = model(**kw)
+            if report.output_name == "last_hidden_state" and getattr(out, "last_hidden_state", None) is None:
+                report.output_name = "logits"  # a masked-LM head: its logits
+            outs.append(_output(out, report.output_name)[0])
+            if batch.with_labels and out.loss is not None:
+                loss_terms.append(out.loss * (length - 1))
+                n_loss += length - 1
+        width = outs[0].shape[-1]
+        expected = outs[0].new_zeros(B, N, width)
+        for (b, s, length), o in zip(batch.slices, outs):
+            expected = expected.index_put((torch.tensor([b], device=device),
+                                           torch.arange(s, s + length, device=device)), o)
+        if not batch.causal or not loss_terms:
+            projection = torch.randn(B, N, width, generator=g).to(device, expected.dtype) * batch.real[..., None]
+        ref_loss = sum(loss_terms) / n_loss if loss_terms else None
+        objective = ref_loss if projection is None else (expected * projection).sum()
+        objective.backward()
+    return _Reference(expected.detach(), None if ref_loss is None else ref_loss.detach(), _param_grads(model),
+                      projection)
+
+
+def _run_form(model, form: str, batch: _Batch, reference: _Reference, output_name: str, tol: float) -> FormResult:
+    """One packed input form, compared with the reference; an error is reported in the row, never raised."""
+    row = FormResult(form=form, tol=tol)
+    B, N = batch.ids.shape
+    model.zero_grad(set_to_none=True)
     try:
-        # ---- each sequence alone: once, shared by every form ------------------------------------
-        try:
-            model.zero_grad(set_to_none=True)
-            model.set_attn_implementation(reference_impl)
-            expected, n_loss = None, 0
-            loss_terms = []
-            outs = []
-            with torch.enable_grad():
-                for b, s, length in slices:
-                    kw = dict(input_ids=ids[b:b + 1, s:s + length], **no_cache)
-                    if with_labels:
-                        kw["labels"] = labels[b:b + 1, s:s + length]
-                    out = model(**kw)
-                    if output_name == "last_hidden_state" and getattr(out, "last_hidden_state", None) is None:
-                        output_name = report.output_name = "logits"  # a masked-LM head: its logits
-                    outs.append(_output(out, output_name)[0])
-                    if with_labels and out.loss is not None:
-                        loss_terms.append(out.loss * (length - 1))
-                        n_loss += length - 1
-                width = outs[0].shape[-1]
-                expected = outs[0].new_zeros(B, N, width)
-                for (b, s, length), o in zip(slices, outs):
-                    expected = expected.index_put((torch.tensor([b], device=device),
-                                                   torch.arange(s, s + length, device=device)), o)
-                if not causal or not loss_terms:
-                    projection = torch.randn(B, N, width, generator=g).to(device, expected.dtype) * real[..., None]
-                ref_loss = sum(loss_terms) / n_loss if loss_terms else None
-                objective = ref_loss if projection is None else (expected * projection).sum()
-                objective.backward()
-            ref_grads = _param_grads(model)
-            expected = expected.detach()
-            ref_loss = None if ref_loss is None else ref_loss.detach()
-        except Exception as e:  # noqa: BLE001 — e.g. a model packmask refuses even unpacked
-            for form in forms:
-                report.rows.append(FormResult(form=form, tol=tol, error_type=type(e).__name__,
-                                              error=f"{type(e).__name__}: {_first_line(e)} (running each sequence alone)"))
-            forms = ()
-        model.set_attn_implementation(impl)
-
-        # ---- packed, per form -------------------------------------------------------------------
-        for form in forms:
-            row = FormResult(form=form, tol=tol)
-            report.rows.append(row)
-            model.zero_grad(set_to_none=True)
-            try:
-                flat, kw = _inputs(form, ids, labels, pos, seq_lengths, N, causal)
-                if with_labels:
-                    kw["labels"] = labels.reshape(1, -1) if flat else labels
-                with torch.enable_grad():
-                    out = model(**kw)
-                    got = _output(out, output_name)
-                    got = got.reshape(B, N, -1)
-                    loss = out.loss if with_labels else None
-
-                    objective = loss if projection is None else (got * projection).sum()
-                    objective.backward()
-            except Exception as e:  # noqa: BLE001 — reported, never swallowed: the row fails
-                row.error_type = type(e).__name__
-                row.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-                continue
-            got = got.detach()
-            loss = None if loss is None else loss.detach()
-            row.max_abs_err = float((got[real] - expected[real]).abs().max())
-            row.output_rel_err = rel_err(got[real], expected[real])
-            if ref_loss is not None and loss is not None:
-                row.loss_rel_err = abs(float(loss) - float(ref_loss)) / max(abs(float(ref_loss)), 1e-30)
-            row.grad_rel_err, row.grad_param = _compare_grads(_param_grads(model), ref_grads)
-    finally:
-        model.set_attn_implementation(impl)
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
-    from .recurrent import attention_free, installed  # recurrent: what ran per sequence, for the header
-    report.recurrent, report.attention_free = list(installed(model) or []), attention_free(model)
-    if print_table:
-        from rich.console import Console
-        Console().print(report.table())
-    return report
+        flat, kw = _inputs(form, batch.ids, batch.labels, batch.pos, batch.seq_lengths, N, batch.causal)
+        if batch.with_labels:
+            kw["labels"] = batch.labels.reshape(1, -1) if flat else batch.labels
+        with torch.enable_grad():
+            out = model(**kw)
+            got = _output(out, output_name).reshape(B, N, -1)
+            loss = out.loss if batch.with_labels else None
+            objective = loss if reference.projection is None else (got * reference.projection).sum()
+            objective.backward()
+    except Exception as e:  # noqa: BLE001 — reported, never swallowed: the row fails
+        row.error_type = type(e).__name__
+        row.error = f"{type(e).__name__}: {_first_line(e)}"
+        return row
+    got, real, expected = got.detach(), batch.real, reference.expected
+    row.max_abs_err = float((got[real] - expected[real]).abs().max())
+    row.output_rel_err = rel_err(got[real], expected[real])
+    if reference.loss is not None and loss is not None:
+        loss = loss.detach()
+        row.loss_rel_err = abs(float(loss) - float(reference.loss)) / max(abs(float(reference.loss)), 1e-30)
+    row.grad_rel_err, row.grad_param = _compare_grads(_param_grads(model), reference.grads)
+    return row

@@ -39,26 +39,24 @@ or from a shell: ``packmask demo`` (200 steps, writes to ``packmask-demo/``).
 """
 from __future__ import annotations
 
-import gzip
 import json
+import os
 import platform
 import random
 import time
 from dataclasses import asdict, dataclass, replace
-from importlib import resources
 from pathlib import Path
 
+from .demo_corpus import build_demo_tokenizer, load_demo_corpus, tokenize_documents
 from .demo_train import (cpu_threads_for_a_shared_machine, default_device, documents_of, isolation_check,
                          packed_step, padded_step, summarise, tiny_llama, train_lockstep)
+from .bench import json_safe
 from .output import AtomicOutputs
 from .plots import plot_demo
 from .report import demo_table
 
 __all__ = ["DemoConfig", "load_demo_corpus", "build_demo_tokenizer", "tokenize_documents", "run_demo"]
 
-CORPUS_FILE = "stdlib_docstrings.jsonl.gz"
-EOS_TOKEN = "<|endoftext|>"
-PAD_TOKEN = "<|pad|>"
 
 
 @dataclass
@@ -86,68 +84,6 @@ class DemoConfig:
     @property
     def tokens_per_step(self) -> int:
         return self.rows_per_step * self.max_length
-
-
-# --------------------------------------------------------------------------- data
-
-def load_demo_corpus() -> list[dict]:
-    """The embedded corpus: ``[{"source": "json.dumps", "text": "Serialize ``obj`` ..."}, ...]``.
-
-    >>> docs = load_demo_corpus()
-    >>> len(docs) > 3000 and sorted(docs[0])
-    ['source', 'text']
-    """
-    path = resources.files("packmask.cli") / "corpus" / CORPUS_FILE
-    with path.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as lines:
-        return [json.loads(line) for line in lines]
-
-
-def build_demo_tokenizer(texts: list[str] | None = None, vocab_size: int = 1536):
-    """A byte-level BPE tokenizer trained offline on ``texts`` (default: the demo corpus).
-
-    Byte-level means every string round-trips, whatever its characters. Training is
-    deterministic for the same texts and vocabulary size, and takes well under a second on the
-    demo corpus, so callers rebuild it instead of caching files.
-
-    >>> tok = build_demo_tokenizer()
-    >>> ids = tok("Return the sum of a and b.")["input_ids"]
-    >>> tok.decode(ids)
-    'Return the sum of a and b.'
-    >>> tok.eos_token, tok.pad_token
-    ('<|endoftext|>', '<|pad|>')
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    if texts is None:
-        texts = [doc["text"] for doc in load_demo_corpus()]
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS_TOKEN, PAD_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    core.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, model_max_length=1 << 20
-    )
-
-
-def tokenize_documents(tokenizer, texts: list[str], max_length: int | None = None) -> list[list[int]]:
-    """Token ids of each text followed by EOS, truncated to ``max_length`` (EOS kept last).
-
-    >>> tok = build_demo_tokenizer()
-    >>> [ids[-1] == tok.eos_token_id for ids in tokenize_documents(tok, ["a b", "c"], 8)]
-    [True, True]
-    """
-    eos = tokenizer.eos_token_id
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    if max_length is None:
-        return [ids + [eos] for ids in encoded]
-    return [ids[: max_length - 1] + [eos] for ids in encoded]
 
 
 # --------------------------------------------------------------------------- packing
@@ -194,6 +130,8 @@ def run_demo(
                       "thread(s) (set OMP_NUM_THREADS to choose)[/]")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    console.print(f"demo.png and demo.json will be written to [bold]{out_dir}{os.sep}[/] "
+                  "(packmask demo --out-dir DIR to choose another folder)")
     wall_started = time.perf_counter()
 
     # -- data: tokenizer, documents, packed rows --------------------------------------------
@@ -289,7 +227,7 @@ def run_demo(
     with AtomicOutputs() as outputs:  # both files appear complete, or neither changes
         plot_demo(result, outputs.stage(png_path))
         result["wall_seconds"] = time.perf_counter() - wall_started
-        outputs.stage(json_path).write_text(json.dumps(result, indent=2))
+        outputs.stage(json_path).write_text(json.dumps(json_safe(result), indent=2, allow_nan=False))
     console.print(demo_table(result))
     console.print(
         f"loss curves and throughput → [bold]{png_path}[/]   all numbers → [bold]{json_path}[/]   "

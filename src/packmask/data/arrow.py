@@ -19,10 +19,9 @@ Worked example (two documents packed into one row, the second first)::
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
 
 from ..errors import PackmaskError
-from .threads import numba_threads
+from .spans import gather_spans, lengths_from_offsets, span_indices
 
 __all__ = ["single_chunk", "list_lengths", "is_list", "gather_list_column", "coarser_offsets"]
 
@@ -47,7 +46,7 @@ def list_lengths(array) -> np.ndarray:
     import pyarrow.compute as pc
 
     if array.null_count == 0:
-        return np.diff(array.offsets.to_numpy()).astype(np.int64)
+        return lengths_from_offsets(array.offsets.to_numpy())
     return pc.list_value_length(array).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
@@ -66,7 +65,8 @@ def gather_list_column(array, src_starts: np.ndarray, span_lengths: np.ndarray, 
 
     Span ``s`` is ``values[src_starts[s] : src_starts[s] + span_lengths[s]]`` (indices into the flat
     values buffer); row ``r`` of the result holds values ``row_token_offsets[r] : row_token_offsets[r + 1]``
-    of the concatenation. ``num_threads`` as in :func:`packmask.data.threads.numba_threads`.
+    of the concatenation (:func:`packmask.data.spans.gather_spans`). ``num_threads`` as in
+    :func:`packmask.data.threads.numba_threads`.
     """
     import pyarrow as pa
 
@@ -75,46 +75,11 @@ def gather_list_column(array, src_starts: np.ndarray, span_lengths: np.ndarray, 
     offset_dtype = np.int64 if pa.types.is_large_list(array.type) else np.int32
     if total > np.iinfo(offset_dtype).max:
         raise PackmaskError(f"Packed column has {total} values, too many for {array.type}; cast it to a large_list.")
-    src_starts = np.ascontiguousarray(src_starts, np.int64)
-    span_lengths = np.ascontiguousarray(span_lengths, np.int64)
     flat = None
     if values.null_count == 0 and (pa.types.is_integer(values.type) or values.type in (pa.float32(), pa.float64())):
         flat = values.to_numpy(zero_copy_only=True)
     if flat is not None:
-        dst_starts = np.zeros(span_lengths.shape[0], np.int64)
-        np.cumsum(span_lengths[:-1], out=dst_starts[1:])
-        with numba_threads(num_threads):
-            out = _gather_spans(flat, src_starts, span_lengths, dst_starts, total)
-        new_values = pa.array(out, type=values.type)
+        new_values = pa.array(gather_spans(flat, src_starts, span_lengths, num_threads=num_threads), type=values.type)
     else:
-        new_values = values.take(pa.array(_span_element_indices(src_starts, span_lengths, total)))
+        new_values = values.take(pa.array(span_indices(src_starts, span_lengths)))
     return type(array).from_arrays(pa.array(row_token_offsets.astype(offset_dtype)), new_values, type=array.type)
-
-
-@njit(cache=True, parallel=True)
-def _gather_spans(values, src_starts, span_lengths, dst_starts, total):
-    """Concatenate ``values[src_starts[s] : +span_lengths[s]]`` for every span (at ``dst_starts[s]``).
-    Spans are disjoint in the output, so they are copied in parallel (memory-bound: 2 threads ~2x).
-
-    The output is allocated here, not by numpy: numpy asks the kernel for transparent huge pages,
-    which on a fragmented machine costs a direct compaction on first touch (measured 1.2 s for
-    524 MB here, against 0.2 s with 4 KiB pages) -- and a program packs once, so the first touch is
-    the one that counts."""
-    out = np.empty(total, values.dtype)
-    for s in prange(src_starts.shape[0]):
-        length = span_lengths[s]
-        out[dst_starts[s]:dst_starts[s] + length] = values[src_starts[s]:src_starts[s] + length]
-    return out
-
-
-@njit(cache=True)
-def _span_element_indices(src_starts, span_lengths, total):
-    """Element indices of the concatenated spans (for value types that are not plain numpy)."""
-    out = np.empty(total, np.int64)
-    pos = 0
-    for s in range(src_starts.shape[0]):
-        start = src_starts[s]
-        for j in range(span_lengths[s]):
-            out[pos] = start + j
-            pos += 1
-    return out

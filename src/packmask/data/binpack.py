@@ -26,7 +26,7 @@ so every length here is in ``[1, max_length]``.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from .numba_cache import njit
 
 __all__ = ["assign_rows"]
 
@@ -38,16 +38,30 @@ def assign_rows(lengths: np.ndarray, max_length: int, strategy: str) -> tuple[np
     rows are numbered in the order they were opened. ``lengths`` is int64 ``[n]`` with values in
     ``[1, max_length]``. Deterministic: ties are broken by input index.
     """
-    if strategy == "sequential":
-        processing_order = np.arange(lengths.shape[0], dtype=np.int64)
-        row_of, rows = _assign_sequential(lengths, max_length)
-    else:
-        processing_order = _order_by_length_desc(lengths, max_length)
-        if strategy == "bfd":
-            row_of, rows = _assign_bfd(lengths, processing_order, max_length)
-        else:
-            row_of, rows = _assign_ffd(lengths, processing_order, max_length)
-    return _group_by_row(row_of, processing_order, rows)
+    # one compiled entry point per strategy: a fresh process loads one cached kernel, not four
+    entry = {"bfd": _rows_bfd, "ffd": _rows_ffd, "sequential": _rows_sequential}[strategy]
+    return entry(np.ascontiguousarray(lengths, np.int64), max_length)
+
+
+@njit(cache=True)
+def _rows_bfd(lengths, max_length):
+    order = _order_by_length_desc(lengths, max_length)
+    row_of, rows = _assign_bfd(lengths, order, max_length)
+    return _group_by_row(row_of, order, rows)
+
+
+@njit(cache=True)
+def _rows_ffd(lengths, max_length):
+    order = _order_by_length_desc(lengths, max_length)
+    row_of, rows = _assign_ffd(lengths, order, max_length)
+    return _group_by_row(row_of, order, rows)
+
+
+@njit(cache=True)
+def _rows_sequential(lengths, max_length):
+    order = np.arange(lengths.shape[0])
+    row_of, rows = _assign_sequential(lengths, max_length)
+    return _group_by_row(row_of, order, rows)
 
 
 @njit(cache=True)

@@ -1,7 +1,7 @@
 """Streaming packing: a stream of tokenized examples in, packed rows out, with a bounded buffer.
 
 For a :class:`datasets.IterableDataset` or any iterable of dicts (see :func:`pack_iterable`). Each
-buffer of documents is packed with :func:`packmask.data.packing.pack_lengths`; rows that are not full
+buffer of documents is packed with :func:`packmask.data.assignment.pack_lengths`; rows that are not full
 yet wait for the next documents.
 """
 from __future__ import annotations
@@ -11,7 +11,9 @@ from typing import Iterable
 import numpy as np
 
 from ..errors import PackmaskError
-from .packing import PackingStats, check_packing_args, pack_lengths
+from .assignment import check_packing_args, pack_lengths
+from .packing_stats import PackingStats
+from .spans import lengths_from_offsets
 
 __all__ = ["pack_iterable"]
 
@@ -87,7 +89,7 @@ def _iter_packed(examples, max_length, strategy, overflow, column, buffer_size, 
                 emit[-1] = False
             else:
                 emit = row_lengths >= min_fill * max_length
-            held_count = int(np.diff(assignment.row_offsets)[~emit].sum())
+            held_count = int(lengths_from_offsets(assignment.row_offsets)[~emit].sum())
             if held_count > buffer_size // 2:
                 emit[:] = True  # bounded buffer: never hold back more than half of it
         held: list[dict] = []
@@ -107,7 +109,7 @@ def _iter_packed(examples, max_length, strategy, overflow, column, buffer_size, 
             stats.tokens += int(row_lengths[r])
             yield row
         stats.seconds += assignment.stats.seconds
-        stats._finish()
+        stats.finish()
         buffer = held
         if exhausted and not buffer:
             return

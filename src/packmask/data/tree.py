@@ -4,7 +4,7 @@ An *example* is a small tree of segments (a prompt with two answers, a prompt wi
 a multi-turn conversation with branches). Whole examples go into rows of at most ``max_length``
 tokens by the project's bin packer (:func:`packmask.data.packing.pack_lengths`, best-fit decreasing
 on example size). Inside a row a token attends causally inside its own segment and fully to every
-token of every ancestor segment; positions continue from the parent (INTERFACES.md)::
+token of every ancestor segment; positions continue from the parent::
 
     example 0: prompt P=[p0 p1 p2], chosen C=[c0 c1] (parent P), rejected R=[r0 r1] (parent P)
 
@@ -32,27 +32,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import PackmaskError
-from .arrow import _gather_spans   # parallel span copy (numba), shared with pack_dataset
-from .packing import pack_lengths
+from .assignment import pack_lengths
+from .kernel_choice import packing_call
+from .spans import gather_spans, lengths_from_offsets, offsets_from_lengths, run_lengths, run_starts, span_indices
 
 __all__ = ["Forest", "PackedForest", "pack_forest", "concat_forests"]
-
-
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenation of ``arange(starts[i], starts[i] + lengths[i])`` for all i (no Python loop)."""
-    starts = np.asarray(starts, np.int64)
-    lengths = np.asarray(lengths, np.int64)
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, np.int64)
-    first = np.cumsum(lengths) - lengths
-    return np.repeat(starts - first, lengths) + np.arange(total, dtype=np.int64)
-
-
-def _offsets(lengths: np.ndarray) -> np.ndarray:
-    out = np.zeros(len(lengths) + 1, np.int64)
-    np.cumsum(lengths, out=out[1:])
-    return out
 
 
 @dataclass
@@ -77,12 +61,12 @@ class Forest:
     def from_segments(cls, segments, parents, example, kind, scored) -> "Forest":
         lengths = np.array([len(s) for s in segments], np.int64)
         tokens = np.concatenate([np.asarray(s, np.int64) for s in segments]) if len(segments) else np.zeros(0, np.int64)
-        return cls(tokens, _offsets(lengths), np.asarray(parents, np.int64), np.asarray(example, np.int64),
+        return cls(tokens, offsets_from_lengths(lengths), np.asarray(parents, np.int64), np.asarray(example, np.int64),
                    np.asarray(kind, np.int64), np.asarray(scored, bool)).validate()
 
     @property
     def seg_lengths(self) -> np.ndarray:
-        return np.diff(self.seg_offsets)
+        return lengths_from_offsets(self.seg_offsets)
 
     def validate(self) -> "Forest":
         S = self.parent.shape[0]
@@ -91,7 +75,7 @@ class Forest:
                 raise PackmaskError(f"Forest: {name} has {getattr(self, name).shape[0]} entries for {S} segments.")
         if self.seg_offsets.shape[0] != S + 1 or self.seg_offsets[-1] != self.tokens.shape[0]:
             raise PackmaskError("Forest: seg_offsets must have one entry per segment plus one and end at len(tokens).")
-        if S and np.any(np.diff(self.example) < 0):
+        if S and np.any(self.example[1:] < self.example[:-1]):
             raise PackmaskError("Forest: segments must be grouped by example (example ids non-decreasing).")
         local = np.arange(S) - self._example_first_segment()
         bad = (self.parent >= local) | (self.parent < -1)
@@ -106,15 +90,13 @@ class Forest:
         S = self.parent.shape[0]
         if S == 0:
             return np.zeros(0, np.int64)
-        new = np.ones(S, bool)
-        new[1:] = self.example[1:] != self.example[:-1]
-        first = np.flatnonzero(new)
-        return np.repeat(first, np.diff(np.append(first, S)))
+        new = run_starts(self.example)
+        return np.repeat(np.flatnonzero(new), run_lengths(new))
 
     def example_sizes(self) -> tuple[np.ndarray, np.ndarray]:
         """``(example ids, tokens per example, first segment of each example, segments per example)``."""
         ids, start = np.unique(self.example, return_index=True)
-        seg_counts = np.diff(np.append(start, self.parent.shape[0]))
+        seg_counts = lengths_from_offsets(np.append(start, self.parent.shape[0]))
         sizes = np.add.reduceat(self.seg_lengths, start) if start.size else np.zeros(0, np.int64)
         return ids, sizes.astype(np.int64), start, seg_counts
 
@@ -141,21 +123,13 @@ class PackedForest:
         return int(self.row_offsets.shape[0] - 1)
 
     def row_lengths(self) -> np.ndarray:
-        return np.diff(self.row_offsets)
+        return lengths_from_offsets(self.row_offsets)
 
     def segments(self) -> list[list[tuple[int, int, int]]]:
-        """Per row ``[(start, length, parent), ...]`` -- the INTERFACES.md form."""
+        """Per row ``[(start, length, parent), ...]`` -- the form :meth:`packmask.TreeLayout.from_segments`
+        and :func:`packmask.masks.tree_mask_from_segments` take."""
         return [list(zip(self.seg_start[a:b].tolist(), self.seg_length[a:b].tolist(), self.seg_parent[a:b].tolist()))
                 for a, b in zip(self.seg_row_offsets[:-1], self.seg_row_offsets[1:])]
-
-    def row(self, r: int) -> dict:
-        """Row ``r`` as a dict of lists (the columns :func:`packmask.pack_preference` writes)."""
-        a, b = self.row_offsets[r], self.row_offsets[r + 1]
-        s, e = self.seg_row_offsets[r], self.seg_row_offsets[r + 1]
-        return dict(input_ids=self.tokens[a:b].tolist(), position_ids=self.positions[a:b].tolist(),
-                    seg_lengths=self.seg_length[s:e].tolist(), seg_parents=self.seg_parent[s:e].tolist(),
-                    seg_kinds=self.seg_kind[s:e].tolist(), seg_examples=self.seg_example[s:e].tolist(),
-                    seg_scored=self.seg_scored[s:e].astype(np.int8).tolist())
 
 
 def _segment_positions(parent_global: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -178,6 +152,11 @@ def pack_forest(forest: Forest, max_length: int, *, strategy: str = "bfd") -> Pa
 
     An example larger than a row raises (the presets apply their overflow policy before calling this).
     """
+    with packing_call():
+        return _pack_forest(forest, max_length, strategy)
+
+
+def _pack_forest(forest: Forest, max_length: int, strategy: str) -> PackedForest:
     ids, sizes, first_seg, seg_counts = forest.example_sizes()
     if np.any(sizes > max_length):
         i = int(np.flatnonzero(sizes > max_length)[0])
@@ -187,14 +166,14 @@ def pack_forest(forest: Forest, max_length: int, *, strategy: str = "bfd") -> Pa
         raise PackmaskError(f"example {int(ids[np.flatnonzero(sizes == 0)[0]])} has no tokens.")
     assignment = pack_lengths(sizes, max_length, strategy=strategy, overflow="error")
     order = assignment.doc_index                       # examples in row order
-    examples_per_row = np.diff(assignment.row_offsets)
+    examples_per_row = lengths_from_offsets(assignment.row_offsets)
     counts = seg_counts[order]
-    seg_take = _ranges(first_seg[order], counts)       # global segment ids in row order
+    seg_take = span_indices(first_seg[order], counts)       # global segment ids in row order
     seg_rows = np.repeat(np.repeat(np.arange(assignment.num_rows), examples_per_row), counts)
-    seg_row_offsets = _offsets(np.bincount(seg_rows, minlength=assignment.num_rows))
+    seg_row_offsets = offsets_from_lengths(np.bincount(seg_rows, minlength=assignment.num_rows))
 
     lengths = forest.seg_lengths[seg_take]
-    dst = _offsets(lengths)
+    dst = offsets_from_lengths(lengths)
     row_offsets = dst[seg_row_offsets]
     seg_start = dst[:-1] - row_offsets[seg_rows]
 
@@ -207,14 +186,14 @@ def pack_forest(forest: Forest, max_length: int, *, strategy: str = "bfd") -> Pa
     parent_out = parent_in[seg_take]
     seg_parent = np.where(parent_out >= 0, where[np.maximum(parent_out, 0)] - seg_row_offsets[seg_rows], -1)
 
-    tokens = _gather_spans(forest.tokens, forest.seg_offsets[:-1][seg_take], lengths, dst[:-1], int(dst[-1]))
-    positions = _ranges(pos0_in[seg_take], lengths)
+    tokens = gather_spans(forest.tokens, forest.seg_offsets[:-1][seg_take], lengths)
+    positions = span_indices(pos0_in[seg_take], lengths)
     return PackedForest(tokens, positions, row_offsets, seg_row_offsets, seg_start, lengths, seg_parent,
                         forest.example[seg_take], forest.kind[seg_take], forest.scored[seg_take])
 
 
 def concat_forests(rows: list[dict]) -> PackedForest:
-    """A :class:`PackedForest` from rows written by :meth:`PackedForest.row` (dataset rows). One loop
+    """A :class:`PackedForest` from dataset rows (the columns :func:`packmask.pack_preference` writes). One loop
     over rows (lists are joined), none over tokens."""
     if not rows:
         raise PackmaskError("no rows to collate.")
@@ -229,13 +208,13 @@ def concat_forests(rows: list[dict]) -> PackedForest:
     tokens = cat("input_ids", np.int64)
     n_seg = np.array([len(r["seg_lengths"]) for r in rows], np.int64)
     n_tok = np.array([len(r["input_ids"]) for r in rows], np.int64)
-    seg_row_offsets, row_offsets = _offsets(n_seg), _offsets(n_tok)
+    seg_row_offsets, row_offsets = offsets_from_lengths(n_seg), offsets_from_lengths(n_tok)
     seg_rows = np.repeat(np.arange(len(rows)), n_seg)
     per_row_sum = np.bincount(seg_rows, weights=seg_length, minlength=len(rows)).astype(np.int64)
     if not np.array_equal(per_row_sum, n_tok):
         r = int(np.flatnonzero(per_row_sum != n_tok)[0])
         raise PackmaskError(f"row {r}: seg_lengths sum to {per_row_sum[r]} but the row has {n_tok[r]} tokens.")
-    seg_start = (_offsets(seg_length)[:-1] - row_offsets[seg_rows])
+    seg_start = (offsets_from_lengths(seg_length)[:-1] - row_offsets[seg_rows])
     S = seg_length.shape[0]
     get = lambda key, dtype, default: cat(key, dtype) if key in rows[0] else np.full(S, default, dtype)  # noqa: E731
     parent = cat("seg_parents", np.int64)
@@ -243,7 +222,7 @@ def concat_forests(rows: list[dict]) -> PackedForest:
         positions = cat("position_ids", np.int64)
     else:
         gparent = np.where(parent >= 0, parent + seg_row_offsets[seg_rows], -1)
-        positions = _ranges(_segment_positions(gparent, seg_length), seg_length)
+        positions = span_indices(_segment_positions(gparent, seg_length), seg_length)
     return PackedForest(tokens, positions, row_offsets, seg_row_offsets, seg_start, seg_length, parent,
                         get("seg_examples", np.int64, -1), get("seg_kinds", np.int64, 0),
                         get("seg_scored", np.int64, 1).astype(bool))

@@ -37,9 +37,11 @@ import numpy as np
 import torch
 
 from ..errors import PackmaskError
-from .tree import PackedForest, _ranges, concat_forests
+from .spans import (lengths_from_offsets, offsets_from_lengths, position_ids_from_starts, positions_from_lengths,
+                    span_indices, starts_from_lengths)
+from .tree import PackedForest, concat_forests
 
-__all__ = ["token_parents", "collate_forest", "TreeCollator", "BRANCH_KEYS"]
+__all__ = ["token_parents", "segment_starts", "collate_forest", "TreeCollator", "BRANCH_KEYS"]
 
 #: batch keys that are bookkeeping for :func:`packmask.branch_logps`, not model arguments
 BRANCH_KEYS = ("logp_source", "logp_target", "logp_labels", "logp_branch", "logp_source_kept", "logits_to_keep",
@@ -59,15 +61,28 @@ def token_parents(packed: PackedForest, seg_rows: np.ndarray, N: int) -> np.ndar
     >>> token_parents(forest, np.zeros(3, np.int64), 8).tolist()   # p0 p1 p2 | c0 c1 | r0 r1 | pad
     [[-1, 0, 1, 2, 3, 2, 5, -1]]
     """
-    R = packed.num_rows
-    parent = np.tile(np.arange(-1, N, dtype=np.int64), (R, 1))  # one spare column: a full row
-    parent[np.arange(R), packed.row_lengths()] = -1  # the padding chain's root (never past the row end)
-    first = packed.seg_start
+    starts = segment_starts(packed, N)
+    parent = np.where(starts, -1, np.arange(N, dtype=np.int64) - 1)  # the previous token; -1 opens a chain
     parent_seg = packed.seg_parent + packed.seg_row_offsets[seg_rows]  # global index of the parent segment
     has_parent = packed.seg_parent >= 0
     parent_last = np.where(has_parent, packed.seg_start[parent_seg] + packed.seg_length[parent_seg] - 1, -1)
-    parent[seg_rows, first] = parent_last
-    return parent[:, :N]
+    parent[seg_rows, packed.seg_start] = parent_last  # a segment's first token hangs off its parent's last
+    return parent
+
+
+def segment_starts(packed: PackedForest, N: int) -> np.ndarray:
+    """``[R, N]`` bool, True at the first token of every segment and of the row padding (the padding
+    rule of :mod:`packmask.data.spans`: the tokens after a row's last segment are one more segment).
+
+    >>> from packmask.data.tree import PackedForest
+    >>> z = np.zeros(3, np.int64)
+    >>> forest = PackedForest(np.zeros(7, np.int64), z, np.array([0, 7]), np.array([0, 3]), np.array([0, 3, 5]),
+    ...                       np.array([3, 2, 2]), np.array([-1, 0, 0]), z, z, z)
+    >>> segment_starts(forest, 8).astype(int).tolist()
+    [[1, 0, 0, 1, 0, 1, 0, 1]]
+    """
+    per_row = np.split(packed.seg_length, packed.seg_row_offsets[1:-1]) if packed.num_rows else []
+    return starts_from_lengths(per_row, N).reshape(packed.num_rows, N)
 
 
 def _row_length(longest: int, seq_len: int | None, pad_to_multiple_of: int | None) -> int:
@@ -92,16 +107,14 @@ def collate_forest(packed: PackedForest, *, pad_token_id: int = 0, seq_len: int 
     R = packed.num_rows
     row_len = packed.row_lengths()
     N = _row_length(int(row_len.max()) if R else 0, seq_len, pad_to_multiple_of)
-    seg_rows = np.repeat(np.arange(R), np.diff(packed.seg_row_offsets))
+    seg_rows = np.repeat(np.arange(R), lengths_from_offsets(packed.seg_row_offsets))
     tok_rows = np.repeat(np.arange(R), row_len)
-    tok_cols = np.arange(packed.tokens.shape[0]) - packed.row_offsets[tok_rows]
-    flat = tok_rows * N + tok_cols
+    flat = tok_rows * N + positions_from_lengths(row_len)
 
     input_ids = np.full(R * N, pad_token_id, np.int64)
     input_ids[flat] = packed.tokens
-    # padding: one root segment per row at its end, positions 0, 1, ...
-    pad_cols = np.arange(R * N) % N - np.repeat(row_len, N)
-    positions = np.where(pad_cols >= 0, pad_cols, 0)
+    # the padding's positions by the padding rule (0, 1, ...); the trees' own positions on top
+    positions = position_ids_from_starts(segment_starts(packed, N)).reshape(-1)
     positions[flat] = packed.positions
 
     out: dict[str, Any] = {
@@ -129,11 +142,11 @@ def _branch_bookkeeping(packed: PackedForest, seg_rows: np.ndarray, N: int, inpu
     first_target = start + root
     parent_global = packed.seg_row_offsets[rows] + np.maximum(packed.seg_parent[order], 0)
     parent_last = packed.seg_start[parent_global] + packed.seg_length[parent_global] - 1
-    target_cols = _ranges(first_target, n)
+    target_cols = span_indices(first_target, n)
     source_cols = target_cols - 1
     branch = np.repeat(np.arange(order.shape[0]), n)
     is_first = np.zeros(target_cols.shape[0], bool)
-    firsts = (np.cumsum(n) - n)[n > 0]
+    firsts = offsets_from_lengths(n)[:-1][n > 0]
     is_first[firsts] = True
     source_cols[is_first] = np.repeat(np.where(root, first_target - 1, parent_last), n)[is_first]
     tok_rows = np.repeat(rows, n)
@@ -150,7 +163,7 @@ def _branch_bookkeeping(packed: PackedForest, seg_rows: np.ndarray, N: int, inpu
         "branch_example": torch.from_numpy(packed.seg_example[order].copy()),
         "branch_kind": torch.from_numpy(packed.seg_kind[order].copy()),
         "branch_length": torch.from_numpy(n.astype(np.int64)),
-        "branch_offset": torch.from_numpy(np.arange(target.shape[0]) - np.repeat(np.cumsum(n) - n, n)),
+        "branch_offset": torch.from_numpy(positions_from_lengths(n)),
     }
 
 

@@ -25,7 +25,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from ..data.loss import _all_reduce_count, sequence_ids
+from ..data.loss import all_reduce_count, sequence_ids
 from ..errors import PackmaskError
 
 __all__ = ["count_loss_items"]
@@ -75,4 +75,4 @@ def count_loss_items(batches: Mapping | Iterable[Mapping], *, reduction: str = "
     counts = [_local_count(b, reduction, ignore_index) for b in batches]
     if not counts:
         raise PackmaskError("count_loss_items: no batches given.")
-    return _all_reduce_count(torch.stack(counts).sum(), group)
+    return all_reduce_count(torch.stack(counts).sum(), group)

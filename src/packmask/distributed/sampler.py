@@ -42,9 +42,11 @@ import heapq
 from typing import Any, Iterator
 
 import numpy as np
-from numba import njit
 from torch.utils.data import Sampler
 
+from ..data.hf_datasets import arrow_column
+from ..data.numba_cache import njit
+from ..data.spans import lengths_from_offsets, offsets_from_lengths
 from ..errors import PackmaskError
 
 __all__ = ["row_costs", "BalancedBatchSampler", "balance_report", "round_robin_steps"]
@@ -58,7 +60,7 @@ def _lengths_flat(seq_lengths: Any) -> tuple[np.ndarray, np.ndarray]:
             if "seq_lengths" not in seq_lengths.column_names:
                 raise PackmaskError(f"The dataset has no 'seq_lengths' column (columns: {seq_lengths.column_names}); "
                                     "pack it with packmask.pack_dataset, which writes one.")
-            seq_lengths = seq_lengths.data.column("seq_lengths")
+            seq_lengths = arrow_column(seq_lengths, "seq_lengths")   # a shuffled / selected view included
     except ImportError:  # pragma: no cover
         pass
     if hasattr(seq_lengths, "combine_chunks"):  # pyarrow.ChunkedArray
@@ -68,8 +70,7 @@ def _lengths_flat(seq_lengths: Any) -> tuple[np.ndarray, np.ndarray]:
         values = np.asarray(seq_lengths.flatten(), dtype=np.int64)
         return values, offsets - offsets[0]
     rows = [np.asarray(row, dtype=np.int64).reshape(-1) for row in seq_lengths]
-    offsets = np.zeros(len(rows) + 1, np.int64)
-    offsets[1:] = np.cumsum([r.size for r in rows])
+    offsets = offsets_from_lengths([r.size for r in rows])
     values = np.concatenate(rows) if rows else np.zeros(0, np.int64)
     return values, offsets
 
@@ -93,7 +94,7 @@ def row_costs(seq_lengths: Any) -> tuple[np.ndarray, np.ndarray]:
     values, offsets = _lengths_flat(seq_lengths)
     if values.size and values.min() < 0:
         raise PackmaskError("seq_lengths must be >= 0; a packed row lists the length of each of its sequences.")
-    per_row = np.diff(offsets)
+    per_row = lengths_from_offsets(offsets)
     row_of = np.repeat(np.arange(per_row.size), per_row)
     tokens = np.bincount(row_of, weights=values, minlength=per_row.size).astype(np.int64)
     attention = np.bincount(row_of, weights=values * (values + 1) // 2, minlength=per_row.size).astype(np.int64)

@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..data.streaming import pack_iterable
 from ..errors import PackmaskError
 
 __all__ = ["ShardedPackedStream", "shard_documents"]
@@ -97,8 +98,6 @@ class ShardedPackedStream(IterableDataset):
         return self.documents(self.epoch) if callable(self.documents) else self.documents
 
     def __iter__(self) -> Iterator[dict]:
-        from ..data.packing import pack_iterable  # (importing data.streaming first is circular on main today)
-
         info = get_worker_info()
         workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
         self._workers_seen = workers

@@ -37,7 +37,8 @@ from functools import lru_cache
 import torch
 
 from ..errors import UnsupportedModelError
-from ..layout import DocumentLayout, analyse_mask, cached_on
+from ..inputs import layout_from_cu_seq_lens, layout_from_mask, layout_from_position_ids, layout_from_seq_lengths
+from ..layout import DocumentLayout
 from ..segments import starts_from_cu_seqlens
 
 __all__ = ["current_layout", "packed_layout", "enter_forward", "exit_forward", "replay_pre_hook", "replay_exit_hook",
@@ -107,20 +108,18 @@ def packed_layout(model, args, kwargs) -> DocumentLayout | None:
         "seq_lengths")
     padding = None
     if lengths is not None:
-        lengths = lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths
-        layout = DocumentLayout.from_seq_lengths(lengths, N, device=ref.device)
+        layout = layout_from_seq_lengths(lengths, N, device=ref.device)
     elif cu is not None:
-        from ..forward_inputs import layout_from_cu
-        layout = layout_from_cu(kwargs, B, N)
+        layout = layout_from_cu_seq_lens(cu, B, N, cu_seq_lens_k=kwargs.get("cu_seq_lens_k"),
+                                         max_length_q=kwargs.get("max_length_q"))
     elif isinstance(mask, torch.Tensor) and mask.dim() in (3, 4):
         if mask.shape[-1] != N:
             _refuse(f"an attention_mask with {mask.shape[-1]} key columns for {N} tokens (a mask over a cache).")
-        layout = cached_on(mask, "layout", lambda: analyse_mask(mask, B, N))
+        layout = layout_from_mask(mask, B, N)
     elif isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.shape[-1] == N:
-        from ..forward_inputs import layout_from_positions_cached
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
             padding = mask.bool()
-        layout = layout_from_positions_cached(pos, B, True, padding, mask)
+        layout = layout_from_position_ids(pos, B, padding_mask=mask if padding is not None else None)
     else:
         return None
     if layout is None:

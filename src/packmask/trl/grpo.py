@@ -13,7 +13,7 @@ not a prefix -- go through TRL's own method unchanged.
 Recipe::
 
     from packmask.trl import PackedGRPOTrainer
-    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="packmask")
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="packmask")   # or model = name
     trainer = PackedGRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(num_generations=8, ...),
                                 train_dataset=prompts, processing_class=tokenizer)
 """
@@ -24,10 +24,12 @@ import torch
 from trl import GRPOTrainer
 
 from ..data.logps import branch_logps, per_branch_padded
-from ..data.preference import TreePackingStats, _prompt_branch_forest
+from ..data.branch_forest import TreePackingStats, prompt_branch_forest
+from ..data.spans import offsets_from_lengths, run_lengths, run_starts
 from ..data.tree import pack_forest
 from ..data.tree_collator import collate_forest
 from ..errors import PackmaskError
+from .model_init import packmask_model_init_kwargs
 
 __all__ = ["PackedGRPOTrainer", "group_rows"]
 
@@ -56,18 +58,16 @@ def group_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_
     if (c_len == 0).any() or (p_len == 0).any():
         return None
     B = ids.shape[0]
-    new_group = np.ones(B, bool)
-    new_group[1:] = ~(np.all(p_ids[1:] == p_ids[:-1], 1) & np.all(p_mask[1:] == p_mask[:-1], 1))
+    new_group = run_starts(np.concatenate([p_ids, p_mask], 1))   # a new prompt (tokens or padding) starts a tree
     firsts = np.flatnonzero(new_group)
-    sizes = np.diff(np.append(firsts, B))
+    sizes = run_lengths(new_group)
     p_vals, c_vals = p_ids[firsts][p_mask[firsts]], c_ids[c_mask]
-    p_off = np.concatenate([[0], np.cumsum(p_len[firsts])])
-    c_off = np.concatenate([[0], np.cumsum(c_len)])
+    p_starts = offsets_from_lengths(p_len[firsts])[:-1]
+    c_starts = offsets_from_lengths(c_len)[:-1] + p_vals.shape[0]
     big = int(p_len[firsts].max() + np.add.reduceat(c_len, firsts).max())
     stats = TreePackingStats(max_length=big, overflow="error", truncation_mode="keep_start")
-    forest = _prompt_branch_forest(np.concatenate([p_vals, c_vals]), p_off[:-1], np.diff(p_off),
-                                   c_off[:-1] + p_vals.shape[0], np.diff(c_off), sizes, np.ones(B, np.int64), big,
-                                   "error", "keep_start", stats, "completion")
+    forest = prompt_branch_forest(np.concatenate([p_vals, c_vals]), p_starts, p_len[firsts], c_starts, c_len, sizes,
+                                  np.ones(B, np.int64), big, "error", "keep_start", stats, "completion")
     total = int(forest.tokens.shape[0])
     packed = pack_forest(forest, max(row_length or total, big))
     return collate_forest(packed, pad_token_id=pad_token_id, device=input_ids.device)
@@ -77,13 +77,18 @@ class PackedGRPOTrainer(GRPOTrainer):
     """``trl.GRPOTrainer`` with tree-packed log-prob passes (module docstring). Extra argument:
     ``row_length`` -- tokens per packed row (``None``: each chunk of ``batch_size`` rows in one row)."""
 
-    def __init__(self, *args, row_length: int | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model, reward_funcs=None, args=None, *rest, row_length: int | None = None, **kwargs):
+        if args is None and isinstance(model, str):  # TRL's default, made here so it can load with packmask
+            from trl import GRPOConfig
+            args = GRPOConfig(f"{model.split('/')[-1]}-GRPO")
+        args = packmask_model_init_kwargs(model, args, "PackedGRPOTrainer")  # a name / path loads with packmask
+        super().__init__(model, reward_funcs, args, *rest, **kwargs)
         self.row_length = row_length
         impl = getattr(self.model.config, "_attn_implementation", None)
         if impl != "packmask":
             raise PackmaskError(f"PackedGRPOTrainer: the model uses attn_implementation={impl!r}; tree rows need a "
-                                "[B, N, N] mask: load it with attn_implementation='packmask' (after import packmask).")
+                                "[B, N, N] mask: load it with attn_implementation='packmask' (after import packmask), "
+                                "or pass the model's name or path and the trainer loads it so.")
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **multimodal):
