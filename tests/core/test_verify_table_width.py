@@ -47,4 +47,8 @@ def test_header_is_honest_per_model():
     text = " ".join(" ".join(_render(mamba)).split())
     assert not mamba.has_attention and "no attention layers: packed vs each sequence alone" in text, text
     assert "vs eager alone" not in text
-    assert mamba.rows[0].error and " ".join(mamba.rows[0].error.split()) in text  # the reason, whole
+    # recurrent: mamba's state-space layers run per packed sequence (packmask.recurrent): it passes, and says so
+    assert mamba.passed and "2 recurrent layers run per sequence" in text, text
+    bloom = packmask.verify(tiny_model("bloom"), forms=("mask3d",), print_table=False)  # refused: ALiBi
+    text = " ".join(" ".join(_render(bloom)).split())
+    assert bloom.rows[0].error and " ".join(bloom.rows[0].error.split()) in text  # the reason, whole
