@@ -124,6 +124,8 @@ def _resolve_layout(module, attention_mask, kwargs, B, N, kv_len, device, slidin
         layout = _layout_from_cu(kwargs, B, N, causal)
         return layout if len(layout.cu_seqlens) - 1 > B else None
     pos = kwargs.get("position_ids")
+    if pos is not None and pos.dim() == 3 and pos.shape[0] == 4 and pos.shape[-1] == N:
+        pos = pos[0]  # multimodal: [4, B, N] is the text row (restarting per sample), then the 3 mRoPE rows
     if pos is not None and pos.dim() == 3 and pos.shape[-1] == N and cached_on(
             pos, "restarts", lambda: bool(starts_from_position_ids(pos[0])[:, 1:].any())):
         # multimodal RoPE: [3, B, N] (temporal, height, width) positions; image tokens share positions, so

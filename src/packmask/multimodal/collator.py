@@ -176,7 +176,8 @@ class MultimodalCollator:
     def collate_rows(self, rows: Sequence[Sequence[dict]]) -> dict:
         """The batch of these rows (each a list of sample dicts, packed in the given order)."""
         samples = [s for row in rows for s in row]
-        lengths = [[self._check(s, 0) for s in row] for row in rows]
+        index = iter(range(len(samples)))
+        lengths = [[self._check(s, next(index)) for s in row] for row in rows]
         N = max(sum(r) for r in lengths)
         if self.pad_to_multiple_of:
             N = -(-N // self.pad_to_multiple_of) * self.pad_to_multiple_of
