@@ -287,6 +287,10 @@ def verify(model, *, seq_lengths: Sequence[Sequence[int]] | None = None,
     >>> verify(tiny_model("qwen2"), forms=("collator",), print_table=False).passed
     True
     """
+    from .multimodal.families import FAMILIES as VLM_RULES  # multimodal: packed by MultimodalCollator instead
+    if getattr(model.config, "model_type", None) in VLM_RULES:
+        from .multimodal.verify import verify_multimodal
+        return verify_multimodal(model, seed=seed, reference_impl=reference_impl, print_table=print_table, tol=tol)
     seq_lengths = [list(map(int, r)) for r in (seq_lengths or DEFAULT_SEQ_LENGTHS)]
     if any(x < 2 for r in seq_lengths for x in r):
         raise PackmaskError("verify needs documents of at least 2 tokens (a 1-token document has no loss term).")

@@ -4,6 +4,8 @@ family with a packing rule. Control: the same samples concatenated and run as on
 import pytest
 import torch
 
+import packmask
+
 from packmask.multimodal.tiny import VLM_FAMILIES, tiny_sample, tiny_vlm
 from packmask.multimodal.verify import compare_packed, random_samples
 
@@ -38,6 +40,31 @@ def test_packed_row_equals_each_sample_alone(models, family):
     # the vision tower's parameters are among those compared (every parameter with a gradient alone)
     names = {n for n, p in model.named_parameters()}
     assert any(n.startswith(VISION_PREFIXES) or ".vision" in n for n in names)
+
+
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+def test_verify_passes(models, family):
+    """``packmask.verify`` on the tiny model ``model_for(family)`` builds: one row and two padded rows."""
+    from packmask.families import model_for
+
+    model = models.setdefault(family, model_for(family))
+    report = packmask.verify(model, print_table=False)
+    assert report.passed, report.summary()
+    assert [row.form for row in report.rows] == ["collator", "collator, 2 rows"]
+
+
+def test_verify_cli():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), COLUMNS="120")
+    result = subprocess.run([sys.executable, "-m", "packmask", "verify", "--model", "qwen2_5_vl"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "PASS qwen2_5_vl" in result.stdout
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3", "idefics3", "llava_next", "mistral3"])
