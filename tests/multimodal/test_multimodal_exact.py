@@ -107,3 +107,16 @@ def test_paligemma_unpacked_on_packmask_equals_eager(models):
         finally:
             model.set_attn_implementation("packmask")
     assert ((got - ref).norm() / ref.norm()).item() <= TOL
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_videos_and_images_mixed(models, family):
+    """Qwen samples with videos (pixel_values_videos, video_grid_thw; second_per_grid_ts for 2.5) beside
+    images and text-only samples."""
+    model = _model(models, family)
+    g = torch.Generator().manual_seed(5)
+    samples = [tiny_sample(model, 4, 1, g, n_videos=1), tiny_sample(model, 5, 0, g),
+               tiny_sample(model, 3, 0, g, n_videos=1), tiny_sample(model, 6, 2, g)]
+    result = compare_packed(model, samples, control=True)
+    _check(result)
+    assert result["control"] > 1e-2

@@ -152,9 +152,23 @@ def _sizes(family):
     return _SIZES["qwen"] if family.startswith("qwen") else _SIZES.get(family, [None])
 
 
-def tiny_sample(model, n_text: int, n_images: int, generator: torch.Generator) -> dict:
+def _video(model, g):
+    """A 2-frame-group Qwen video of 4x4 patches: (features, token count)."""
+    vc = model.config.vision_config
+    t, h, w = 2, 4, 4
+    feats = dict(pixel_values_videos=torch.randn(t * h * w, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2,
+                                                 generator=g), video_grid_thw=torch.tensor([[t, h, w]]))
+    if model.config.model_type == "qwen2_5_vl":
+        feats["second_per_grid_ts"] = torch.tensor([1.0])
+    return feats, t * h * w // vc.spatial_merge_size ** 2
+
+
+def tiny_sample(model, n_text: int, n_images: int, generator: torch.Generator, n_videos: int = 0) -> dict:
     """One sample's features (batch dimension 1) for ``model`` built by :func:`tiny_vlm`: ``n_images``
-    images of random sizes, each after 3 text tokens, then ``n_text`` text tokens."""
+    images of random sizes (then ``n_videos`` videos, Qwen2-VL / Qwen2.5-VL), each after 3 text
+    tokens, then ``n_text`` text tokens."""
+    if n_videos and model.config.model_type not in ("qwen2_vl", "qwen2_5_vl"):
+        raise PackmaskError("tiny videos are built for qwen2_vl and qwen2_5_vl only.")
     family = model.config.model_type
     if family == "paligemma" and n_images != 1:
         raise PackmaskError("a PaliGemma sample holds exactly one image (its processor requires it).")
@@ -172,6 +186,11 @@ def tiny_sample(model, n_text: int, n_images: int, generator: torch.Generator) -
         before = torch.randint(3, TEXT_IDS, (3,), generator=g).tolist()
         ids += before + [VS] + [IMG] * count + [VE]
         types += [0] * 4 + [1] * count + [0]
+    for _ in range(n_videos):
+        feats, count = _video(model, g)
+        pieces.append(feats)
+        ids += torch.randint(3, TEXT_IDS, (3,), generator=g).tolist() + [VS] + [VID] * count + [VE]
+        types += [0] * 4 + [2] * count + [0]
     text = torch.randint(3, TEXT_IDS, (n_text,), generator=g).tolist()
     ids += text
     if family == "paligemma":  # the prompt's second half is prefix too; the rest is the suffix (scored)
@@ -186,11 +205,11 @@ def tiny_sample(model, n_text: int, n_images: int, generator: torch.Generator) -
         sample["token_type_ids"] = types
         labels[types == 0] = -100
     else:
-        labels[sample["input_ids"] == IMG] = -100
+        labels[(sample["input_ids"] == IMG) | (sample["input_ids"] == VID)] = -100
         key = "token_type_ids" if family == "gemma3" else "mm_token_type_ids" if family.startswith("qwen") else None
         if key is not None:
             sample[key] = types
     sample["labels"] = labels
-    for key in (pieces[0] if pieces else {}):
-        sample[key] = pad_cat([p[key] for p in pieces], 1 if family in ("idefics3", "smolvlm") else 0)
+    for key in dict.fromkeys(k for p in pieces for k in p):
+        sample[key] = pad_cat([p[key] for p in pieces if key in p], 1 if family in ("idefics3", "smolvlm") else 0)
     return sample
