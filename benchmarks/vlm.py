@@ -148,6 +148,7 @@ def main(argv=None):
     model = transformers.Qwen2_5_VLForConditionalGeneration(config).to(args.device, dtype).train()
     packmask.enable(model)
     collator = MultimodalCollator(model, max_length=row)
+    pool = [s for s in pool if s["input_ids"].shape[1] <= row]  # a sample is never split
     rows = collator.rows(pool)[:args.rows]
     samples = [s for r in rows for s in r]
     packed = collator.collate_rows(rows)

@@ -191,7 +191,7 @@ class MultimodalCollator:
         for key in present:
             filled = torch.full((len(rows), N), pads[key], dtype=samples[0][key].dtype)
             for b, row in enumerate(rows):
-                filled[b, :sum(lengths[b])] = torch.cat([s[key][0] for s in row])
+                filled[b, :sum(lengths[b])] = torch.cat([s[key][0].cpu() for s in row])
             batch[key] = filled
         if with_labels:  # logits[t] predict labels[t + 1]: no sample learns to predict the next one's first token
             batch["labels"] = batch["labels"].masked_fill(starts, -100)
@@ -209,6 +209,8 @@ class MultimodalCollator:
             batch["attention_mask"] = sample_mask(starts, types, self.family.attention)
         elif not self._text_row:  # 3 mRoPE rows only: the samples cannot be read from positions
             batch["attention_mask"] = sample_mask(starts, None, "causal")
+        device = samples[0]["input_ids"].device  # token-level tensors follow the samples (built on the host)
+        batch = {k: v.to(device) for k, v in batch.items()}
         batch.update(self._vision(rows))
         batch["use_cache"] = False
         return batch

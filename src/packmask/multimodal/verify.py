@@ -6,7 +6,8 @@ included), and a control that must differ (the same row run as one sequence).
 builds a tiny random model and runs :func:`verify_multimodal` on random samples with 0-2 images.
 
 >>> from packmask.multimodal.tiny import tiny_vlm
->>> report = verify_multimodal(tiny_vlm("qwen2_5_vl"), print_table=False)
+>>> model = tiny_vlm("qwen2_5_vl")
+>>> report = verify_multimodal(model, samples=random_samples(model, 3), print_table=False)
 >>> report.passed, [row.form for row in report.rows]
 (True, ['collator', 'collator, 2 rows'])
 """
@@ -102,6 +103,8 @@ def compare_packed(model, samples, *, max_length: int | None = None, reference_i
     ``reference_impl``). Returns ``{"logits", "loss", "grad", "grad_param", "control"}`` relative errors;
     ``control``: also the naive concatenation's logits error (must be large)."""
     impl = model.config._attn_implementation
+    device = next(model.parameters()).device
+    samples = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in s.items()} for s in samples]
     collator = MultimodalCollator(model, max_length=max_length)
     batch = collator(samples)
     spans = _spans(collator, samples)
