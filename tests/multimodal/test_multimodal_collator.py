@@ -125,3 +125,30 @@ def test_text_row_of_4_row_positions_is_read_by_attention():
     ref, _ = packmask_attention(Layer(), q, k, v, None, position_ids=text)
     whole, _ = packmask_attention(Layer(), q, k, v, None)
     assert torch.equal(got, ref) and not torch.allclose(got, whole)
+
+
+def test_missing_mm_token_type_ids(qwen):
+    sample = {k: v for k, v in _samples(qwen, [(4, 1)])[0].items() if k != "mm_token_type_ids"}
+    with pytest.raises(PackmaskError, match="return_mm_token_type_ids=True"):
+        MultimodalCollator(qwen)([sample])
+
+
+def test_stock_model_with_a_cache_warns_on_4_row_positions(qwen):
+    """On sdpa, [4, B, L] packed positions with use_cache on are silently contaminated by transformers; the
+    stock-model guard reads the text row and warns. With use_cache=False (the collator's) it stays quiet."""
+    import warnings
+
+    from packmask import PackmaskWarning, guards
+
+    batch = MultimodalCollator(qwen)(_samples(qwen, [(4, 1), (5, 0)]))
+    qwen.set_attn_implementation("sdpa")
+    guards._ONCE.discard("packed-positions")
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("error", PackmaskWarning)
+            qwen(**batch)  # use_cache=False: transformers' own packed path, no warning
+            with pytest.warns(PackmaskWarning, match="packed position_ids"):
+                qwen(**dict(batch, use_cache=True))
+    finally:
+        qwen.set_attn_implementation("packmask")
+        guards._ONCE.discard("packed-positions")

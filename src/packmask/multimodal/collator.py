@@ -153,7 +153,8 @@ class MultimodalCollator:
             return text
         ids = sample["input_ids"]
         mrope = call_rope_index(self._rope_index, input_ids=ids, mm_token_type_ids=sample.get("mm_token_type_ids"),
-                                image_grid_thw=sample.get("image_grid_thw"), video_grid_thw=sample.get("video_grid_thw"),
+                                image_grid_thw=sample.get("image_grid_thw"),
+                                video_grid_thw=sample.get("video_grid_thw"),
                                 second_per_grid_ts=sample.get("second_per_grid_ts"),
                                 attention_mask=torch.ones_like(ids))
         mrope = mrope.to(torch.long).cpu()

@@ -116,6 +116,9 @@ def call_rope_index(fn, **inputs):
     transformers 5.x; ``second_per_grid_ts`` is Qwen2.5-VL's); returns the ``[3, 1, n]`` positions."""
     params = inspect.signature(fn).parameters
     takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    if "mm_token_type_ids" in params and inputs.get("mm_token_type_ids") is None:
+        raise PackmaskError(f"a sample has no mm_token_type_ids, which {fn.__qualname__} needs for its positions: call "
+                            f"the processor with return_mm_token_type_ids=True (0 text, 1 image, 2 video per token).")
     given = {k: v for k, v in inputs.items() if v is not None and (k in params or takes_any)}
     missing = [k for k, v in inputs.items() if v is not None and k not in given and k != "second_per_grid_ts"]
     if missing and "mm_token_type_ids" not in missing:
