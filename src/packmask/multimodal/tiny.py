@@ -157,7 +157,8 @@ def _video(model, g):
     vc = model.config.vision_config
     t, h, w = 2, 4, 4
     patch = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
-    feats = dict(pixel_values_videos=torch.randn(t * h * w, patch, generator=g), video_grid_thw=torch.tensor([[t, h, w]]))
+    feats = dict(pixel_values_videos=torch.randn(t * h * w, patch, generator=g),
+                 video_grid_thw=torch.tensor([[t, h, w]]))
     if model.config.model_type == "qwen2_5_vl":
         feats["second_per_grid_ts"] = torch.tensor([1.0])
     return feats, t * h * w // vc.spatial_merge_size ** 2
