@@ -120,3 +120,15 @@ def test_videos_and_images_mixed(models, family):
     result = compare_packed(model, samples, control=True)
     _check(result)
     assert result["control"] > 1e-2
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
+def test_exact_with_activation_checkpointing_in_training_mode(family):
+    """Recomputed layers (checkpointing, train mode) see the same per-sample layout in backward."""
+    model = tiny_vlm(family)
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.is_gradient_checkpointing
+    _check(compare_packed(model, random_samples(model, 4), training=True))

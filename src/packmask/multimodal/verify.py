@@ -98,10 +98,11 @@ def naive_batch(model, samples) -> dict:
 
 
 def compare_packed(model, samples, *, max_length: int | None = None, reference_impl: str = "eager",
-                   control: bool = False) -> dict:
+                   control: bool = False, training: bool = False) -> dict:
     """Pack ``samples`` with :class:`MultimodalCollator` and compare against each run alone (on
     ``reference_impl``). Returns ``{"logits", "loss", "grad", "grad_param", "control"}`` relative errors;
-    ``control``: also the naive concatenation's logits error (must be large)."""
+    ``control``: also the naive concatenation's logits error (must be large). ``training`` runs both in
+    train mode (activation checkpointing, if enabled, recomputes layers in backward)."""
     impl = model.config._attn_implementation
     device = next(model.parameters()).device
     samples = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in s.items()} for s in samples]
@@ -109,7 +110,7 @@ def compare_packed(model, samples, *, max_length: int | None = None, reference_i
     batch = collator(samples)
     spans = _spans(collator, samples)
     was_training = model.training
-    model.eval()
+    model.train(training)
     try:
         model.set_attn_implementation(reference_impl)
         ref = _alone(model, samples)
