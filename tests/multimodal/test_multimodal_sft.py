@@ -24,7 +24,7 @@ def test_sft_trainer_step_equals_samples_alone(tmp_path):
                          learning_rate=LR, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0,
                          max_grad_norm=0.0, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
                          disable_tqdm=True, dataloader_num_workers=0, seed=0, remove_unused_columns=False,
-                         dataset_kwargs={"skip_prepare_dataset": True}, activation_checkpointing=False, bf16=False)
+                         dataset_kwargs={"skip_prepare_dataset": True}, bf16=False)
     # a datasets.Dataset of processed samples, read back as tensors (TRL takes no plain list)
     dataset = datasets.Dataset.from_list(samples).with_format("torch")
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=dataset,
