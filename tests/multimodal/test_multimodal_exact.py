@@ -53,18 +53,13 @@ def test_verify_passes(models, family):
     assert [row.form for row in report.rows] == ["collator", "collator, 2 rows"]
 
 
-def test_verify_cli():
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+def test_verify_cli(capsys, monkeypatch):
+    """``packmask verify --model qwen2_5_vl`` exits 0 with a PASS line (in-process: no interpreter start-up)."""
+    from packmask.cli.main import main
 
-    src = str(Path(__file__).resolve().parents[2] / "src")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), COLUMNS="120")
-    result = subprocess.run([sys.executable, "-m", "packmask", "verify", "--model", "qwen2_5_vl"], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "PASS qwen2_5_vl" in result.stdout
+    monkeypatch.setenv("COLUMNS", "120")
+    assert main(["verify", "--model", "qwen2_5_vl"]) == 0
+    assert "PASS qwen2_5_vl" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3", "idefics3", "llava_next", "mistral3"])
