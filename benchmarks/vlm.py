@@ -191,7 +191,7 @@ def main(argv=None):
                     failures.append(f"{name}: logits differ from each sample alone by {err:.2e} > {tol:.0e}")
         control_err = ((control - ref).norm() / ref.norm()).item()
         results["control_one_sequence_rel_err"] = control_err
-        if control_err <= 10 * tol:
+        if control_err <= tol:  # the exact methods must be within tol, the contaminated one beyond it
             failures.append(f"control: rows run as one sequence differ by only {control_err:.2e}: the check is blind")
     base = results.get("padded_sdpa", {}).get("real_tokens_per_s")
     flat = results.get("flatten_sdpa", {}).get("real_tokens_per_s")
