@@ -104,12 +104,14 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run_method(model, batch, steps, device):
-    """Forward + backward ``steps`` times; returns (first-call seconds, warm step seconds, peak bytes, logits)."""
+def run_method(model, batch, steps, device, keep):
+    """Forward + backward ``steps`` times; returns (first-call seconds, warm step seconds, peak bytes, the
+    first step's logits of the ``keep(logits)`` tokens, on the host). Peak memory is over all steps."""
     times = []
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    kept = None
     for i in range(steps):
         model.zero_grad(set_to_none=True)
         sync(device)
@@ -119,10 +121,10 @@ def run_method(model, batch, steps, device):
         sync(device)
         times.append(time.perf_counter() - t)
         if i == 0:
-            logits = out.logits.detach().float()
+            kept = keep(out.logits.detach()).float().cpu()
         del out
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else float("nan")
-    return times[0], statistics.median(times[1:]) if len(times) > 1 else times[0], peak, logits
+    return times[0], statistics.median(times[1:]) if len(times) > 1 else times[0], peak, kept
 
 
 def per_sample(logits, spans):
@@ -155,6 +157,7 @@ def main(argv=None):
     spans = [(b, sum(x["input_ids"].shape[1] for x in r[:i]), s["input_ids"].shape[1])
              for b, r in enumerate(rows) for i, s in enumerate(r)]
     real = sum(n for _, _, n in spans)
+    first_row = [span for span in spans if span[0] == 0]  # samples 0..k-1 of the padded batch, in order
     padded = padded_batch(samples)
     images = sum(len(s.get("image_grid_thw", [])) for s in samples)
     print(f"{len(samples)} samples, {images} images, {real} real tokens in {len(rows)} rows of {row}; padded batch "
@@ -165,21 +168,22 @@ def main(argv=None):
     results, logits, failures = {}, {}, []
     for name, impl, batch, slots in methods:
         model.set_attn_implementation(impl)
+        if batch is packed:  # the checked tokens: the first row's samples
+            keep = lambda out: per_sample(out, first_row)  # noqa: E731
+        else:
+            keep = lambda out: torch.cat([out[i, :n] for i, (_, _, n) in enumerate(first_row)])  # noqa: E731
         try:
-            first, warm, peak, out = run_method(model, batch, args.steps, args.device)
+            first, warm, peak, logits[name] = run_method(model, batch, args.steps, args.device, keep)
         except torch.cuda.OutOfMemoryError as error:  # reported as a row, never hidden
             results[name] = dict(error=f"OOM: {str(error).splitlines()[0]}")
             failures.append(f"{name}: out of memory")
             continue
-        logits[name] = per_sample(out, spans) if batch is packed else torch.cat(
-            [out[i, :s["input_ids"].shape[1]] for i, s in enumerate(samples)])
         results[name] = dict(first_call_s=first, warm_step_s=warm, real_tokens_per_s=real / warm,
                              peak_memory_gib=peak / 2 ** 30, slots=slots, real_tokens=real)
-        del out
     model.set_attn_implementation("sdpa")  # control: the packed rows as one sequence each (no per-sample positions)
     with torch.no_grad():
         naive = model(**{k: v for k, v in packed.items() if k != "position_ids"}).logits.float()
-    control = per_sample(naive, spans)
+    control = per_sample(naive, first_row).cpu()
     del naive
     ref = logits.get("padded_sdpa")
     if ref is not None:
