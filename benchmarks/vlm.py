@@ -7,7 +7,9 @@ an 8-layer 2048-hidden text decoder (16 heads, 4 kv heads, mRoPE). Data: samples
 Methods (forward + backward of the same samples):
 
   packmask        MultimodalCollator rows on attn_implementation="packmask" ([4, B, L] positions,
-                  the text row read as the layout: varlen kernels, no [N, N] mask)
+                  the text row read as the layout: varlen kernels, no [N, N] mask), the vision tower
+                  in one varlen call per layer (packmask.multimodal.varlen_vision)
+  packmask_vision_loop   the same, the vision tower in its stock loop (one call per image / window)
   padded_sdpa     one padded row per sample (2D attention_mask) on sdpa: what TRL does today
   flatten_sdpa    the same packed rows on sdpa: transformers' own packed path ([4, B, L] position ids,
                   no mask, use_cache=False; it builds a block mask per row)
@@ -32,7 +34,7 @@ import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import packmask  # noqa: E402
-from packmask.multimodal import MultimodalCollator  # noqa: E402
+from packmask.multimodal import MultimodalCollator, varlen_vision  # noqa: E402
 from _report import finish  # noqa: E402
 
 IMG, VS, VE = 31000, 31001, 31002
@@ -163,11 +165,13 @@ def main(argv=None):
     print(f"{len(samples)} samples, {images} images, {real} real tokens in {len(rows)} rows of {row}; padded batch "
           f"{tuple(padded['input_ids'].shape)} ({padded['input_ids'].numel()} slots)")
     methods = [("packmask", "packmask", packed, packed["input_ids"].numel()),
+               ("packmask_vision_loop", "packmask", packed, packed["input_ids"].numel()),
                ("padded_sdpa", "sdpa", padded, padded["input_ids"].numel()),
                ("flatten_sdpa", "sdpa", packed, packed["input_ids"].numel())]
     results, logits, failures = {}, {}, []
     for name, impl, batch, slots in methods:
         model.set_attn_implementation(impl)
+        varlen_vision(model, enable=name == "packmask")  # the vision tower in one varlen call per layer
         if batch is packed:  # the checked tokens: the first row's samples
             keep = lambda out: per_sample(out, first_row)  # noqa: E731
         else:
@@ -180,6 +184,7 @@ def main(argv=None):
             continue
         results[name] = dict(first_call_s=first, warm_step_s=warm, real_tokens_per_s=real / warm,
                              peak_memory_gib=peak / 2 ** 30, slots=slots, real_tokens=real)
+    varlen_vision(model, enable=False)
     model.set_attn_implementation("sdpa")  # control: the packed rows as one sequence each (no per-sample positions)
     with torch.no_grad():
         naive = model(**{k: v for k, v in packed.items() if k != "position_ids"}).logits.float()
@@ -187,7 +192,7 @@ def main(argv=None):
     del naive
     ref = logits.get("padded_sdpa")
     if ref is not None:
-        for name in ("packmask", "flatten_sdpa"):
+        for name in ("packmask", "packmask_vision_loop", "flatten_sdpa"):
             if name in logits:
                 err = ((logits[name] - ref).norm() / ref.norm()).item()
                 results[name]["logits_rel_err_vs_alone"] = err
@@ -199,15 +204,15 @@ def main(argv=None):
             failures.append(f"control: rows run as one sequence differ by only {control_err:.2e}: the check is blind")
     base = results.get("padded_sdpa", {}).get("real_tokens_per_s")
     flat = results.get("flatten_sdpa", {}).get("real_tokens_per_s")
-    print(f"\n{'method':<14}{'tokens/s':>12}{'x padded':>10}{'x flatten':>11}{'warm s':>9}{'first s':>9}"
+    print(f"\n{'method':<22}{'tokens/s':>12}{'x padded':>10}{'x flatten':>11}{'warm s':>9}{'first s':>9}"
           f"{'peak GiB':>10}{'rel err':>10}")
     for name, _, _, _ in methods:
         r = results.get(name, {})
         if "error" in r:
-            print(f"{name:<14}{r['error']}")
+            print(f"{name:<22}{r['error']}")
             continue
         tps = r["real_tokens_per_s"]
-        print(f"{name:<14}{tps:>12.0f}{tps / base if base else float('nan'):>10.2f}"
+        print(f"{name:<22}{tps:>12.0f}{tps / base if base else float('nan'):>10.2f}"
               f"{tps / flat if flat else float('nan'):>11.2f}{r['warm_step_s']:>9.3f}{r['first_call_s']:>9.3f}"
               f"{r['peak_memory_gib']:>10.2f}{r.get('logits_rel_err_vs_alone', float('nan')):>10.1e}")
     print(f"control (rows as one sequence) rel err {results.get('control_one_sequence_rel_err', float('nan')):.1e}")
