@@ -17,7 +17,7 @@ Within a row, in the given order:
   ``[B, N, N]`` mask (:mod:`packmask.multimodal.attention`);
 * ``use_cache=False``: a cache makes transformers' own mask code treat the row as one sequence.
 
-Worked example (Qwen2.5-VL; ``a`` has a 4-token image, ``b`` is text only; ``P`` = padding)::
+Worked example (Qwen2.5-VL; ``a`` has a 4-token image, ``b`` is text only; docs/multimodal.md runs it)::
 
     input_ids      a0 <vs> I I I I <ve> a1 | b0 b1 b2
     labels         -100 ...                | -100 b1 b2        (b's first label: -100)
