@@ -37,6 +37,9 @@ _LAZY = {
     # chat data
     "tokenize_messages": "packmask.data.chat",
     "tokenize_chat_dataset": "packmask.data.chat",
+    # vision-language models  # multimodal:
+    "MultimodalCollator": "packmask.multimodal.collator",
+    "pack_samples": "packmask.multimodal.collator",
     # proof tool
     "verify": "packmask.verification",
     # context parallelism (torch.distributed)

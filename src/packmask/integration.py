@@ -49,6 +49,10 @@ class PackmaskMask:
         self._dense = None
         self.shape = (batch_size, 1, q_length, kv_length)
 
+    # multimodal: a model that hands its prepared mask to an inner model which builds masks again (PaliGemma ->
+    # GemmaModel) passes this object back through create_causal_mask, which reads .ndim; packmask_mask returns it as is
+    ndim = 4
+
     def standard_mask(self):
         """transformers' 4D bool mask for the unpacked path (None = plain causal)."""
         if self._mask_kwargs is not None:
@@ -63,6 +67,8 @@ class PackmaskMask:
 def packmask_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                   attention_mask=None, **kwargs):
     """``AttentionMaskInterface`` entry: called by ``create_causal_mask`` & co. once per forward."""
+    if isinstance(attention_mask, PackmaskMask):  # multimodal: already prepared by an outer model (PaliGemma)
+        return attention_mask
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 3:
         # [B, N, N] packed rows, or [B, N, past + N] new tokens over a cache (checked by the forward pre-hook)
         layout = _on_device(layout_from_mask(attention_mask, batch_size, q_length), kwargs.get("device"))
