@@ -24,7 +24,7 @@ import torch
 
 from .errors import PackmaskError, UnsupportedModelError
 from .guards import check_stock_forward
-from .kvcache import check_mask_against_cache
+from .kvcache import CACHE_NAMES, cache_keyword, check_mask_against_cache
 from .layout import DocumentLayout, analyse_mask, cached_on
 from .segments import starts_from_ids, starts_from_position_ids
 from .support import check_packed_input, position_offset
@@ -172,6 +172,12 @@ def _derive_inputs(model, args, kwargs):
                 f"{getattr(model.config, '_attn_implementation', None)!r}: build it with attn_implementation={NAME!r} "
                 f"or call packmask.enable(model).")
         return check_stock_forward(model, names, args, kwargs)
+    if "cache" in kwargs and "cache" not in names and cache_keyword(names) == "past_key_values":
+        # transformers before 5.2x names it past_key_values: cache= would flow on through **kwargs unread
+        # and the model would run without the cached tokens
+        if kwargs.get("past_key_values") is not None:
+            raise PackmaskError("got both cache= and past_key_values=; pass the cache once.")
+        kwargs["past_key_values"] = kwargs.pop("cache")
     bound = dict(zip(names, args))
     mask = kwargs.get("attention_mask", bound.get("attention_mask"))
     ids = kwargs.get("input_ids", bound.get("input_ids"))
@@ -188,7 +194,7 @@ def _derive_inputs(model, args, kwargs):
             args = args[:i] + (mask,) + args[i + 1:]
     if isinstance(mask, torch.Tensor) and mask.dim() == 4 and ref is not None:
         # a per-sample mask with a KV cache: its columns must be the cached tokens, then the new ones
-        cache = next((c for c in (kwargs.get(n, bound.get(n)) for n in ("cache", "past_key_values")) if c is not None),
+        cache = next((c for c in (kwargs.get(n, bound.get(n)) for n in CACHE_NAMES) if c is not None),
                      None)
         check_mask_against_cache(mask, ref.shape[1], cache)
     external = kwargs.get(LAYOUT_KWARG)
