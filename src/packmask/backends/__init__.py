@@ -11,6 +11,9 @@ backend           where               honours
 ``cudnn``         SM90+, fp16/bf16,   block-diagonal layouts, causal or not, GQA, scale, causal
                   ``packmask[cudnn]`` sliding windows, head dim <= 128. Not: softcap, dropout,
                                       sinks, general masks (cuDNN SDPA with ragged offsets).
+``tree_triton``   CUDA + triton       tree layouts only, in one launch per direction (our Triton kernel,
+                                      backends/tree_triton.py): GQA, scale, softcap, sliding windows,
+                                      fp32/fp16/bf16, forward and backward. Not: dropout, sinks.
 ``varlen``        CUDA, fp16/bf16     block-diagonal layouts, causal or not; tree layouts (shared
                                       prefixes, draft trees over a KV cache) as pieces with gathered
                                       keys (backends/tree.py); GQA, scale, sliding windows.
@@ -60,6 +63,7 @@ import torch
 from ..errors import PackmaskError
 from ..layout import Layout
 from . import costs, cudnn, eager, flex, sdpa, varlen
+from . import tree_triton  # tree-kernel: the one-launch tree kernel (imports triton lazily)
 from .eager import eager_attention
 from .flex import FLEX_BLOCK, document_block_mask, flex_attention_call, flex_block_mask
 from .sdpa import sdpa_attention
@@ -73,7 +77,7 @@ __all__ = ["AttentionSpec", "BACKENDS", "backend", "requested_backend", "choose_
 
 # Every backend that can be asked for, fastest first (cudnn is listed even when its optional extra is
 # missing: forcing it then says how to install it; available_backends() lists what runs here).
-_MODULES = {m.NAME: m for m in (cudnn, varlen, flex, sdpa, eager)}
+_MODULES = {m.NAME: m for m in (cudnn, tree_triton, varlen, flex, sdpa, eager)}  # tree-kernel: tree_triton first for trees
 BACKENDS = ("auto",) + tuple(_MODULES)
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("packmask_backend", default=None)
@@ -163,9 +167,11 @@ def available_backends(device=None) -> tuple[str, ...]:
     for name in _MODULES:
         if name == "cudnn" and not cudnn.available(device if device is not None else ("cuda" if cuda else "cpu")):
             continue
-        if name in ("varlen", "flex") and not cuda:
+        if name in ("varlen", "flex", "tree_triton") and not cuda:  # tree-kernel: tree_triton too
             continue
         if name == "varlen" and not varlen_available():
+            continue
+        if name == "tree_triton" and not tree_triton.triton_available():  # tree-kernel:
             continue
         names.append(name)
     return tuple(names)
@@ -220,7 +226,7 @@ def describe_choice(layout: Layout | None, spec: AttentionSpec, q: torch.Tensor,
     >>> info["backend"], info["candidates"]
     ('sdpa', ['sdpa', 'eager'])
     >>> sorted(info["refused"])
-    ['cudnn', 'flex', 'varlen']
+    ['cudnn', 'flex', 'tree_triton', 'varlen']
     """
     requested = requested_backend(module)
     info = {"requested": requested, "backend": None, "candidates": [], "refused": {}}

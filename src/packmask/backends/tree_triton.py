@@ -61,10 +61,6 @@ def refusal(layout, spec: AttentionSpec, q: torch.Tensor, training: bool) -> str
     """Why the tree kernel cannot run this call exactly (None: it can)."""
     if not isinstance(layout, TreeLayout):
         return "tree_triton runs tree layouts only"
-    if not (q.is_cuda or _interpreting()):
-        return "tree_triton needs CUDA (or TRITON_INTERPRET=1)"
-    if not triton_available():
-        return "tree_triton needs triton (pip install triton)"
     if spec.dropout > 0 and training:
         return "tree_triton has no dropout"
     if spec.sinks is not None:
@@ -73,6 +69,10 @@ def refusal(layout, spec: AttentionSpec, q: torch.Tensor, training: bool) -> str
         return f"tree_triton runs fp32/fp16/bf16, not {q.dtype}"
     if q.shape[-1] > 256:
         return "tree_triton supports head dims up to 256"
+    if not (q.is_cuda or _interpreting()):
+        return "tree_triton needs CUDA (or TRITON_INTERPRET=1)"
+    if not triton_available():
+        return "tree_triton needs triton (pip install triton)"
     return None
 
 

@@ -12,23 +12,30 @@ sliding window, ``pos[q] - kpos[c] < window``). Which key blocks a query block v
 tile list (counts and indices, like a BlockMask), so the kernel reads only the ``<= depth`` key
 intervals each query block needs.
 
-Imported only where triton is installed (CUDA, or ``TRITON_INTERPRET=1`` on CPU).
+Launched only where triton is installed (CUDA, or ``TRITON_INTERPRET=1`` on CPU).
 """
 from __future__ import annotations
 
-import triton
-import triton.language as tl
+try:
+    import triton
+    import triton.language as tl
+    jit = triton.jit
+except ImportError:  # imported without triton (doctest collection): defined, never launched
+    tl = None
+
+    def jit(fn):
+        return fn
 
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+@jit
 def _softcap(s, cap):
     """``cap * tanh(s / cap)`` through exp (tanh is not in every triton build / the interpreter)."""
     return cap * (1.0 - 2.0 / (tl.exp(2.0 * s / cap) + 1.0))
 
 
-@triton.jit
+@jit
 def _visible(qr, lo, hi, qp, kp, WINDOW: tl.constexpr):
     vis = (lo[None, :] <= qr[:, None]) & (qr[:, None] < hi[None, :])
     if WINDOW > 0:
@@ -36,7 +43,7 @@ def _visible(qr, lo, hi, qp, kp, WINDOW: tl.constexpr):
     return vis
 
 
-@triton.jit
+@jit
 def tree_fwd_kernel(Q, K, V, O, LSE, QRANK, KLO, KHI, QPOS, KPOS, TCNT, TIDX,
                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, son, soh,
                     H, N, KV, D, NQB, NKB, G, scale, cap,
@@ -99,7 +106,7 @@ def tree_fwd_kernel(Q, K, V, O, LSE, QRANK, KLO, KHI, QPOS, KPOS, TCNT, TIDX,
     tl.store(LSE + (b * H + h) * N + rows, lse, mask=rmask)
 
 
-@triton.jit
+@jit
 def tree_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QRANK, KLO, KHI, QPOS, KPOS, TCNT, TIDX,
                          sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdn, sdh,
                          H, HKV, N, KV, D, NQB, NKB, G, scale, cap,
@@ -167,7 +174,7 @@ def tree_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QRANK, KLO, KHI, QPOS,
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kmask)
 
 
-@triton.jit
+@jit
 def tree_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QRANK, KLO, KHI, QPOS, KPOS, TCNT, TIDX,
                        sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdn, sdh,
                        H, N, KV, D, NQB, NKB, G, scale, cap,

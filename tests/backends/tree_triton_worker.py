@@ -1,0 +1,90 @@
+"""Runs the tree kernel under Triton's CPU interpreter (``TRITON_INTERPRET=1`` must be set before triton
+compiles anything, so tests/backends/test_tree_triton.py starts this in a fresh process) and prints the
+relative errors it measured as one JSON line. Tiny shapes: the interpreter runs every block in numpy."""
+import json
+import os
+import sys
+
+import torch
+
+assert os.environ.get("TRITON_INTERPRET") == "1"
+
+import packmask  # noqa: E402
+from packmask.backends.eager import eager_attention  # noqa: E402
+from packmask.backends.spec import AttentionSpec  # noqa: E402
+from packmask.backends.tree_triton import tree_triton_attention  # noqa: E402
+from packmask.layout_tree import TreeLayout, analyse_tree_mask  # noqa: E402
+from packmask.masks import tree_mask_from_segments  # noqa: E402
+from packmask.testing import rel_err, tiny_model  # noqa: E402
+
+
+def training_tree():
+    """Two rows, depth-first: prompt | chosen | rejected, and a 3-level multi-turn tree."""
+    rows = [[(0, 9, -1), (9, 6, 0), (15, 7, 0), (22, 5, -1), (27, 4, 3), (31, 9, 3)],
+            [(0, 7, -1), (7, 5, 0), (12, 6, 1), (18, 6, 1), (24, 8, 0), (32, 8, 4)]]
+    mask, _ = tree_mask_from_segments(rows, 40)
+    return rows, mask
+
+
+def draft_tree():
+    """Breadth-first-ish random draft trees over a left-padded cache (not depth-first order)."""
+    g = torch.Generator().manual_seed(0)
+    parents = torch.stack([torch.tensor([-1] + [int(torch.randint(-1, i, (1,), generator=g)) for i in range(1, 24)])
+                           for _ in range(2)])
+    return TreeLayout.from_parents(parents, torch.tensor([19, 11]))
+
+
+def compare(layout, H=4, Hkv=2, D=16, dtype=torch.float32, window=None, softcap=None, kv_len=None, wrong=None):
+    """Forward and q/k/v gradients of the kernel against eager math with the dense mask; with ``wrong``
+    (another layout of the same shape) the kernel runs that one instead: the control."""
+    torch.manual_seed(0)
+    B, N = layout.batch_size, layout.seq_len
+    kv = kv_len or layout.key_len
+    q = torch.randn(B, H, N, D, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, Hkv, kv, D, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, Hkv, kv, D, dtype=dtype, requires_grad=True)
+    spec = AttentionSpec(scale=D ** -0.5, sliding_window=window, softcap=softcap)
+    out = tree_triton_attention(q, k, v, wrong or layout, spec)
+    ref = eager_attention(q.float(), k.float(), v.float(), layout.dense_mask(window, kv_len=kv_len), spec, False)
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(out.float(), (q, k, v), g)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    return [rel_err(out.float(), ref)] + [rel_err(a.float(), b.float()) for a, b in zip(grads, ref_grads)]
+
+
+def model_level():
+    """tiny llama on a packed tree mask: backend tree_triton against backend sdpa (logits, parameter grads)."""
+    rows, mask = training_tree()
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
+    results = {}
+    for name in ("sdpa", "tree_triton"):
+        model = tiny_model("llama", num_hidden_layers=1, hidden_size=32, intermediate_size=48)
+        with packmask.backend(name):
+            out = model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False)
+        out.loss.backward()
+        results[name] = (out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    (a, ga), (b, gb) = results["tree_triton"], results["sdpa"]
+    return [rel_err(a, b), max(rel_err(ga[n], gb[n]) for n in gb)]
+
+
+def main():
+    rows, mask = training_tree()
+    train = analyse_tree_mask(mask)
+    other = [list(r) for r in rows]
+    other[0][2] = (15, 7, 1)  # the rejected branch hangs under chosen instead of the prompt
+    wrong = analyse_tree_mask(tree_mask_from_segments(other, 40)[0])
+    drafts = draft_tree()
+    report = {
+        "train_fp32": compare(train),
+        "train_control": compare(train, wrong=wrong),
+        "train_softcap_window": compare(train, softcap=5.0, window=6),
+        "draft_fp32": compare(drafts),
+        "draft_window_cropped": compare(drafts, window=8, kv_len=7 + drafts.seq_len),
+        "draft_mha_fp16": compare(drafts, H=2, Hkv=2, dtype=torch.float16),
+        "model_llama": model_level(),
+    }
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
