@@ -33,7 +33,8 @@ def report():
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("case", ["train_fp32", "train_softcap_window", "draft_fp32", "draft_window_cropped"])
+@pytest.mark.parametrize("case", ["train_fp32", "train_softcap_window", "draft_fp32", "draft_window_cropped",
+                                  "draft_split_kv"])
 def test_kernel_matches_dense_math_fp32(report, case):
     assert max(report[case]) <= 1e-5, report[case]
 
@@ -88,3 +89,9 @@ def test_refusals_and_dispatch():
     assert "sink" in refusal(layout, AttentionSpec(1.0, sinks=torch.zeros(2)), q, True)
     assert "tree layouts only" in refusal(None, spec, q, True)
     assert "tree_triton" in describe_choice(layout, spec, q)["refused"]
+
+
+def test_compiled_kernel_reuses_the_graph_across_trees(report):
+    # aot_eager, fullgraph, error_on_recompile after the first tree: a second tree of the same shape
+    # compiled nothing new (the worker raised otherwise) and both match eager math
+    assert len(report["compiled"]) == 2 and max(report["compiled"]) <= 1e-5

@@ -223,18 +223,51 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qrank: torch.Tens
     from .tree_triton_kernels import tree_fwd_kernel
     B, H, N, D = q.shape
     Hkv, KV = k.shape[1], k.shape[2]
-    out = torch.empty(B, N, H, D, device=q.device, dtype=q.dtype)
-    lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
     nqb, nkb = q_index.shape[1], q_index.shape[2]
+    splits = _kv_splits(q.device, nqb * B * H, nkb)
+    if splits == 1:
+        out = torch.empty(B, N, H, D, device=q.device, dtype=q.dtype)
+        lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
+    else:  # partial softmaxes of each share of the keys, merged below by their log-sum-exps
+        out = torch.empty(splits, B, N, H, D, device=q.device, dtype=torch.float32)
+        lse = torch.empty(splits, B, H, N, device=q.device, dtype=torch.float32)
+    o3 = out if splits == 1 else out[0]
     BD = max(16, 1 << (D - 1).bit_length())
     extra = {} if _interpreting() else dict(num_warps=warps, num_stages=stages)
-    tree_fwd_kernel[(nqb, B * H)](
+    tree_fwd_kernel[(nqb, B * H, splits)](
         q, k, v, out, lse, qrank, klo, khi, qpos, kpos, q_count, q_index,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        H, N, KV, D, nqb, nkb, H // Hkv, scale, softcap,
+        v.stride(0), v.stride(1), v.stride(2), o3.stride(0), o3.stride(1), o3.stride(2),
+        out.stride(0) if splits > 1 else 0, lse.stride(0) if splits > 1 else 0,
+        H, N, KV, D, nqb, nkb, H // Hkv, splits, scale, softcap,
         WINDOW=window, SOFTCAP=softcap > 0, IEEE=q.dtype == torch.float32, BM=block_m, BN=block_n, BD=BD, **extra)
-    return out, lse
+    if splits == 1:
+        return out, lse
+    total = torch.logsumexp(lse, 0)  # a share with no visible key has lse -inf: weight 0
+    weight = torch.nan_to_num((lse - total).exp(), nan=0.0).permute(0, 1, 3, 2)[..., None]  # [S, B, N, H, 1]
+    return (out * weight).sum(0).to(q.dtype), total
+
+
+def _kv_splits(device, programs: int, key_blocks: int) -> int:
+    """Split the keys when the grid would leave most SMs idle (a few query blocks over a long cache:
+    draft-tree verification); ``PACKMASK_TREE_SPLITS`` forces a count (tests, tuning)."""
+    forced = os.environ.get("PACKMASK_TREE_SPLITS")
+    if forced:
+        return max(1, min(int(forced), key_blocks))
+    if device.type != "cuda":
+        return 1
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    want = (2 * sms) // max(programs, 1)
+    return max(1, min(want, key_blocks // 4, 16))
+
+
+_SMS: dict = {}
+
+
+def _sm_count(index: int) -> int:
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
 
 
 @_fwd_op.register_fake

@@ -45,8 +45,8 @@ def _visible(qr, lo, hi, qp, kp, WINDOW: tl.constexpr):
 
 @jit
 def tree_fwd_kernel(Q, K, V, O, LSE, QRANK, KLO, KHI, QPOS, KPOS, TCNT, TIDX,
-                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, son, soh,
-                    H, N, KV, D, NQB, NKB, G, scale, cap,
+                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, son, soh, sos, sls,
+                    H, N, KV, D, NQB, NKB, G, NSPLIT, scale, cap,
                     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
     qb = tl.program_id(0)
@@ -68,7 +68,11 @@ def tree_fwd_kernel(Q, K, V, O, LSE, QRANK, KLO, KHI, QPOS, KPOS, TCNT, TIDX,
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BD], tl.float32)
     cnt = tl.load(TCNT + b * NQB + qb)
-    for i in range(0, cnt):
+    split = tl.program_id(2)  # split-KV (flash-decoding): this program takes one share of the tile list
+    per = (cnt + NSPLIT - 1) // NSPLIT
+    first = split * per
+    last = tl.minimum(cnt, first + per)
+    for i in range(first, last):
         kb = tl.load(TIDX + (b * NQB + qb) * NKB + i)
         cols = kb * BN + tl.arange(0, BN)
         cmask = cols < KV
@@ -101,9 +105,9 @@ def tree_fwd_kernel(Q, K, V, O, LSE, QRANK, KLO, KHI, QPOS, KPOS, TCNT, TIDX,
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(seen, (m_i + tl.log2(l_safe)) / LOG2E, float("-inf"))
-    tl.store(O + b * sob + h * soh + rows[:, None] * son + dcol[None, :], out.to(O.dtype.element_ty),
+    tl.store(O + split * sos + b * sob + h * soh + rows[:, None] * son + dcol[None, :], out.to(O.dtype.element_ty),
              mask=rmask[:, None] & dmask[None, :])
-    tl.store(LSE + (b * H + h) * N + rows, lse, mask=rmask)
+    tl.store(LSE + split * sls + (b * H + h) * N + rows, lse, mask=rmask)
 
 
 @jit
