@@ -148,7 +148,7 @@ def _tree_runners(decode: bool) -> dict:
     return runners
 
 
-def measure_tree(head_dim: int, layout, decode: bool, heads_total: int = 2048) -> dict:
+def measure_tree(head_dim: int, layout, decode: bool, heads_total: int = 2048, device="cuda") -> dict:
     """ms of each tree kernel on ``layout`` (training: fwd+bwd; decode: forward without grad); None
     where a kernel refuses or fails."""
     from . import _MODULES, AttentionSpec
@@ -156,10 +156,10 @@ def measure_tree(head_dim: int, layout, decode: bool, heads_total: int = 2048) -
     Hkv = max(1, H // 8)
     B, N, K = layout.batch_size, layout.seq_len, layout.key_len
     spec = AttentionSpec(scale=head_dim ** -0.5)
-    q = torch.randn(B, N, H, head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_(not decode)
-    k = torch.randn(B, Hkv, K, head_dim, device="cuda", dtype=torch.bfloat16).requires_grad_(not decode)
-    v = torch.randn(B, Hkv, K, head_dim, device="cuda", dtype=torch.bfloat16).requires_grad_(not decode)
-    do = torch.randn(B, N, H, head_dim, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(B, N, H, head_dim, device=device, dtype=torch.bfloat16).transpose(1, 2).requires_grad_(not decode)
+    k = torch.randn(B, Hkv, K, head_dim, device=device, dtype=torch.bfloat16).requires_grad_(not decode)
+    v = torch.randn(B, Hkv, K, head_dim, device=device, dtype=torch.bfloat16).requires_grad_(not decode)
+    do = torch.randn(B, N, H, head_dim, device=device, dtype=torch.bfloat16)
     out = {}
     for name, fn in _tree_runners(decode).items():
         if name in _MODULES and _MODULES[name].refusal(layout, spec, q, not decode) is not None:

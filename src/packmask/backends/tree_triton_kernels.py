@@ -159,7 +159,7 @@ def tree_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QRANK, KLO, KHI, QPOS,
                 t = _softcap(s, cap) / cap
                 s = t * cap
             vis = _visible(qr, lo, hi, qp, kp, WINDOW)
-            p = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
+            p = tl.exp(tl.where(vis, s - lse[:, None], float("-inf")))
             if IEEE:
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
                 dp = tl.dot(do, tl.trans(v), input_precision="ieee")
@@ -226,7 +226,7 @@ def tree_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QRANK, KLO, KHI, QPOS, KPOS,
         if SOFTCAP:
             t = _softcap(s, cap) / cap
             s = t * cap
-        p = tl.where(_visible(qr, lo, hi, qp, kp, WINDOW), tl.exp(s - lse[:, None]), 0.0)
+        p = tl.exp(tl.where(_visible(qr, lo, hi, qp, kp, WINDOW), s - lse[:, None], float("-inf")))
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
