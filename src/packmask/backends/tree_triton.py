@@ -195,20 +195,22 @@ def tree_kernel_inputs(layout: TreeLayout, kv_len: int | None = None, sliding_wi
 
 
 # ---- launches ----------------------------------------------------------------------------------------
-def _config(N: int, D: int, interpreting: bool) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+def _config(N: int, D: int, interpreting: bool, dtype=torch.bfloat16):
     """``((block_m, block_n, warps, stages) forward, (...) backward)``; ``PACKMASK_TREE_BLOCKS`` =
-    ``"fm,fn,bm,bn"`` overrides the block sizes (for tuning runs)."""
+    ``"fm,fn,bm,bn"`` overrides the block sizes (for tuning runs). fp32 tiles are halved (twice the
+    bytes per element: the same shared memory)."""
     if interpreting:
         return (16, 16, 1, 1), (16, 16, 1, 1)
     override = os.environ.get("PACKMASK_TREE_BLOCKS")
+    wide = dtype == torch.float32
     if override:
         fm, fn, bm, bn = (int(x) for x in override.split(","))
     else:
-        fm = 64 if N <= 64 else 128
-        fn = 64 if D <= 128 else 32
-        bm, bn = (64, 64) if D <= 128 else (32, 32)
+        fm = 64 if N <= 64 or wide else 128
+        fn = 64 if D <= 64 or (D <= 128 and not wide) else 32
+        bm, bn = (64, 64) if D <= 64 or (D <= 128 and not wide) else (32, 32)
     warps = 4 if D <= 64 else 8
-    return (fm, fn, warps, 3 if D <= 128 else 2), (bm, bn, warps, 2 if D <= 128 else 1)
+    return (fm, fn, warps, 3 if D <= 128 and not wide else 2), (bm, bn, warps, 2 if D <= 64 or not wide else 1)
 
 
 def _grid_args(a: TreeKernelInputs):
@@ -338,7 +340,7 @@ def tree_triton_attention(q, k, v, layout: TreeLayout, spec: AttentionSpec) -> t
         raise PackmaskError(f"tree_triton_attention: {why}.")
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     B, H, N, D = q.shape
-    fcfg, bcfg = _config(N, D, _interpreting())
+    fcfg, bcfg = _config(N, D, _interpreting(), q.dtype)
     window = spec.sliding_window
     fwd = tree_kernel_inputs(layout, k.shape[2], window, fcfg[0], fcfg[1], q.device)
     bwd = fwd if bcfg[:2] == fcfg[:2] else tree_kernel_inputs(layout, k.shape[2], window, bcfg[0], bcfg[1], q.device)

@@ -26,7 +26,8 @@ except ImportError:  # imported without triton (doctest collection): defined, ne
     def jit(fn):
         return fn
 
-LOG2E = 1.4426950408889634
+# a jit function may read only constexpr globals (the interpreter does not check this; the compiler does)
+LOG2E = tl.constexpr(1.4426950408889634) if tl is not None else 1.4426950408889634
 
 
 @jit
