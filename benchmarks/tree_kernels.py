@@ -7,7 +7,8 @@ Training rows: 2 x 8192 tokens of ``prompt | chosen | rejected`` (calibrate.pref
   tree_triton      one-launch Triton kernel (backends/tree_triton.py)
   tree_varlen      varlen decomposition (pieces with gathered ancestor keys)
   flex_<config>    flex attention over the tree BlockMask with kernel_options (smaller tiles / stages);
-                   a config that fails to compile is reported as such (the issue: inductor found no config)
+                   a config that fails to compile is reported as such (the issue: inductor found no config).
+                   FLEX=flex_default,flex_64x64_s2 picks configs (default: all four)
   sdpa_dense       sdpa with the dense [B, 1, N, N] mask
   blockdiag_varlen the same tokens as independent documents (every segment alone): the speed bar
 Decode: a 64-token draft tree over an 8192-token cache, batch 1 and 8, forward without grad:
@@ -67,9 +68,12 @@ def methods(decode):
     out = {"tree_triton": lambda q, k, v, lay, spec, tr: tree_triton_attention(q, k, v, lay, spec),
            "tree_varlen": lambda q, k, v, lay, spec, tr: tree_varlen_attention(q, k, v, lay, spec),
            "sdpa_dense": sdpa_backend.run}
+    wanted = os.environ.get("FLEX", ",".join(FLEX_CONFIGS) + ",flex_64x64_s2_bm64").split(",")
     for name, opts in FLEX_CONFIGS.items():
-        out[name] = flex_runner(opts, 128)
-    out["flex_64x64_s2_bm64"] = flex_runner(FLEX_CONFIGS["flex_64x64_s2"], 64)
+        if name in wanted:
+            out[name] = flex_runner(opts, 128)
+    if "flex_64x64_s2_bm64" in wanted:
+        out["flex_64x64_s2_bm64"] = flex_runner(FLEX_CONFIGS["flex_64x64_s2"], 64)
     return out
 
 
@@ -118,6 +122,9 @@ def run_case(label, layout, D, decode, results, failures):
             if kind == "error":
                 failures.append(f"{label} d={D} {name}: {row[kind]}")
         results.append(row)
+        print(f"  {label} d={D} {name}: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                                   for k, v in row.items() if k not in ("case", "head_dim", "method")),
+              flush=True)  # a run cut short by a timeout still shows what it measured
     ref_name = "sdpa_dense" if "sdpa_dense" in outs else "tree_varlen"
     for name, (out, dq) in outs.items():
         if name == "blockdiag_varlen" or name == ref_name:
