@@ -7,15 +7,13 @@ import sys
 
 import torch
 
-assert os.environ.get("TRITON_INTERPRET") == "1"
-
-import packmask  # noqa: E402
-from packmask.backends.eager import eager_attention  # noqa: E402
-from packmask.backends.spec import AttentionSpec  # noqa: E402
-from packmask.backends.tree_triton import tree_triton_attention  # noqa: E402
-from packmask.layout_tree import TreeLayout, analyse_tree_mask  # noqa: E402
-from packmask.masks import tree_mask_from_segments  # noqa: E402
-from packmask.testing import rel_err, tiny_model  # noqa: E402
+import packmask
+from packmask.backends.eager import eager_attention
+from packmask.backends.spec import AttentionSpec
+from packmask.backends.tree_triton import tree_triton_attention
+from packmask.layout_tree import TreeLayout, analyse_tree_mask
+from packmask.masks import tree_mask_from_segments
+from packmask.testing import rel_err, tiny_model
 
 
 def training_tree():
@@ -104,6 +102,8 @@ def split_kv(layout):
 
 
 def main():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("run with TRITON_INTERPRET=1 (triton's CPU interpreter), as test_tree_triton.py does")
     rows, mask = training_tree()
     train = analyse_tree_mask(mask)
     other = [list(r) for r in rows]
