@@ -142,7 +142,8 @@ def conversation_forest(examples, tokenizer, *, train_on: str = "assistant") -> 
             trajectories = [list(t) for t in example]
         else:
             raise PackmaskError(f"example {e}: give a list of trajectories (each a list of messages) or "
-                                f"{{'messages': [...]}} with 'id' and 'parent_id' per message; got {str(example)[:80]!r}.")
+                                f"{{'messages': [...]}} with 'id' and 'parent_id' per message; "
+                                f"got {str(example)[:80]!r}.")
         # trie over messages: node = (parent node, message); children in first-seen order
         node_of, children, turn, node_path = {}, {-1: []}, [], []
         for t, path in enumerate(trajectories):
