@@ -25,7 +25,7 @@ import torch
 from .errors import PackmaskError, UnsupportedModelError
 from .guards import check_stock_forward
 from .kvcache import check_mask_against_cache
-from .layout import DocumentLayout, analyse_mask, cached_on
+from .layout import DocumentLayout, TreeLayout, analyse_mask, cached_on
 from .segments import starts_from_ids, starts_from_position_ids
 from .support import check_packed_input, position_offset
 
@@ -136,8 +136,14 @@ def _derive_inputs_outside_graph(model, args, kwargs):
         layout = _layout_from_cu(kwargs, B, N)
     elif isinstance(mask, torch.Tensor) and mask.dim() == 4:
         found = cached_on(mask, "layout", lambda: analyse_mask(mask, B, N))
-        if isinstance(found, DocumentLayout) and found.causal:
-            layout = found
+        tree = None
+        if isinstance(found, TreeLayout):  # tree-kernel: the layers get the tree kernel's inputs as tensors
+            from .backends.tree_triton import TREE_KWARG, compiled_model_inputs
+            tree = compiled_model_inputs(model, found, ref.device, model.training)
+            if tree is not None:
+                kwargs[TREE_KWARG] = tree
+        if (isinstance(found, DocumentLayout) and found.causal) or tree is not None:
+            layout = found if tree is None else None
             if "attention_mask" in kwargs:
                 kwargs["attention_mask"] = None
             else:

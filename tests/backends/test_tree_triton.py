@@ -95,3 +95,12 @@ def test_compiled_kernel_reuses_the_graph_across_trees(report):
     # aot_eager, fullgraph, error_on_recompile after the first tree: a second tree of the same shape
     # compiled nothing new (the worker raised otherwise) and both match eager math
     assert len(report["compiled"]) == 2 and max(report["compiled"]) <= 1e-5
+
+
+def test_compiled_model_on_tree_rows_reuses_the_graph(report):
+    # torch.compile(model): three trees of one shape, one compilation (error_on_recompile after the first),
+    # graph breaks only at the forward pre-hook, logits and parameter gradients equal eager sdpa
+    *errs, control, other_breaks = report["compiled_model"]
+    assert len(errs) == 3 and max(errs) <= 1e-5
+    assert other_breaks == 0
+    assert control > 1e-2  # control: the same rows without the tree mask differ

@@ -289,9 +289,9 @@ def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Hkv, KV = k.shape[1], k.shape[2]
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = (do.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, N]
-    dq = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
-    dk = torch.empty(B, Hkv, KV, D, device=q.device, dtype=k.dtype)
-    dv = torch.empty(B, Hkv, KV, D, device=q.device, dtype=v.dtype)
+    # gradients laid out like their inputs (what the fake kernel declares: empty_like), written by strides
+    dq, dk = torch.empty_like(q), torch.empty_like(k)
+    dv = torch.empty_like(dk, dtype=v.dtype)  # the kernel writes dk and dv with the same strides
     nqb, nkb = q_index.shape[1], q_index.shape[2]
     BD = max(16, 1 << (D - 1).bit_length())
     G = H // Hkv
@@ -301,17 +301,19 @@ def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     tree_bwd_dkdv_kernel[(nkb, B * Hkv)](q, k, v, do, lse, delta, dk, dv, qrank, klo, khi, qpos, kpos,
-                                         k_count, k_index, *strides, H, Hkv, N, KV, D, nqb, nkb, G, scale, softcap,
-                                         **flags)
+                                         k_count, k_index, *strides, dk.stride(0), dk.stride(1), dk.stride(2),
+                                         H, Hkv, N, KV, D, nqb, nkb, G, scale, softcap, **flags)
     tree_bwd_dq_kernel[(nqb, B * H)](q, k, v, do, lse, delta, dq, qrank, klo, khi, qpos, kpos, q_count, q_index,
-                                     *strides, H, N, KV, D, nqb, nkb, G, scale, softcap, **flags)
+                                     *strides, dq.stride(0), dq.stride(1), dq.stride(2),
+                                     H, N, KV, D, nqb, nkb, G, scale, softcap, **flags)
     return dq, dk, dv
 
 
 @_bwd_op.register_fake
 def _(do, q, k, v, out, lse, qrank, klo, khi, qpos, kpos, q_count, q_index, k_count, k_index, scale, softcap,
       window, block_m, block_n, warps, stages):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dk = torch.empty_like(k)
+    return torch.empty_like(q), dk, torch.empty_like(dk, dtype=v.dtype)
 
 
 class _TreeAttention(torch.autograd.Function):
@@ -358,3 +360,49 @@ def tree_attention_from_inputs(q, k, v, fwd: TreeKernelInputs, bwd: TreeKernelIn
 
 def run(q, k, v, layout, spec: AttentionSpec, training: bool) -> torch.Tensor:
     return tree_triton_attention(q, k, v, layout, spec)
+
+
+# ---- torch.compile of a whole model on tree rows (tree-kernel) ---------------------------------------
+#: model keyword through which the forward pre-hook hands compiled layers the kernel's inputs (tensors
+#: only: a new tree of the same shape is new tensor values, never a recompile)
+TREE_KWARG = "packmask_tree_kernel"
+
+
+def compiled_model_inputs(model, layout: TreeLayout, device, training: bool):
+    """``(forward inputs, backward inputs)`` of a tree layout for every layer of ``model``, or None when a
+    layer could need something the prepared inputs do not cover (a cache, sliding windows, sinks,
+    dropout while training, another forced backend, no triton / CUDA): those stay on the ordinary path."""
+    from . import requested_backend
+    config = getattr(model, "config", None)
+    if config is None or layout.past or requested_backend(model) not in ("auto", NAME):
+        return None
+    if not (torch.device(device).type == "cuda" or _interpreting()) or not triton_available():
+        return None
+    if getattr(config, "sliding_window", None) or any("sliding" in str(t) for t in getattr(config, "layer_types", ()) or ()):
+        return None
+    if training and float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0:
+        return None
+    heads = getattr(config, "num_attention_heads", None)
+    D = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    dtype = next(model.parameters()).dtype
+    if D is None or D > 256:
+        return None
+    fcfg, bcfg = _config(layout.seq_len, D, _interpreting(), dtype)
+    fwd = tree_kernel_inputs(layout, None, None, fcfg[0], fcfg[1], device)
+    bwd = tree_kernel_inputs(layout, None, None, bcfg[0], bcfg[1], device)
+    return fwd, bwd
+
+
+def compiled_layer_attention(q, k, v, prepared, spec: AttentionSpec, training: bool) -> torch.Tensor:
+    """A layer's attention from the inputs the pre-hook prepared (:func:`compiled_model_inputs`)."""
+    fwd, bwd = prepared
+    B, H, N, D = q.shape
+    fcfg, bcfg = _config(N, D, _interpreting(), q.dtype)
+    if k.shape[2] != N or spec.sliding_window is not None or spec.sinks is not None or \
+            (spec.dropout > 0 and training) or (fcfg[0], fcfg[1], bcfg[0], bcfg[1]) != (
+                fwd.block_m, fwd.block_n, bwd.block_m, bwd.block_n):
+        raise PackmaskError(f"a compiled tree forward prepared the tree kernel for [{N}] keys without windows, "
+                            f"sinks or dropout, but this layer needs more ({k.shape[2]} keys, {spec}); run it "
+                            f"uncompiled or report the model.")
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    return tree_attention_from_inputs(q, k, v, fwd, bwd, spec, fcfg, bcfg)

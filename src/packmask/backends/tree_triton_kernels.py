@@ -113,7 +113,7 @@ def tree_fwd_kernel(Q, K, V, O, LSE, QRANK, KLO, KHI, QPOS, KPOS, TCNT, TIDX,
 
 @jit
 def tree_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QRANK, KLO, KHI, QPOS, KPOS, TCNT, TIDX,
-                         sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdn, sdh,
+                         sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdn, sdh, sgb, sgh, sgn,
                          H, HKV, N, KV, D, NQB, NKB, G, scale, cap,
                          WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
                          BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
@@ -174,14 +174,14 @@ def tree_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, QRANK, KLO, KHI, QPOS,
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
             else:
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-    out_off = (b * HKV + hk) * KV * D + cols[:, None] * D + dcol[None, :]
+    out_off = b * sgb + hk * sgh + cols[:, None] * sgn + dcol[None, :]  # dk, dv laid out like k (same strides)
     tl.store(DK + out_off, (dk * scale).to(DK.dtype.element_ty), mask=kmask)
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kmask)
 
 
 @jit
 def tree_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QRANK, KLO, KHI, QPOS, KPOS, TCNT, TIDX,
-                       sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdn, sdh,
+                       sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdn, sdh, sgb, sgh, sgn,
                        H, N, KV, D, NQB, NKB, G, scale, cap,
                        WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
@@ -235,5 +235,5 @@ def tree_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QRANK, KLO, KHI, QPOS, KPOS,
             dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
         else:
             dq += tl.dot(ds.to(k.dtype), k)
-    tl.store(DQ + (b * H + h) * N * D + rows[:, None] * D + dcol[None, :], (dq * scale).to(DQ.dtype.element_ty),
+    tl.store(DQ + b * sgb + h * sgh + rows[:, None] * sgn + dcol[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=qmask)
