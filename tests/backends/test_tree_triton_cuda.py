@@ -119,3 +119,36 @@ def test_compiled_inductor_no_recompile_across_trees():
     finally:
         torch._dynamo.config.error_on_recompile = False
         torch._dynamo.reset()
+
+
+def test_compiled_model_on_tree_rows_no_recompile():
+    """torch.compile(model) (inductor) on tree rows: the pre-hook hands the layers the kernel's inputs as
+    tensors, so three trees of one shape compile once; logits and grads match the eager model on sdpa."""
+    import torch._dynamo
+    import packmask
+    from packmask.testing import tiny_model
+    torch._dynamo.reset()
+    model = tiny_model("llama", dtype=torch.bfloat16, hidden_size=256, num_attention_heads=4,
+                       num_key_value_heads=2).cuda().train()
+    compiled = torch.compile(model)
+    trees = ([[(0, 100, -1), (100, 200, 0), (300, 212, 0)]], [[(0, 40, -1), (40, 300, 0), (340, 172, 0)]],
+             [[(0, 64, -1), (64, 100, 0), (164, 200, 1), (364, 148, 1)]])
+
+    def run(fn, ids, mask):
+        model.zero_grad()
+        out = fn(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False)
+        out.loss.backward()
+        return out.logits.detach().float(), {n: p.grad.float().clone() for n, p in model.named_parameters()}
+    try:
+        for i, rows in enumerate(trees):
+            mask = tree_mask_from_segments(rows, 512)[0].cuda()
+            ids = torch.randint(0, 128, (1, 512), generator=torch.Generator().manual_seed(i)).cuda()
+            with packmask.backend("sdpa"):
+                ref, ref_grads = run(model, ids, mask)
+            out, grads = run(compiled, ids, mask)
+            assert rel_err(out, ref) <= 2e-2
+            assert max(rel_err(grads[n], g) for n, g in ref_grads.items()) <= 5e-2
+            torch._dynamo.config.error_on_recompile = True
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+        torch._dynamo.reset()
