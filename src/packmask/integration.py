@@ -208,8 +208,9 @@ def packmask_attention(module, query, key, value, attention_mask, scaling=None, 
             f"{type(module).__name__} ran packmask attention without the {LAYOUT_KWARG!r} keyword while context "
             f"parallelism is active: pass the whole batch from ContextParallel.shard(...) to the model; a model whose "
             f"forward does not hand its keywords on to attention cannot be context-parallel.")
-    layout = None if external is not None else layer_layout(module, attention_mask, kwargs, B, N, kv_len,
-                                                             sliding_window)
+    tree = kwargs.get("packmask_tree_kernel")  # tree-kernel: a compiled forward on tree rows (forward_inputs)
+    layout = None if external is not None or tree is not None else layer_layout(
+        module, attention_mask, kwargs, B, N, kv_len, sliding_window)
     chunk = _chunk_size(module) if layout is not None else None
     if chunk is not None and chunk < getattr(layout, "max_seqlen", N):
         layout = _chunked(layout, chunk, module)
@@ -224,6 +225,9 @@ def packmask_attention(module, query, key, value, attention_mask, scaling=None, 
         is_causal=getattr(module, "is_causal", True),
         sinks=sinks,
     )
+    if tree is not None:
+        from .backends.tree_triton import compiled_layer_attention
+        return compiled_layer_attention(query, key, value, tree, spec, module.training), None
     if external is not None:  # a layout that brings its own keys (context parallelism): N is this rank's share
         if sinks is not None:
             raise UnsupportedModelError(f"{type(module).__name__} has attention sinks, which {type(external).__name__} "
