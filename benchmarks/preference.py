@@ -10,6 +10,10 @@ Methods (each runs in the same process, same weights, same data):
                rows [prompt+chosen]*E + [prompt+rejected]*E, right-padded to the longest, 2-D padding mask,
                sdpa; scored positions only (like TRL's fused LM head, which scores only label positions)
   pad_nomask   the same padded rows without a mask (right padding, plain causal): what a careful user can do
+The tree rows also run forced onto each tree kernel: tree_triton (the one-launch Triton kernel) and
+tree_varlen (the varlen decomposition); a kernel refused on this machine is reported as refused.
+agentic: 8 rollouts x 4 turns forking at every turn (benchmarks/_agentic.py): tree vs every rollout
+packed separately (paths_varlen) and every rollout a padded row (dense_padded).
 GRPO (G completions of one prompt): tree, dup_varlen, and padded [prompt | completion] rows (left-padded
 prompts, right-padded completions, 2-D mask, sdpa) as TRL's log-prob pass builds them.
 
@@ -21,6 +25,7 @@ method on the same examples; the script exits 1 if they disagree.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -72,7 +77,12 @@ def forest_of(examples, dup: bool):
 
 def packed_batches(examples, row, rows_per_step, dup, dev):
     """Whole examples into rows (best-fit decreasing), ``rows_per_step`` rows per step."""
-    forest = forest_of(examples, dup)
+    return forest_batches(forest_of(examples, dup), row, rows_per_step, dup, dev)
+
+
+def forest_batches(forest, row, rows_per_step, dup, dev):
+    """A forest's examples into rows, ``rows_per_step`` rows per step; ``dup``: every root chain is one
+    varlen document (cu_seq_lens), else the [B, N, N] tree mask."""
     packed = pack_forest(forest, row)
     out = []
     for r0 in range(0, packed.num_rows - rows_per_step + 1, rows_per_step):
@@ -177,12 +187,34 @@ def timed(step, batches, dev, warm, steps):
     return n / dt, dt / steps, mem
 
 
+def forced(name):
+    return packmask.backend(name) if name != "auto" else contextlib.nullcontext()
+
+
+def run_method(step, backend, batches, dev, warm, steps):
+    """``(examples/s, s/step, peak GiB)``, or the refusal / failure as a string."""
+    try:
+        with forced(backend):
+            return timed(step, batches, dev, warm, steps)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return "out of memory"
+    except packmask.PackmaskError as e:
+        if "cannot run this layer" in str(e):
+            return f"refused: {str(e)[:200]}"
+        raise
+
+
+#: tree rows under automatic dispatch and forced onto each tree kernel (a refused kernel is reported)
+TREE_KERNELS = {"tree": "auto", "tree_triton": "tree_triton", "tree_varlen": "varlen"}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="shrunken CPU run (also the default without CUDA)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--out", default=os.environ.get("OUT"))
-    ap.add_argument("--cases", default="ultrafeedback,long_prompt,grpo")
+    ap.add_argument("--cases", default="ultrafeedback,long_prompt,grpo,agentic")
     a = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() and not a.smoke else "cpu"
     smoke = dev == "cpu"
@@ -201,6 +233,7 @@ def main():
         "ultrafeedback": ("dpo", dict(p=160, r=250, sp=0.7, sr=0.6)),
         "long_prompt": ("dpo", dict(p=2000, r=300, sp=0.2, sr=0.5)),
         "grpo": ("grpo", dict(p=512, r=400, sp=0.3, sr=0.6, G=8)),
+        "agentic": ("agentic", dict(ctx=100, reply=200)),
     }
     policy = make_model("packmask", cfg, dev, dtype)
     ref = make_model("packmask", cfg, dev, dtype).eval()
@@ -212,52 +245,17 @@ def main():
                hidden=cfg["hidden_size"], steps=steps, smoke=smoke)
     print(env)
     results, failed = {}, False
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     for case in a.cases.split(","):
         kind, c = cases[case]
-        G = c.get("G", 2)
-        n = 24 if smoke else (200 if kind == "dpo" else 60)
-        plen = lognormal(rng, n, c["p"] / s, c["sp"], 2, row // 4)
-        rlen = lognormal(rng, n * G, c["r"] / s, c["sr"], 1, row // 4).reshape(n, G)
-        fits = plen * G + rlen.sum(1) <= row          # the duplicated-prompt layout must fit a row too
-        plen, rlen = plen[fits], rlen[fits]
-        examples = [(tok(plen[i]), [tok(x) for x in rlen[i]]) for i in range(len(plen))]
-        ideal = float((plen * G + rlen.sum(1)).sum() / (plen + rlen.sum(1)).sum())
-        step = dpo_step if kind == "dpo" else grpo_step
-        pad_per_step = 8 if kind == "dpo" else 2
-        methods = {
-            "tree": (policy, ref, packed_batches(examples, row, rows_per_step, False, dev)),
-            "dup_varlen": (policy, ref, packed_batches(examples, row, rows_per_step, True, dev)),
-            "trl_padded": (sdpa_policy, sdpa_ref, padded_batches(examples, pad_per_step, dev, True, kind == "grpo")),
-        }
-        if kind == "dpo":
-            methods["pad_nomask"] = (sdpa_policy, sdpa_ref, padded_batches(examples, pad_per_step, dev, False))
-        # correctness: per-branch sums of the same examples agree across methods
-        check = examples[:4]
-        sums = {}
-        for name, (pol, _, _) in methods.items():
-            b = (packed_batches(check, 4 * row, 1, name == "dup_varlen", dev) if name in ("tree", "dup_varlen")
-                 else padded_batches(check, 4, dev, name == "trl_padded", kind == "grpo"))[0]
-            with torch.no_grad():
-                sums[name] = branch_sums(pol, b[0], b[1]).float()
-        base = sums["dup_varlen"]
-        errs = {k: ((v - base).norm() / base.norm()).item() for k, v in sums.items()}
-        tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
-        ok = all(e < tol for e in errs.values())
+        if kind == "agentic":
+            res, ok = agentic_case(c, s, smoke, rng, tok, row, rows_per_step, policy, sdpa_policy, dev, warm, steps, tol)
+        else:
+            res, ok = preference_case(kind, c, s, smoke, rng, tok, row, rows_per_step, policy, ref, sdpa_policy,
+                                      sdpa_ref, dev, warm, steps, tol)
+        results[case] = res
         failed |= not ok
-        print(f"[{case}] check vs dup_varlen (rel. err of per-branch log-prob sums): "
-              + ", ".join(f"{k}={e:.1e}" for k, e in errs.items()) + (" OK" if ok else " FAILED"))
-        results[case] = dict(ideal_token_ratio=ideal, check=errs, methods={})
-        for name, (pol, rf, batches) in methods.items():
-            if not batches:
-                continue
-            try:
-                rate, sec, mem = timed(lambda kw, b: step(pol, rf, kw, b), batches, dev, warm, steps)
-            except torch.OutOfMemoryError:
-                rate, sec, mem = float("nan"), float("nan"), float("nan")
-                torch.cuda.empty_cache()
-            pol.zero_grad(set_to_none=True)
-            results[case]["methods"][name] = dict(examples_per_s=rate, step_s=sec, peak_gib=mem)
-        print_table(case, results[case])
+        print_table(case, res)
         if a.out:   # after every case, atomically: a run cut short keeps what it measured
             os.makedirs(a.out, exist_ok=True)
             path = os.path.join(a.out, "preference.json")
@@ -267,14 +265,119 @@ def main():
     return 1 if failed else 0
 
 
+def check_sums(case, sums, tol):
+    base = sums["dup_varlen"] if "dup_varlen" in sums else sums["paths_varlen"]
+    errs = {k: ((v - base).norm() / base.norm()).item() for k, v in sums.items()}
+    ok = all(e < tol for e in errs.values())
+    print(f"[{case}] check (rel. err of per-branch log-prob sums): "
+          + ", ".join(f"{k}={e:.1e}" for k, e in errs.items()) + (" OK" if ok else " FAILED"))
+    return errs, ok
+
+
+def preference_case(kind, c, s, smoke, rng, tok, row, rows_per_step, policy, ref, sdpa_policy, sdpa_ref, dev, warm,
+                    steps, tol):
+    G = c.get("G", 2)
+    n = 24 if smoke else (200 if kind == "dpo" else 60)
+    plen = lognormal(rng, n, c["p"] / s, c["sp"], 2, row // 4)
+    rlen = lognormal(rng, n * G, c["r"] / s, c["sr"], 1, row // 4).reshape(n, G)
+    fits = plen * G + rlen.sum(1) <= row          # the duplicated-prompt layout must fit a row too
+    plen, rlen = plen[fits], rlen[fits]
+    examples = [(tok(plen[i]), [tok(x) for x in rlen[i]]) for i in range(len(plen))]
+    ideal = float((plen * G + rlen.sum(1)).sum() / (plen + rlen.sum(1)).sum())
+    step = dpo_step if kind == "dpo" else grpo_step
+    pad_per_step = 8 if kind == "dpo" else 2
+    tree_batches = packed_batches(examples, row, rows_per_step, False, dev)
+    methods = {name: (policy, ref, tree_batches, backend) for name, backend in TREE_KERNELS.items()}
+    methods["dup_varlen"] = (policy, ref, packed_batches(examples, row, rows_per_step, True, dev), "auto")
+    methods["trl_padded"] = (sdpa_policy, sdpa_ref, padded_batches(examples, pad_per_step, dev, True, kind == "grpo"),
+                             "auto")
+    if kind == "dpo":
+        methods["pad_nomask"] = (sdpa_policy, sdpa_ref, padded_batches(examples, pad_per_step, dev, False), "auto")
+    # correctness: per-branch sums of the same examples agree across methods
+    check = examples[:4]
+    sums, refused = {}, {}
+    for name, (pol, _, _, backend) in methods.items():
+        b = (packed_batches(check, 4 * row, 1, name == "dup_varlen", dev) if name in TREE_KERNELS or name == "dup_varlen"
+             else padded_batches(check, 4, dev, name == "trl_padded", kind == "grpo"))[0]
+        try:
+            with torch.no_grad(), forced(backend):
+                sums[name] = branch_sums(pol, b[0], b[1]).float()
+        except packmask.PackmaskError as e:
+            if "cannot run this layer" not in str(e):
+                raise
+            refused[name] = str(e)[:200]
+    errs, ok = check_sums(kind, sums, tol)
+    res = dict(ideal_token_ratio=ideal, check=errs, methods={})
+    for name, (pol, rf, batches, backend) in methods.items():
+        if not batches:
+            continue
+        if name in refused:
+            res["methods"][name] = dict(refused=refused[name])
+            continue
+        out = run_method(lambda kw, b: step(pol, rf, kw, b), backend, batches, dev, warm, steps)
+        pol.zero_grad(set_to_none=True)
+        res["methods"][name] = (dict(examples_per_s=out[0], step_s=out[1], peak_gib=out[2]) if isinstance(out, tuple)
+                                else dict(refused=out) if out.startswith("refused") else dict(error=out))
+    return res, ok
+
+
+def agentic_case(c, s, smoke, rng, tok, row, rows_per_step, policy, sdpa_policy, dev, warm, steps, tol):
+    from _agentic import LEAVES, forests, padded_rollouts, rollout_group, rollout_totals
+    n = 6 if smoke else 24
+    groups = [rollout_group(rng, tok, c["ctx"] / s, c["reply"] / s) for _ in range(n)]
+    tree_forest, paths_forest = forests(groups)
+    ideal = float(paths_forest.seg_lengths.sum() / tree_forest.seg_lengths.sum())
+    tree_batches = forest_batches(tree_forest, row, rows_per_step, False, dev)
+    methods = {name: (policy, tree_batches, backend, 1) for name, backend in TREE_KERNELS.items()}
+    methods["paths_varlen"] = (policy, forest_batches(paths_forest, row, rows_per_step, True, dev), "auto", LEAVES)
+    methods["dense_padded"] = (sdpa_policy, padded_rollouts(groups, 1, dev), "auto", 1)
+    # correctness: every rollout's total log-prob, first two groups, across methods
+    few = groups[:2]
+    t_few, p_few = forests(few)
+    sums, refused = {}, {}
+    for name, (pol, _, backend, _) in methods.items():
+        if name == "dense_padded":
+            kw, b, _ = padded_rollouts(few, 2, dev)[0]
+        else:
+            f = p_few if name == "paths_varlen" else t_few
+            kw, b, _ = forest_batches(f, int(f.seg_lengths.sum()), 1, name == "paths_varlen", dev)[0]
+        try:
+            with torch.no_grad(), forced(backend):
+                per_branch = branch_sums(pol, kw, b).float()
+        except packmask.PackmaskError as e:
+            if "cannot run this layer" not in str(e):
+                raise
+            refused[name] = str(e)[:200]
+            continue
+        sums[name] = (per_branch.cpu().double() if name == "dense_padded"
+                      else rollout_totals(per_branch, b, few, name != "paths_varlen")).float()
+    errs, ok = check_sums("agentic", sums, tol)
+    res = dict(ideal_token_ratio=ideal, check=errs, methods={}, rollouts_per_group=LEAVES)
+    for name, (pol, batches, backend, per_group) in methods.items():
+        if name in refused:
+            res["methods"][name] = dict(refused=refused[name])
+            continue
+        out = run_method(lambda kw, b: grpo_step(pol, None, kw, b), backend, batches, dev, warm, steps)
+        pol.zero_grad(set_to_none=True)
+        res["methods"][name] = (dict(examples_per_s=out[0] / per_group, step_s=out[1], peak_gib=out[2])
+                                if isinstance(out, tuple) else dict(refused=out) if out.startswith("refused")
+                                else dict(error=out))
+    return res, ok
+
+
 def print_table(case, res):
     m = res["methods"]
-    unit = "groups/s" if case == "grpo" else "examples/s"
-    print(f"\n{case}: ideal token ratio (dup/tree) {res['ideal_token_ratio']:.2f}")
-    print(f"{'method':<12}{unit:>12}{'step s':>10}{'peak GiB':>10}{'tree / this':>13}")
+    unit = "groups/s" if case in ("grpo", "agentic") else "examples/s"
+    other = "paths" if case == "agentic" else "dup"
+    print(f"\n{case}: ideal token ratio ({other}/tree) {res['ideal_token_ratio']:.2f}")
+    print(f"{'method':<14}{unit:>12}{'step s':>10}{'peak GiB':>10}{'tree / this':>13}")
+    tree = m.get("tree", {}).get("examples_per_s")
     for name, r in m.items():
-        ratio = m["tree"]["examples_per_s"] / r["examples_per_s"] if "tree" in m else float("nan")
-        print(f"{name:<12}{r['examples_per_s']:>12.2f}{r['step_s']:>10.3f}{r['peak_gib']:>10.2f}{ratio:>13.2f}")
+        if "examples_per_s" not in r:
+            print(f"{name:<14} {r.get('refused') or r.get('error')}")
+            continue
+        ratio = tree / r["examples_per_s"] if tree else float("nan")
+        print(f"{name:<14}{r['examples_per_s']:>12.2f}{r['step_s']:>10.3f}{r['peak_gib']:>10.2f}{ratio:>13.2f}")
 
 
 if __name__ == "__main__":

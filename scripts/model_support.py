@@ -91,7 +91,7 @@ def check_family(family: str, timeout: int = 120) -> dict:
         try:
             model = tiny_model(family, "packmask")
         except Exception as e:  # noqa: BLE001
-            # some families pick attention classes by name at construction (falcon: KeyError 'packmask');
+            # some families pick attention classes by name at construction (gpt_neo: KeyError 'packmask');
             # build them on eager and switch, as a user with an existing model would
             try:
                 model = packmask.enable(tiny_model(family, "eager"))

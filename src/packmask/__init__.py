@@ -34,9 +34,14 @@ _LAZY = {
     "TreePackingStats": "packmask.data.preference",
     "TreeCollator": "packmask.data.tree_collator",
     "branch_logps": "packmask.data.logps",
+    "conversation_forest": "packmask.data.agentic",  # multi-turn agent trajectories as trees
+    "pack_conversations": "packmask.data.agentic",
     # chat data
     "tokenize_messages": "packmask.data.chat",
     "tokenize_chat_dataset": "packmask.data.chat",
+    # vision-language models  # multimodal:
+    "MultimodalCollator": "packmask.multimodal.collator",
+    "pack_samples": "packmask.multimodal.collator",
     # proof tool
     "verify": "packmask.verification",
     # context parallelism (torch.distributed)

@@ -77,6 +77,10 @@ def model_for(spec: str, *, attn_implementation: str = "packmask", seed: int = 0
 
     from .tiny import tiny_config
 
+    from .multimodal.tiny import VLM_FAMILIES  # multimodal: a tiny vision-language model of the family
+    if spec in VLM_FAMILIES:
+        from .multimodal.tiny import tiny_vlm
+        return tiny_vlm(spec, attn_implementation=attn_implementation, seed=seed, dtype=dtype)
     config = tiny_config(spec)
     if is_encoder_config(config):
         auto = AutoModel

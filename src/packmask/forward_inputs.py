@@ -26,13 +26,13 @@ from functools import lru_cache
 
 import torch
 
-from .backends import refresh_traced_request
+from .backends import refresh_traced_request, requested_backend
 from .errors import PackmaskError, UnsupportedModelError
 from .guards import check_stock_forward
 from .inputs import (LAYOUT_KWARG, ForwardLayout, enter_forward, exit_forward, is_packed, layout_from_cu_seq_lens,
                      layout_from_seq_lengths, refresh_traced_state, resolve_layout)
-from .layout import DocumentLayout
-from .kvcache import check_mask_against_cache
+from .kvcache import CACHE_NAMES, cache_keyword, check_mask_against_cache
+from .layout import DocumentLayout, TreeLayout
 from .support import check_packed_input, position_offset
 
 __all__ = ["NAME", "LAYOUT_KWARG", "uses_packmask", "derive_inputs_hook", "close_forward_hook", "forward_params"]
@@ -146,6 +146,14 @@ def _derive_inputs_outside_graph(model, args, kwargs):
     mask = bound.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 4 and bound.get("cu_seq_lens_q") is None:
         layout = resolve_layout(B, N, attention_mask=mask)
+        if isinstance(layout, TreeLayout):  # tree-kernel: the layers get the tree kernel's inputs as tensors
+            from .backends.tree_triton import NAME as TREE_KERNEL, TREE_KWARG, compiled_model_inputs
+            forced = requested_backend(model) == TREE_KERNEL  # opt-in until measured on a GPU (backends.costs)
+            tree = compiled_model_inputs(model, layout, ref.device, model.training) if forced else None
+            if tree is None:
+                return args, kwargs  # the mask itself goes to the layers
+            kwargs[TREE_KWARG] = tree
+            return _set(names, args, kwargs, "attention_mask", None)
         if not (isinstance(layout, DocumentLayout) and layout.causal):
             return args, kwargs  # not block-diagonal causal: the mask itself goes to the layers
         args, kwargs = _set(names, args, kwargs, "attention_mask", None)
@@ -173,6 +181,12 @@ def _derive_inputs(model, args, kwargs):
                 f"{getattr(model.config, '_attn_implementation', None)!r}: build it with attn_implementation={NAME!r} "
                 f"or call packmask.enable(model).")
         return check_stock_forward(model, names, args, kwargs)
+    if "cache" in kwargs and "cache" not in names and cache_keyword(names) == "past_key_values":
+        # transformers before 5.2x names it past_key_values: cache= would flow on through **kwargs unread
+        # and the model would run without the cached tokens
+        if kwargs.get("past_key_values") is not None:
+            raise PackmaskError("got both cache= and past_key_values=; pass the cache once.")
+        kwargs["past_key_values"] = kwargs.pop("cache")
     bound = dict(zip(names, args), **kwargs)
     mask = bound.get("attention_mask")
     ref = _tokens(bound)
@@ -183,7 +197,7 @@ def _derive_inputs(model, args, kwargs):
         args, kwargs = _set(names, args, kwargs, "attention_mask", mask)
     if isinstance(mask, torch.Tensor) and mask.dim() == 4 and ref is not None:
         # a per-sample mask with a KV cache: its columns must be the cached tokens, then the new ones
-        cache = next((c for c in (bound.get(n) for n in ("cache", "past_key_values")) if c is not None), None)
+        cache = next((c for c in (bound.get(n) for n in CACHE_NAMES) if c is not None), None)
         check_mask_against_cache(mask, ref.shape[1], cache)
     from .recurrent import ensure_installed  # recurrent: mixers run per packed sequence from the first forward
     ensure_installed(model)

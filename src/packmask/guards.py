@@ -172,6 +172,8 @@ def _check_positions(model, impl, mask, names, args, kwargs) -> None:
     if "packed-positions" in _ONCE:
         return  # warned already: no further device syncs for this check
     pos = _argument(names, args, kwargs, "position_ids")
+    if isinstance(pos, torch.Tensor) and pos.dim() == 3 and pos.shape[0] == 4:
+        pos = pos[0]  # multimodal: [4, B, L] mRoPE position ids; the text row says where sequences restart
     if not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[-1] < 2:
         return
     if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):

@@ -110,8 +110,9 @@ def layout_from_position_ids(position_ids: torch.Tensor, batch_size: int | None 
     With a 2D ``padding_mask`` (0 = padding), every run of padding becomes a document of its own;
     padding inside a sequence raises. Cached on ``position_ids`` per padding tensor: the entry keeps
     the padding tensor alive, so a later one at a recycled address never reads a stale layout.
-    ``[3, B, N]`` (multimodal RoPE) positions that restart raise: image tokens share positions, so
-    sequence starts cannot be read from them.
+    ``[4, B, N]`` (text row, then the 3 multimodal RoPE rows, as :class:`packmask.MultimodalCollator`
+    writes them) are read by their text row. ``[3, B, N]`` (multimodal RoPE) positions that restart
+    raise: image tokens share positions, so sequence starts cannot be read from them.
 
     ::
 
@@ -120,6 +121,9 @@ def layout_from_position_ids(position_ids: torch.Tensor, batch_size: int | None 
         documents      a a a a b b b P P P     cu_seqlens [0, 4, 7, 10]
     """
     pos = position_ids
+    if pos.dim() == 3 and pos.shape[0] == 4:
+        # multimodal: [4, B, N] is the text row (restarting per sample), then the 3 mRoPE rows
+        pos = cached_on(pos, "text_row", lambda: position_ids[0])
     if pos.dim() == 3:
         if cached_on(pos, "restarts", lambda: bool(segments.starts_from_position_ids(pos[0])[:, 1:].any())):
             raise UnsupportedModelError(

@@ -49,6 +49,10 @@ class PackmaskMask:
         self._dense = None
         self.shape = (batch_size, 1, q_length, kv_length)
 
+    # multimodal: a model that hands its prepared mask to an inner model which builds masks again (PaliGemma ->
+    # GemmaModel) passes this object back through create_causal_mask, which reads .ndim; packmask_mask returns it as is
+    ndim = 4
+
     def standard_mask(self):
         """transformers' 4D bool mask for the unpacked path (None = plain causal)."""
         if self._mask_kwargs is not None:
@@ -63,6 +67,8 @@ class PackmaskMask:
 def packmask_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                   attention_mask=None, **kwargs):
     """``AttentionMaskInterface`` entry: called by ``create_causal_mask`` & co. once per forward."""
+    if isinstance(attention_mask, PackmaskMask):  # multimodal: already prepared by an outer model (PaliGemma)
+        return attention_mask
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 3:
         # [B, N, N] packed rows, or [B, N, past + N] new tokens over a cache (checked by the forward pre-hook)
         layout = _on_device(layout_from_mask(attention_mask, batch_size, q_length), kwargs.get("device"))
@@ -206,8 +212,9 @@ def packmask_attention(module, query, key, value, attention_mask, scaling=None, 
             f"{type(module).__name__} ran packmask attention without the {LAYOUT_KWARG!r} keyword while context "
             f"parallelism is active: pass the whole batch from ContextParallel.shard(...) to the model; a model whose "
             f"forward does not hand its keywords on to attention cannot be context-parallel.")
-    layout = None if external is not None else layer_layout(module, attention_mask, kwargs, B, N, kv_len,
-                                                             sliding_window)
+    tree = kwargs.get("packmask_tree_kernel")  # tree-kernel: a compiled forward on tree rows (forward_inputs)
+    layout = None if external is not None or tree is not None else layer_layout(
+        module, attention_mask, kwargs, B, N, kv_len, sliding_window)
     chunk = _chunk_size(module) if layout is not None else None
     if chunk is not None and chunk < getattr(layout, "max_seqlen", N):
         layout = _chunked(layout, chunk, module)
@@ -222,6 +229,9 @@ def packmask_attention(module, query, key, value, attention_mask, scaling=None, 
         is_causal=getattr(module, "is_causal", True),
         sinks=sinks,
     )
+    if tree is not None:
+        from .backends.tree_triton import compiled_layer_attention
+        return compiled_layer_attention(query, key, value, tree, spec, module.training), None
     if external is not None:  # a layout that brings its own keys (context parallelism): N is this rank's share
         if sinks is not None:
             raise UnsupportedModelError(f"{type(module).__name__} has attention sinks, which {type(external).__name__} "

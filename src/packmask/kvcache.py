@@ -16,7 +16,26 @@ import torch
 
 from .errors import PackmaskError
 
-__all__ = ["cache_past_length", "check_mask_against_cache"]
+__all__ = ["cache_past_length", "check_mask_against_cache", "CACHE_NAMES", "cache_keyword", "output_cache"]
+
+#: the cache argument of a model's forward and field of its output: ``cache`` since transformers
+#: 5.2x, ``past_key_values`` before (the 5.17 floor); newer releases still take the old name
+CACHE_NAMES = ("cache", "past_key_values")
+
+
+def cache_keyword(names) -> str | None:
+    """Which of :data:`CACHE_NAMES` a forward with parameters ``names`` takes (None: neither).
+
+    >>> cache_keyword(["input_ids", "past_key_values", "kwargs"]), cache_keyword(["input_ids", "cache"])
+    ('past_key_values', 'cache')
+    """
+    return next((name for name in CACHE_NAMES if name in names), None)
+
+
+def output_cache(output):
+    """The cache a model returned: ``output.cache``, or ``output.past_key_values`` on releases that
+    name it so (reading the old name on a newer release would log a deprecation warning)."""
+    return next((output[name] for name in CACHE_NAMES if name in output), None)
 
 
 def _supported_layer_types() -> tuple[type, ...]:

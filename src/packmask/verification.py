@@ -61,7 +61,7 @@ from .masks import block_diagonal_mask
 from .reference import pack_rows, rel_err
 from .support import position_offset
 from .tiny import tiny_config, tiny_model
-from .verify_report import FormResult, VerifyReport
+from .verify_report import TOLERANCE, FormResult, VerifyReport
 
 __all__ = ["verify", "model_for", "VerifyReport", "FormResult", "FORMS", "DEFAULT_SEQ_LENGTHS", "tiny_model", "tiny_config",
            "has_attention_layers"]
@@ -71,7 +71,6 @@ FORMS = ("mask3d", "mask4d", "collator", "position_ids", "position_ids_ones_2d",
 #: two rows of 18 tokens; documents longer than a sliding window of 4; one padding token ends row 1
 DEFAULT_SEQ_LENGTHS = [[5, 9, 4], [11, 6]]
 #: relative-error tolerance by dtype (fp32 exact up to rounding; half precision reorders sums)
-TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,6 +201,10 @@ def verify(model, *, seq_lengths: Sequence[Sequence[int]] | None = None,
     >>> verify(tiny_model("qwen2"), forms=("collator",), print_table=False).passed
     True
     """
+    from .multimodal.families import FAMILIES as VLM_RULES  # multimodal: packed by MultimodalCollator instead
+    if getattr(model.config, "model_type", None) in VLM_RULES:
+        from .multimodal.verify import verify_multimodal
+        return verify_multimodal(model, seed=seed, reference_impl=reference_impl, print_table=print_table, tol=tol)
     seq_lengths = _check_args(seq_lengths, forms)
     param = next(model.parameters())
     tol = TOLERANCE.get(param.dtype, 1e-5) if tol is None else tol

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["FormResult", "VerifyReport"]
+import torch
+
+__all__ = ["FormResult", "VerifyReport", "TOLERANCE"]
+
+#: default relative-error tolerance of a comparison, by dtype
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
 
 @dataclass

@@ -2,6 +2,7 @@
 raise or warn naming the fix -- only where transformers would crash or silently mix sequences; the
 masks transformers handles itself keep working. Also the eager guard's switch and its one log line, and
 the construction-time refusal of families that pick attention classes by name (falcon's raw KeyError)."""
+import inspect
 import logging
 import sys
 import warnings
@@ -11,6 +12,7 @@ import torch
 
 import packmask
 from packmask import PackmaskError, PackmaskWarning, UnsupportedModelError, guards
+from packmask.kvcache import cache_keyword, output_cache
 from packmask.testing import families_choosing_attention_by_name, pack_rows, rel_err, run_alone, tiny_model
 
 SEQ_LENGTHS = [[5, 9, 4], [11, 6]]
@@ -68,8 +70,9 @@ def test_transformers_own_4d_masks_keep_working():
         # a 4D mask against a cache (one new query, 6 keys), as in generation
         cached = model(input_ids=ids[:1, :5], use_cache=True)
         step_mask = torch.ones(1, 1, 1, 6, dtype=torch.bool)
-        step = model(input_ids=ids[:1, 5:6], attention_mask=step_mask, cache=cached.cache,
-                     position_ids=torch.tensor([[5]])).logits
+        names = inspect.signature(type(model).forward).parameters  # cache (5.2x) or past_key_values (5.17)
+        step = model(input_ids=ids[:1, 5:6], attention_mask=step_mask, position_ids=torch.tensor([[5]]),
+                     **{cache_keyword(names): output_cache(cached)}).logits
         assert rel_err(step[0, -1], model(input_ids=ids[:1, :6]).logits[0, -1]) <= TOL
 
 

@@ -16,26 +16,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2] / "src"
 PACKAGE = ROOT / "packmask"
 
-# Known on the data side of issue 22, removed by its data helper (cli/demo -> output -> inputs -> demo,
-# data/packing <-> data/streaming, private helpers of data/arrow, data/tree, data/preference). Listed
-# edge by edge so the lead deletes these allow-lists after merging that branch; anything else fails.
-KNOWN_CYCLE_EDGES = {
-    ("packmask.cli.demo", "packmask.cli.output"),
-    ("packmask.cli.output", "packmask.cli.inputs"),
-    ("packmask.cli.inputs", "packmask.cli.demo"),
-    ("packmask.data.packing", "packmask.data.streaming"),
-    ("packmask.data.streaming", "packmask.data.packing"),
-}
-KNOWN_PRIVATE = {
-    ("packmask.data.preference", "packmask.data.arrow", "_gather_spans"),
-    ("packmask.data.preference", "packmask.data.tree", "_offsets"),
-    ("packmask.data.preference", "packmask.data.tree", "_ranges"),
-    ("packmask.data.tree", "packmask.data.arrow", "_gather_spans"),
-    ("packmask.data.tree_collator", "packmask.data.tree", "_ranges"),
-    ("packmask.trl.grpo", "packmask.data.preference", "_prompt_branch_forest"),
-}
-
-
 def module_name(path: Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -131,8 +111,6 @@ def test_the_checker_sees_a_cycle_and_a_private_import():
 
 def test_no_import_cycles():
     edges = graph()
-    for a, b in KNOWN_CYCLE_EDGES:
-        edges.get(a, set()).discard(b)
     found = cycles(edges)
     assert not found, "import cycles among packmask modules: " + "; ".join(" <-> ".join(c) for c in found)
 
@@ -142,8 +120,7 @@ def test_no_private_cross_module_imports():
     for m in MODULES:
         for target, name, _ in imports(m):
             if name and name.startswith("_") and not name.startswith("__") and target != m:
-                if (m, target, name) not in KNOWN_PRIVATE:
-                    found.append(f"{m} imports {target}.{name}")
+                found.append(f"{m} imports {target}.{name}")
     assert not found, "private cross-module imports:\n" + "\n".join(found)
 
 

@@ -68,6 +68,10 @@ class SequenceMeanTrainer(Trainer):
 
     loss_is_scaled_for_ga = False  # a mean per micro-batch: let the Trainer divide by the accumulation steps
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False  # the same for transformers 5.17, which reads only this
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
         outputs = model(**inputs, use_cache=False)

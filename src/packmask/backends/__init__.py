@@ -11,6 +11,9 @@ backend           where               honours
 ``cudnn``         SM90+, fp16/bf16,   block-diagonal layouts, causal or not, GQA, scale, causal
                   ``packmask[cudnn]`` sliding windows, head dim <= 128. Not: softcap, dropout,
                                       sinks, general masks (cuDNN SDPA with ragged offsets).
+``tree_triton``   CUDA + triton       tree layouts only, in one launch per direction (our Triton kernel,
+                                      backends/tree_triton.py): GQA, scale, softcap, sliding windows,
+                                      fp32/fp16/bf16, forward and backward. Not: dropout, sinks.
 ``varlen``        CUDA, fp16/bf16     block-diagonal layouts, causal or not; tree layouts (shared
                                       prefixes, draft trees over a KV cache) and pieces layouts
                                       (context parallelism) as pieces with gathered keys
@@ -60,15 +63,16 @@ import torch
 from ..errors import PackmaskError
 from ..layout import Layout
 from . import costs, cudnn, eager, flex, sdpa, varlen
+from . import tree_triton  # tree-kernel: the one-launch tree kernel (imports triton lazily)
 from .spec import AttentionSpec
 
 # The dispatcher's API. Kernels are imported from their modules (packmask.backends.varlen, .flex, ...).
 __all__ = ["AttentionSpec", "BACKENDS", "backend", "requested_backend", "choose_backend", "attend",
-           "available_backends", "describe_choice", "check_backend_name", "refresh_traced_request"]
+           "available_backends", "describe_choice", "check_backend_name", "refresh_traced_request", "backend_module"]
 
 # Every backend that can be asked for, fastest first (cudnn is listed even when its optional extra is
 # missing: forcing it then says how to install it; available_backends() lists what runs here).
-_MODULES = {m.NAME: m for m in (cudnn, varlen, flex, sdpa, eager)}
+_MODULES = {m.NAME: m for m in (cudnn, tree_triton, varlen, flex, sdpa, eager)}  # tree-kernel: tree_triton first for trees
 BACKENDS = ("auto",) + tuple(_MODULES)
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("packmask_backend", default=None)
@@ -144,12 +148,20 @@ def available_backends(device=None) -> tuple[str, ...]:
     for name in _MODULES:
         if name == "cudnn" and not cudnn.available(device if device is not None else ("cuda" if cuda else "cpu")):
             continue
-        if name in ("varlen", "flex") and not cuda:
+        if name in ("varlen", "flex", "tree_triton") and not cuda:  # tree-kernel: tree_triton too
             continue
         if name == "varlen" and not varlen.varlen_available():
             continue
+        if name == "tree_triton" and not tree_triton.triton_available():  # tree-kernel:
+            continue
         names.append(name)
     return tuple(names)
+
+
+def backend_module(name: str):
+    """The module of backend ``name`` (its ``refusal`` and ``run``), for calibration and benchmarks."""
+    check_backend_name(name)
+    return _MODULES[name]
 
 
 def _candidates(layout, spec, q, training) -> tuple[list[str], dict]:
@@ -201,7 +213,7 @@ def describe_choice(layout: Layout | None, spec: AttentionSpec, q: torch.Tensor,
     >>> info["backend"], info["candidates"]
     ('sdpa', ['sdpa', 'eager'])
     >>> sorted(info["refused"])
-    ['cudnn', 'flex', 'varlen']
+    ['cudnn', 'flex', 'tree_triton', 'varlen']
     """
     requested = requested_backend(module)
     info = {"requested": requested, "backend": None, "candidates": [], "refused": {}}

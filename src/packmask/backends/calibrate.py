@@ -7,6 +7,12 @@ For each head dim (64, 128) and each document length bucket (128 ... 16384), one
 bf16 tokens made of equal documents runs forward+backward through every kernel that is available
 (cudnn, varlen, flex); the table keeps TFLOP/s of in-document work (see :mod:`packmask.backends.costs`).
 About a minute on an H100 (flex compiles once per head dim).
+
+Tree layouts get their own rows (:func:`packmask.backends.costs.choose_tree_kernel`): ``tree``, the
+fwd+bwd ms of every tree kernel on two 8192-token rows of ``prompt | chosen | rejected`` examples,
+and ``decode``, the forward ms of a 64-token draft tree over a KV cache (batch 1 and 8, cache 1024
+and 8192) for each kernel including dense sdpa. ``--trees-only`` measures just those and merges them
+into this GPU's existing table (seconds).
 """
 from __future__ import annotations
 
@@ -99,17 +105,118 @@ def _frontend_version():
     return frontend_version()
 
 
+# ---- tree layouts (tree-kernel) -------------------------------------------------------------------------
+def preference_tree(rows: int = 2, row: int = ROW // 2, seed: int = 0, device="cuda"):
+    """Rows of ``prompt | chosen | rejected`` examples (lognormal lengths, medians 160 / 250), depth-first."""
+    from ..layout_tree import analyse_tree_mask
+    from ..masks import tree_mask_from_segments
+    g = torch.Generator().manual_seed(seed)
+    segs = []
+    for _ in range(rows):
+        out, used = [], 0
+        while True:
+            p, c, r = ((torch.randn(3, generator=g) * 0.6 + torch.tensor([5.07, 5.52, 5.52])).exp().long() + 4).tolist()
+            if used + p + c + r > row:
+                break
+            root = len(out)
+            out += [(used, p, -1), (used + p, c, root), (used + p + c, r, root)]
+            used += p + c + r
+        out.append((used, row - used, -1)) if used < row else None
+        segs.append(out)
+    return analyse_tree_mask(tree_mask_from_segments(segs, row, device=device)[0])
+
+
+def draft_tree(batch: int, past: int, n: int = 64, device="cuda"):
+    """An EAGLE/Medusa-like draft tree of ``n`` tokens (breadth-first order) over a ``past``-token cache."""
+    from ..layout_tree import TreeLayout
+    g = torch.Generator().manual_seed(0)
+    parents = [-1, -1, -1, -1]
+    while len(parents) < n:
+        i = len(parents)
+        parents.append(int(torch.randint(max(0, i - 6), i, (1,), generator=g)))
+    return TreeLayout.from_parents(torch.tensor([parents] * batch, device=device), past)
+
+
+def _tree_runners(decode: bool) -> dict:
+    from . import backend_module
+    from .flex import flex_attention_call
+    names = ["tree_triton", "varlen", "sdpa"] if decode else ["tree_triton", "varlen"]
+    runners = {n: (lambda m: lambda q, k, v, lay, spec, train: m.run(q, k, v, lay, spec, train))(backend_module(n))
+               for n in names}
+    runners["flex"] = lambda q, k, v, lay, spec, train: flex_attention_call(q, k, v, lay, spec)
+    return runners
+
+
+def measure_tree(head_dim: int, layout, decode: bool, heads_total: int = 2048, device="cuda") -> dict:
+    """ms of each tree kernel on ``layout`` (training: fwd+bwd; decode: forward without grad); None
+    where a kernel refuses or fails."""
+    from . import AttentionSpec, BACKENDS, backend_module
+    H = heads_total // head_dim
+    Hkv = max(1, H // 8)
+    B, N, K = layout.batch_size, layout.seq_len, layout.key_len
+    spec = AttentionSpec(scale=head_dim ** -0.5)
+    q = torch.randn(B, N, H, head_dim, device=device, dtype=torch.bfloat16).transpose(1, 2).requires_grad_(not decode)
+    k = torch.randn(B, Hkv, K, head_dim, device=device, dtype=torch.bfloat16).requires_grad_(not decode)
+    v = torch.randn(B, Hkv, K, head_dim, device=device, dtype=torch.bfloat16).requires_grad_(not decode)
+    do = torch.randn(B, N, H, head_dim, device=device, dtype=torch.bfloat16)
+    out = {}
+    for name, fn in _tree_runners(decode).items():
+        if name in BACKENDS[1:] and backend_module(name).refusal(layout, spec, q, not decode) is not None:
+            out[name] = None
+            continue
+        if decode:
+            def step():
+                with torch.no_grad():
+                    fn(q, k, v, layout, spec, False)
+        else:
+            def step():
+                fn(q, k, v, layout, spec, True).backward(do)
+        try:
+            out[name] = _bench(step)
+        except Exception as e:  # noqa: BLE001 — a kernel that fails here is left out of the table
+            print(f"  {name} failed on a {'decode' if decode else 'tree'} layout: {e!r:.200}", file=sys.stderr)
+            out[name] = None
+        q.grad = k.grad = v.grad = None
+    return out
+
+
+def calibrate_trees(head_dims=(64, 128)) -> dict:
+    tree, decode = {}, {}
+    train_layout = preference_tree()
+    for d in head_dims:
+        tree[str(d)] = measure_tree(d, train_layout, decode=False)
+        print(f"tree   d={d:4d} " + " ".join(f"{n}={ms or 0:7.3f}ms" for n, ms in tree[str(d)].items()), flush=True)
+        decode[str(d)] = []
+        for batch in (1, 8):
+            for past in (1024, 8192):
+                ms = measure_tree(d, draft_tree(batch, past), decode=True)
+                decode[str(d)].append(dict(batch=batch, past=past, queries=64, ms=ms))
+                print(f"decode d={d:4d} batch={batch} past={past:5d} "
+                      + " ".join(f"{n}={t or 0:7.3f}ms" for n, t in ms.items()), flush=True)
+    return {"tree": tree, "decode": decode,
+            "tree_note": "tree: fwd+bwd ms, 2 rows x 8192 prompt|chosen|rejected; decode: forward ms, 64-token "
+                         "draft tree; bf16, heads = 2048 / head_dim, kv heads = heads / 8"}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m packmask.backends.calibrate", description=__doc__.split("\n")[0])
     p.add_argument("--out", help="JSON file to write (default: the user cache, read by the dispatcher)")
     p.add_argument("--quick", action="store_true", help="four length buckets only (a coarser table)")
+    p.add_argument("--trees-only", action="store_true",
+                   help="measure only the tree and decode rows, merged into this GPU's existing table")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("calibrate needs a CUDA GPU.", file=sys.stderr)
         return 2
     buckets = (256, 1024, 4096, 16384) if args.quick else BUCKETS
-    table = calibrate(buckets=buckets)
-    path = write_table(torch.cuda.get_device_name(), table, args.out)
+    name = torch.cuda.get_device_name()
+    if args.trees_only:
+        from .costs import load_table
+        existing = {k: v for k, v in (load_table(name) or {}).items() if k != "source"}  # the user's, else shipped
+        table = dict(existing, **calibrate_trees())
+    else:
+        table = dict(calibrate(buckets=buckets), **calibrate_trees())
+    path = write_table(name, table, args.out)
     print(f"wrote {path}")
     return 0
 

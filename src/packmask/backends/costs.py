@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["BUCKETS", "KERNELS", "cache_path", "load_table", "estimate_ms", "choose_kernel", "write_table"]
+__all__ = ["BUCKETS", "KERNELS", "cache_path", "load_table", "estimate_ms", "choose_kernel", "write_table",
+           "choose_tree_kernel", "is_decode_layout", "DECODE_MAX_QUERIES"]
 
 BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 KERNELS = ("cudnn", "varlen", "flex")  # the kernels priced by the table (others are fallbacks)
@@ -127,6 +128,8 @@ def choose_kernel(candidates, layout, q: torch.Tensor, layers: int = 1) -> tuple
     Without a table for this GPU model, or under ``torch.compile`` (where reading the layout's
     lengths would stop the graph), the first candidate wins: the dispatcher lists them fastest first.
     """
+    if hasattr(layout, "parent"):  # tree-kernel: tree layouts are priced by their own measured rows
+        return choose_tree_kernel(candidates, layout, q)
     priced = [c for c in candidates if c in KERNELS]
     if len(priced) < 2:
         return candidates[0], {"reason": "only candidate" if len(candidates) == 1 else "unpriced"}
@@ -146,3 +149,62 @@ def choose_kernel(candidates, layout, q: torch.Tensor, layers: int = 1) -> tuple
                               layout.seq_len) for c in priced}
         memo[key] = (min(est, key=est.get), {"estimated_ms": est, "source": table.get("source")})
     return memo[key]
+
+
+# ---- tree layouts (tree-kernel) -----------------------------------------------------------------------
+#: a tree layout over a KV cache with at most this many new tokens per row is a *decode* call (draft-tree
+#: verification): dense sdpa over the [B, 1, N, past + N] mask is what a user would write there
+DECODE_MAX_QUERIES = 256
+
+
+def is_decode_layout(layout) -> bool:
+    """A few new tokens over a KV cache (draft-tree verification), not a training row."""
+    return getattr(layout, "past", 0) > 0 and layout.seq_len <= DECODE_MAX_QUERIES
+
+
+def _nearest(entries: list, batch: int, past: int) -> dict:
+    import math
+    return min(entries, key=lambda e: abs(math.log2(max(e["batch"], 1) / max(batch, 1)))
+               + abs(math.log2(max(e["past"], 1) / max(past, 1))))
+
+
+def choose_tree_kernel(candidates, layout, q: torch.Tensor) -> tuple[str, dict]:
+    """The kernel for a tree layout, from the cost table's measured tree rows when it has them.
+
+    ``decode`` rows (``python -m packmask.backends.calibrate``): per head dim, measured ms of each
+    kernel on draft-tree verification shapes (batch, cache length); the nearest shape's fastest
+    candidate wins. Without them a decode call goes to ``sdpa`` with the dense mask (never slower
+    than the dense mask it replaces). ``tree`` rows: measured fwd+bwd ms on shared-prefix training
+    rows; without them the first candidate other than ``tree_triton``, which ``auto`` takes only once it
+    has been measured on this GPU (force it with ``packmask.backend("tree_triton")``).
+
+    >>> from packmask.layout_tree import TreeLayout
+    >>> draft = TreeLayout.from_parents(torch.tensor([[-1, 0, 0]]), past_length=100)
+    >>> choose_tree_kernel(["varlen", "sdpa", "eager"], draft, torch.zeros(1, 2, 3, 64))[0]   # CPU: no table
+    'sdpa'
+    """
+    decode = is_decode_layout(layout)
+    # the one-launch tree kernel has been checked on CPU (Triton's interpreter) and compiled for sm_90, but
+    # not yet timed or run on a GPU: ``auto`` takes it only where calibrate measured it on this GPU (its
+    # timings prove it ran); until then it is opt-in, with packmask.backend("tree_triton")
+    unmeasured = [c for c in candidates if c != "tree_triton"] or list(candidates)
+    if torch.compiler.is_compiling():
+        return unmeasured[0], {"reason": "static order under torch.compile"}
+    name = _device_name(q)
+    table = load_table(name) if name else None
+    section = (table or {}).get("decode" if decode else "tree", {})
+    dims = sorted(int(d) for d in section) if section else []
+    if dims:
+        d = str(min(dims, key=lambda x: (abs(x - q.shape[-1]), x)))
+        rows = section[d]
+        measured = _nearest(rows, layout.batch_size, layout.past)["ms"] if decode else rows
+        timed = {c: measured[c] for c in candidates if measured.get(c) is not None}
+        if timed:
+            best = min(timed, key=timed.get)
+            return best, {"reason": f"measured {'decode' if decode else 'tree'} rows of the cost table",
+                          "measured_ms": timed, "source": table.get("source")}
+    if decode and "sdpa" in candidates:
+        return "sdpa", {"reason": "a few queries over a KV cache: the dense mask is cheapest without a measured "
+                                  "decode table (python -m packmask.backends.calibrate)"}
+    return unmeasured[0], {"reason": "tree layout without measured tree rows: the first candidate (tree_triton "
+                                     "only when measured here or forced)"}

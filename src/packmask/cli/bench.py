@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .errors import EXIT_FAILED
 
-__all__ = ["cmd_bench", "run_bench", "json_safe"]
+__all__ = ["cmd_bench", "run_bench"]
 
 GPU_ONLY = {"packmask flex": "flex attention has no backward on CPU", "transformers flex": "flex attention has no backward on CPU"}
 METHODS = ("transformers sdpa", "packmask collator", "packmask [B,N,N] mask", "packmask flex", "transformers flex")
@@ -198,22 +198,6 @@ def run_bench(device=None, steps: int = 5, row_length: int | None = None, consol
     return {"env": env, "results": results}
 
 
-def json_safe(value):
-    """``value`` with every NaN / infinity replaced by ``None``: JSON has no NaN (``json.dumps``
-    would write the invalid token ``NaN``), and ``null`` says "not measured".
-
-    >>> json_safe({"a": [1.5, float("nan")], "b": {"c": float("inf")}, "d": "x"})
-    {'a': [1.5, None], 'b': {'c': None}, 'd': 'x'}
-    """
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(item) for item in value]
-    return value
-
-
 def bench_table(report: dict):
     from rich.table import Table
 
@@ -239,7 +223,7 @@ def bench_table(report: dict):
 
 def cmd_bench(args, console) -> int:
     from .commands import resolve_device
-    from .output import AtomicOutputs
+    from .output import AtomicOutputs, json_safe
 
     report = run_bench(device=resolve_device(args.device), steps=args.steps, row_length=args.row_length, console=console)
     console.print(bench_table(report))

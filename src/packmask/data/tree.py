@@ -151,7 +151,9 @@ def pack_forest(forest: Forest, max_length: int, *, strategy: str = "bfd") -> Pa
     """Pack whole examples of ``forest`` into rows of at most ``max_length`` tokens.
 
     An example larger than a row raises (the presets apply their overflow policy before calling this).
+    ``forest`` may also be a :class:`packmask.data.agentic.ConversationForest` (conversation trees).
     """
+    forest = getattr(forest, "forest", forest)  # a ConversationForest carries its Forest
     with packing_call():
         return _pack_forest(forest, max_length, strategy)
 
