@@ -53,22 +53,20 @@ def forward_params(cls) -> tuple[tuple[str, ...], bool, bool]:
 
 def uses_packmask(model) -> bool:
     """Whether ``model`` runs ``attn_implementation="packmask"`` (for any of its sub-configs)."""
-    if model.__dict__.get("_packmask_recurrent_only"):  # recurrent: attention-free model enabled by packmask.enable
-        return True
     config = getattr(model, "config", None)
     impl = getattr(config, "_attn_implementation", None)
     if isinstance(impl, dict):
         return NAME in impl.values()
-    return impl == NAME
+    # recurrent: an attention-free model enabled by packmask.enable (its mixers run per packed sequence)
+    return impl == NAME or bool(getattr(model, "_packmask_recurrent_only", False))
 
 
 def derive_inputs_hook(model, args, kwargs):
     """The model's forward pre-hook: fill in ``position_ids`` (and varlen keys from ``seq_lengths``)
     when the user omitted them, and open the forward's :class:`~packmask.inputs.ForwardLayout`."""
     if not uses_packmask(model):  # stock models: the guards only (traceable: no graph break)
-        return _enter_recurrent(model, _derive_inputs(model, args, kwargs), args, kwargs)
-    return _enter_recurrent(model, _packmask_pre_forward(model, args, kwargs, torch.compiler.is_compiling()), args,
-                            kwargs)
+        return _derive_inputs(model, args, kwargs)
+    return _packmask_pre_forward(model, args, kwargs, torch.compiler.is_compiling())
 
 
 def _enter_recurrent(model, derived, args, kwargs):  # recurrent: this forward's layout for packmask.recurrent
@@ -82,7 +80,7 @@ def _enter_recurrent(model, derived, args, kwargs):  # recurrent: this forward's
 def _packmask_pre_forward(model, args, kwargs, compiling: bool):
     if compiling:
         # no ForwardLayout under torch.compile: closing it would break the graph after the model body
-        return _derive_inputs_outside_graph(model, args, kwargs)
+        return _enter_recurrent(model, _derive_inputs_outside_graph(model, args, kwargs), args, kwargs)
     open_forwards = model.__dict__.setdefault(_OPEN, [])
     open_forwards.append(None)  # first: the post-hook pops one entry per call, even if this raises
     args, kwargs = _derive_inputs(model, args, kwargs)
@@ -94,7 +92,7 @@ def _packmask_pre_forward(model, args, kwargs, compiling: bool):
         forward = ForwardLayout(ref.shape[0], ref.shape[1], {k: bound[k] for k in _BOUNDARY_KEYS
                                                              if bound.get(k) is not None})
     open_forwards[-1] = enter_forward(forward)
-    return args, kwargs
+    return _enter_recurrent(model, (args, kwargs), args, kwargs)
 
 
 def close_forward_hook(model, args, output):
