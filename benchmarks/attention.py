@@ -21,9 +21,10 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask
 
-from packmask.backends import AttentionSpec, varlen_attention
+from packmask.backends import AttentionSpec
+from packmask.backends.varlen import varlen_attention
 from packmask.backends import cudnn as cudnn_backend
-from packmask.backends.flex import _flex_fn, document_block_mask
+from packmask.backends.flex import compiled_flex_attention, document_block_mask
 from packmask.layout import DocumentLayout
 
 dev = "cuda"
@@ -105,7 +106,7 @@ def run(total, H, Hkv, D, median):
     out["workspace_bytes"] = cudnn_backend.workspace_bytes() if cudnn_backend.available() else 0
     if os.environ.get("QUICK") == "1":  # kernels only: no flex compile, no dense mask
         return report(total, H, Hkv, D, median, lens, out, checks)
-    flex = _flex_fn()
+    flex = compiled_flex_attention()
     bm = document_block_mask(layout, dev)
     t = bench(fb(lambda: flex(q, k, v, block_mask=bm, scale=spec.scale, enable_gqa=rep > 1).transpose(1, 2)))
     out["packmask_flex"] = dict(ms=t, tflops=flops_doc / t / 1e9)

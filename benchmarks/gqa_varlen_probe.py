@@ -8,8 +8,9 @@ import torch
 import torch.nn.attention.varlen  # noqa: F401 — registers torch.ops.torch_attn
 import triton
 
-from packmask.backends import AttentionSpec, varlen_attention
-from packmask.backends.varlen import _gqa_native_varlen
+from packmask.backends import AttentionSpec
+from packmask.backends.varlen import varlen_attention
+from packmask.backends.varlen import gqa_native_varlen
 from packmask.layout import DocumentLayout
 
 from attention import random_qkv  # benchmarks/attention.py

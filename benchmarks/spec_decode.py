@@ -56,13 +56,7 @@ def make_model():
 
 
 def forced(name):
-    ctx = getattr(packmask, "backend", None)
-    if name == "auto":
-        return contextlib.nullcontext()
-    if ctx is not None:
-        return ctx(name)
-    packmask.set_backend(name)  # older packmask: process-wide
-    return contextlib.nullcontext()
+    return contextlib.nullcontext() if name == "auto" else packmask.backend(name)
 
 
 def trim(cache):
@@ -100,8 +94,6 @@ def main():
                                  **{CACHE_KW: cache}).logits
             finally:
                 trim(cache)
-                if not hasattr(packmask, "backend") and backend != "auto":
-                    packmask.set_backend("auto")
 
         methods = [("sdpa_dense4d", "sdpa", "auto")] + [(f"packmask_{b}", "packmask", b)
                                                         for b in ("auto", "varlen", "flex")]

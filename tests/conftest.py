@@ -33,6 +33,6 @@ def fake_varlen_kernel(monkeypatch):
 
     def install(kernel):
         monkeypatch.setattr(torch_varlen, "varlen_attn", kernel)
-        fresh = functools.lru_cache(maxsize=None)(varlen_backend._varlen_params.__wrapped__)
-        monkeypatch.setattr(varlen_backend, "_varlen_params", fresh)
+        fresh = functools.lru_cache(maxsize=None)(varlen_backend.varlen_params.__wrapped__)
+        monkeypatch.setattr(varlen_backend, "varlen_params", fresh)
     return install

@@ -9,7 +9,7 @@ import importlib
 
 __version__ = "0.2.0"
 
-from .backends import backend, get_backend, set_backend
+from .backends import backend
 from .errors import PackmaskError, PackmaskWarning, UnsupportedModelError
 from .guards import configure
 from .integration import NAME, enable

@@ -64,7 +64,7 @@ def model_for(spec: str, *, attn_implementation: str = "packmask", seed: int = 0
 
     Raises :class:`PackmaskError` naming the fix for an unknown family, a family that is neither a
     decoder nor an encoder (t5, bark, ...), or a folder that does not load; and
-    :class:`~packmask.UnsupportedModelError` for a family packmask refuses (falcon, ...).
+    :class:`~packmask.UnsupportedModelError` for a family packmask refuses (gpt_neo, ...).
 
     >>> type(model_for("bert")).__name__, type(model_for("llama")).__name__
     ('BertModel', 'LlamaForCausalLM')

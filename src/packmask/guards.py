@@ -220,10 +220,25 @@ def _additive_eager_mask(model, names, args, kwargs, mask):
     return args, kwargs
 
 
+def attention_classes_by_name(module) -> tuple[str, dict] | None:
+    """``(name, table)`` of the ``*_ATTENTION_CLASSES`` dict a modeling module picks its attention
+    classes from by ``config._attn_implementation`` (falcon up to transformers 5.24, gpt_neo, git,
+    bark, ...), or None for a module that dispatches through transformers' AttentionInterface.
+
+    >>> import transformers.models.llama.modeling_llama as llama
+    >>> attention_classes_by_name(llama) is None
+    True
+    """
+    for attr, table in vars(module).items() if module is not None else ():
+        if attr.endswith("ATTENTION_CLASSES") and isinstance(table, dict) and "eager" in table:
+            return attr, table
+    return None
+
+
 def check_construction(model, name: str) -> None:
     """Refuse, while ``model`` is being built, a family that picks attention classes by name.
 
-    falcon, gpt_neo, git, bark, ... index a ``*_ATTENTION_CLASSES`` dict with
+    Such families (:func:`attention_classes_by_name`) index their ``*_ATTENTION_CLASSES`` dict with
     ``config._attn_implementation`` when they build their layers, so ``"packmask"`` would end in a
     raw ``KeyError``. Called when the model registers its first submodule (before its layers exist).
     """
@@ -231,12 +246,12 @@ def check_construction(model, name: str) -> None:
     impl = getattr(config, "_attn_implementation", None)
     if not (impl == name or (isinstance(impl, dict) and name in impl.values())):
         return
-    module = sys.modules.get(type(model).__module__)
-    for attr, table in vars(module).items() if module is not None else ():
-        if attr.endswith("ATTENTION_CLASSES") and isinstance(table, dict) and "eager" in table and name not in table:
-            model_type = getattr(config, "model_type", type(model).__name__)
-            raise UnsupportedModelError(
-                f"{model_type} ({type(model).__name__}) picks its attention classes by name ({attr}: "
-                f"{', '.join(map(str, table))}) and computes attention in its own code, outside transformers' "
-                f"AttentionInterface, so packmask cannot run it. Build it with attn_implementation='sdpa' or 'eager' "
-                f"and train unpacked (one sequence per row with a 2D padding mask).")
+    found = attention_classes_by_name(sys.modules.get(type(model).__module__))
+    if found is not None and name not in found[1]:
+        attr, table = found
+        model_type = getattr(config, "model_type", type(model).__name__)
+        raise UnsupportedModelError(
+            f"{model_type} ({type(model).__name__}) picks its attention classes by name ({attr}: "
+            f"{', '.join(map(str, table))}) and computes attention in its own code, outside transformers' "
+            f"AttentionInterface, so packmask cannot run it. Build it with attn_implementation='sdpa' or 'eager' "
+            f"and train unpacked (one sequence per row with a 2D padding mask).")

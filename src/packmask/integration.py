@@ -8,10 +8,12 @@ model code is edited. Data flows one way:
    ``"packmask"`` and ``position_ids`` are omitted, they are derived from the mask /
    ``cu_seq_lens`` / ``seq_lengths`` so that every packed sequence starts at position 0 (RoPE and
    learned positions are computed before attention, so this must happen before the model body runs).
+   It opens the forward's :class:`~packmask.inputs.ForwardLayout`; a forward hook closes it.
 2. **Mask interface** (once per mask type per forward, called by ``create_causal_mask`` & co.):
    a ``[B, N, N]`` mask is analysed into a compact layout; a 2D padding mask is kept lazily.
-3. **Attention function** (per layer): resolves the layout (cached on the input tensors, so
-   only the first layer pays) and dispatches to a kernel (:mod:`packmask.backends`).
+3. **Attention function** (per layer): resolves the layout with the one resolver,
+   :func:`packmask.inputs.resolve_layout` (cached on the input tensors, so only the first layer
+   pays), and dispatches to a kernel (:func:`packmask.backends.attend`).
 """
 from __future__ import annotations
 
@@ -21,13 +23,16 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .backends import AttentionSpec, attend
+from .backends import AttentionSpec, attend, check_backend_name
 from .errors import PackmaskError, UnsupportedModelError
-from .forward_inputs import (LAYOUT_KWARG, NAME, _derive_inputs_hook, _external_layout, _layout_from_cu,
-                             _uses_packmask, layout_from_positions_cached)
+from .forward_inputs import NAME, close_forward_hook, derive_inputs_hook, uses_packmask
 from .guards import check_construction
-from .layout import DocumentLayout, GeneralLayout, TreeLayout, analyse_mask, cached_on
-from .segments import starts_from_cu_seqlens, starts_from_position_ids
+from .inputs import LAYOUT_KWARG, external_layout_required, layout_from_mask, resolve_layout
+from .layout import DocumentLayout, TreeLayout
+from .segments import starts_from_cu_seqlens
+from .support import is_packed_input, unsupported_reason
+
+__all__ = ["NAME", "LAYOUT_KWARG", "PackmaskMask", "packmask_mask", "packmask_attention", "enable", "register"]
 
 
 class PackmaskMask:
@@ -60,8 +65,7 @@ def packmask_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask
     """``AttentionMaskInterface`` entry: called by ``create_causal_mask`` & co. once per forward."""
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 3:
         # [B, N, N] packed rows, or [B, N, past + N] new tokens over a cache (checked by the forward pre-hook)
-        layout = cached_on(attention_mask, "layout",
-                           lambda: _on_device(analyse_mask(attention_mask, batch_size, q_length), kwargs.get("device")))
+        layout = _on_device(layout_from_mask(attention_mask, batch_size, q_length), kwargs.get("device"))
         return PackmaskMask(batch_size, q_length, kv_length, layout=layout)
     padding = None
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
@@ -85,19 +89,21 @@ def _on_device(layout, device):
 _SINK_KWARGS = ("s_aux", "sinks")  # per-head sink logits (gpt-oss): honoured by the eager backend
 
 
-def _resolve_layout(module, attention_mask, kwargs, B, N, kv_len, device, sliding_window=None):
-    """The packed layout of this forward, or None for the ordinary path. Cached on the inputs."""
+def layer_layout(module, attention_mask, kwargs, B: int, N: int, kv_len: int, sliding_window=None):
+    """The packed layout of one attention call, or None for the ordinary path: the forward's inputs as
+    the layer receives them, read by :func:`packmask.inputs.resolve_layout` (cached on the inputs),
+    and checked against the layer's keys."""
     causal = getattr(module, "is_causal", True)
-    if isinstance(attention_mask, PackmaskMask) and attention_mask.layout is not None:
-        attention_mask = attention_mask.layout
+    padding = None
+    if isinstance(attention_mask, PackmaskMask):
+        attention_mask, padding = attention_mask.layout, attention_mask.padding_mask
     if isinstance(attention_mask, torch.Tensor):  # a user's [B, 1, N, K] mask, passed as-is by transformers
         if attention_mask.dim() != 4 or attention_mask.shape[-2] != N or attention_mask.shape[-1] < N:
             raise PackmaskError(
                 f"attention_mask of shape {tuple(attention_mask.shape)} does not match the inputs "
                 f"[batch={B}, tokens={N}]: pass [B, N, N] or [B, 1, N, N] (with a cache: [B, 1, N, past + N]).")
-        attention_mask = cached_on(attention_mask, "layout", lambda: analyse_mask(attention_mask, B, N))
-    if isinstance(attention_mask, (DocumentLayout, GeneralLayout, TreeLayout)):
-        layout = attention_mask
+    if attention_mask is not None:
+        layout = resolve_layout(B, N, attention_mask=attention_mask)
         K = layout.key_len if isinstance(layout, TreeLayout) else layout.seq_len
         # a tree's keys may be a sliding cache layer's last kv_len < K columns, or a static buffer's kv_len > K
         if kv_len != K and not (isinstance(layout, TreeLayout) and (kv_len > K or sliding_window is not None)):
@@ -106,7 +112,6 @@ def _resolve_layout(module, attention_mask, kwargs, B, N, kv_len, device, slidin
                 f"cache needs [B, 1, N, past + N] columns (past = cached tokens); a [B, N, N] mask needs no cache.")
         return layout
     if N != kv_len:  # decoding against a cache: nothing is packed — unless the inputs say otherwise
-        from .support import is_packed_input
         if is_packed_input(position_ids=kwargs.get("position_ids"), cu_seq_lens=kwargs.get("cu_seq_lens_q"),
                            batch_size=B):
             raise UnsupportedModelError(
@@ -114,24 +119,9 @@ def _resolve_layout(module, attention_mask, kwargs, B, N, kv_len, device, slidin
                 f"from another pass): packmask cannot tell which of those keys belong to which sequence. Pass "
                 f"use_cache=False for packed training, or train this model unpacked.")
         return None
-    if kwargs.get("cu_seq_lens_q") is not None:
-        layout = _layout_from_cu(kwargs, B, N, causal)
-        return layout if len(layout.cu_seqlens) - 1 > B else None
-    pos = kwargs.get("position_ids")
-    if pos is not None and pos.dim() == 3 and pos.shape[-1] == N and cached_on(
-            pos, "restarts", lambda: bool(starts_from_position_ids(pos[0])[:, 1:].any())):
-        # multimodal RoPE: [3, B, N] (temporal, height, width) positions; image tokens share positions, so
-        # sequence starts cannot be read from them
-        raise UnsupportedModelError(
-            "packed rows with 3D (multimodal RoPE) position_ids and no mask: packmask cannot tell where each sequence "
-            "starts from them. Pass attention_mask=packmask.block_diagonal_mask(seq_lengths) (or [B, 1, N, N]) or "
-            "cu_seq_lens_q/k together with the 3D position_ids.")
-    if pos is None or pos.dim() != 2 or pos.shape[-1] != N:
-        return None
-    padding = attention_mask.padding_mask if isinstance(attention_mask, PackmaskMask) else None
-    return layout_from_positions_cached(pos, B, causal, padding, padding)
-
-
+    return resolve_layout(B, N, attention_mask=padding, position_ids=kwargs.get("position_ids"),
+                          cu_seq_lens_q=kwargs.get("cu_seq_lens_q"), cu_seq_lens_k=kwargs.get("cu_seq_lens_k"),
+                          max_length_q=kwargs.get("max_length_q"), causal=causal)
 
 
 _ABSENT = object()
@@ -188,7 +178,7 @@ def _chunked(layout, chunk: int, module):
                 f"(document) layouts only, not to a {type(layout).__name__}. Pass seq_lengths / a block-diagonal mask, "
                 f"or train this model unpacked.")
         starts = starts_from_cu_seqlens(layout.cu_seqlens, layout.batch_size, layout.seq_len)
-        layout._memo[key] = DocumentLayout._from_start_flags(starts | (layout.position_ids % chunk == 0),
+        layout._memo[key] = DocumentLayout.from_start_flags(starts | (layout.position_ids % chunk == 0),
                                                              causal=layout.causal)
     return layout._memo[key]
 
@@ -207,13 +197,13 @@ def packmask_attention(module, query, key, value, attention_mask, scaling=None, 
     B, H, N, D = query.shape
     kv_len = key.shape[2]
     external = kwargs.get(LAYOUT_KWARG)
-    if external is None and _external_layout["required"]:
+    if external is None and external_layout_required():
         raise PackmaskError(
             f"{type(module).__name__} ran packmask attention without the {LAYOUT_KWARG!r} keyword while context "
             f"parallelism is active: pass the whole batch from ContextParallel.shard(...) to the model; a model whose "
             f"forward does not hand its keywords on to attention cannot be context-parallel.")
-    layout = None if external is not None else _resolve_layout(module, attention_mask, kwargs, B, N, kv_len,
-                                                                query.device, sliding_window)
+    layout = None if external is not None else layer_layout(module, attention_mask, kwargs, B, N, kv_len,
+                                                             sliding_window)
     chunk = _chunk_size(module) if layout is not None else None
     if chunk is not None and chunk < getattr(layout, "max_seqlen", N):
         layout = _chunked(layout, chunk, module)
@@ -228,11 +218,11 @@ def packmask_attention(module, query, key, value, attention_mask, scaling=None, 
         is_causal=getattr(module, "is_causal", True),
         sinks=sinks,
     )
-    if external is not None:  # a layout with its own kernel (context parallelism): N is this rank's share
+    if external is not None:  # a layout that brings its own keys (context parallelism): N is this rank's share
         if sinks is not None:
             raise UnsupportedModelError(f"{type(module).__name__} has attention sinks, which {type(external).__name__} "
                                         f"does not implement.")
-        return external.attend(module, query, key, value, spec=spec, training=module.training), None
+        key, value, layout = external.keys_and_layout(module, query, key, value, spec=spec)
     standard = None
     if layout is None and isinstance(attention_mask, PackmaskMask):
         standard = attention_mask.standard_mask()
@@ -245,8 +235,9 @@ def packmask_attention(module, query, key, value, attention_mask, scaling=None, 
 
 def _attach_hook(model) -> None:
     if not getattr(model, "_packmask_hooked", False):
-        check_construction(model, NAME)  # before the layers exist: falcon & co. would raise a raw KeyError
-        model.register_forward_pre_hook(_derive_inputs_hook, with_kwargs=True, prepend=True)
+        check_construction(model, NAME)  # before the layers exist: gpt_neo & co. would raise a raw KeyError
+        model.register_forward_pre_hook(derive_inputs_hook, with_kwargs=True, prepend=True)
+        model.register_forward_hook(close_forward_hook, always_call=True)
         model._packmask_hooked = True
 
 
@@ -269,15 +260,13 @@ def enable(model, backend: str | None = None):
         if isinstance(m, PreTrainedModel):
             _attach_hook(m)
     model.set_attn_implementation(NAME)
-    if not _uses_packmask(model):  # e.g. falcon: attention classes chosen by name at construction
-        from .support import unsupported_reason
+    if not uses_packmask(model):  # e.g. gpt_neo: attention classes chosen by name at construction
         raise UnsupportedModelError(
             f"{type(model).__name__} stayed on attn_implementation={model.config._attn_implementation!r}: transformers "
             f"cannot switch this model's attention after construction. {unsupported_reason(model) or ''} Build it with "
             f"attn_implementation='packmask' if the family supports it (check with packmask.verify), or train unpacked.")
     if backend is not None:
-        from .backends import _check_name
-        _check_name(backend)
+        check_backend_name(backend)
         for m in model.modules():  # read per layer call by the dispatcher (packmask.backends.requested_backend)
             m._packmask_backend = backend
     return model

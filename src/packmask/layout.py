@@ -130,10 +130,11 @@ class DocumentLayout:
     def from_position_ids(cls, position_ids: torch.Tensor, *, causal: bool = True) -> "DocumentLayout":
         """A new document starts wherever the position does not continue the previous one by +1
         (the restart rule of :mod:`packmask.segments`)."""
-        return cls._from_start_flags(segments.starts_from_position_ids(position_ids), causal=causal)
+        return cls.from_start_flags(segments.starts_from_position_ids(position_ids), causal=causal)
 
     @classmethod
-    def _from_start_flags(cls, start: torch.Tensor, *, causal: bool) -> "DocumentLayout":
+    def from_start_flags(cls, start: torch.Tensor, *, causal: bool = True) -> "DocumentLayout":
+        """From ``[B, N]`` bool start flags (:mod:`packmask.segments`' pivot form)."""
         B, N = start.shape
         cu = segments.cu_seqlens_from_starts(start)
         return cls(cu, segments.max_length(cu), B, N, causal)
@@ -314,9 +315,9 @@ def analyse_mask(mask: torch.Tensor, batch_size: int | None = None, seq_len: int
 
     causal_full = bool(((last <= idx) & (count == idx - seg_start + 1)).all())
     if causal_full:
-        return DocumentLayout._from_start_flags(start_flag, causal=True)
+        return DocumentLayout.from_start_flags(start_flag, causal=True)
     if bool((count == seg_end - seg_start).all()):
-        return DocumentLayout._from_start_flags(start_flag, causal=False)
+        return DocumentLayout.from_start_flags(start_flag, causal=False)
     tree = analyse_tree_mask(m)  # shared-prefix rows (prompt | chosen | rejected), any causal forest
     if tree is not None:
         return tree

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import PackmaskError
+from .segments import (cu_seqlens_from_lengths, cu_seqlens_from_starts, doc_ids_from_starts, lengths_from_cu_seqlens,
+                       span_indices, starts_from_ids)
 
 __all__ = ["TreeLayout", "tree_depths", "analyse_tree_mask"]
 
@@ -84,6 +86,21 @@ def _check_parents(parents: torch.Tensor, where: str = "parents") -> None:
             f"a token may never see a later token. Order the draft tree parents-first (e.g. breadth-first).")
 
 
+def _check_segments(row, start, length, parent, N: int) -> None:
+    def fail(k, why):
+        raise PackmaskError(f"segment {k} (row {int(row[k])}, start {int(start[k])}, length {int(length[k])}, parent "
+                            f"{int(parent[k])}): {why}")
+    bad = torch.nonzero((length < 1) | (start < 0) | (start + length > N)).reshape(-1)
+    if len(bad):
+        fail(int(bad[0]), f"a segment needs length >= 1 and must lie inside the row's {N} tokens.")
+    gp = parent.clamp(min=0, max=max(len(row) - 1, 0))
+    bad = torch.nonzero((parent >= len(row)) | (parent < -1)
+                        | ((parent >= 0) & ((row[gp] != row) | (start[gp] + length[gp] > start)))).reshape(-1)
+    if len(bad):
+        fail(int(bad[0]), "its parent must be a segment of the same row and must end before it starts (a token "
+                          "may never see a later token).")
+
+
 @dataclass(eq=False)
 class TreeLayout:
     """A forest of new tokens per row, optionally over a KV cache (the cache is every root's parent).
@@ -119,6 +136,69 @@ class TreeLayout:
             raise PackmaskError(f"past_length must be >= 0, got {lengths.tolist()}.")
         past = int(lengths.max()) if B else 0
         return cls(parents, past - lengths, past, tree_depths(parents))
+
+    @classmethod
+    def from_segments(cls, segments_per_row, seq_len: int, *, device=None) -> "TreeLayout":
+        """Packed tree rows (no cache) from per-row segments ``(start, length, parent)``: a token
+        attends causally inside its segment and fully to every ancestor segment; ``parent`` is the
+        index of a segment of the same row (-1: a root). The padding rule: tokens no segment covers
+        (the row's padding) form a root chain of their own, one per run.
+
+        ::
+
+            segments   p=(0, 3, -1)  c=(3, 2, 0)  r=(5, 2, 0)   seq_len 8
+            tokens     p0 p1 p2 c0 c1 r0 r1 P
+            parents    -1  0  1  2  3  2  5 -1
+            positions   0  1  2  3  4  3  4  0
+
+        >>> layout = TreeLayout.from_segments([[(0, 3, -1), (3, 2, 0), (5, 2, 0)]], 8)
+        >>> layout.parent.tolist(), layout.position_ids.tolist()
+        ([[-1, 0, 1, 2, 3, 2, 5, -1]], [[0, 1, 2, 3, 4, 3, 4, 0]])
+        """
+        rows = [[tuple(int(x) for x in seg) for seg in r] for r in segments_per_row]
+        flat = torch.tensor([seg for r in rows for seg in r], dtype=torch.long).reshape(-1, 3)
+        counts = torch.tensor([len(r) for r in rows], dtype=torch.long)
+        row = torch.repeat_interleave(torch.arange(len(rows)), counts)
+        first = cu_seqlens_from_lengths(counts).long()[:-1]  # each row's first segment
+        local = flat[:, 2]
+        bad = torch.nonzero((local < -1) | (local >= counts[row])).reshape(-1)
+        if len(bad):
+            k = int(bad[0])
+            raise PackmaskError(f"segments_per_row[{int(row[k])}][{k - int(first[row[k]])}] = {rows[int(row[k])][k - int(first[row[k]])]}: "
+                                f"parent must be -1 (a root) or the index of a segment of the same row "
+                                f"(0..{int(counts[row[k]]) - 1}).")
+        parent = torch.where(local >= 0, local + first[row], local)
+        return cls.from_segment_arrays(row, flat[:, 0], flat[:, 1], parent, len(rows), seq_len, device=device)
+
+    @classmethod
+    def from_segment_arrays(cls, row, start, length, parent, batch_size: int, seq_len: int, *,
+                            device=None) -> "TreeLayout":
+        """:meth:`from_segments` over flat ``[S]`` arrays (any array-like): the ``row`` of every
+        segment, its ``start`` in the row, its ``length``, and ``parent``, the *global* index of its
+        parent segment in these arrays (-1: a root). Vectorised: no loop over segments or tokens.
+
+        >>> TreeLayout.from_segment_arrays([0, 0, 0], [0, 3, 5], [3, 2, 2], [-1, 0, 0], 1, 7).parent.tolist()
+        [[-1, 0, 1, 2, 3, 2, 5]]
+        """
+        row, start, length, parent = (torch.as_tensor(a, dtype=torch.long).reshape(-1).to(device)
+                                      for a in (row, start, length, parent))
+        B, N = int(batch_size), int(seq_len)
+        _check_segments(row, start, length, parent, N)
+        tokens = span_indices(row * N + start, length)  # flat index of every covered token
+        cover = torch.bincount(tokens, minlength=B * N)
+        if bool((cover > 1).any()):
+            t = int(torch.nonzero(cover > 1)[0])
+            raise PackmaskError(f"segments of row {t // N} overlap at token {t % N}; each token belongs to one segment.")
+        segment_of = torch.full((B * N,), -1, dtype=torch.long, device=row.device)
+        segment_of[tokens] = torch.repeat_interleave(torch.arange(len(row), device=row.device), length)
+        # a segment, or a run of uncovered tokens (the padding rule), begins wherever the segment id changes
+        starts = starts_from_ids(segment_of.reshape(B, N))
+        parents = (torch.arange(N, device=row.device) - 1).expand(B, N).clone()  # continue the previous token
+        parents[starts] = -1
+        child = parent >= 0
+        gp = parent.clamp(min=0)
+        parents[row[child], start[child]] = (start[gp] + length[gp] - 1)[child]  # the parent segment's last token
+        return cls.from_parents(parents)
 
     # ---- shapes and positions -----------------------------------------------------------------
     @property
@@ -168,7 +248,8 @@ class TreeLayout:
         """Segments over the flattened ``B * N`` tokens (computed once, vectorised).
 
         A token starts a segment unless its parent is the token just before it and that token has
-        no other child. Returns ``start`` (flat index), ``length``, ``parent`` (global segment id
+        no other child. Returns ``start`` (flat index), ``length``, ``cu_seqlens`` (int32, the
+        segments as varlen sequences), ``parent`` (global segment id
         or -1), ``row``, ``depth`` (segment depth), ``of_token`` ``[B, N]`` and ``ancestors``
         ``[S, D + 1]``: the ancestor segment of each segment at every depth (-1 beyond its own).
         """
@@ -182,11 +263,11 @@ class TreeLayout:
                               torch.ones_like(self.parent))
         start = torch.ones(B, N, dtype=torch.bool, device=dev)
         start[:, 1:] = (self.parent[:, 1:] != idx[1:] - 1) | (children[:, :N - 1] > 1)
-        flat_start = start.reshape(-1)
-        of_token = flat_start.long().cumsum(0).reshape(B, N) - 1
-        seg_start = torch.nonzero(flat_start).reshape(-1)
+        of_token = doc_ids_from_starts(start)  # segments are the documents of these start flags
+        cu = cu_seqlens_from_starts(start)
+        seg_start = cu[:-1].long()
         S = seg_start.numel()
-        seg_len = torch.diff(seg_start, append=torch.tensor([B * N], device=dev))
+        seg_len = lengths_from_cu_seqlens(cu)
         row = seg_start // max(N, 1)
         par_tok = self.parent.reshape(-1)[seg_start]
         seg_parent = torch.where(par_tok >= 0, of_token.reshape(-1)[(row * N + par_tok).clamp(min=0)],
@@ -204,7 +285,7 @@ class TreeLayout:
             cur = torch.where(bit, up[cur], cur)
             up = up[up]
         ancestors = torch.where(steps >= 0, cur, torch.full_like(cur, -1))
-        out = dict(start=seg_start, length=seg_len, parent=seg_parent, row=row, depth=seg_depth,
+        out = dict(start=seg_start, length=seg_len, cu_seqlens=cu, parent=seg_parent, row=row, depth=seg_depth,
                    of_token=of_token, ancestors=ancestors)
         self._memo["segments"] = out
         return out

@@ -148,54 +148,6 @@ def shared_prefix_tree_mask(prefix_length: int, branch_lengths: Sequence[int], d
     return materialize(and_masks(causal, tree), 1, branch.shape[1], device=device)[0]
 
 
-def _segment_parents(segments_per_row, seq_len: int):
-    """Token-level parent array ``[B, N]`` of per-row segments ``(start, length, parent)``."""
-    import numpy as np
-
-    from .errors import PackmaskError
-    rows = [list(r) for r in segments_per_row]
-    B, N = len(rows), int(seq_len)
-    counts = np.array([len(r) for r in rows], dtype=np.int64)
-    flat = np.array([tuple(int(x) for x in seg) for r in rows for seg in r], dtype=np.int64).reshape(-1, 3)
-    row = np.repeat(np.arange(B), counts)
-    first = np.concatenate([[0], np.cumsum(counts)[:-1]])[row] if len(flat) else row  # row's first segment
-    start, length, par = flat[:, 0], flat[:, 1], flat[:, 2]
-    local = np.arange(len(flat)) - first if len(flat) else row
-
-    def fail(k, why):
-        raise PackmaskError(f"segments_per_row[{row[k]}][{local[k]}] = {tuple(int(x) for x in flat[k])}: {why}")
-    bad = np.nonzero((length < 1) | (start < 0) | (start + length > N))[0]
-    if len(bad):
-        fail(bad[0], f"a segment needs length >= 1 and must lie inside the row's {N} tokens.")
-    bad = np.nonzero((par < -1) | (par >= counts[row]))[0]
-    if len(bad):
-        fail(bad[0], f"parent must be -1 (a root) or the index of a segment of the same row (0..{counts[row[bad[0]]] - 1}).")
-    gpar = np.where(par >= 0, first + par, 0)
-    par_end = np.where(par >= 0, start[gpar] + length[gpar], 0)
-    bad = np.nonzero((par >= 0) & (par_end > start))[0]
-    if len(bad):
-        fail(bad[0], "its parent segment must end before it starts (a token may never see a later token).")
-    tok_seg = np.full(B * N, -1, dtype=np.int64)
-    cover = np.zeros(B * N, dtype=np.int64)
-    tok = np.repeat(row * N + start, length) + (np.arange(length.sum()) - np.repeat(np.cumsum(length) - length, length))
-    np.add.at(cover, tok, 1)
-    if (cover > 1).any():
-        t = int(np.nonzero(cover > 1)[0][0])
-        raise PackmaskError(f"segments of row {t // N} overlap at token {t % N}; each token belongs to one segment.")
-    seg_of = np.repeat(np.arange(len(flat)), length)
-    tok_seg[tok] = seg_of
-    idx = np.arange(B * N)
-    parent = np.where(np.arange(B * N) % N == 0, -1, idx % N - 1)  # default: continue the previous token
-    seg_parent_last = np.where(par >= 0, par_end - 1, -1)
-    parent[row * N + start] = seg_parent_last
-    # uncovered tokens (padding): a run of them is a root chain of its own
-    prev_uncovered = np.zeros(B * N, dtype=bool)
-    prev_uncovered[1:] = tok_seg[:-1] < 0
-    uncovered_start = (tok_seg < 0) & ((idx % N == 0) | ~prev_uncovered)
-    parent[uncovered_start] = -1
-    return torch.from_numpy(parent.reshape(B, N))
-
-
 def tree_mask_from_segments(segments_per_row, seq_len: int, device=None):
     """``(mask [B, N, N] bool, position_ids [B, N])`` of packed tree rows, vectorised.
 
@@ -215,7 +167,7 @@ def tree_mask_from_segments(segments_per_row, seq_len: int, device=None):
     [1, 1, 1, 0, 0, 1, 0]
     """
     from .layout_tree import TreeLayout
-    layout = TreeLayout.from_parents(_segment_parents(segments_per_row, seq_len).to(device))
+    layout = TreeLayout.from_segments(segments_per_row, seq_len, device=device)
     return layout.dense_mask()[:, 0], layout.position_ids
 
 

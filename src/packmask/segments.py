@@ -70,6 +70,7 @@ __all__ = [
     "starts_from_lengths", "spans_from_lengths", "starts_from_position_ids", "starts_from_ids", "starts_from_cu_seqlens",
     "doc_ids_from_starts", "position_ids_from_starts", "doc_bounds_from_starts", "cu_seqlens_from_starts",
     "lengths_from_starts", "doc_ids_and_positions_from_cu_seqlens", "check_cu_seqlens", "max_length",
+    "cu_seqlens_from_lengths", "lengths_from_cu_seqlens", "span_indices",
 ]
 
 
@@ -256,6 +257,16 @@ def cu_seqlens_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
     [0, 3, 3, 5]
     """
     return torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
+
+
+def lengths_from_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """``[D]`` long lengths of the pieces of a ``cu_seqlens`` (no host sync).
+
+    >>> lengths_from_cu_seqlens(torch.tensor([0, 3, 3, 5], dtype=torch.int32)).tolist()
+    [3, 0, 2]
+    """
+    cu = cu_seqlens.reshape(-1).long()
+    return cu[1:] - cu[:-1]
 
 
 def span_indices(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

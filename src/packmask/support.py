@@ -21,7 +21,7 @@ linear-attention layers     lightning attention, RG-LRU, RWKV, xLSTM or short co
                             boundaries whatever the mask says.
 attention outside           no module of the model comes from a file that uses transformers'
 transformers' interface     ``ALL_ATTENTION_FUNCTIONS``: its own attention code never calls packmask
-                            (bloom and mpt with ALiBi, falcon, xglm, reformer, xlnet, …), so a
+                            (bloom and mpt with ALiBi, gpt_neo, xglm, reformer, xlnet, …), so a
                             packed mask would not reach it. Refused on every call with packmask.
 sparse-attention indexer    a sub-module class ending in ``Indexer`` (deepseek_v32, glm_moe_dsa, …):
                             it reads the raw mask outside the attention function.
@@ -41,6 +41,7 @@ import sys
 import torch
 
 from .errors import UnsupportedModelError
+from .inputs import is_packed, layout_from_mask, resolve_layout
 from .segments import starts_from_position_ids
 
 __all__ = ["unsupported_reason", "check_packed_input", "is_packed_input", "RECURRENT_MODULE_PATTERN"]
@@ -68,7 +69,7 @@ def _recurrent_modules(model) -> list[str]:
 def _uses_attention_interface(model) -> bool:
     """Whether any module of ``model`` is defined next to transformers' ``ALL_ATTENTION_FUNCTIONS``
     (the attention-interface dispatch that calls packmask); models with their own attention code
-    (bloom, mpt, falcon, xglm, …) never import it."""
+    (bloom, mpt, gpt_neo, xglm, …) never import it."""
     seen = set()
     for module in model.modules():
         name = type(module).__module__
@@ -78,6 +79,32 @@ def _uses_attention_interface(model) -> bool:
         if hasattr(sys.modules.get(name), "ALL_ATTENTION_FUNCTIONS"):
             return True
     return not seen  # not a transformers model: assume it follows the interface
+
+
+def alibi_setting(model) -> str | None:
+    """What turns ALiBi on in ``model`` (None when it is off): a config flag (``alibi=True`` as in falcon,
+    ``attn_config.alibi=True`` as in mpt, ``position_embedding_type="alibi"``), or, for a family
+    with no flag (bloom), an ALiBi builder in its modeling module.
+
+    >>> from transformers import FalconConfig, FalconForCausalLM
+    >>> alibi_setting(FalconForCausalLM(FalconConfig(num_hidden_layers=1, hidden_size=8, num_attention_heads=2,
+    ...                                              vocab_size=16, alibi=True)))
+    'config.alibi=True'
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "position_embedding_type", None) == "alibi":
+        return "config.position_embedding_type='alibi'"
+    flags = [("config.alibi", getattr(config, "alibi", None)),
+             ("config.attn_config.alibi", getattr(getattr(config, "attn_config", None), "alibi", None))]
+    flags = [(name, value) for name, value in flags if isinstance(value, bool)]
+    if flags:
+        return next((f"{name}=True" for name, value in flags if value), None)
+    for module in model.modules():
+        builders = sorted((a for a in vars(sys.modules.get(type(module).__module__, object)) if "alibi" in a.lower()),
+                          key=lambda a: (a.startswith("_"), a))  # a public builder names it best
+        if type(module).__module__.startswith("transformers.models.") and builders:
+            return f"{builders[0]} in {type(module).__module__}"
+    return None
 
 
 def unsupported_reason(model) -> str | None:
@@ -101,12 +128,15 @@ def _diagnose(model) -> tuple[str, str]:
         kind = "recurrent"  # refused on packed input, like recurrent layers
         reason = (f"{model_type} has a sparse-attention indexer (DeepSeek sparse attention) that selects keys from the "
                   f"raw attention mask itself, outside the attention function packmask replaces.")
+    elif alibi_setting(model):
+        kind = "interface"  # refused on every call: the bias rides on the attention mask packmask replaces
+        reason = (f"{model_type} ({type(model).__name__}) uses ALiBi ({alibi_setting(model)}): the model adds its "
+                  f"distance bias to the attention scores in its own code, outside transformers' AttentionInterface, "
+                  f"where packmask's per-sequence mask cannot reach it.")
     elif not _uses_attention_interface(model):
-        alibi = bool(getattr(model.config, "alibi", False)) or model_type in ("bloom", "mpt")
-        what = "ALiBi attention computed by the model's own code" if alibi else "its own attention code"
         kind = "interface"
-        reason = (f"{model_type} ({type(model).__name__}) uses {what}, which does not go through transformers' "
-                  f"AttentionInterface, so packmask's per-sequence mask never reaches it.")
+        reason = (f"{model_type} ({type(model).__name__}) uses its own attention code, which does not go through "
+                  f"transformers' AttentionInterface, so packmask's per-sequence mask never reaches it.")
     model.__dict__["_packmask_unsupported"] = (kind, reason)
     return kind, reason
 
@@ -116,21 +146,25 @@ def is_packed_input(mask=None, position_ids=None, cu_seq_lens=None, seq_lengths=
 
     A ``[B, N, N]`` / ``[B, 1, N, N]`` mask that is not plain causal or full, ``cu_seq_lens`` or
     ``seq_lengths`` with more sequences than rows, or ``position_ids`` that restart inside a row (the
-    restart rule of :mod:`packmask.segments`).
+    restart rule of :mod:`packmask.segments`). Read by :func:`packmask.inputs.resolve_layout`, so the
+    analysis is shared with the forward that follows. Row padding after the last of ``seq_lengths``
+    does not count as a sequence.
+
+    >>> is_packed_input(position_ids=torch.tensor([[0, 1, 2, 0, 1]])), is_packed_input(seq_lengths=[[3], [4]])
+    (True, False)
     """
     if seq_lengths is not None:
         return any(sum(int(x) > 0 for x in r) > 1 for r in seq_lengths)  # empty documents vanish
-    if cu_seq_lens is not None:
-        return cu_seq_lens.numel() - 1 > (batch_size or 1)
     if isinstance(mask, torch.Tensor) and mask.dim() in (3, 4) and mask.shape[-1] == mask.shape[-2]:
-        from .layout import _as_bool_mask  # bool, 0/1 or additive (0 = attend): one reading of every form
-        m = _as_bool_mask(mask.reshape(-1, mask.shape[-2], mask.shape[-1]), None, None)
-        n = m.shape[-1]
-        causal = torch.ones(n, n, dtype=torch.bool, device=m.device).tril()
-        return not (bool((m == causal).all()) or bool(m.all()))
-    if isinstance(position_ids, torch.Tensor) and position_ids.dim() >= 2 and position_ids.shape[-1] > 1:
+        return is_packed(layout_from_mask(mask))
+    if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 3:  # multimodal RoPE: [3, B, N]
         return bool(starts_from_position_ids(position_ids)[..., 1:].any())
-    return False
+    if cu_seq_lens is None and not (isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2
+                                    and position_ids.shape[-1] > 1):
+        return False
+    B = batch_size or (position_ids.shape[0] if position_ids is not None else 1)
+    N = position_ids.shape[-1] if position_ids is not None else (int(cu_seq_lens.reshape(-1)[-1]) // max(B, 1))
+    return is_packed(resolve_layout(B, N, position_ids=position_ids, cu_seq_lens_q=cu_seq_lens))
 
 
 def check_packed_input(model, **inputs) -> None:

@@ -18,10 +18,13 @@ Worked example (a tiny random Llama, fp32 on CPU)::
 
 ``report.table()`` is a rich table (printed by default)::
 
-    verify llama (LlamaForCausalLM, attn=packmask vs eager alone), fp32, tol 1e-05
-    form      max |Δ| out  rel err out  rel err loss  worst grad rel err  status
-    mask3d        4.8e-07      1.1e-07       3.5e-08   2.9e-07 (model…)     pass
+    packmask verify — llama (LlamaForCausalLM, attn=packmask packed vs eager alone), float32, tol 1e-05
+    form      max |Δ|  rel err     loss    grads  worst parameter                         status
+    mask3d    1.6e-07  2.1e-07  0.0e+00  3.8e-07  model.layers.1.self_attn.q_proj.weight    pass
     ...
+
+A refused or failed form shows ``see why below``; its whole reason is written under the table
+(:meth:`VerifyReport.reasons`), wrapped, never cut to fit a cell.
 
 Input forms (``forms=``):
 
@@ -60,7 +63,8 @@ from .support import position_offset
 from .tiny import tiny_config, tiny_model
 from .verify_report import FormResult, VerifyReport
 
-__all__ = ["verify", "model_for", "VerifyReport", "FormResult", "FORMS", "DEFAULT_SEQ_LENGTHS", "tiny_model", "tiny_config"]
+__all__ = ["verify", "model_for", "VerifyReport", "FormResult", "FORMS", "DEFAULT_SEQ_LENGTHS", "tiny_model", "tiny_config",
+           "has_attention_layers"]
 
 #: every input form verify knows (see the module docstring)
 FORMS = ("mask3d", "mask4d", "collator", "position_ids", "position_ids_ones_2d", "seq_lengths")
@@ -71,6 +75,17 @@ TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 3e-2, tor
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def has_attention_layers(model) -> bool:
+    """Whether any submodule is an attention layer (by class name, as transformers names them:
+    ``LlamaAttention``, ``BertSelfAttention``, ...); a mamba model has none.
+
+    >>> from packmask.testing import tiny_model
+    >>> has_attention_layers(tiny_model("llama")), has_attention_layers(torch.nn.Linear(2, 2))
+    (True, False)
+    """
+    return any("attention" in type(module).__name__.lower() for module in model.modules())
 
 
 def _accepts(model, name: str) -> bool:
@@ -195,7 +210,8 @@ def verify(model, *, seq_lengths: Sequence[Sequence[int]] | None = None,
     report = VerifyReport(model_type=getattr(model.config, "model_type", "?"), model_class=type(model).__name__,
                           attn_implementation=str(impl), reference_impl=reference_impl,
                           dtype=str(param.dtype).replace("torch.", ""), tol=tol, seq_lengths=seq_lengths,
-                          output_name="logits" if causal else "last_hidden_state")
+                          output_name="logits" if causal else "last_hidden_state",
+                          has_attention=has_attention_layers(model))
     g = torch.Generator().manual_seed(seed)
     batch = _packed_batch(model, seq_lengths, g, causal)
 

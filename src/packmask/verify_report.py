@@ -65,6 +65,7 @@ class VerifyReport:
     seq_lengths: list
     output_name: str
     rows: list = field(default_factory=list)
+    has_attention: bool = True  #: False for models without attention layers (mamba): no implementation to compare
 
     @property
     def passed(self) -> bool:
@@ -87,30 +88,26 @@ class VerifyReport:
     def summary(self) -> str:
         w = self.worst()
         fmt = lambda v: "-" if v is None else f"{v:.1e}"  # noqa: E731
-        verdict = "PASS" if self.passed else ("REFUSED" if self.refused else "FAIL")
+        if self.refused:  # the reason in full (a table cell cuts it)
+            return f"REFUSED {self.model_type}: {self.rows[0].error}"
+        verdict = "PASS" if self.passed else "FAIL"
         return (f"{verdict} {self.model_type}: {self.output_name} rel err {fmt(w['output'])}, loss {fmt(w['loss'])}, "
                 f"grads {fmt(w['grad'])} (tol {self.tol:.0e})")
 
-    def table(self):
-        """A ``rich.table.Table`` of the rows."""
-        from rich.table import Table
+    def header(self) -> str:
+        """The table's title: what was compared with what (:mod:`packmask.verification_table`)."""
+        from .verification_table import report_header
+        return report_header(self)
 
-        t = Table(title=f"packmask verify — {self.model_type} ({self.model_class}, attn={self.attn_implementation} "
-                        f"packed vs {self.reference_impl} alone), {self.dtype}, tol {self.tol:.0e}",
-                  caption=f"documents per row: {self.seq_lengths}")
-        for col in ("form", f"max |Δ| {self.output_name}", f"rel err {self.output_name}", "rel err loss",
-                    "worst grad rel err", "parameter", "status"):
-            t.add_column(col, justify="left" if col in ("form", "parameter") else "right")
-        fmt = lambda v: "–" if v is None or v != v else f"{v:.1e}"  # noqa: E731
-        style = {"pass": "green", "FAIL": "bold red", "error": "bold red", "refused": "yellow"}
-        for r in self.rows:
-            status = f"[{style[r.status]}]{r.status}[/]"
-            if r.error is not None:
-                t.add_row(r.form, "–", "–", "–", "–", r.error[:90], status)
-            else:
-                t.add_row(r.form, fmt(r.max_abs_err), fmt(r.output_rel_err), fmt(r.loss_rel_err),
-                          fmt(r.grad_rel_err), r.grad_param, status)
-        return t
+    def reasons(self) -> list[str]:
+        """``"mask3d, mask4d: <the whole error>"``: each distinct error once, with the forms it stopped."""
+        from .verification_table import report_reasons
+        return report_reasons(self)
+
+    def table(self):
+        """A ``rich.table.Table`` of the rows, reasons written out whole under it (:mod:`packmask.verification_table`)."""
+        from .verification_table import report_table
+        return report_table(self)
 
     def __rich__(self):
         return self.table()

@@ -120,18 +120,6 @@ def test_per_model_backend_setting(monkeypatch):
         packmask.enable(other, backend="fast")
 
 
-def test_set_backend_is_deprecated_but_works():
-    with pytest.warns(DeprecationWarning, match="packmask.backend"):
-        packmask.set_backend("eager")
-    try:
-        assert requested_backend() == "eager"
-        with packmask.backend("sdpa"):
-            assert requested_backend() == "sdpa"  # a scoped choice wins over the process default
-    finally:
-        with pytest.warns(DeprecationWarning):
-            packmask.set_backend("auto")
-
-
 @pytest.mark.parametrize("causal", [True, False])
 def test_document_block_mask_equals_create_block_mask_on_cpu(causal):
     """The BlockMask built from document offsets (O(blocks²), no element-wise pass) covers exactly the
@@ -253,8 +241,8 @@ def test_varlen_glue_equals_eager_on_cpu(monkeypatch, fake_varlen_kernel, gqa_ro
     from packmask.backends import varlen as vl
     from packmask.layout import DocumentLayout
     fake_varlen_kernel(_reference_varlen_attn)
-    params = vl._varlen_params() - ({"enable_gqa"} if gqa_route == "expand" else set())
-    monkeypatch.setattr(vl, "_varlen_params", lambda: params)
+    params = vl.varlen_params() - ({"enable_gqa"} if gqa_route == "expand" else set())
+    monkeypatch.setattr(vl, "varlen_params", lambda: params)
     torch.manual_seed(0)
     layout = DocumentLayout.from_seq_lengths([[6, 2], [3, 5]], 8, causal=causal)
     q, k, v = torch.randn(2, 4, 8, 8), torch.randn(2, 2, 8, 8), torch.randn(2, 2, 8, 8)
@@ -269,7 +257,7 @@ def test_varlen_glue_equals_eager_on_cpu(monkeypatch, fake_varlen_kernel, gqa_ro
 @pytest.mark.parametrize("window", [None, 2])
 def test_tree_varlen_glue_equals_eager_on_cpu(fake_varlen_kernel, window):
     """Tree pieces with gathered keys through the shared varlen call equal eager (kernel as above)."""
-    from packmask.backends.tree import tree_varlen_attention
+    from packmask.backends.varlen import tree_varlen_attention
     from packmask.layout import TreeLayout
     fake_varlen_kernel(_reference_varlen_attn)
     torch.manual_seed(0)

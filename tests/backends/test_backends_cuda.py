@@ -73,6 +73,13 @@ def test_cuda_backends_equal_each_sequence_alone(family, batch):
     assert rel_err(contaminated, expected) > 2 * floor + 1e-3
 
 
+# the backends a general mask's layout runs on; the others must refuse it with a PackmaskError (flex
+# refuses trees: inductor finds no kernel config for a tree BlockMask on torch 2.11; varlen refuses
+# general, non-tree masks)
+GENERAL_BACKENDS = {"prefix_lm": {"runs": ["auto", "flex", "sdpa"], "refuses": {"varlen": "block-diagonal or tree"}},
+                    "tree": {"runs": ["auto", "varlen", "sdpa"], "refuses": {"flex": "tree BlockMasks"}}}
+
+
 @pytest.mark.parametrize("form", ["prefix_lm", "tree"])
 def test_cuda_general_masks_equal_dense_fp32(form):
     g = torch.Generator().manual_seed(1)
@@ -86,12 +93,15 @@ def test_cuda_general_masks_equal_dense_fp32(form):
     ref32 = tiny_model("llama", "eager", **SIZES).cuda()
     additive = torch.where(mask, 0.0, torch.finfo(torch.float32).min)[:, None]
     expected = ref32(input_ids=ids, attention_mask=additive, position_ids=pos, use_cache=False).logits
-    for name in ["auto", "flex", "sdpa"]:
-        model = tiny_model("llama", "packmask", dtype=torch.bfloat16, **SIZES).cuda()
-        model.load_state_dict(ref32.state_dict())
+    model = tiny_model("llama", "packmask", dtype=torch.bfloat16, **SIZES).cuda()
+    model.load_state_dict(ref32.state_dict())
+    for name in GENERAL_BACKENDS[form]["runs"]:
         with packmask.backend(name):
             out = model(input_ids=ids, attention_mask=mask).logits.float()
         assert rel_err(out, expected) < 2e-2, (form, name)
+    for name, reason in GENERAL_BACKENDS[form]["refuses"].items():  # forced onto a layout it cannot run: refused
+        with packmask.backend(name), pytest.raises(packmask.PackmaskError, match=f"backend '{name}'.*{reason}"):
+            model(input_ids=ids, attention_mask=mask)
     causal = tiny_model("llama", "sdpa", dtype=torch.bfloat16, **SIZES).cuda()
     causal.load_state_dict(ref32.state_dict())
     assert rel_err(causal(input_ids=ids, position_ids=pos, use_cache=False).logits.float(), expected) > 2e-2

@@ -73,7 +73,7 @@ def _errors(got, ref):
 
 
 def _varlen_floor(q, k, v, do, layout, spec, ref):
-    from packmask.backends import varlen_attention
+    from packmask.backends.varlen import varlen_attention
     return _errors(_run(lambda a, b, c: varlen_attention(a, b, c, layout, spec), q, k, v, do), ref)
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from packmask.backends.spec import AttentionSpec
-from packmask.backends.tree import tree_flex_attention, tree_varlen_attention
+from packmask.backends.flex import flex_attention_call
+from packmask.backends.varlen import tree_varlen_attention
 from packmask.layout_tree import TreeLayout
-from packmask.masks import _segment_parents
 from packmask.testing import rel_err
 
 pytestmark = pytest.mark.cuda
@@ -31,7 +31,7 @@ def _reference(q, k, v, mask, scale):
 def _training_tree(device):
     rows = [[(0, 150, -1), (150, 90, 0), (240, 70, 0), (310, 60, -1), (370, 80, 3), (450, 40, 3)],
             [(0, 300, -1), (300, 100, 0), (400, 60, 0), (460, 50, 0)]]
-    return TreeLayout.from_parents(_segment_parents(rows, 520).to(device))
+    return TreeLayout.from_segments(rows, 520, device=device)
 
 
 def _draft_tree(device):
@@ -69,7 +69,7 @@ def _check(kernel, layout, window=None, kv_len=None, H=4, Hkv=2, D=64):
 FLEX_FAILS = pytest.mark.xfail(
     reason="torch 2.11 inductor: no valid triton config for the tree BlockMask on H100 (shared memory over the limit); "
            "flex refuses tree layouts, so the dispatcher never sends them there", strict=False)
-KERNELS = [tree_varlen_attention, pytest.param(tree_flex_attention, marks=FLEX_FAILS)]
+KERNELS = [tree_varlen_attention, pytest.param(flex_attention_call, marks=FLEX_FAILS)]
 
 
 @pytest.mark.parametrize("kernel", KERNELS, ids=["varlen", "flex"])

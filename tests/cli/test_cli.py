@@ -75,13 +75,16 @@ def test_help_answers_at_once_without_importing_torch():
         assert report["code"] == (2 if args == ["pack"] else 0), (args, result.stderr)
         assert seconds < 2.0, (args, seconds)  # about 0.1 s on an idle machine; generous for a loaded one
         assert result.stdout.startswith("packmask ") if args == ["--version"] else True
+        assert "docs/" not in result.stdout, (args, result.stdout)  # pip users have no docs/ folder
+        if args == ["--help"]:
+            assert "`packmask COMMAND --help`" in " ".join(result.stdout.split()), result.stdout
 
 
 def test_demo_trains_padded_and_packed_and_writes_plot(tmp_path):
-    out = tmp_path / "demo"
-    result = run_cli("demo", "--steps", 4, "--no-progress", "--out-dir", out, "--max-length", 256,
-                     "--heldout", 16)
+    out = tmp_path / "packmask-demo"  # the default --out-dir, in the working folder (git-ignored)
+    result = run_cli("demo", "--steps", 4, "--no-progress", "--max-length", 256, "--heldout", 16, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    assert f"written to packmask-demo{os.sep} (packmask demo --out-dir DIR" in result.stdout  # says where, first
     for text in ("real tokens / s", "padding fraction", "loss at step 4", "max |per-seq loss − alone|"):
         assert text in result.stdout, (text, result.stdout)
     assert (out / "demo.png").stat().st_size > 10_000
@@ -287,8 +290,12 @@ def test_bench_on_cpu_times_packmask_against_transformers_and_skips_gpu_methods(
     assert "Traceback" not in result.stdout + result.stderr
     for line in ("skipped packmask flex: needs CUDA", "skipped transformers flex: needs CUDA"):
         assert sum(line in out for out in result.stdout.splitlines()) == 1, result.stdout
-    report = json.loads((tmp_path / "b.json").read_text())
+    def no_nan(token):
+        raise AssertionError(f"invalid JSON token {token} in the --json output")
+
+    report = json.loads((tmp_path / "b.json").read_text(), parse_constant=no_nan)  # strict JSON: no NaN
     rows = report["results"]
+    assert rows["transformers sdpa"]["step_gib"] is None  # not measured on a CPU: null, not NaN
     assert rows["transformers sdpa"]["attention"] == "sdpa"
     assert rows["packmask collator"]["packmask_backend"] == "sdpa"  # what the dispatcher picks on a CPU
     assert "flex" in rows["packmask collator"]["dispatch"]["refused"]  # and why not a GPU kernel

@@ -3,6 +3,7 @@ raise or warn naming the fix -- only where transformers would crash or silently 
 masks transformers handles itself keep working. Also the eager guard's switch and its one log line, and
 the construction-time refusal of families that pick attention classes by name (falcon's raw KeyError)."""
 import logging
+import sys
 import warnings
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 import packmask
 from packmask import PackmaskError, PackmaskWarning, UnsupportedModelError, guards
-from packmask.testing import pack_rows, rel_err, run_alone, tiny_model
+from packmask.testing import families_choosing_attention_by_name, pack_rows, rel_err, run_alone, tiny_model
 
 SEQ_LENGTHS = [[5, 9, 4], [11, 6]]
 N = 18
@@ -128,11 +129,28 @@ def test_eager_guard_logs_once_and_can_be_switched_off(caplog):
         packmask.configure(eager_mask_guard="off")
 
 
-@pytest.mark.parametrize("family", ["falcon", "gpt_neo"])
+# which families pick attention classes by name changes between releases (falcon moved to the
+# interface in transformers 5.25): take them from the installed transformers, plus a toy of our own
+BY_NAME = [f for f in families_choosing_attention_by_name() if f in ("gpt_neo", "falcon")] or \
+    families_choosing_attention_by_name()[:1]
+
+
+@pytest.mark.parametrize("family", BY_NAME)
 def test_family_choosing_attention_classes_by_name_is_refused_when_built(family):
     with pytest.raises(UnsupportedModelError, match="ATTENTION_CLASSES.*attn_implementation='sdpa'"):
         tiny_model(family)
     assert tiny_model(family, "eager").config._attn_implementation == "eager"  # the fix works
+
+
+def test_model_choosing_attention_classes_by_name_is_refused_when_built():
+    """The same refusal on a toy model of our own, which bypasses the interface in every release."""
+    import _by_name_model
+
+    with pytest.raises(UnsupportedModelError, match="TOY_ATTENTION_CLASSES.*attn_implementation='sdpa'"):
+        _by_name_model.build("packmask")
+    assert _by_name_model.build("eager").config._attn_implementation == "eager"  # the fix works
+    assert guards.attention_classes_by_name(_by_name_model)[0] == "TOY_ATTENTION_CLASSES"
+    assert guards.attention_classes_by_name(sys.modules[type(tiny_model("llama")).__module__]) is None  # control
 
 
 def test_model_using_the_mask_outside_attention_is_refused_not_crashed():

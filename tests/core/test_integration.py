@@ -223,7 +223,7 @@ def test_position_layout_is_not_reused_for_another_padding_at_a_recycled_address
     """The layout read from packed position_ids and a 2D padding mask was cached on the position
     tensor under the padding tensor's id; a later padding tensor allocated at the freed address got
     the stale layout (its padding run not split off)."""
-    from packmask.integration import PackmaskMask, _resolve_layout
+    from packmask.integration import PackmaskMask, layer_layout
 
     class Layer(torch.nn.Module):
         is_causal = True
@@ -231,7 +231,7 @@ def test_position_layout_is_not_reused_for_another_padding_at_a_recycled_address
 
     def cu_for(mask2d):
         padded = PackmaskMask(1, 10, 10, padding_mask=mask2d.bool())
-        return _resolve_layout(Layer(), padded, dict(position_ids=pos), 1, 10, 10, "cpu").cu_seqlens.tolist()
+        return layer_layout(Layer(), padded, dict(position_ids=pos), 1, 10, 10).cu_seqlens.tolist()
     assert cu_for(torch.tensor([[1, 1, 1, 1, 1, 1, 1, 0, 0, 0]])) == [0, 4, 7, 10]
     assert cu_for(torch.tensor([[1, 1, 1, 1, 1, 1, 0, 1, 1, 1]])) == [0, 4, 6, 7, 10]
     # whether the allocator recycles the address is up to it; what makes a recycled id impossible is
@@ -240,7 +240,7 @@ def test_position_layout_is_not_reused_for_another_padding_at_a_recycled_address
     import weakref
     padded = PackmaskMask(1, 10, 10, padding_mask=torch.tensor([[1, 1, 1, 1, 1, 0, 0, 1, 1, 1]]).bool())
     alive = weakref.ref(padded.padding_mask)
-    _resolve_layout(Layer(), padded, dict(position_ids=pos), 1, 10, 10, "cpu")
+    layer_layout(Layer(), padded, dict(position_ids=pos), 1, 10, 10)
     del padded
     gc.collect()
     assert alive() is not None

@@ -224,10 +224,10 @@ def test_cached_on_memoises_a_none_result_once_per_forward(monkeypatch):
     calls = []
     assert cached_on(pos, "k", lambda: calls.append(1)) is None
     assert cached_on(pos, "k", lambda: calls.append(1)) is None and len(calls) == 1
+    from packmask import segments
     model = tiny_model("llama")
-    counted, original = [], DocumentLayout.from_position_ids.__func__
-    monkeypatch.setattr(DocumentLayout, "from_position_ids",
-                        classmethod(lambda cls, *a, **k: counted.append(1) or original(cls, *a, **k)))
+    counted, original = [], segments.starts_from_position_ids
+    monkeypatch.setattr(segments, "starts_from_position_ids", lambda *a, **k: counted.append(1) or original(*a, **k))
     with torch.no_grad():
         model(input_ids=torch.randint(1, 100, (1, 8)), position_ids=torch.arange(8)[None], use_cache=False)
     assert len(counted) == 1 < model.config.num_hidden_layers

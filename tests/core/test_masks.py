@@ -119,12 +119,11 @@ def test_padding_inside_a_packed_sequence_is_an_error():
 
 
 def test_mask_is_analysed_once_per_forward(monkeypatch):
-    import packmask.forward_inputs as hook
-    import packmask.integration as integ
+    import packmask.inputs as resolver
     calls = []
-    real = integ.analyse_mask
-    for module in (integ, hook):  # the pre-hook (positions) and the layers share one analysis
-        monkeypatch.setattr(module, "analyse_mask", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = resolver.analyse_mask
+    # the pre-hook (positions), the mask interface and the layers share one analysis (the one resolver)
+    monkeypatch.setattr(resolver, "analyse_mask", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = tiny_model("llama", "packmask", num_hidden_layers=4)
     model(input_ids=torch.randint(1, 128, (1, 8)), attention_mask=packmask.block_diagonal_mask([[3, 5]], 8))
     assert len(calls) == 1

@@ -34,3 +34,14 @@ def test_readme_commands_match_ci():
     for line in block.strip().splitlines():
         command = line.split("#")[0].strip()
         assert command in ci, f"README command {command!r} is not what .ci/run runs"
+
+
+def test_ci_floor_leg_tests_the_declared_floor():
+    """.ci/run's second leg pins the lower bound of transformers in pyproject.toml, and the README
+    states the tested range from that floor."""
+    root = README.parent
+    floor = re.search(r'"transformers>=([0-9.]+)"', (root / "pyproject.toml").read_text()).group(1)
+    ci = (root / ".ci" / "run").read_text()
+    assert re.search(r'FLOOR_TRANSFORMERS="([0-9.]+)"', ci).group(1).startswith(floor)
+    assert '-m "not multiprocess"' in ci and "python3 -m venv" in ci
+    assert f"transformers **{floor} – " in README.read_text()

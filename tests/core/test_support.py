@@ -62,9 +62,13 @@ def test_model_with_its_own_attention_code_refuses_with_the_fix():
 
 
 def test_enable_refuses_a_model_that_cannot_switch():
-    model = tiny_model("falcon", "eager")  # falcon picks attention classes by name at construction
+    import _by_name_model  # picks its attention class by name at construction, in every transformers release
+
+    model = _by_name_model.build("eager")
     with pytest.raises(packmask.UnsupportedModelError, match="stayed on attn_implementation='eager'"):
         packmask.enable(model)
+    assert model.config._attn_implementation == "eager"
+    assert packmask.enable(tiny_model("llama", "eager")).config._attn_implementation == "packmask"  # control
 
 
 def test_supported_models_are_not_flagged():

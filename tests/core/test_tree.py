@@ -304,7 +304,7 @@ def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_s
                          ids=["gathered-keys+backward", "cache-split-by-lse", "sliding-cropped-cache"])
 def test_varlen_tree_decomposition_equals_dense_math(fake_varlen_kernel, grad, window, crop):
     from packmask.backends.spec import AttentionSpec
-    from packmask.backends.tree import tree_varlen_attention
+    from packmask.backends.varlen import tree_varlen_attention
     from packmask.backends.eager import eager_attention
     fake_varlen_kernel(_reference_varlen)
     torch.manual_seed(4)
@@ -334,7 +334,7 @@ def test_varlen_tree_decomposition_equals_dense_math(fake_varlen_kernel, grad, w
 def test_tree_block_mask_tiles_and_mask_mod(window, kv_extra):
     """The flex BlockMask built from the tree: mask_mod equals the dense mask, every visible pair lies
     in a listed tile, and every tile marked full is fully visible (a wrong full tile would leak)."""
-    from packmask.backends.tree import tree_block_mask
+    from packmask.backends.flex import tree_block_mask
     g = torch.Generator().manual_seed(5)
     parents = torch.stack([torch.tensor([-1] + [int(torch.randint(-1, i, (1,), generator=g)) for i in range(1, 45)])
                            for _ in range(2)])
@@ -371,3 +371,20 @@ def test_dispatch_of_tree_layouts():
     assert costs.choose_kernel(["varlen", "flex"], layout, q)[0] == "varlen"
     assert choose_backend(layout, AttentionSpec(scale=1.0), q, False) == "sdpa"
     assert choose_backend(layout, AttentionSpec(scale=1.0, softcap=30.0), q, False) == "eager"
+
+
+def test_tree_layout_from_segments_errors_name_the_segment():
+    with pytest.raises(PackmaskError, match=r"segment 1 \(row 0, start 5, length 3"):
+        TreeLayout.from_segments([[(0, 3, -1), (5, 3, 0)]], 6)  # past the row's end
+    with pytest.raises(PackmaskError, match=r"segments_per_row\[0\]\[1\].*index of a segment of the same row"):
+        TreeLayout.from_segments([[(0, 3, -1), (3, 2, 4)]], 6)
+    with pytest.raises(PackmaskError, match="same row"):  # a parent in another row (global arrays)
+        TreeLayout.from_segment_arrays([0, 1], [0, 0], [3, 3], [-1, 0], 2, 4)
+
+
+def test_tree_layout_from_segments_padding_rule():
+    """Tokens no segment covers are a root chain per run (between segments too): the same rule as
+    PackedCollator's row padding, one causal block."""
+    layout = TreeLayout.from_segments([[(0, 2, -1), (4, 2, 0)], []], 7)
+    assert layout.parent.tolist() == [[-1, 0, -1, 2, 1, 4, -1], [-1, 0, 1, 2, 3, 4, 5]]
+    assert layout.position_ids.tolist() == [[0, 1, 0, 1, 2, 3, 0], [0, 1, 2, 3, 4, 5, 6]]

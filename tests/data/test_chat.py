@@ -68,10 +68,10 @@ def test_template_that_rewrites_earlier_turns_is_refused(vocab_tokenizer):
 
 
 @pytest.mark.parametrize("messages, match", [
-    ([], "non-empty list"),
-    ([{"content": "hi"}], "message 0 has no 'role'"),
-    ([{"role": "user", "content": "hi"}, {"role": "assistant"}], "message 1 .*no 'content'"),
-    ("hi there", "non-empty list"),
+    ([], "empty list of messages"),
+    ([{"content": "hi"}], r"'messages\[0\].role' is missing"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant"}], r"'messages\[1\].content' is missing"),
+    ("hi there", "not a list of messages"),
 ])
 def test_malformed_messages_are_named(vocab_tokenizer, messages, match):
     with pytest.raises(PackmaskError, match=match):
@@ -95,7 +95,7 @@ def test_chat_dataset_tokenizes_and_packs(vocab_tokenizer):
     words = _labelled_words(vocab_tokenizer, packed[0])
     assert words == ["hello", "you", "<|im_end|>", "fine", "thanks", "<|im_end|>"] + ["ok", "<|im_end|>"] * 2
     bad = Dataset.from_dict({"messages": [short, [{"role": "user"}]]})
-    with pytest.raises(PackmaskError, match="message 0 of row 1"):
+    with pytest.raises(PackmaskError, match=r"row 1 \(dataset\[1\]\): field 'messages\[0\].content'"):
         tokenize_chat_dataset(bad, vocab_tokenizer)
     with pytest.raises(PackmaskError, match="column 'conversation' not found"):
         tokenize_chat_dataset(ds, vocab_tokenizer, column="conversation")

@@ -12,7 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from packmask.backends import AttentionSpec, eager_attention
+from packmask.backends import AttentionSpec
+from packmask.backends.eager import eager_attention
 from packmask.distributed.context_parallel import ContextParallel, _layout_of, shift_labels
 from packmask.distributed.cp_attention import dense_cp_mask, varlen_pieces
 from packmask.distributed.cp_plan import attention_cost, plan_context_parallel
@@ -202,8 +203,7 @@ def test_varlen_pieces_on_cuda(window, kv_heads):
     """The CUDA path (torch varlen_attn, cu_seqlens_q != cu_seqlens_k, bottom-right causal, GQA) in
     bf16: each rank's queries vs the gathered keys are as close to fp32 full-row attention as
     packmask's own varlen backend on the whole row is."""
-    from packmask.backends import varlen_attention
-    from packmask.distributed.cp_attention import _varlen_rect
+    from packmask.backends.varlen import varlen_attention, varlen_pieces_attention
     torch.manual_seed(0)
     rows, N, cp, H, D = [[700, 90, 130, 104], [33, 611, 380]], 1024, 4, 4, 64
     layout = DocumentLayout.from_seq_lengths(rows, N, device="cuda")
@@ -221,8 +221,7 @@ def test_varlen_pieces_on_cuda(window, kv_heads):
         q_r = torch.gather(bf[0], 2, idx[:, None, :, None].expand(-1, H, -1, D))
         cu_q, cu_k, key_index, max_q, max_k = varlen_pieces(idx, index, plan.doc_ids.cuda(), plan.position_ids.cuda(),
                                                             True, window)
-        out = _varlen_rect(q_r.transpose(1, 2).reshape(-1, H, D), k_all.transpose(1, 2).reshape(-1, kv_heads, D)[key_index],
-                           v_all.transpose(1, 2).reshape(-1, kv_heads, D)[key_index], cu_q, cu_k, max_q, max_k, True,
-                           spec.scale, window)
+        out = varlen_pieces_attention(q_r, k_all, v_all, cu_q, cu_k, key_index, max_q, max_k, scale=spec.scale,
+                                      sliding_window=window)
         want = torch.gather(full, 1, idx[:, :, None, None].expand(-1, -1, H, D))
         assert rel_err(out.view(2, -1, H, D).float(), want) <= 2 * budget + 1e-3, r

@@ -64,10 +64,9 @@ def test_num_items_in_batch_is_the_sequence_count_for_sequence_loss_and_default_
     kwargs = dict(position_ids=b["position_ids"], reduction="sequence")
     default = packed_causal_lm_loss(lg, b["labels"], **kwargs)
     assert torch.equal(packed_causal_lm_loss(lg, b["labels"], num_items_in_batch=5, **kwargs), default)
-    assert torch.equal(packed_causal_lm_loss(lg, b["labels"], num_sequences_in_batch=5, **kwargs), default)
     assert torch.allclose(packed_causal_lm_loss(lg, b["labels"], num_items_in_batch=10, **kwargs), default / 2)
-    with pytest.raises(PackmaskError, match="once"):
-        packed_causal_lm_loss(lg, b["labels"], num_items_in_batch=5, num_sequences_in_batch=5, **kwargs)
+    with pytest.raises(TypeError, match="num_sequences_in_batch"):  # removed in 0.3.0
+        packed_causal_lm_loss(lg, b["labels"], num_sequences_in_batch=5, **kwargs)
 
 
 def test_reduce_across_needs_an_initialised_group_and_no_given_count():

@@ -12,10 +12,11 @@ backend           where               honours
                   ``packmask[cudnn]`` sliding windows, head dim <= 128. Not: softcap, dropout,
                                       sinks, general masks (cuDNN SDPA with ragged offsets).
 ``varlen``        CUDA, fp16/bf16     block-diagonal layouts, causal or not; tree layouts (shared
-                                      prefixes, draft trees over a KV cache) as pieces with gathered
-                                      keys (backends/tree.py); GQA, scale, sliding windows.
+                                      prefixes, draft trees over a KV cache) and pieces layouts
+                                      (context parallelism) as pieces with gathered keys
+                                      (decomposed by backends/tree.py); GQA, scale, sliding windows.
                                       Not: softcap, dropout, sinks, general masks.
-``flex``          CUDA                any layout (BlockMask; trees' built from their segments), GQA,
+``flex``          CUDA                any layout but pieces (BlockMask; trees' from their segments), GQA,
                                       scale, sliding windows, softcap (score_mod). Not: dropout, sinks.
 ``sdpa``          anywhere            any layout via a dense bool mask, GQA, scale, windows,
                                       dropout. Not: softcap, sinks.
@@ -52,7 +53,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
 import warnings
 
 import torch
@@ -60,16 +60,11 @@ import torch
 from ..errors import PackmaskError
 from ..layout import Layout
 from . import costs, cudnn, eager, flex, sdpa, varlen
-from .eager import eager_attention
-from .flex import FLEX_BLOCK, document_block_mask, flex_attention_call, flex_block_mask
-from .sdpa import sdpa_attention
 from .spec import AttentionSpec
-from .varlen import varlen_attention, varlen_available
 
+# The dispatcher's API. Kernels are imported from their modules (packmask.backends.varlen, .flex, ...).
 __all__ = ["AttentionSpec", "BACKENDS", "backend", "requested_backend", "choose_backend", "attend",
-           "set_backend", "get_backend", "eager_attention", "sdpa_attention", "varlen_attention",
-           "flex_attention_call", "flex_block_mask", "document_block_mask", "varlen_available", "FLEX_BLOCK",
-           "available_backends", "describe_choice"]
+           "available_backends", "describe_choice", "check_backend_name", "refresh_traced_request"]
 
 # Every backend that can be asked for, fastest first (cudnn is listed even when its optional extra is
 # missing: forcing it then says how to install it; available_backends() lists what runs here).
@@ -77,11 +72,10 @@ _MODULES = {m.NAME: m for m in (cudnn, varlen, flex, sdpa, eager)}
 BACKENDS = ("auto",) + tuple(_MODULES)
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("packmask_backend", default=None)
-# Deprecated process-wide default (set_backend / PACKMASK_BACKEND); scoped choices win over it.
-_process_default = {"name": os.environ.get("PACKMASK_BACKEND", "auto")}
 
 
-def _check_name(name: str) -> str:
+def check_backend_name(name: str) -> str:
+    """``name`` if it is one of :data:`BACKENDS`, else a :class:`PackmaskError` listing them."""
     if name not in BACKENDS:
         raise PackmaskError(f"unknown backend {name!r}; choose one of {BACKENDS}.")
     return name
@@ -94,7 +88,7 @@ def backend(name: str):
     Scoped to the current thread / asyncio task (a ``contextvars`` variable); nested blocks restore
     the outer choice on exit.
     """
-    token = _forced.set(_check_name(name))
+    token = _forced.set(check_backend_name(name))
     refresh_traced_request()
     try:
         yield
@@ -115,7 +109,7 @@ def refresh_traced_request() -> None:
 
 def requested_backend(module=None, layout=None) -> str:
     """The backend asked for: a ``backend(...)`` block, else the model's own setting
-    (``packmask.enable(model, backend=...)``), else the (deprecated) process default.
+    (``packmask.enable(model, backend=...)``), else ``"auto"``.
 
     A ``backend(...)`` block is remembered on the forward's ``layout``: activation checkpointing
     recomputes layers during backward — on CUDA in autograd's own thread, outside the block — and
@@ -140,20 +134,7 @@ def requested_backend(module=None, layout=None) -> str:
     per_model = getattr(module, "_packmask_backend", None)
     if per_model is not None:
         return per_model
-    return _process_default["name"]
-
-
-def set_backend(name: str) -> None:
-    """Deprecated: a process-wide default. Use ``with packmask.backend(name):`` or
-    ``packmask.enable(model, backend=name)``."""
-    warnings.warn("packmask.set_backend is deprecated: use `with packmask.backend(name):` or "
-                  "packmask.enable(model, backend=name).", DeprecationWarning, stacklevel=2)
-    _process_default["name"] = _check_name(name)
-
-
-def get_backend() -> str:
-    """The backend requested in this context (see :func:`requested_backend`)."""
-    return requested_backend()
+    return "auto"
 
 
 def available_backends(device=None) -> tuple[str, ...]:
@@ -165,7 +146,7 @@ def available_backends(device=None) -> tuple[str, ...]:
             continue
         if name in ("varlen", "flex") and not cuda:
             continue
-        if name == "varlen" and not varlen_available():
+        if name == "varlen" and not varlen.varlen_available():
             continue
         names.append(name)
     return tuple(names)
@@ -246,7 +227,7 @@ def attend(q, k, v, layout: Layout | None, spec: AttentionSpec, *, training: boo
     requested = requested_backend(module, layout)
     name = choose_backend(layout, spec, q, training, requested, _layers(module))
     if layout is None:
-        run = eager_attention if name == "eager" else sdpa_attention
+        run = eager.eager_attention if name == "eager" else sdpa.sdpa_attention
         return run(q, k, v, standard_mask, spec, training)
     if name == "flex" and spec.softcap is not None and requested == "auto":
         try:

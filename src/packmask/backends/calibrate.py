@@ -23,9 +23,9 @@ ROW = 16384
 
 def _kernels():
     """name -> fn(q, k, v, layout, spec) for the kernels available here."""
-    from . import AttentionSpec  # noqa: F401 — the dispatcher package, imported for its kernels
     from . import cudnn as cudnn_backend
-    from . import flex_attention_call, varlen_attention, varlen_available
+    from .flex import flex_attention_call
+    from .varlen import varlen_attention, varlen_available
     found = {}
     if cudnn_backend.available():
         found["cudnn"] = cudnn_backend.cudnn_attention
@@ -42,8 +42,8 @@ def _bench(fn) -> float:
 
 def measure(head_dim: int, length: int, kernels: dict, heads_total: int = 2048) -> dict:
     """fwd+bwd TFLOP/s of each kernel on one row of ROW tokens cut into documents of ``length``."""
-    from . import AttentionSpec
     from ..layout import DocumentLayout
+    from .spec import AttentionSpec
     H = heads_total // head_dim
     Hkv = max(1, H // 4)
     docs = [length] * (ROW // length)
@@ -89,15 +89,14 @@ def _setup_ms(kernels) -> dict:
     if "flex" not in kernels:
         return {}
     from ..layout import DocumentLayout
-    from . import document_block_mask
+    from .flex import document_block_mask
     layout = DocumentLayout.from_seq_lengths([[1024] * (ROW // 1024)], ROW, device="cuda")
     return {"flex": _bench(lambda: document_block_mask(layout, "cuda"))}
 
 
 def _frontend_version():
-    from .cudnn import _frontend
-    mod = _frontend()
-    return getattr(mod, "__version__", None) if mod is not None else None
+    from .cudnn import frontend_version
+    return frontend_version()
 
 
 def main(argv=None) -> int:

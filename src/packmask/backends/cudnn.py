@@ -31,8 +31,8 @@ from functools import lru_cache
 
 import torch
 
-__all__ = ["NAME", "available", "refusal", "run", "cudnn_attention", "set_deterministic", "deterministic",
-           "slot_count"]
+__all__ = ["NAME", "available", "frontend_version", "refusal", "run", "cudnn_attention", "set_deterministic",
+           "deterministic", "slot_count"]
 
 NAME = "cudnn"
 
@@ -68,6 +68,12 @@ def _frontend():
 @lru_cache(maxsize=None)
 def _device_ok(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def frontend_version() -> str | None:
+    """The installed cuDNN frontend's version (None without ``packmask[cudnn]``)."""
+    mod = _frontend()
+    return getattr(mod, "__version__", None) if mod is not None else None
 
 
 def available(device=None) -> bool:

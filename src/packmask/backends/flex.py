@@ -2,15 +2,20 @@
 
 Needs CUDA (flex has no backward on CPU). Not: dropout, sinks. Block-diagonal layouts get their
 BlockMask straight from document offsets in O((N/128)²), tree layouts straight from their
-segments (:func:`packmask.backends.tree.tree_block_mask`); general layouts through
-``create_block_mask`` over the layout's mask.
+segments (:func:`tree_block_mask`, from the intervals of :mod:`packmask.backends.tree`); general
+layouts through ``create_block_mask`` over the layout's mask. Every BlockMask packmask builds is here.
 """
 from __future__ import annotations
 
 import torch
 
 from ..layout import DocumentLayout, Layout, TreeLayout
+from ..layout_pieces import PiecesLayout
 from .spec import AttentionSpec
+from .tree import tree_intervals
+
+__all__ = ["NAME", "FLEX_BLOCK", "refusal", "run", "flex_attention_call", "flex_block_mask", "document_block_mask",
+           "tree_block_mask", "block_indices", "compiled_flex_attention", "softcap_compile_failure"]
 
 NAME = "flex"
 FLEX_BLOCK = 128  # flex attention's default sparse block size
@@ -28,6 +33,8 @@ def refusal(layout, spec: AttentionSpec, q: torch.Tensor, training: bool) -> str
         return "flex has no dropout"
     if spec.sinks is not None:
         return "flex cannot add attention-sink logits"
+    if isinstance(layout, PiecesLayout):
+        return "flex has no pieces (context-parallel) path"
     if isinstance(layout, TreeLayout):
         # measured on one H100 with torch 2.11 (tests/backends/test_tree_cuda.py, 2026-11-25): inductor finds no
         # kernel config for the tree BlockMask (triton shared memory over the limit), so trees go to
@@ -36,7 +43,7 @@ def refusal(layout, spec: AttentionSpec, q: torch.Tensor, training: bool) -> str
     return None
 
 
-def _flex_fn():
+def compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
     if "fn" not in _compiled:
         # automatic dynamic shapes: the first shape gets a static (fastest) kernel; a new row length
@@ -48,10 +55,23 @@ def _flex_fn():
 
 def block_indices(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``[B, q_blocks, kv_blocks]`` bool tiles -> BlockMask's ``(counts, indices)``, heads dim 1:
-    per query block, how many key blocks are set and their indices first (stable order)."""
-    counts = tiles.sum(-1, dtype=torch.int32)[:, None]
-    idx = torch.argsort(tiles.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)[:, None]
-    return counts, idx
+    per query block, how many key blocks are set and their indices first (stable order).
+
+    No sort: each key block's slot is its rank among the set (or unset) blocks of its row, a
+    permutation written with one scatter. (Inside ``torch.compile`` on CUDA a sort of a small row is
+    lowered to a Triton sort network, one more compiled kernel between the mask and the result.)
+
+    >>> counts, idx = block_indices(torch.tensor([[[False, True, False, True]]]))
+    >>> counts.tolist(), idx.tolist()      # set blocks 1 and 3 first, then 0 and 2
+    ([[[2]]], [[[[1, 3, 0, 2]]]])
+    """
+    counts = tiles.sum(-1, dtype=torch.int32)
+    set_rank = tiles.cumsum(-1, dtype=torch.int32) - 1
+    unset_rank = counts[..., None] + (~tiles).cumsum(-1, dtype=torch.int32) - 1
+    slot = torch.where(tiles, set_rank, unset_rank).long()
+    blocks = torch.arange(tiles.shape[-1], device=tiles.device, dtype=torch.int32).expand(tiles.shape)
+    idx = torch.empty(tiles.shape, device=tiles.device, dtype=torch.int32).scatter(-1, slot, blocks)
+    return counts[:, None], idx[:, None]
 
 
 def document_block_mask(layout: DocumentLayout, device, block: int = FLEX_BLOCK):
@@ -130,6 +150,93 @@ def flex_block_mask(layout: Layout, sliding_window: int | None, device, bidirect
     return memo[key]
 
 
+def _block_coverage(lo, hi, nkb: int, block: int):
+    """``[S, nkb]`` (partial, full): key blocks an interval touches / lies entirely inside."""
+    S = lo.shape[0]
+    nonempty = hi > lo
+    p_lo, p_hi = lo // block, (hi - 1) // block + 1
+    f_lo, f_hi = (lo + block - 1) // block, hi // block
+
+    def cover(a, b, ok):
+        diff = torch.zeros(S, nkb + 2, dtype=torch.int32, device=lo.device)
+        ok = ok & (b > a)
+        one = ok.to(torch.int32)
+        diff.scatter_add_(1, torch.where(ok, a, 0).clamp(0, nkb + 1)[:, None], one[:, None])
+        diff.scatter_add_(1, torch.where(ok, b, 0).clamp(0, nkb + 1)[:, None], -one[:, None])
+        return diff.cumsum(1)[:, :nkb] > 0
+    return cover(p_lo, p_hi, nonempty), cover(f_lo, f_hi, nonempty)
+
+
+def tree_block_mask(layout: TreeLayout, kv_len: int | None, sliding_window: int | None, device,
+                    block: int = FLEX_BLOCK):
+    """BlockMask of a tree layout for one layer's keys, built from its segments in O(N · key blocks)
+    (never an N×K mask; cached on the layout). A tile is *full* when every query of the block sees
+    every key of it (a key block inside the cache or a strict ancestor segment of all the block's
+    queries), *partial* when some pair may see each other; only partial tiles evaluate ``mask_mod``
+    (the element-wise form of :meth:`TreeLayout.visible`, O(1) per pair)."""
+    from torch.nn.attention.flex_attention import BlockMask
+    key = ("tree_block_mask", kv_len, sliding_window, str(device), block)
+    if key in layout._memo:
+        return layout._memo[key]
+    L = layout.to(device)
+    offset, kv = L.frame(kv_len)
+    seg = L.segments()
+    B, N, past, K = L.batch_size, L.seq_len, L.past, L.key_len
+    nqb, nkb = -(-N // block), -(-kv // block)
+    lo, hi, _ = tree_intervals(L, kv_len, include_own=False)
+    part_seg = torch.zeros(lo.shape[0], nkb, dtype=torch.bool, device=device)
+    full_seg = torch.zeros_like(part_seg)
+    for j in range(lo.shape[1]):  # D + 2 interval columns (tree depth in segments), not tokens
+        p, f = _block_coverage(lo[:, j], hi[:, j], nkb, block)
+        part_seg |= p
+        full_seg |= f
+    tok_seg = seg["of_token"]
+    own_start = past + (seg["start"] - seg["row"] * N)[tok_seg] - offset  # [B, N] frame column
+    own_end = past + torch.arange(N, device=device)[None] - offset        # the token itself
+    kb_lo = torch.arange(nkb, device=device) * block
+    kb_hi = torch.clamp(kb_lo + block, max=kv) - 1
+    complete_k = (kb_hi - kb_lo + 1) == block
+    own_part = (kb_lo[None, None] <= own_end[..., None]) & (kb_hi[None, None] >= own_start[..., None])
+    own_full = (kb_lo[None, None] >= own_start[..., None]) & (kb_hi[None, None] <= own_end[..., None]) & complete_k
+    part = part_seg[tok_seg] | own_part  # [B, N, nkb]
+    full = (full_seg[tok_seg] & complete_k) | own_full
+    pad = nqb * block - N
+    if pad:
+        part = torch.cat([part, part.new_zeros(B, pad, nkb)], 1)
+        full = torch.cat([full, full.new_zeros(B, pad, nkb)], 1)  # an incomplete query block is never full
+    part = part.view(B, nqb, block, nkb).any(2)
+    full = full.view(B, nqb, block, nkb).all(2)
+    if sliding_window is not None:
+        full = torch.zeros_like(full)  # the window cuts into tiles: evaluate them all
+    part = part & ~full
+
+    kv_num, kv_idx = block_indices(part)
+    full_num, full_idx = block_indices(full)
+    of_token, dep, anc = tok_seg, seg["depth"], seg["ancestors"]
+    cache_start = L.cache_start
+    consts = torch.tensor([offset, past, K, N - 1], device=device)
+    qpos = L.position_ids if sliding_window is not None else None
+    kpos = L.key_position_ids(kv_len) if sliding_window is not None else None
+
+    def mask_mod(b, h, q_idx, kv_idx_):
+        col = kv_idx_ + consts[0]
+        t = col - consts[1]
+        tc = torch.minimum(t.clamp(min=0), consts[3])
+        sq = of_token[b, q_idx]
+        sk = of_token[b, tc]
+        tree = (anc[sq, dep[sk]] == sk) & (tc <= q_idx) & (col < consts[2])
+        cache = (col >= cache_start[b]) & (col < consts[1])
+        m = torch.where(t >= 0, tree, cache)
+        if qpos is not None:
+            m = m & (qpos[b, q_idx] - kpos[b, kv_idx_] < sliding_window)
+        return m
+
+    bm = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
+                                  seq_lengths=(N, kv))
+    layout._memo[key] = bm
+    return bm
+
+
 def _flex_softcap(q, k, v, block_mask, scale, cap, enable_gqa):
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -148,7 +255,6 @@ def _flex_softcap_fn():
 
 def flex_attention_call(q, k, v, layout: Layout, spec: AttentionSpec) -> torch.Tensor:
     if isinstance(layout, TreeLayout):  # keys may be a cache's: past + N, a sliding layer's tail, a static buffer
-        from .tree import tree_block_mask
         block_mask = tree_block_mask(layout, k.shape[2], spec.sliding_window, q.device)
     else:
         block_mask = flex_block_mask(layout, spec.sliding_window, q.device, spec.bidirectional_window)
@@ -156,7 +262,7 @@ def flex_attention_call(q, k, v, layout: Layout, spec: AttentionSpec) -> torch.T
     if spec.softcap is not None:
         out = _flex_softcap_fn()(q, k, v, block_mask, spec.scale, float(spec.softcap), gqa)
     else:
-        out = _flex_fn()(q, k, v, block_mask=block_mask, scale=spec.scale, enable_gqa=gqa)
+        out = compiled_flex_attention()(q, k, v, block_mask=block_mask, scale=spec.scale, enable_gqa=gqa)
     return out.transpose(1, 2)
 
 

@@ -1,9 +1,14 @@
 """torch's ``varlen_attn`` (FlashAttention-2 varlen inside) over the flattened batch.
 
 Honours block-diagonal layouts (causal or bidirectional), tree layouts (shared-prefix rows and
-draft trees over a KV cache, through the decomposition of :mod:`packmask.backends.tree`), GQA
-without expanding K/V, scale and sliding windows (one- or two-sided). Needs CUDA and fp16/bf16.
+draft trees over a KV cache, as the pieces of :mod:`packmask.backends.tree`), pieces layouts
+(context parallelism: :class:`~packmask.layout_pieces.PiecesLayout`), GQA without expanding K/V,
+scale and sliding windows (one- or two-sided). Needs CUDA and fp16/bf16.
 Not: softcap, dropout, sinks, general masks.
+
+Every varlen kernel of packmask is here: :func:`varlen_attention` (documents),
+:func:`varlen_pieces_attention` (pieces with gathered keys: trees, context parallelism) and
+:func:`tree_varlen_attention` (trees, with a log-sum-exp split of the cache without gradients).
 """
 from __future__ import annotations
 
@@ -13,13 +18,18 @@ from functools import lru_cache
 import torch
 
 from ..layout import DocumentLayout, TreeLayout
+from ..layout_pieces import PiecesLayout
 from .spec import AttentionSpec
+from .tree import cache_split_pieces, tree_pieces
+
+__all__ = ["NAME", "refusal", "run", "varlen_available", "varlen_flat", "varlen_attention", "varlen_pieces_attention",
+           "tree_varlen_attention", "window_size", "gqa_native_varlen", "varlen_params"]
 
 NAME = "varlen"
 
 
 @lru_cache(maxsize=None)
-def _varlen_params() -> frozenset:
+def varlen_params() -> frozenset:
     from torch.nn.attention.varlen import varlen_attn
     return frozenset(inspect.signature(varlen_attn).parameters)
 
@@ -34,7 +44,7 @@ def varlen_available() -> bool:
 
 
 @lru_cache(maxsize=None)
-def _gqa_native_varlen() -> bool:
+def gqa_native_varlen() -> bool:
     """True when torch's varlen custom op can be handed fewer kv heads than query heads.
 
     torch >= 2.13 says so with ``enable_gqa``; on older torch the public wrapper has no flag, but
@@ -42,7 +52,7 @@ def _gqa_native_varlen() -> bool:
     ``num_heads % num_heads_kv == 0`` itself (probed on torch 2.11: benchmarks/gqa_varlen_probe.py).
     """
     import torch.nn.attention.varlen  # noqa: F401 — registers torch.ops.torch_attn
-    if "enable_gqa" in _varlen_params():
+    if "enable_gqa" in varlen_params():
         return True
     try:
         schema = torch.ops.torch_attn._varlen_attn.default._schema
@@ -58,8 +68,8 @@ def refusal(layout, spec: AttentionSpec, q: torch.Tensor, training: bool) -> str
         return "varlen needs CUDA and torch.nn.attention.varlen"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return "varlen needs fp16/bf16"
-    if not isinstance(layout, (DocumentLayout, TreeLayout)):
-        return "varlen needs a block-diagonal or tree layout"
+    if not isinstance(layout, (DocumentLayout, TreeLayout, PiecesLayout)):
+        return "varlen needs a block-diagonal, tree or pieces layout"
     if spec.softcap is not None or spec.sinks is not None:
         return "varlen cannot apply softcapping or sinks"
     if spec.dropout > 0 and training:
@@ -102,10 +112,10 @@ def varlen_flat(qf, kf, vf, cu_q, cu_k, max_q: int, max_k: int, *, scale: float,
     from torch.nn.attention.varlen import varlen_attn
     H = qf.shape[1]
     if kf.shape[1] != H:
-        if "enable_gqa" in _varlen_params():
+        if "enable_gqa" in varlen_params():
             return varlen_attn(qf, kf, vf, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size,
                                enable_gqa=True)
-        if native_gqa if native_gqa is not None else _gqa_native_varlen():
+        if native_gqa if native_gqa is not None else gqa_native_varlen():
             # torch 2.11: the public wrapper has no enable_gqa; call its custom op, which forwards the
             # un-expanded kv heads to FlashAttention-2 (saves expanding K/V: memory and copies)
             out, _, _ = torch.ops.torch_attn._varlen_attn(qf, kf, vf, cu_q, cu_k, max_q, max_k, window_size[1] == 0,
@@ -126,8 +136,98 @@ def varlen_attention(q, k, v, layout: DocumentLayout, spec: AttentionSpec, nativ
     return out.view(B, N, H, D)
 
 
+def varlen_pieces_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, key_index, max_q: int, max_k: int, *,
+                            scale: float, sliding_window: int | None = None, causal: bool = True) -> torch.Tensor:
+    """Varlen attention of pieces with gathered keys, causal (bottom-right aligned) or not.
+
+    Tree layouts (:func:`packmask.backends.tree.tree_pieces`) and context parallelism (each rank's
+    queries against the all-gathered keys, :mod:`packmask.distributed.cp_attention`) run on it.
+
+    ``q`` ``[B, H, N, D]``, ``k``/``v`` ``[B, Hkv, kv_len, D]`` (transformers' layout); the queries of
+    piece ``i`` are flat rows ``cu_seqlens_q[i]:cu_seqlens_q[i+1]``, its keys the flat key rows
+    ``key_index[cu_seqlens_k[i]:cu_seqlens_k[i+1]]``. Returns ``[B, N, H, D]``.
+    """
+    B, H, N, D = q.shape
+    qf = q.transpose(1, 2).reshape(B * N, H, D)
+    kf = k.transpose(1, 2).reshape(-1, k.shape[1], D).index_select(0, key_index)
+    vf = v.transpose(1, 2).reshape(-1, v.shape[1], D).index_select(0, key_index)
+    left = sliding_window - 1 if sliding_window is not None else -1
+    out = varlen_flat(qf, kf, vf, cu_seqlens_q.to(q.device), cu_seqlens_k.to(q.device), max_q, max_k, scale=scale,
+                      window_size=(left, 0 if causal else -1))
+    return out.view(B, N, H, D)
+
+
+def tree_varlen_attention(q, k, v, layout: TreeLayout, spec) -> torch.Tensor:
+    """A tree layout on varlen. Over a long cache without gradients (verification), the cache is read
+    once per row and merged by log-sum-exp with the tree part (:func:`_split_cache_attention`);
+    otherwise every piece gathers its keys (:func:`~packmask.backends.tree.tree_pieces`)."""
+    if layout.past > 0 and spec.sliding_window is None and not torch.is_grad_enabled() and _lse_available():
+        return _split_cache_attention(q, k, v, layout, spec)
+    p = tree_pieces(layout, k.shape[2]).to(q.device)
+    return varlen_pieces_attention(q, k, v, p.cu_seqlens_q, p.cu_seqlens_k, p.key_index, p.max_q, p.max_k,
+                                   scale=spec.scale, sliding_window=spec.sliding_window)
+
+
+def _lse_available() -> bool:
+    """Whether this torch's varlen returns the log-sum-exp (public ``return_aux``, or torch 2.11's op)."""
+    if "return_aux" in varlen_params():
+        return True
+    return gqa_native_varlen()  # the schema check of torch 2.11's custom op (returns out, lse, rng)
+
+
+def _varlen_lse(qf, kf, vf, cu_q, cu_k, max_q, max_k, causal: bool, scale: float):
+    """varlen forward returning ``(out [T, H, D], lse [T, H])`` (fp32 lse; no backward needed)."""
+    from torch.nn.attention.varlen import varlen_attn
+    H, T = qf.shape[1], qf.shape[0]
+    right = 0 if causal else -1
+    params = varlen_params()
+    if "return_aux" in params:
+        from torch.nn.attention.varlen import AuxRequest
+        kw = {}
+        if kf.shape[1] != H:
+            if "enable_gqa" in params:
+                kw["enable_gqa"] = True
+            else:
+                kf = kf.repeat_interleave(H // kf.shape[1], dim=1)
+                vf = vf.repeat_interleave(H // vf.shape[1], dim=1)
+        out, lse = varlen_attn(qf, kf, vf, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, right),
+                               return_aux=AuxRequest(lse=True), **kw)
+    else:  # torch 2.11: the custom op forwards un-expanded kv heads to FlashAttention-2
+        out, lse, _ = torch.ops.torch_attn._varlen_attn(qf, kf, vf, cu_q, cu_k, max_q, max_k, causal, scale,
+                                                        [-1, right])
+    lse = lse.reshape(lse.shape[0], lse.shape[1])
+    if tuple(lse.shape) == (H, T):
+        lse = lse.transpose(0, 1)  # FlashAttention's varlen keeps [H, total_q]
+    return out, lse.float()
+
+
+def _split_cache_attention(q, k, v, layout: TreeLayout, spec) -> torch.Tensor:
+    """Every query of a row attends to the row's visible cache (one non-causal piece per row: the
+    cache is read once, not once per segment) and, separately, to its tree ancestors (pieces
+    without the cache); the two partial softmaxes are merged exactly by their log-sum-exps."""
+    B, H, N, D = q.shape
+    kv = k.shape[2]
+    p = cache_split_pieces(layout, kv).to(q.device)
+    qf = q.transpose(1, 2).reshape(B * N, H, D)
+    kflat = k.transpose(1, 2).reshape(B * kv, k.shape[1], D)
+    vflat = v.transpose(1, 2).reshape(B * kv, v.shape[1], D)
+    out_c, lse_c = _varlen_lse(qf, kflat.index_select(0, p.cache_key_index), vflat.index_select(0, p.cache_key_index),
+                               p.cache_cu_seqlens_q, p.cache_cu_seqlens_k, N, max(p.cache_max_k, 1), False, spec.scale)
+    t = p.tree
+    out_t, lse_t = _varlen_lse(qf, kflat.index_select(0, t.key_index), vflat.index_select(0, t.key_index),
+                               t.cu_seqlens_q, t.cu_seqlens_k, t.max_q, t.max_k, True, spec.scale)
+    lse_c = lse_c.masked_fill(p.no_cache[:, None], float("-inf"))  # a row with no cache: its cache part weighs 0
+    out_c = out_c.masked_fill(p.no_cache[:, None, None], 0.0)
+    lse = torch.logaddexp(lse_c, lse_t)
+    out = out_c.float() * (lse_c - lse).exp()[..., None] + out_t.float() * (lse_t - lse).exp()[..., None]
+    return out.to(q.dtype).view(B, N, H, D)
+
+
 def run(q, k, v, layout, spec: AttentionSpec, training: bool) -> torch.Tensor:
     if isinstance(layout, TreeLayout):
-        from .tree import tree_varlen_attention
         return tree_varlen_attention(q, k, v, layout, spec)
+    if isinstance(layout, PiecesLayout):
+        p = layout.pieces.to(q.device)
+        return varlen_pieces_attention(q, k, v, p.cu_seqlens_q, p.cu_seqlens_k, p.key_index, p.max_q, p.max_k,
+                                       scale=spec.scale, sliding_window=spec.sliding_window, causal=layout.causal)
     return varlen_attention(q, k, v, layout, spec)

@@ -19,13 +19,14 @@ dense 4D masks, a contaminated control, long rows) run ``benchmarks/train_step.p
 from __future__ import annotations
 
 import json
+import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 from .errors import EXIT_FAILED
 
-__all__ = ["cmd_bench", "run_bench"]
+__all__ = ["cmd_bench", "run_bench", "json_safe"]
 
 GPU_ONLY = {"packmask flex": "flex attention has no backward on CPU", "transformers flex": "flex attention has no backward on CPU"}
 METHODS = ("transformers sdpa", "packmask collator", "packmask [B,N,N] mask", "packmask flex", "transformers flex")
@@ -123,8 +124,9 @@ def _alone_logits(input_ids, lengths, device, dtype, small, row_length):
     return torch.cat(parts)
 
 
-def _timed_step(model, batch, device) -> tuple[float, float]:
-    """One forward + backward: ``(seconds, GiB the step allocated beyond the resident memory)``."""
+def _timed_step(model, batch, device) -> tuple[float, float | None]:
+    """One forward + backward: ``(seconds, GiB the step allocated beyond the resident memory)``;
+    the memory is ``None`` off CUDA (not measured)."""
     import torch
 
     model.zero_grad(set_to_none=True)
@@ -137,7 +139,7 @@ def _timed_step(model, batch, device) -> tuple[float, float]:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return time.perf_counter() - started, (torch.cuda.max_memory_allocated(device) - resident) / 2**30
-    return time.perf_counter() - started, float("nan")
+    return time.perf_counter() - started, None
 
 
 def run_bench(device=None, steps: int = 5, row_length: int | None = None, console=None) -> dict:
@@ -188,12 +190,28 @@ def run_bench(device=None, steps: int = 5, row_length: int | None = None, consol
     for method, measured in timings.items():
         seconds = statistics.median(t for t, _ in measured)
         results[method].update(step_s=seconds, real_tokens_per_s=input_ids.numel() / seconds,
-                               step_gib=max(g for _, g in measured))
+                               step_gib=max((g for _, g in measured if g is not None), default=None))
     env = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "dtype": str(dtype).replace("torch.", ""),
            "torch": torch.__version__, "transformers": transformers.__version__, "packmask": packmask.__version__,
            "row_length": row_length, "rows": 2, "documents_per_row": [len(s) for s in segments], "steps": steps,
            "tolerance": tolerance, "date": time.strftime("%Y-%m-%d")}
     return {"env": env, "results": results}
+
+
+def json_safe(value):
+    """``value`` with every NaN / infinity replaced by ``None``: JSON has no NaN (``json.dumps``
+    would write the invalid token ``NaN``), and ``null`` says "not measured".
+
+    >>> json_safe({"a": [1.5, float("nan")], "b": {"c": float("inf")}, "d": "x"})
+    {'a': [1.5, None], 'b': {'c': None}, 'd': 'x'}
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
 
 
 def bench_table(report: dict):
@@ -210,7 +228,7 @@ def bench_table(report: dict):
             continue
         table.add_row(method, row["attention"], row["packmask_backend"], f"{row['real_tokens_per_s']:,.0f}",
                       f"{row['real_tokens_per_s'] / base:.2f}x" if base else "-", f"{row['step_s'] * 1e3:.1f}",
-                      "-" if row["step_gib"] != row["step_gib"] else f"{row['step_gib']:.2f}",
+                      "-" if row["step_gib"] is None else f"{row['step_gib']:.2f}",
                       f"{row['rel_err_vs_alone']:.1e}", "pass" if row["passed"] else "[bold red]FAIL[/]")
     table.caption = (f"attn: attn_implementation; kernel: the one packmask's dispatcher chose; vs sdpa: against "
                      f"transformers' sdpa packing; rel err: row 0's logits vs each document alone (tolerance "
@@ -227,7 +245,7 @@ def cmd_bench(args, console) -> int:
     console.print(bench_table(report))
     if args.json:
         with AtomicOutputs() as outputs:
-            outputs.stage(Path(args.json)).write_text(json.dumps(report, indent=2))
+            outputs.stage(Path(args.json)).write_text(json.dumps(json_safe(report), indent=2, allow_nan=False))
         console.print(f"results → [bold]{args.json}[/]")
     failed = [method for method, row in report["results"].items() if row.get("passed") is False]
     if failed:

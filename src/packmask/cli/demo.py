@@ -40,6 +40,7 @@ or from a shell: ``packmask demo`` (200 steps, writes to ``packmask-demo/``).
 from __future__ import annotations
 
 import json
+import os
 import platform
 import random
 import time
@@ -49,6 +50,7 @@ from pathlib import Path
 from .demo_corpus import build_demo_tokenizer, load_demo_corpus, tokenize_documents
 from .demo_train import (cpu_threads_for_a_shared_machine, default_device, documents_of, isolation_check,
                          packed_step, padded_step, summarise, tiny_llama, train_lockstep)
+from .bench import json_safe
 from .output import AtomicOutputs
 from .plots import plot_demo
 from .report import demo_table
@@ -128,6 +130,8 @@ def run_demo(
                       "thread(s) (set OMP_NUM_THREADS to choose)[/]")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    console.print(f"demo.png and demo.json will be written to [bold]{out_dir}{os.sep}[/] "
+                  "(packmask demo --out-dir DIR to choose another folder)")
     wall_started = time.perf_counter()
 
     # -- data: tokenizer, documents, packed rows --------------------------------------------
@@ -223,7 +227,7 @@ def run_demo(
     with AtomicOutputs() as outputs:  # both files appear complete, or neither changes
         plot_demo(result, outputs.stage(png_path))
         result["wall_seconds"] = time.perf_counter() - wall_started
-        outputs.stage(json_path).write_text(json.dumps(result, indent=2))
+        outputs.stage(json_path).write_text(json.dumps(json_safe(result), indent=2, allow_nan=False))
     console.print(demo_table(result))
     console.print(
         f"loss curves and throughput → [bold]{png_path}[/]   all numbers → [bold]{json_path}[/]   "

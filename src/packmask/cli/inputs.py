@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CLIError
 from .parser import DEMO_TOKENIZER
-from .records import BadRecords, Field, check_table, read_json_array, read_json_lines
+from .records import BadRecords, Field, check_one_kind, check_table, present_in_table, read_json_array, read_json_lines
 
-__all__ = ["Loaded", "suffix_of", "field_chooser", "load_input", "resolve_tokenizer", "tokenize", "JSON_SUFFIXES"]
+__all__ = ["Loaded", "suffix_of", "field_chooser", "load_input", "resolve_tokenizer", "tokenize", "JSON_SUFFIXES",
+           "looks_like_a_model_name"]
 
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")
 WHAT_INPUT = "a .jsonl, .json or .parquet file, or a folder written by Dataset.save_to_disk"
@@ -49,19 +51,25 @@ def suffix_of(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
-def field_chooser(args):
-    """``choose(columns) -> Field``: the token, text or messages column, or a one-line error."""
+def field_chooser(args, chat_roles: tuple | None = None):
+    """``choose(columns) -> Field``: the token, text or messages column, or a one-line error.
+
+    ``choose.candidates`` lists the three names, to find files that mix kinds of records;
+    ``chat_roles`` are the message roles a chat field accepts (default :data:`packmask.data.chat.ROLES`).
+    """
+    candidates = (("tokens", args.column), ("text", args.text_column), ("chat", args.messages_column))
 
     def choose(columns) -> Field:
-        for kind, name in (("tokens", args.column), ("text", args.text_column), ("chat", args.messages_column)):
+        for kind, name in candidates:
             if name in columns:
-                return Field(kind, name)
+                return Field(kind, name, chat_roles) if kind == "chat" and chat_roles else Field(kind, name)
         raise CLIError(
             f"INPUT has no token column {args.column!r}, no text column {args.text_column!r} and no messages "
             f"column {args.messages_column!r} (columns: {', '.join(columns) or 'none'})",
             "pass --column NAME for token-id lists, --text-column NAME for text, or --messages-column NAME for chat",
         )
 
+    choose.candidates = [name for _, name in candidates]
     return choose
 
 
@@ -82,10 +90,13 @@ def check_column_type(kind, fld: Field) -> None:
                        "each record needs \"messages\": [{\"role\": \"user\", \"content\": \"...\"}, ...]")
 
 
-def load_input(path: Path, args) -> Loaded:
-    """Read INPUT (jsonl / json / parquet / a saved dataset folder) and check its records."""
+def load_input(path: Path, args, chat_roles: tuple | None = None) -> Loaded:
+    """Read INPUT (jsonl / json / parquet / a saved dataset folder) and check its records.
+
+    ``chat_roles``: the message roles chat records may use (those the tokenizer's template names too).
+    """
     bad = BadRecords(str(path), skip=args.skip_invalid)
-    choose = field_chooser(args)
+    choose = field_chooser(args, chat_roles)
     if not path.exists():
         raise CLIError(f"{path}: no such file or directory", f"check the path; INPUT is {WHAT_INPUT}")
     suffix = suffix_of(path)
@@ -105,6 +116,7 @@ def load_input(path: Path, args) -> Loaded:
         raise CLIError(f"{path}: unsupported input type {suffix or '(no extension)'!r}", f"INPUT must be {WHAT_INPUT}")
     fld = choose(table.column_names)
     check_column_type(table.schema.field(fld.name).type, fld)
+    check_one_kind(present_in_table(table, choose.candidates), fld, path, lambda rows: [f"row {r}" for r in rows])
     return Loaded(check_table(table, fld, bad, lambda rows: [f"row {r}" for r in rows]), fld, bad)
 
 
@@ -160,16 +172,42 @@ def resolve_tokenizer(spec: str | None):
         return build_demo_tokenizer(), "packmask-demo-bpe (built-in toy tokenizer)"
     from transformers import AutoTokenizer
 
-    path = Path(spec)
+    path = Path(spec).expanduser()
     name = str(path.resolve()) if path.exists() else spec
+    if path.is_file():
+        raise CLIError(f"--tokenizer {spec}: is a file, not a folder", _TOKENIZER_FIX)
+    if not path.exists() and not looks_like_a_model_name(spec):
+        raise CLIError(f"--tokenizer {spec}: no such folder", _TOKENIZER_FIX)
     try:
-        return AutoTokenizer.from_pretrained(spec, local_files_only=True), name
+        return AutoTokenizer.from_pretrained(str(path) if path.exists() else spec, local_files_only=True), name
     except (OSError, ValueError) as error:
+        if not path.exists():  # the hub's own message speaks of repo ids and connecting to huggingface.co
+            raise CLIError(f"--tokenizer {spec}: not a local folder, and no model of that name is in the Hugging "
+                           "Face cache (packmask never downloads)", _TOKENIZER_FIX) from None
+        if not any((path / f).exists() for f in _TOKENIZER_FILES):
+            raise CLIError(f"--tokenizer {spec}: the folder holds no tokenizer files "
+                           f"({', '.join(_TOKENIZER_FILES[:2])})", _TOKENIZER_FIX) from None
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        where = "the folder" if path.exists() else "no such folder, and not in the Hugging Face cache"
-        raise CLIError(f"could not load a tokenizer from {spec!r} ({where}: {first_line})",
-                       "point --tokenizer at a folder written by tokenizer.save_pretrained, a model already "
-                       "downloaded to the Hugging Face cache, or 'demo' for the built-in toy tokenizer") from None
+        raise CLIError(f"--tokenizer {spec}: the folder holds no tokenizer transformers can load ({first_line})",
+                       _TOKENIZER_FIX) from None
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "spiece.model")
+
+
+_TOKENIZER_FIX = ("pass --tokenizer a folder written by tokenizer.save_pretrained, a model name already downloaded "
+                  "(hf download NAME), or 'demo' for the built-in toy tokenizer")
+
+
+def looks_like_a_model_name(spec: str) -> bool:
+    """Whether ``spec`` could be a Hugging Face model name (``name`` or ``owner/name``) rather than a path.
+
+    >>> [looks_like_a_model_name(s) for s in ("gpt2", "Qwen/Qwen2.5-0.5B", "./tok", "a/b/c", "/abs", "x-")]
+    [True, True, False, False, False, False]
+    """
+    part = r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?"
+    return re.fullmatch(f"{part}(?:/{part})?", spec) is not None and ".." not in spec
 
 
 def require_tokenizer(tokenizer, fld: Field, path: Path, tokenizer_name: str | None = None) -> None:
@@ -231,7 +269,14 @@ def _tokenize_chat(loaded: Loaded, tokenizer, args):
             raise
         raise CLIError("chat input needs packmask.data.chat, which this install lacks",
                        "update packmask, or tokenize the messages yourself into input_ids / labels") from None
+    from ..data.chat import ChatRowError
+
     dataset = datasets.Dataset(loaded.table.select([loaded.field.name]))
-    tokenized = tokenize_chat_dataset(dataset, tokenizer, column=loaded.field.name, train_on=args.train_on)
+    try:
+        tokenized = tokenize_chat_dataset(dataset, tokenizer, column=loaded.field.name, train_on=args.train_on)
+    except ChatRowError as error:  # named by the record's own line, as the checks before tokenizing name it
+        places = loaded.bad.kept_places
+        place = places[error.row] if places is not None and error.row < len(places) else f"record {error.row + 1}"
+        raise CLIError(f"{loaded.bad.path}, {place}: {error.problem}", error.fix) from None
     keep = [name for name in ("input_ids", "labels") if name in tokenized.column_names]
     return tokenized.select_columns(keep)

@@ -26,7 +26,7 @@ from pathlib import Path
 from .errors import CLIError
 from .inputs import suffix_of
 
-__all__ = ["AtomicOutputs", "check_output", "check_plot_path", "write_packed", "sidecar_path",
+__all__ = ["AtomicOutputs", "check_output", "check_plot_path", "write_packed", "sidecar_path", "packed_metadata",
            "METADATA_KEY", "METADATA_FILE"]
 
 TMP_TAG = "packmask-tmp"
@@ -38,6 +38,27 @@ PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".webp", ".tif", ".tif
 def sidecar_path(output: Path) -> Path:
     """Metadata next to a JSON lines output: ``packed.jsonl`` -> ``packed.jsonl.packmask.json``."""
     return output.with_name(output.name + ".packmask.json")
+
+
+def packed_metadata(path: Path) -> dict | None:
+    """The metadata ``packmask pack`` recorded with ``path`` (so ``path`` is a packed output), else ``None``.
+
+    Parquet schema metadata, a JSON lines file's sidecar, or a folder's ``packmask.json``; an
+    unreadable file is ``None`` here (reading INPUT reports it).
+    """
+    try:
+        if path.is_dir():
+            text = (path / METADATA_FILE).read_text() if (path / METADATA_FILE).is_file() else None
+        elif suffix_of(path) == ".parquet":
+            import pyarrow.parquet as pq
+
+            text = (pq.read_schema(path).metadata or {}).get(METADATA_KEY)
+        else:
+            text = sidecar_path(path).read_text() if sidecar_path(path).is_file() else None
+        recorded = json.loads(text) if text else None
+    except (OSError, ValueError, Exception):  # pyarrow raises several types for a damaged file
+        return None
+    return recorded if isinstance(recorded, dict) else None
 
 
 # --------------------------------------------------------------------------- checks before work

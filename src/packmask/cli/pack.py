@@ -11,10 +11,10 @@ from pathlib import Path
 
 from .errors import CLIError
 from .inputs import load_input, require_tokenizer, resolve_tokenizer, suffix_of, tokenize
-from .output import AtomicOutputs, check_output, check_plot_path, write_packed
+from .output import AtomicOutputs, check_output, check_plot_path, packed_metadata, write_packed
 from .report import input_table, print_warning, truncation_warning
 
-__all__ = ["cmd_pack", "cmd_stats", "sequence_lengths", "plot_path"]
+__all__ = ["cmd_pack", "cmd_stats", "sequence_lengths", "plot_path", "refuse_packed_input"]
 
 
 def cmd_pack(args, console) -> int:
@@ -84,6 +84,29 @@ def _metadata(args, loaded, tokenizer_name, column, stats, dropped_columns) -> d
     }
 
 
+def refuse_packed_input(input_path: Path, recorded: dict | None, columns=(), command: str = "pack") -> None:
+    """An input that is already packed is refused before any report: its rows hold several
+    documents each, and only its ``seq_lengths`` knows where they end, so packing it again (or
+    dropping that column) would merge them.
+
+    >>> refuse_packed_input(Path("p.parquet"), {"input": "docs.jsonl", "max_length": 16, "rows": 2})
+    Traceback (most recent call last):
+    packmask.cli.errors.CLIError: p.parquet is already packed (2 rows of up to 16 tokens, written by packmask pack from docs.jsonl) (fix: give the source records instead (packmask pack docs.jsonl --max-length N -o OUTPUT); this file's packing report is in the metadata packmask pack recorded with it)
+    """
+    if recorded is None and "seq_lengths" not in columns:
+        return
+    if recorded is not None:
+        what = (f"{recorded.get('rows', '?'):,} rows of up to {recorded.get('max_length', '?'):,} tokens, written by "
+                f"packmask pack from {recorded.get('input', 'another file')}")
+        source = recorded.get("input") or "SOURCE"
+    else:
+        what, source = "its rows have a 'seq_lengths' column: each row holds several documents", "SOURCE"
+    usage = f"packmask {command} {source} --max-length N" + (" -o OUTPUT" if command == "pack" else "")
+    report = ("this file's packing report is in the metadata packmask pack recorded with it" if recorded is not None
+              else "never drop seq_lengths: it is the only record of where each document ends")
+    raise CLIError(f"{input_path} is already packed ({what})", f"give the source records instead ({usage}); {report}")
+
+
 def _pack_report(args, console, write: bool) -> int:
     input_path = Path(args.input)
     output = Path(args.output) if write else None
@@ -93,11 +116,17 @@ def _pack_report(args, console, write: bool) -> int:
         check_output(output, input_path, args.force)
     if plot is not None:
         check_plot_path(plot, input_path)
+    command = "pack" if write else "stats"
+    refuse_packed_input(input_path, packed_metadata(input_path), command=command)
     tokenizer, tokenizer_name = resolve_tokenizer(args.tokenizer)
 
     # -- read and check every record --------------------------------------------------------------
+    from ..data.chat import template_roles
+
+    roles = template_roles(getattr(tokenizer, "chat_template", None)) if tokenizer is not None else None
     with _spinner(console, f"reading {input_path}"):
-        loaded = load_input(input_path, args)
+        loaded = load_input(input_path, args, roles)
+    refuse_packed_input(input_path, None, loaded.table.column_names, command=command)
     require_tokenizer(tokenizer, loaded.field, input_path, tokenizer_name)
     if loaded.bad.count:
         print_warning(console, loaded.bad.summary())

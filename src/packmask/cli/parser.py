@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="packmask", parents=[common],
         description="Train transformers models on packed rows with exactly the per-sequence result.",
-        epilog="Start with `packmask demo`. Docs: docs/cli.md",
+        epilog="Start with `packmask demo`. Each command's options and defaults: `packmask COMMAND --help` "
+               "(e.g. `packmask pack --help`); the Python API: `python -m pydoc packmask`.",
     )
     parser.add_argument("--version", action="version", version=f"packmask {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -96,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Train a tiny Llama padded and packed on the embedded stdlib-docstring "
                                       "corpus; print throughput, padding, losses and isolation; write a PNG.")
     demo.add_argument("--steps", type=_positive_int, default=200, help="optimizer steps per run (default 200)")
-    demo.add_argument("--out-dir", default="packmask-demo", help="where demo.png / demo.json go")
+    demo.add_argument("--out-dir", default="packmask-demo", metavar="DIR",
+                      help="folder for demo.png / demo.json (default: packmask-demo in the current folder)")
     demo.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     demo.add_argument("--max-length", type=_positive_int, default=512, help="tokens per packed row")
     demo.add_argument("--heldout", type=_positive_int, default=64, metavar="N",

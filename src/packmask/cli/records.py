@@ -27,9 +27,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data.chat import MESSAGES_FIX, ROLES, messages_problem
 from .errors import CLIError
 
-__all__ = ["Field", "BadRecords", "check_table", "read_json_lines", "read_json_array", "value_problem"]
+__all__ = ["Field", "BadRecords", "check_table", "read_json_lines", "read_json_array", "value_problem",
+           "check_one_kind", "present_in_table", "present_in_records"]
 
 SHOWN = 5  # bad records named in the summary under --skip-invalid
 
@@ -39,7 +41,7 @@ _FIXES = {
     "missing": "give every record the field",
     "tokens": "token ids must be lists of non-negative integers",
     "type": "give every record the same kind of value in this field",
-    "chat": "each record needs \"messages\": [{\"role\": \"user\", \"content\": \"...\"}, ...]",
+    "chat": MESSAGES_FIX,
 }
 
 
@@ -49,6 +51,7 @@ class Field:
 
     kind: str
     name: str
+    roles: tuple = field(default=ROLES, repr=False)  # chat: known message roles (the template may add its own)
 
 
 @dataclass
@@ -60,6 +63,7 @@ class BadRecords:
     count: int = 0
     first: list = field(default_factory=list)   # where the first SHOWN bad records are
     problems: list = field(default_factory=list)  # (where, problem) of those
+    kept_places: list | None = None  # chat: where each kept record is, to name one the chat template rejects
 
     def add(self, where: str, problem: str, fix_kind: str) -> None:
         if not self.skip:
@@ -78,7 +82,7 @@ class BadRecords:
 
 # --------------------------------------------------------------------------- one value (line-by-line path)
 
-def value_problem(kind: str, name: str, value) -> tuple[str, str] | None:
+def value_problem(kind: str, name: str, value, roles: tuple = ROLES) -> tuple[str, str] | None:
     """What is wrong with one record's ``value`` of field ``name``, as ``(problem, fix_kind)``.
 
     >>> value_problem("tokens", "input_ids", [1, "a"])
@@ -95,10 +99,8 @@ def value_problem(kind: str, name: str, value) -> tuple[str, str] | None:
     if kind == "text":
         return None if isinstance(value, str) else (f"field {name!r} is a {type(value).__name__}, not text", "type")
     if kind == "chat":
-        if isinstance(value, list) and not value:
-            return f"field {name!r} is an empty list of messages", "chat"
-        ok = isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in value)
-        return None if ok else (f"field {name!r} is not a list of messages {{\"role\": ..., \"content\": ...}}", "chat")
+        problem = messages_problem(value, name, roles)
+        return None if problem is None else (problem, "chat")
     if not isinstance(value, list):
         return f"field {name!r} is a {type(value).__name__}, not a list of token ids", "tokens"
     if not value:
@@ -119,6 +121,51 @@ def value_problem(kind: str, name: str, value) -> tuple[str, str] | None:
     if ids.min() < 0:
         return f"field {name!r} holds a negative token id {ids.min():g}", "tokens"
     return None
+
+
+# --------------------------------------------------------------------------- one kind per file
+
+def present_in_table(table, names) -> dict:
+    """``{name: bool array}``: which rows of an Arrow table hold a non-null value of each column."""
+    import numpy as np
+
+    return {name: ~np.asarray(table.column(name).is_null().to_numpy(zero_copy_only=False), dtype=bool)
+            for name in names if name in table.column_names}
+
+
+def present_in_records(records: list[dict], names) -> dict:
+    """``{name: bool array}``: which records hold a non-null value of each field."""
+    import numpy as np
+
+    found = {name for record in records for name in record}
+    return {name: np.array([record.get(name) is not None for record in records], dtype=bool)
+            for name in names if name in found}
+
+
+def check_one_kind(present: dict, fld: Field, path, where) -> None:
+    """One line when records lacking ``fld`` hold another kind's field instead (e.g. text and chat mixed).
+
+    Without this, every record of the other kind would be reported as missing ``fld``.
+
+    >>> import numpy as np
+    >>> check_one_kind({"text": np.array([True, False]), "messages": np.array([False, True])},
+    ...                Field("text", "text"), "a.jsonl", lambda rows: [f"line {r + 1}" for r in rows])
+    ... # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    packmask.cli.errors.CLIError: a.jsonl mixes kinds of records: 1 hold 'text', 1 hold 'messages' instead (first: line 2) (fix: pack each kind from its own file ...)
+    """
+    import numpy as np
+
+    mine = present.get(fld.name)
+    if mine is None:
+        return
+    for name, theirs in present.items():
+        others = np.flatnonzero(theirs & ~mine)
+        if name != fld.name and others.size:
+            raise CLIError(f"{path} mixes kinds of records: {int(mine.sum()):,} hold {fld.name!r}, {others.size:,} hold "
+                           f"{name!r} instead (first: {where(others[:1].tolist())[0]})",
+                           f"pack each kind from its own file (e.g. jq -c 'select(.{fld.name})' and "
+                           f"'select(.{name})'), or give every record {fld.name!r}")
 
 
 # --------------------------------------------------------------------------- whole columns
@@ -149,22 +196,20 @@ def _token_problems(column, name: str):
     return found
 
 
-def _chat_problems(column, name: str):
-    """``[(rows, text)]``: empty conversations, and messages without a ``role`` (vectorised)."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
+def _chat_problems(column, name: str, roles: tuple = ROLES):
+    """``[(rows, text)]``, one per bad conversation (:func:`packmask.data.chat.messages_problem`).
 
-    lengths = np.asarray(pc.list_value_length(column).to_numpy(zero_copy_only=False))
-    found = [(np.flatnonzero((lengths == 0) & ~np.asarray(column.is_null().to_numpy(zero_copy_only=False))),
-              f"field {name!r} is an empty list of messages")]
-    messages = pc.list_flatten(column)
-    if pa.types.is_struct(messages.type):
-        roles = messages.field("role") if messages.type.get_field_index("role") >= 0 else pa.nulls(len(messages))
-        missing = np.asarray(roles.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-        parents = np.asarray(pc.list_parent_indices(column))
-        found.append((np.unique(parents[missing]), f"field {name!r} has a message without a 'role'"))
-    return [(rows, text) for rows, text in found if rows.size]
+    A Python loop per record: chat records are rendered one by one by the chat template anyway.
+    """
+    import numpy as np
+
+    found = []
+    for row, messages in enumerate(column.to_pylist()):
+        if messages is not None:  # null rows are reported as missing by check_table
+            problem = messages_problem(messages, name, roles)
+            if problem is not None:
+                found.append((np.array([row]), problem))
+    return found
 
 
 def check_table(table, fld: Field, bad: BadRecords, where):
@@ -183,7 +228,7 @@ def check_table(table, fld: Field, bad: BadRecords, where):
     if fld.kind == "tokens" and is_list:
         problems += [(rows, offenders, text, "tokens") for rows, offenders, text in _token_problems(column, fld.name)]
     if fld.kind == "chat" and is_list:
-        problems += [(rows, {}, text, "chat") for rows, text in _chat_problems(column, fld.name)]
+        problems += [(rows, {}, text, "chat") for rows, text in _chat_problems(column, fld.name, fld.roles)]
     all_bad = np.unique(np.concatenate([rows for rows, *_ in problems]).astype(np.int64))
     if all_bad.size:
         shown = all_bad[: SHOWN if bad.skip else 1].tolist()
@@ -191,9 +236,12 @@ def check_table(table, fld: Field, bad: BadRecords, where):
             rows, offenders, text, fix_kind = next(p for p in problems if row in p[0])
             bad.add(place, f"{text} {offenders[row]!r}" if offenders.get(row) is not None else text, fix_kind)
         bad.count += int(all_bad.size) - len(shown)
-        keep = np.ones(table.num_rows, dtype=bool)
-        keep[all_bad] = False
+    keep = np.ones(table.num_rows, dtype=bool)
+    keep[all_bad] = False
+    if all_bad.size:
         table = table.filter(pa.array(keep))
+    if fld.kind == "chat":  # records are tokenized one by one later: remember where each came from
+        bad.kept_places = where(np.flatnonzero(keep).tolist())
     if fld.kind == "tokens" and is_list:
         table = table.set_column(table.schema.get_field_index(fld.name), fld.name,
                                  table.column(fld.name).cast(pa.list_(pa.int64())))
@@ -227,9 +275,23 @@ def _nonblank_line_numbers(path: Path) -> list[int]:
         return [number for number, line in enumerate(handle, 1) if line.strip()]
 
 
-def _table_from_records(records: list[dict], fld: Field | None):
+def _first_other_kind(values: list) -> int:
+    """Index of the first value Arrow cannot hold in one column with the first non-null value."""
+    import pyarrow as pa
+
+    first = next((v for v in values if v is not None), None)
+    for index, value in enumerate(values):
+        try:
+            pa.array([first, value])
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            return index
+    return 0
+
+
+def _table_from_records(records: list[dict], fld: Field | None, path=None, where=None):
     """Arrow table of parsed records; a column whose values disagree in type (other than the
-    checked field) is left out and named in the returned list."""
+    checked field) is left out and named in the returned list. ``where(rows)`` names records for
+    the one-line error when the checked field itself disagrees."""
     import pyarrow as pa
 
     try:
@@ -244,8 +306,12 @@ def _table_from_records(records: list[dict], fld: Field | None):
             kept.append(name)
         except (pa.ArrowInvalid, pa.ArrowTypeError):
             if fld is not None and name == fld.name:
-                raise CLIError(f"field {name!r} holds values of different types",
-                               "give every record the same kind of value in this field") from None
+                place = ""
+                if where is not None:
+                    place = f"{path}, {where([_first_other_kind([record.get(name) for record in records])])[0]}: "
+                raise CLIError(f"{place}field {name!r} holds a different kind of value than the records before it",
+                               "give every record the same kind of value in this field (chat: every content a "
+                               "string, or every content a list of parts)") from None
             mixed.append(name)
     return pa.table(dict(zip(kept, arrays))), mixed
 
@@ -287,6 +353,11 @@ def _sample_type(records: list[dict], name: str):
         return None
 
 
+def _candidates(choose) -> list[str]:
+    """The field names ``choose`` picks from (``choose.candidates``, set by the CLI's field chooser)."""
+    return list(getattr(choose, "candidates", ()))
+
+
 def _choose(records: list[dict], choose, check_type) -> Field:
     fld = choose(list(dict.fromkeys(key for record in records for key in record)))
     kind = _sample_type(records, fld.name)
@@ -320,6 +391,7 @@ def read_json_lines(path: Path, choose, check_type, bad: BadRecords):
                 lines = lines if lines is not None else _nonblank_line_numbers(path)
                 return [f"line {lines[r]}" for r in rows]
 
+            check_one_kind(present_in_table(table, _candidates(choose)), fld, path, where)
             return check_table(table, fld, bad, where), fld, []
     records, lines, problems = _parse_lines(path)
     if not records:
@@ -328,9 +400,11 @@ def read_json_lines(path: Path, choose, check_type, bad: BadRecords):
         raise CLIError(f"{path} has no valid JSON records" + (f" ({bad.count:,} skipped)" if bad.count else ""),
                        "write one JSON object per line, e.g. {\"text\": \"...\"}")
     fld = _choose(records, choose, check_type)
+    check_one_kind(present_in_records(records, _candidates(choose)), fld, path,
+                   lambda rows: [f"line {lines[r]}" for r in rows])
     records, lines, value_problems = _drop_bad_values(records, lines, fld)
     _report_in_order(problems + value_problems, bad, "line")
-    table, mixed = _table_from_records(records, fld)
+    table, mixed = _table_from_records(records, fld, path, lambda rows: [f"line {lines[r]}" for r in rows])
     return check_table(table, fld, bad, lambda rows: [f"line {lines[r]}" for r in rows]), fld, mixed
 
 
@@ -338,7 +412,7 @@ def _drop_bad_values(records, numbers, fld: Field):
     """Records (and their numbers) whose ``fld`` value passes :func:`value_problem`, and the problems."""
     kept, kept_numbers, problems = [], [], []
     for record, number in zip(records, numbers):
-        problem = value_problem(fld.kind, fld.name, record.get(fld.name))
+        problem = value_problem(fld.kind, fld.name, record.get(fld.name), fld.roles)
         if problem is not None:
             problems.append((number, *problem))
             continue
@@ -366,7 +440,9 @@ def read_json_array(path: Path, records: list, choose, check_type, bad: BadRecor
         _report_in_order(problems, bad, "record")
         raise CLIError(f"{path} holds no JSON objects", "write one JSON array of objects, e.g. [{\"text\": \"...\"}]")
     fld = _choose(objects, choose, check_type)
+    check_one_kind(present_in_records(objects, _candidates(choose)), fld, path,
+                   lambda rows: [f"record {numbers[r]}" for r in rows])
     objects, numbers, value_problems = _drop_bad_values(objects, numbers, fld)
     _report_in_order(problems + value_problems, bad, "record")
-    table, mixed = _table_from_records(objects, fld)
+    table, mixed = _table_from_records(objects, fld, path, lambda rows: [f"record {numbers[r]}" for r in rows])
     return check_table(table, fld, bad, lambda rows: [f"record {numbers[r]}" for r in rows]), fld, mixed

@@ -33,12 +33,95 @@ from typing import Any
 
 from ..errors import PackmaskError
 
-__all__ = ["tokenize_messages", "tokenize_chat_dataset", "TRAIN_ON", "IGNORE_INDEX"]
+__all__ = ["tokenize_messages", "tokenize_chat_dataset", "messages_problem", "template_roles", "ChatRowError", "TRAIN_ON",
+           "IGNORE_INDEX", "ROLES", "MESSAGES_FIX"]
 
 #: label value the loss ignores (transformers / PyTorch convention)
 IGNORE_INDEX = -100
 TRAIN_ON = ("assistant", "all")
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+#: message roles the chat templates of transformers models use (``ipython``: Llama 3.1 tool output)
+ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
+MESSAGES_FIX = ('each message needs "role" (one of ' + ", ".join(ROLES) + ', or a role the chat template names) and '
+                '"content" (a string, or a list of content parts; null only beside "tool_calls")')
+_ROLE_TEST = re.compile(r"""role['"]?\]?\s*[!=]=\s*['"]([\w-]+)['"]""")
+
+
+def template_roles(template) -> tuple[str, ...]:
+    """:data:`ROLES` plus the roles a chat template compares against (``message['role'] == 'document'``),
+    so a template's own roles are known roles.
+
+    >>> template_roles("{% if m['role'] == 'document' %}...{% elif m.role != 'system' %}")[-2:]
+    ('ipython', 'document')
+    """
+    if isinstance(template, dict):  # several named templates
+        template = " ".join(t for t in template.values() if isinstance(t, str))
+    found = _ROLE_TEST.findall(template) if isinstance(template, str) else []
+    return ROLES + tuple(dict.fromkeys(r for r in found if r not in ROLES))
+
+
+class ChatRowError(PackmaskError):
+    """A conversation of :func:`tokenize_chat_dataset` is malformed or rejected by the chat template;
+    ``row`` is its index in the dataset (``dataset[row]``), ``problem`` what is wrong."""
+
+    def __init__(self, row: int, problem: str, fix: str):
+        super().__init__(f"row {row} (dataset[{row}]): {problem}; {fix}")
+        self.row, self.problem, self.fix = row, problem, fix
+
+
+def _kind(value) -> str:
+    """``an int (42)``, ``a str ('hi')``, ``a dict``: how a wrong value is named in an error."""
+    if value is None:
+        return "null"
+    kind = type(value).__name__
+    article = "an" if kind[0] in "aeiou" else "a"
+    return f"{article} {kind}" if isinstance(value, (list, dict)) else f"{article} {kind} ({repr(value)[:40]})"
+
+
+def messages_problem(messages: Any, name: str = "messages", roles: tuple[str, ...] = ROLES) -> str | None:
+    """What is wrong with one conversation, naming the field (``messages[i].role``), or ``None``.
+
+    Messages are numbered as Python indexes them (``messages[0]`` is the first). ``roles``: the
+    known roles (:func:`template_roles` of the tokenizer's template adds the template's own).
+
+    >>> messages_problem([{"role": "user", "content": "hi"}, {"role": "assistant", "content": 42}])
+    "field 'messages[1].content' is an int (42), not text"
+    >>> messages_problem([{"role": "user", "content": None}])
+    "field 'messages[0].content' is missing or null"
+    >>> messages_problem([{"role": "bot", "content": "x"}])
+    "field 'messages[0].role' is 'bot', not a known role"
+    >>> messages_problem([{"content": "x"}])
+    "field 'messages[0].role' is missing or null"
+    >>> messages_problem([]), messages_problem("hi")
+    ("field 'messages' is an empty list of messages", "field 'messages' is a str ('hi'), not a list of messages")
+    >>> messages_problem([{"role": "assistant", "content": None, "tool_calls": [{"name": "f"}]}]) is None
+    True
+    """
+    if messages is None:
+        return f"field {name!r} is missing or null"
+    if not isinstance(messages, (list, tuple)):
+        return f"field {name!r} is {_kind(messages)}, not a list of messages"
+    if not messages:
+        return f"field {name!r} is an empty list of messages"
+    for i, message in enumerate(messages):
+        at = f"{name}[{i}]"
+        if not isinstance(message, dict):
+            return f"field {at!r} is {_kind(message)}, not a message {{\"role\": ..., \"content\": ...}}"
+        role, content = message.get("role"), message.get("content")
+        if role is None:
+            return f"field {at + '.role'!r} is missing or null"
+        if not isinstance(role, str):
+            return f"field {at + '.role'!r} is {_kind(role)}, not a role name"
+        if role not in roles:
+            return f"field {at + '.role'!r} is {role!r}, not a known role"
+        if content is None:
+            if message.get("tool_calls"):
+                continue
+            return f"field {at + '.content'!r} is missing or null"
+        if not isinstance(content, (str, list)) or (isinstance(content, list)
+                                                    and not all(isinstance(part, dict) for part in content)):
+            return f"field {at + '.content'!r} is {_kind(content)}, not text"
+    return None
 
 
 def _check_args(tokenizer, train_on: str) -> str:
@@ -54,17 +137,10 @@ def _check_args(tokenizer, train_on: str) -> str:
     return template
 
 
-def _check_messages(messages: Any, where: str = "") -> None:
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise PackmaskError(f"messages{where} must be a non-empty list of {{'role': ..., 'content': ...}} dicts, "
-                            f"got {type(messages).__name__} {str(messages)[:60]!r}.")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not message["role"]:
-            raise PackmaskError(f"message {i}{where} has no 'role' string (got {str(message)[:80]!r}); every message "
-                                f"needs 'role' ('system', 'user', 'assistant', ...) and 'content'.")
-        if message.get("content") is None and not message.get("tool_calls"):
-            raise PackmaskError(f"message {i}{where} (role {message['role']!r}) has no 'content'; give it a string "
-                                f"(an empty string for an empty turn).")
+def _check_messages(messages: Any, where: str = "", name: str = "messages", roles: tuple[str, ...] = ROLES) -> None:
+    problem = messages_problem(messages, name, roles)
+    if problem is not None:
+        raise PackmaskError(f"{where}{problem}; {MESSAGES_FIX}.")
 
 
 def _render_ids(tokenizer, messages, add_generation_prompt: bool) -> list[int]:
@@ -121,7 +197,7 @@ def tokenize_messages(tokenizer, messages, *, train_on: str = "assistant") -> di
     (skipped as doctests: they need a tokenizer, which the tests build offline in tests/data/test_chat.py)
     """
     template = _check_args(tokenizer, train_on)
-    _check_messages(messages)
+    _check_messages(messages, roles=template_roles(template))
     return _tokenize_one(tokenizer, messages, train_on, bool(_GENERATION_TAG.search(template)), "")
 
 
@@ -165,13 +241,22 @@ def tokenize_chat_dataset(dataset, tokenizer, *, column: str = "messages", train
         raise PackmaskError(f"the dataset already has {clashes}; remove them first (dataset.remove_columns({clashes})) "
                             f"so the chat tokens are not mixed with older ones.")
     has_tags = bool(_GENERATION_TAG.search(template))
+    roles = template_roles(template)
 
     def tokenize_batch(batch, indices):
         out = {"input_ids": [], "labels": []}
         for messages, index in zip(batch[column], indices):
-            where = f" of row {index}"
-            _check_messages(messages, where)
-            one = _tokenize_one(tokenizer, messages, train_on, has_tags, where)
+            problem = messages_problem(messages, column, roles)
+            if problem is not None:
+                raise ChatRowError(index, problem, MESSAGES_FIX + ".")
+            try:
+                one = _tokenize_one(tokenizer, messages, train_on, has_tags, f" of row {index}")
+            except PackmaskError:
+                raise
+            except Exception as error:  # the template's own checks (raise_exception), jinja errors
+                raise ChatRowError(index, f"the chat template rejected this conversation ({type(error).__name__}: "
+                                          f"{str(error).strip().splitlines()[0] if str(error).strip() else ''})",
+                                   "fix the conversation (or use a tokenizer whose template takes it)") from None
             out["input_ids"].append(one["input_ids"])
             out["labels"].append(one["labels"])
         return out

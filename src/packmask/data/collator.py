@@ -24,8 +24,12 @@ With ``flatten=True`` every row is concatenated into one row ``[1, total]`` (the
 (block-diagonal causal, ``packmask.block_diagonal_mask(seq_lengths)``: the row padding is one causal block of
 its own, the padding rule of :mod:`packmask.segments`, so no query row is empty) is added.
 
-Use with the HF ``Trainer``: the ``seq_lengths`` column is not a model argument, so set
-``TrainingArguments(remove_unused_columns=False)`` or the Trainer deletes it before collation.
+Use with the HF ``Trainer``: the ``seq_lengths`` column is not a model argument, so the Trainer's default
+``remove_unused_columns=True`` deletes it before collation, and a packed row would then look like one
+long sequence. Either keep it (``TrainingArguments(remove_unused_columns=False)``, or a Trainer with
+:class:`packmask.distributed.PackedTrainerMixin`, which keeps ``seq_lengths`` itself), and say
+``PackedCollator(packed=True)`` for a packed dataset: an example without ``seq_lengths`` then raises
+with that fix instead of training across document boundaries.
 """
 from __future__ import annotations
 
@@ -42,6 +46,9 @@ from ..masks import block_diagonal_mask
 __all__ = ["PackedCollator"]
 
 _MASK_KEYS = ("completion_mask", "assistant_masks")
+MISSING_SEQ_LENGTHS_FIX = ("the HF Trainer drops that column by default: set "
+                           "TrainingArguments(remove_unused_columns=False), or mix "
+                           "packmask.distributed.PackedTrainerMixin into the Trainer (it keeps the column)")
 
 
 def _as_list(value) -> list:
@@ -66,11 +73,21 @@ class PackedCollator:
         label_pad_token_id: label for padding, sequence starts and masked-out tokens.
         use_completion_mask: if an example has ``completion_mask`` or ``assistant_masks`` (TRL's
             columns), tokens where it is 0 get label ``-100``.
+        return_attention_mask: also return a 2D ``attention_mask`` ``[B, N]`` (1 on real tokens, 0 on
+            row padding): what TRL's ``SFTTrainer`` sums for its ``num_tokens`` metric (without it, TRL
+            counts the row width). Only for a model on ``attn_implementation="packmask"``, which takes
+            it with the packed keys and stays exact; stock sdpa / eager / flash attention read a 2D
+            mask as plain padding and stop separating the sequences (packmask warns).
+        packed: ``True``: every example is a packed row and must carry ``seq_lengths`` (raises with
+            the fix when it was dropped, e.g. by the Trainer's ``remove_unused_columns``); ``False``:
+            every example is one sequence (an example with ``seq_lengths`` raises); ``None``
+            (default): each example by whether it has ``seq_lengths``, but a batch mixing both raises.
 
     Output keys: ``input_ids``, ``labels``, ``position_ids`` (int64 ``[B, N]``), ``cu_seq_lens_q``,
     ``cu_seq_lens_k`` (int32, over the ``B * N`` flattened tokens, row padding its own segment, so
     ``cu[-1] == B * N``), ``max_length_q``, ``max_length_k`` (Python ints), optionally
-    ``attention_mask`` and ``seq_lengths``.
+    ``attention_mask`` (``[B, N, N]`` with ``return_mask``, ``[B, N]`` with ``return_attention_mask``)
+    and ``seq_lengths``.
     """
 
     pad_token_id: int = 0
@@ -81,8 +98,13 @@ class PackedCollator:
     return_seq_lengths: bool = False
     label_pad_token_id: int = -100
     use_completion_mask: bool = True
+    packed: bool | None = None
+    return_attention_mask: bool = False
 
     def __post_init__(self):
+        if self.return_attention_mask and self.return_mask:
+            raise PackmaskError("return_mask=True (a [B, N, N] attention_mask) and return_attention_mask=True (a 2D one) "
+                                "both name the attention_mask key; choose one.")
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
             raise PackmaskError(f"pad_to_multiple_of must be >= 1 or None, got {self.pad_to_multiple_of}.")
         if self.max_length is not None and self.max_length < 1:
@@ -99,6 +121,12 @@ class PackedCollator:
         if len(labels) != n:
             raise PackmaskError(f"Example {index}: labels has {len(labels)} entries but input_ids has {n}.")
         lengths = feature.get("seq_lengths")
+        if lengths is None and self.packed and n > 0:
+            raise PackmaskError(f"Example {index} has no 'seq_lengths' but PackedCollator(packed=True) expects packed rows; "
+                                f"{MISSING_SEQ_LENGTHS_FIX}.")
+        if lengths is not None and self.packed is False:
+            raise PackmaskError(f"Example {index} has 'seq_lengths' (a packed row) but PackedCollator(packed=False) expects "
+                                "one sequence per example; pass packed=True or None.")
         lengths = [n] if lengths is None else [int(x) for x in _as_list(lengths)]
         if sum(lengths) != n or any(x < 0 for x in lengths):
             raise PackmaskError(f"Example {index}: seq_lengths {lengths} sum to {sum(lengths)} but the row has {n} tokens; "
@@ -124,6 +152,11 @@ class PackedCollator:
     def __call__(self, features: Sequence[dict[str, Any]], return_tensors: str | None = None) -> dict[str, Any]:
         if return_tensors not in (None, "pt"):
             raise PackmaskError(f"PackedCollator returns torch tensors only, got return_tensors={return_tensors!r}.")
+        nonempty = [f for f in features if f.get("input_ids") is not None and len(f["input_ids"]) > 0]
+        has_lengths = {f.get("seq_lengths") is not None for f in nonempty}
+        if self.packed is None and len(has_lengths) > 1:
+            raise PackmaskError("This batch mixes packed rows (with 'seq_lengths') and examples without it; if these are "
+                                f"packed rows whose 'seq_lengths' was lost, {MISSING_SEQ_LENGTHS_FIX}.")
         rows = [self._row(f, i) for i, f in enumerate(features)]
         rows = [r for r in rows if len(r[0]) > 0]  # like DataCollatorWithFlattening: empty examples add nothing
         if not rows:
@@ -156,6 +189,9 @@ class PackedCollator:
         }
         if self.return_mask:
             batch["attention_mask"] = block_diagonal_mask(seq_lengths, width)
+        if self.return_attention_mask:  # real tokens 1, row padding 0: TRL's SFTTrainer sums it as num_tokens
+            lengths = torch.tensor([sum(row) for row in seq_lengths])
+            batch["attention_mask"] = (torch.arange(width)[None, :] < lengths[:, None]).long()
         if self.return_seq_lengths:
             batch["seq_lengths"] = seq_lengths
         return batch

@@ -76,7 +76,6 @@ def packed_causal_lm_loss(
     cu_seq_lens: torch.Tensor | None = None,
     reduction: str = "token",
     num_items_in_batch: int | torch.Tensor | None = None,
-    num_sequences_in_batch: int | torch.Tensor | None = None,
     ignore_index: int = -100,
     reduce_across=None,
 ) -> torch.Tensor:
@@ -92,7 +91,6 @@ def packed_causal_lm_loss(
             predicted tokens, for ``"sequence"`` the sequences with at least one predicted token,
             over every rank and accumulated micro-batch (the HF Trainer passes the token count;
             :func:`packmask.distributed.count_loss_items` gives either).
-        num_sequences_in_batch: older name of ``num_items_in_batch`` for ``"sequence"``.
         reduce_across: a ``torch.distributed`` process group (or ``True`` for the default group):
             the local count is summed over its ranks with one all-reduce and used as the divisor.
             Either way the result is this rank's share, ``local sum / global count``: the shares of
@@ -107,12 +105,7 @@ def packed_causal_lm_loss(
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise PackmaskError(f"logits must be [B, N, V] and labels [B, N]; got {tuple(logits.shape)} and "
                          f"{tuple(labels.shape)}.")
-    if reduction == "sequence" and num_items_in_batch is not None:
-        if num_sequences_in_batch is not None:
-            raise PackmaskError("Pass the sequence count once: num_items_in_batch or num_sequences_in_batch, not both.")
-        num_sequences_in_batch = num_items_in_batch
-    given = num_items_in_batch if reduction == "token" else num_sequences_in_batch
-    if given is not None and reduce_across is not None:
+    if num_items_in_batch is not None and reduce_across is not None:
         raise PackmaskError("num_items_in_batch is already a global count; do not also pass reduce_across.")
     B, N, V = logits.shape
     seq = sequence_ids(position_ids=position_ids, cu_seq_lens=cu_seq_lens, shape=(B, N),
@@ -135,7 +128,7 @@ def packed_causal_lm_loss(
         0, owner, valid.reshape(-1).to(per_token.dtype))
     scored = tokens > 0
     means = sums[scored] / tokens[scored]
-    denominator = scored.sum() if num_sequences_in_batch is None else num_sequences_in_batch
+    denominator = scored.sum() if num_items_in_batch is None else num_items_in_batch
     denominator = all_reduce_count(denominator, reduce_across)
     if isinstance(denominator, torch.Tensor):
         denominator = denominator.to(means.device)

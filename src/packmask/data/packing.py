@@ -62,8 +62,9 @@ def _pack_table(dataset, max_length, strategy, overflow, column, shuffle, seed, 
         raise PackmaskError(f"Column {column!r} not found (columns: {dataset.column_names}). Tokenize first, or pass "
                          f"column=<name of the token-id list column>.")
     if "seq_lengths" in dataset.column_names:
-        raise PackmaskError("The dataset already has a 'seq_lengths' column, so it looks packed already; pack the "
-                         "unpacked dataset, or drop that column first.")
+        raise PackmaskError("The dataset already has a 'seq_lengths' column, so it is packed already (each row holds "
+                            "several documents, and seq_lengths is the only record of where they end); pack the "
+                            "unpacked source dataset instead (dropping seq_lengths would merge each row's documents).")
     table = arrow_table(dataset)
     token_array = arrow.single_chunk(table.column(column))
     if not arrow.is_list(token_array):

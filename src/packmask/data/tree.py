@@ -126,18 +126,10 @@ class PackedForest:
         return lengths_from_offsets(self.row_offsets)
 
     def segments(self) -> list[list[tuple[int, int, int]]]:
-        """Per row ``[(start, length, parent), ...]`` -- the form :func:`packmask.tree_mask_from_segments` takes."""
+        """Per row ``[(start, length, parent), ...]`` -- the form :meth:`packmask.TreeLayout.from_segments`
+        and :func:`packmask.masks.tree_mask_from_segments` take."""
         return [list(zip(self.seg_start[a:b].tolist(), self.seg_length[a:b].tolist(), self.seg_parent[a:b].tolist()))
                 for a, b in zip(self.seg_row_offsets[:-1], self.seg_row_offsets[1:])]
-
-    def row(self, r: int) -> dict:
-        """Row ``r`` as a dict of lists (the columns :func:`packmask.pack_preference` writes)."""
-        a, b = self.row_offsets[r], self.row_offsets[r + 1]
-        s, e = self.seg_row_offsets[r], self.seg_row_offsets[r + 1]
-        return dict(input_ids=self.tokens[a:b].tolist(), position_ids=self.positions[a:b].tolist(),
-                    seg_lengths=self.seg_length[s:e].tolist(), seg_parents=self.seg_parent[s:e].tolist(),
-                    seg_kinds=self.seg_kind[s:e].tolist(), seg_examples=self.seg_example[s:e].tolist(),
-                    seg_scored=self.seg_scored[s:e].astype(np.int8).tolist())
 
 
 def _segment_positions(parent_global: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -201,7 +193,7 @@ def _pack_forest(forest: Forest, max_length: int, strategy: str) -> PackedForest
 
 
 def concat_forests(rows: list[dict]) -> PackedForest:
-    """A :class:`PackedForest` from rows written by :meth:`PackedForest.row` (dataset rows). One loop
+    """A :class:`PackedForest` from dataset rows (the columns :func:`packmask.pack_preference` writes). One loop
     over rows (lists are joined), none over tokens."""
     if not rows:
         raise PackmaskError("no rows to collate.")

@@ -25,7 +25,7 @@ What happens:
    ``num_items_in_batch`` = the label count of the whole batch over every rank, so each rank's
    ``out.loss`` is its share of the globally normalised loss.
 2. The local batch carries a :class:`~packmask.distributed.cp_attention.ContextParallelLayout`
-   under the model keyword ``packmask_layout`` (:data:`packmask.integration.LAYOUT_KWARG`).
+   under the model keyword ``packmask_layout`` (:data:`packmask.inputs.LAYOUT_KWARG`).
    transformers forwards it to every attention call, where packmask runs it: all-gather K/V over
    the context group, attend this rank's queries to the keys of their documents; the backward
    reduce-scatters dK/dV.
@@ -46,8 +46,11 @@ import torch
 import torch.distributed as dist
 
 from ..errors import PackmaskError, UnsupportedModelError
-from ..layout import DocumentLayout, analyse_mask
+from ..forward_inputs import NAME, uses_packmask
+from ..inputs import LAYOUT_KWARG, require_external_layout, resolve_layout
+from ..layout import DocumentLayout
 from ..segments import starts_from_ids
+from ..support import unsupported_reason
 from .cp_attention import ContextParallelLayout, all_gather_sequence
 from .cp_plan import ShardPlan, plan_context_parallel
 
@@ -73,29 +76,25 @@ def _groups(mesh, dim: str):
 
 
 def _layout_of(batch: dict, B: int, N: int) -> DocumentLayout:
-    """The document boundaries of a full batch, from whichever key carries them."""
+    """The document boundaries of a full batch, from whichever key carries them
+    (:func:`packmask.inputs.resolve_layout`, on the host); a row without any is one sequence."""
     mask = batch.get("attention_mask")
-    if batch.get("seq_lengths") is not None:
-        lengths = batch["seq_lengths"]
-        lengths = lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths
-        return DocumentLayout.from_seq_lengths(lengths, N)
-    if batch.get("cu_seq_lens_q") is not None:
-        return DocumentLayout.from_cu_seqlens(batch["cu_seq_lens_q"].cpu(), B, N)
-    if isinstance(mask, torch.Tensor) and mask.dim() in (3, 4):
-        layout = analyse_mask(mask.cpu(), B, N)
-        if not isinstance(layout, DocumentLayout):
-            raise PackmaskError(
-                "context parallelism splits packed documents; this attention_mask is not block-diagonal (prefix-LM, "
-                "tree or other mask). Train these rows without context parallelism.")
-        return layout
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
         raise PackmaskError(
             "a 2D padding attention_mask cannot be context-parallel: pack the rows and pass seq_lengths (padding "
             "becomes a document of its own with label -100), e.g. from packmask.PackedCollator.")
-    pos = batch.get("position_ids")
-    if pos is None:  # no boundaries given: every row is one sequence
-        pos = torch.arange(N).expand(B, N)
-    return DocumentLayout.from_position_ids(pos.cpu().expand(B, N))
+    on_host = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k in _BOUNDARY_KEYS
+               or k == "position_ids"}
+    if isinstance(on_host.get("attention_mask"), torch.Tensor) and on_host["attention_mask"].dim() == 2:
+        on_host.pop("attention_mask")  # no padding (checked above): nothing to read
+    layout = resolve_layout(B, N, **on_host)
+    if layout is None:  # no boundaries given, or one sequence per row
+        return DocumentLayout.from_seq_lengths([[N]] * B, N)
+    if not isinstance(layout, DocumentLayout):
+        raise PackmaskError(
+            "context parallelism splits packed documents; this attention_mask is not block-diagonal (prefix-LM, "
+            "tree or other mask). Train these rows without context parallelism.")
+    return layout
 
 
 def shift_labels(labels: torch.Tensor, doc_ids: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -145,26 +144,23 @@ class ContextParallel:
 
     @staticmethod
     def _check_model(model) -> None:
-        from ..integration import NAME, _uses_packmask
-        from ..support import unsupported_reason
         reason = unsupported_reason(model)
         if reason:
             raise UnsupportedModelError(f"packmask cannot shard this model over context-parallel ranks: {reason} "
                                         f"Train it without context parallelism.")
-        if not _uses_packmask(model):
+        if not uses_packmask(model):
             raise PackmaskError(f"{type(model).__name__} runs attn_implementation="
                                 f"{getattr(model.config, '_attn_implementation', None)!r}; context parallelism runs "
                                 f"through packmask: build it with attn_implementation={NAME!r} or packmask.enable(model).")
 
     # ---- the context: attention without the CP layout is refused while it is active ---------------
     def __enter__(self) -> "ContextParallel":
-        from ..integration import _external_layout
-        _external_layout["required"] += 1
+        self._required = require_external_layout()  # per thread / task (a ContextVar), like packmask.backend
+        self._required.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        from ..integration import _external_layout
-        _external_layout["required"] -= 1
+        self._required.__exit__(*exc)
 
     # ---- batches ----------------------------------------------------------------------------------
     def _check_same_batch(self, layout: DocumentLayout, ref: torch.Tensor) -> None:
@@ -219,7 +215,6 @@ class ContextParallel:
             local["num_items_in_batch"] = torch.as_tensor(num_items_in_batch).to(ref.device)
             self._labels = (shifted, local["num_items_in_batch"])
         local["use_cache"] = False
-        from ..integration import LAYOUT_KWARG
         local[LAYOUT_KWARG] = ContextParallelLayout(plan, self.rank, self.group)
         self.plan = plan
         return local

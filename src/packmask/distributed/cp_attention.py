@@ -8,15 +8,17 @@ query may see is decided from the document and position of both, never from wher
     query (doc d, position p) may attend key (doc e, position s)  iff  d == e and s <= p
                                                                  (and p - s < window)
 
-Two kernels:
+The rank's call is a :class:`~packmask.layout_pieces.PiecesLayout` run through packmask's one
+dispatcher (:func:`packmask.backends.attend`), which picks the kernel as for any layout:
 
-* **dense** (any device, fp32, softcap, dropout): a ``[B, 1, n, cp * n]`` bool mask through
-  packmask's SDPA / eager backends. O(n * N) memory: for CPU, tests and short rows.
 * **varlen** (CUDA, fp16/bf16): the rank's queries cut into *pieces* (runs of consecutive tokens
   of one document); each piece gets its own key range — its document from the start (or from the
-  window's reach) up to the piece's last query — copied into a packed key tensor. Query and key
-  lengths differ (``cu_seqlens_q != cu_seqlens_k``) and causality is bottom-right aligned, as
-  FlashAttention-2 defines it for ``seqlen_q < seqlen_k``.
+  window's reach) up to the piece's last query — gathered by index
+  (:func:`packmask.backends.varlen.varlen_pieces_attention`, the kernel tree layouts run on too).
+  Query and key lengths differ (``cu_seqlens_q != cu_seqlens_k``) and causality is bottom-right
+  aligned, as FlashAttention-2 defines it for ``seqlen_q < seqlen_k``.
+* **sdpa / eager** (any device, fp32, softcap, dropout): the ``[B, 1, n, cp * n]`` bool mask.
+  O(n * N) memory: for CPU, tests and short rows.
 
 Worked example (rank 0 of the plan in :mod:`packmask.distributed.cp_plan`, document ``a`` of
 10 tokens zig-zagged over 2 ranks): rank 0 holds ``a0 a1`` and ``a7 a8 a9``::
@@ -30,13 +32,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..backends import requested_backend
-from ..backends.eager import eager_attention
-from ..backends.sdpa import sdpa_attention
-from ..backends.spec import AttentionSpec
-from ..backends.varlen import varlen_available, varlen_flat
-from ..errors import PackmaskError
-from ..segments import cu_seqlens_from_lengths, doc_bounds_from_starts, span_indices, starts_from_ids
+from ..backends import AttentionSpec, attend
+from ..errors import PackmaskError, UnsupportedModelError
+from ..layout_pieces import KeyPieces, PiecesLayout
+from ..segments import (cu_seqlens_from_lengths, cu_seqlens_from_starts, doc_bounds_from_starts,
+                        lengths_from_cu_seqlens, span_indices, starts_from_ids, starts_from_position_ids)
+from ..support import unsupported_reason
 
 __all__ = ["all_gather_sequence", "ContextParallelLayout", "dense_cp_mask", "varlen_pieces"]
 
@@ -87,41 +88,47 @@ def dense_cp_mask(q_doc, q_pos, k_doc, k_pos, causal: bool = True, window: int |
     return m[:, None]
 
 
-def varlen_pieces(index_r: torch.Tensor, index_all: torch.Tensor, doc_ids: torch.Tensor, position_ids: torch.Tensor,
-                  causal: bool = True, window: int | None = None):
+def varlen_pieces(index_r: torch.Tensor, index_all: torch.Tensor, doc_ids: torch.Tensor,
+                  position_ids: torch.Tensor | None = None, causal: bool = True, window: int | None = None):
     """Query pieces of one rank and the flat gathered-key indices of each piece's key range.
 
     Args:
         index_r: ``[B, n]`` row positions of this rank's tokens (ascending).
         index_all: ``[cp, B, n]`` row positions of every rank's tokens (the gathered key order).
-        doc_ids, position_ids: ``[B, N]``.
+        doc_ids: ``[B, N]`` document of every token of the full rows.
+        position_ids: not needed (documents start where ``doc_ids`` change, whatever position
+            their first token has); accepted for compatibility.
 
     Returns:
         ``(cu_q, cu_k, key_index, max_q, max_k)``: int32 cumulative piece lengths over the flat
         ``B * n`` queries and over the packed keys, the long ``key_index`` into the flat gathered
         keys ``[B * cp * n]`` (batch-major, then rank-major), and the longest piece / key range.
+
+    A piece starts at a new document or where this rank's row positions jump (the restart rule of
+    :mod:`packmask.segments`, applied to ``index_r``)::
+
+        index_r   0 1 7 8 9        doc_ids of the row   a a a a a a a a a a
+        pieces    0 0 1 1 1        (the jump 1 -> 7 starts piece 1)
     """
     cp, B, n = index_all.shape
     N = doc_ids.shape[1]
     dev = index_r.device
     doc_q = torch.gather(doc_ids, 1, index_r)
-    new = torch.ones(B, n, dtype=torch.bool, device=dev)
-    new[:, 1:] = (doc_q[:, 1:] != doc_q[:, :-1]) | (index_r[:, 1:] != index_r[:, :-1] + 1)
-    first = torch.nonzero(new.reshape(-1)).reshape(-1)  # flat query index of every piece start
-    q_len = torch.diff(torch.cat([first, first.new_tensor([B * n])]))
+    cu_q = cu_seqlens_from_starts(starts_from_ids(doc_q) | starts_from_position_ids(index_r))
+    q_len = lengths_from_cu_seqlens(cu_q)
+    first = cu_q[:-1].long()  # flat query index of every piece start
     last = first + q_len - 1
     row = first // n
     g_first = index_r.reshape(-1)[first]  # row positions of each piece's first and last query
     g_last = index_r.reshape(-1)[last]
-    pos_first = position_ids.reshape(-1)[row * N + g_first]
-    doc_start = g_first - pos_first
+    doc_first, doc_end = doc_bounds_from_starts(starts_from_ids(doc_ids))
+    doc_start = doc_first.reshape(-1)[row * N + g_first]  # where the piece's document begins in its row
     if causal:
         k_begin = doc_start if window is None else torch.maximum(doc_start, g_first - (window - 1))
         k_end = g_last + 1
     else:
         if window is not None:
             raise PackmaskError("context parallelism has no bidirectional sliding window; train this model without it.")
-        _, doc_end = doc_bounds_from_starts(starts_from_ids(doc_ids))
         k_begin = doc_start
         k_end = doc_end.reshape(-1)[row * N + g_first]
     k_len = k_end - k_begin
@@ -132,20 +139,13 @@ def varlen_pieces(index_r: torch.Tensor, index_all: torch.Tensor, doc_ids: torch
     g = span_indices(k_begin, k_len)  # row position of every packed key
     r = torch.repeat_interleave(row, k_len)
     key_index = r * (cp * n) + slot[r, g]
-    return (cu_seqlens_from_lengths(q_len), cu_seqlens_from_lengths(k_len), key_index, int(q_len.max()),
-            int(k_len.max()))
-
-
-def _varlen_rect(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window):
-    """torch's ``varlen_attn`` with different query and key lengths (flat ``[T, H, D]`` tensors), GQA
-    as packmask's varlen backend does it (``enable_gqa`` on new torch, the custom op on 2.11)."""
-    left = window - 1 if window is not None else -1
-    return varlen_flat(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(left, 0 if causal else -1))
+    return cu_q, cu_seqlens_from_lengths(k_len), key_index, int(q_len.max()), int(k_len.max())
 
 
 class ContextParallelLayout:
     """The layout one CP rank hands to packmask's attention function (as the ``packmask_layout``
-    model keyword, see :data:`packmask.integration.LAYOUT_KWARG`): it brings its own ``attend``.
+    model keyword, see :data:`packmask.inputs.LAYOUT_KWARG`): it brings its own keys
+    (:meth:`keys_and_layout`: the all-gathered keys and the pieces of this rank's queries).
 
     Built by :meth:`packmask.distributed.context_parallel.ContextParallel.shard`; holds the plan,
     this rank and the CP process group. Everything derived from the plan is computed on first use
@@ -169,64 +169,60 @@ class ContextParallelLayout:
         return self._memo[key]
 
     def dense_mask(self, device, causal: bool, window: int | None) -> torch.Tensor:
-        key = ("dense", str(device), causal, window)
-        if key not in self._memo:
-            self._memo[key] = dense_cp_mask(*self._meta(device), causal=causal, window=window)
-        return self._memo[key]
+        """``[B, 1, n, cp * n]`` bool: this rank's queries against the gathered keys."""
+        return self.pieces_layout(device, causal, window).dense_mask(window)
 
     def pieces(self, device, causal: bool, window: int | None):
-        key = ("pieces", str(device), causal, window)
+        """``(cu_q, cu_k, key_index, max_q, max_k)`` of :func:`varlen_pieces` for this rank."""
+        p = self.pieces_layout(device, causal, window).pieces
+        return p.cu_seqlens_q, p.cu_seqlens_k, p.key_index, p.max_q, p.max_k
+
+    def pieces_layout(self, device, causal: bool, window: int | None) -> PiecesLayout:
+        """This rank's call as a layout for packmask's dispatcher (built once per forward: every layer
+        and a gradient-checkpointing recompute reuse it, with the kernel it chose)."""
+        key = ("layout", str(device), causal, window)
         if key not in self._memo:
             p = self.plan
-            idx = p.index.to(device)
-            self._memo[key] = varlen_pieces(idx[self.rank], idx, p.doc_ids.to(device), p.position_ids.to(device),
-                                            causal, window)
+
+            def pieces():
+                idx = p.index.to(device)
+                return KeyPieces(*varlen_pieces(idx[self.rank], idx, p.doc_ids.to(device), None, causal, window))
+
+            def mask():
+                return dense_cp_mask(*self._meta(device), causal=causal, window=window)[:, 0]
+            self._memo[key] = PiecesLayout(pieces, mask, self.batch_size, self.seq_len, p.cp * self.seq_len, causal,
+                                           window)
         return self._memo[key]
 
     def check_model(self, model) -> None:
         """Refuse models whose sequence mixing is not all attention (their state would not be sharded)."""
-        from ..support import unsupported_reason
         reason = unsupported_reason(model)
         if reason:
-            from ..errors import UnsupportedModelError
             raise UnsupportedModelError(f"packmask cannot shard this model over context-parallel ranks: {reason} "
                                         f"Train it without context parallelism.")
 
-    def attend(self, module, query, key, value, *, spec: AttentionSpec, training: bool) -> torch.Tensor:
-        """``query [B, H, n, D]``, ``key/value [B, Hkv, n, D]`` (this rank's tokens) -> ``[B, n, H, D]``."""
+    def keys_and_layout(self, module, query, key, value, *, spec: AttentionSpec):
+        """``(keys, values, layout)`` of this rank's call: ``key/value [B, Hkv, n, D]`` (this rank's tokens)
+        all-gathered over the context group to ``[B, Hkv, cp * n, D]``, and the
+        :class:`~packmask.layout_pieces.PiecesLayout` of this rank's queries against them. packmask's
+        attention function runs the call through the dispatcher like any other."""
         B, H, n, D = query.shape
         if (B, n) != (self.batch_size, self.seq_len):
             raise PackmaskError(
                 f"the context-parallel layout is for [{self.batch_size}, {self.seq_len}] local tokens but "
                 f"{type(module).__name__} got queries of shape {tuple(query.shape)}: pass the batch returned by "
                 f"ContextParallel.shard unchanged, with use_cache=False.")
+        causal, window = spec.is_causal, spec.sliding_window
+        if window is not None and not causal:
+            raise PackmaskError(f"{type(module).__name__} has a bidirectional sliding window; context parallelism has "
+                                f"none. Train this model without context parallelism.")
         cp = self.plan.cp
         Hkv = key.shape[1]
         k_all = all_gather_sequence(key, self.group).permute(1, 2, 0, 3, 4).reshape(B, Hkv, cp * n, D)
         v_all = all_gather_sequence(value, self.group).permute(1, 2, 0, 3, 4).reshape(B, Hkv, cp * n, D)
-        causal, window = spec.is_causal, spec.sliding_window
-        if self._use_varlen(module, query, spec, training):
-            cu_q, cu_k, key_index, max_q, max_k = self.pieces(query.device, causal, window)
-            kf = k_all.transpose(1, 2).reshape(B * cp * n, Hkv, D).index_select(0, key_index)
-            vf = v_all.transpose(1, 2).reshape(B * cp * n, Hkv, D).index_select(0, key_index)
-            qf = query.transpose(1, 2).reshape(B * n, H, D)
-            out = _varlen_rect(qf, kf, vf, cu_q, cu_k, max_q, max_k, causal, spec.scale, window)
-            return out.view(B, n, H, D)
-        mask = self.dense_mask(query.device, causal, window)
-        plain = spec.without_window()  # the window is in the mask
-        if spec.softcap is not None or requested_backend(module, self) == "eager":
-            return eager_attention(query, k_all, v_all, mask, plain, training)
-        return sdpa_attention(query, k_all, v_all, mask, plain, training)
+        return k_all, v_all, self.pieces_layout(query.device, causal, window)
 
-    def _use_varlen(self, module, query, spec: AttentionSpec, training: bool) -> bool:
-        """varlen on CUDA in fp16 / bf16 (the dense mask path otherwise), as packmask.backend() asks."""
-        requested = requested_backend(module, self)
-        ok = (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and spec.softcap is None
-              and not (spec.dropout > 0 and training) and varlen_available() and query.shape[-1] <= 256)
-        if requested == "varlen" and not ok:
-            raise PackmaskError("backend 'varlen' cannot run this context-parallel layer: it needs CUDA, fp16/bf16, "
-                                "no softcap and no dropout. Use packmask.backend('auto').")
-        if requested == "flex":
-            raise PackmaskError("context parallelism has no flex path; use packmask.backend('auto'), 'varlen', 'sdpa' "
-                                "or 'eager'.")
-        return ok and requested in ("auto", "varlen")
+    def attend(self, module, query, key, value, *, spec: AttentionSpec, training: bool) -> torch.Tensor:
+        """``query [B, H, n, D]``, ``key/value [B, Hkv, n, D]`` (this rank's tokens) -> ``[B, n, H, D]``."""
+        k_all, v_all, layout = self.keys_and_layout(module, query, key, value, spec=spec)
+        return attend(query, k_all, v_all, layout, spec, training=training, module=module)

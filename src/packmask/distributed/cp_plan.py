@@ -47,8 +47,8 @@ import torch
 
 from ..errors import PackmaskError
 from ..layout import DocumentLayout
-from ..segments import (doc_bounds_from_starts, doc_ids_from_starts, lengths_from_starts, starts_from_cu_seqlens,
-                        starts_from_ids)
+from ..segments import (cu_seqlens_from_lengths, doc_bounds_from_starts, doc_ids_from_starts, lengths_from_starts,
+                        span_indices, starts_from_cu_seqlens, starts_from_ids)
 
 __all__ = ["ShardPlan", "plan_context_parallel", "attention_cost", "token_costs", "STRATEGIES"]
 
@@ -159,9 +159,7 @@ def _row_lengths(layout: DocumentLayout) -> list[list[int]]:
 
 def _plan_row(lengths: list[int], cp: int, n: int, threshold: int | None, window, causal, strategy):
     """``(rank, start, length)`` chunks of one row; every rank ends with exactly ``n`` tokens."""
-    starts = [0]
-    for length in lengths[:-1]:
-        starts.append(starts[-1] + length)
+    starts = cu_seqlens_from_lengths(torch.tensor(lengths, dtype=torch.long))[:-1].tolist()  # each document's first token
     if strategy == "prefix":  # contiguous slices of the row: the unbalanced baseline
         return [(r, r * n, n) for r in range(cp)]
     costs = [attention_cost(0, L, window, L, causal) for L in lengths]
@@ -216,8 +214,7 @@ def _index_of(chunks, cp: int, n: int) -> torch.Tensor:
         mine = sorted((s, L) for rank, s, L in chunks if rank == r)
         starts = torch.tensor([s for s, _ in mine], dtype=torch.long)
         lens = torch.tensor([L for _, L in mine], dtype=torch.long)
-        offsets = torch.cumsum(lens, 0) - lens
-        out[r] = torch.repeat_interleave(starts - offsets, lens) + torch.arange(n)
+        out[r] = span_indices(starts, lens)
     return out
 
 

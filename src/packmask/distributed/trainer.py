@@ -1,6 +1,8 @@
 """HF ``Trainer`` / TRL ``SFTTrainer`` glue: balanced rows per rank and a globally normalised loss.
 
-``PackedTrainerMixin`` overrides three public ``Trainer`` methods (no monkeypatching):
+``PackedTrainerMixin`` overrides three public ``Trainer`` methods (no monkeypatching), and keeps the
+``seq_lengths`` column through the Trainer's ``remove_unused_columns`` (the signature-columns hook
+that TRL's trainers override the same way), so a packed row is never collated as one sequence:
 
 * ``get_train_dataloader`` -- a :class:`~packmask.distributed.sampler.BalancedBatchSampler` over
   the packed dataset's ``seq_lengths`` yields every rank's micro-batch step by step, and
@@ -21,9 +23,9 @@ Use::
     class PackedTrainer(PackedTrainerMixin, Trainer):       # or (PackedTrainerMixin, trl.SFTTrainer)
         packmask_loss_reduction = "sequence"                 # "token" (default) or "sequence"
 
-    args = TrainingArguments(..., remove_unused_columns=False)   # keep the seq_lengths column
+    args = TrainingArguments(...)                            # seq_lengths is kept by the mixin
     PackedTrainer(model=model, args=args, train_dataset=packed,   # packed = pack_dataset(...)
-                  data_collator=packmask.PackedCollator()).train()
+                  data_collator=packmask.PackedCollator(packed=True)).train()
 
 With TRL's ``SFTTrainer`` the mixin's ``compute_loss`` replaces TRL's (its token-accuracy metrics
 are not logged) and the ``data_collator`` must be ``packmask.PackedCollator``.
@@ -54,6 +56,13 @@ class PackedTrainerMixin:
     packmask_balance: bool = True
     packmask_window_steps: int = 64
     loss_is_scaled_for_ga = True  # the count covers every accumulated micro-batch (Trainer API)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # The Trainer keeps only the model's forward arguments when remove_unused_columns=True (its
+        # default); seq_lengths is not one, and without it a packed row trains as one long sequence.
+        super()._set_signature_columns_if_needed()
+        if "seq_lengths" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "seq_lengths"]
 
     def _packmask_has_lengths(self) -> bool:
         names = getattr(self.train_dataset, "column_names", None) or []

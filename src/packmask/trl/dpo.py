@@ -7,10 +7,11 @@ most ``row_length`` tokens (default: the whole batch in one row). The policy for
 reference forward (or TRL's precomputed reference log-probs, themselves computed on packed rows) run
 on those rows; losses, metrics and gradients equal the unpadded trainer's.
 
-Recipe::
+Recipe (a model name or path is loaded with ``attn_implementation="packmask"`` by the trainer
+itself, through ``args.model_init_kwargs``: :mod:`packmask.trl.model_init`)::
 
     from packmask.trl import PackedDPOTrainer
-    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="packmask")
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="packmask")   # or model = name
     trainer = PackedDPOTrainer(model=model, args=DPOConfig(..., loss_type=["sigmoid"]),
                                train_dataset=ds, processing_class=tokenizer)
     trainer.train()
@@ -35,6 +36,7 @@ from ..data.tree import Forest, pack_forest
 from ..data.tree_collator import BRANCH_KEYS, collate_forest
 from ..errors import PackmaskError
 from .dpo_losses import SUPPORTED_DPO_LOSSES, dpo_per_sequence_loss, f_divergence_scores
+from .model_init import packmask_model_init_kwargs
 
 __all__ = ["PackedDPOTrainer", "PackedPreferenceCollator"]
 
@@ -134,6 +136,7 @@ class PackedDPOTrainer(DPOTrainer):
             from trl import DPOConfig
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
             args = DPOConfig(f"{name.split('/')[-1]}-DPO")
+        args = packmask_model_init_kwargs(model, args, "PackedDPOTrainer")  # a name / path loads with packmask
         if args is not None:
             unsupported = [t for t in args.loss_type if t not in SUPPORTED_DPO_LOSSES]
             if unsupported:
@@ -160,7 +163,8 @@ class PackedDPOTrainer(DPOTrainer):
             impl = getattr(getattr(m, "config", None), "_attn_implementation", "packmask")
             if m is not None and impl != "packmask":
                 raise PackmaskError(f"PackedDPOTrainer: the model uses attn_implementation={impl!r}; packed tree rows need "
-                                    "a [B, N, N] mask: load it with attn_implementation='packmask' (after import packmask).")
+                                    "a [B, N, N] mask: load it with attn_implementation='packmask' (after import packmask), "
+                                    "or pass the model's name or path and the trainer loads it so.")
 
     # -- forward on packed rows ----------------------------------------------------------------------
     @staticmethod

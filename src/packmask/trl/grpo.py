@@ -13,7 +13,7 @@ not a prefix -- go through TRL's own method unchanged.
 Recipe::
 
     from packmask.trl import PackedGRPOTrainer
-    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="packmask")
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="packmask")   # or model = name
     trainer = PackedGRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(num_generations=8, ...),
                                 train_dataset=prompts, processing_class=tokenizer)
 """
@@ -29,6 +29,7 @@ from ..data.spans import offsets_from_lengths, run_lengths, run_starts
 from ..data.tree import pack_forest
 from ..data.tree_collator import collate_forest
 from ..errors import PackmaskError
+from .model_init import packmask_model_init_kwargs
 
 __all__ = ["PackedGRPOTrainer", "group_rows"]
 
@@ -76,13 +77,18 @@ class PackedGRPOTrainer(GRPOTrainer):
     """``trl.GRPOTrainer`` with tree-packed log-prob passes (module docstring). Extra argument:
     ``row_length`` -- tokens per packed row (``None``: each chunk of ``batch_size`` rows in one row)."""
 
-    def __init__(self, *args, row_length: int | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model, reward_funcs=None, args=None, *rest, row_length: int | None = None, **kwargs):
+        if args is None and isinstance(model, str):  # TRL's default, made here so it can load with packmask
+            from trl import GRPOConfig
+            args = GRPOConfig(f"{model.split('/')[-1]}-GRPO")
+        args = packmask_model_init_kwargs(model, args, "PackedGRPOTrainer")  # a name / path loads with packmask
+        super().__init__(model, reward_funcs, args, *rest, **kwargs)
         self.row_length = row_length
         impl = getattr(self.model.config, "_attn_implementation", None)
         if impl != "packmask":
             raise PackmaskError(f"PackedGRPOTrainer: the model uses attn_implementation={impl!r}; tree rows need a "
-                                "[B, N, N] mask: load it with attn_implementation='packmask' (after import packmask).")
+                                "[B, N, N] mask: load it with attn_implementation='packmask' (after import packmask), "
+                                "or pass the model's name or path and the trainer loads it so.")
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **multimodal):
