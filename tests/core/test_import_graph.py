@@ -16,24 +16,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2] / "src"
 PACKAGE = ROOT / "packmask"
 
-# Known on the data side of issue 22, removed by its data helper (cli/demo -> output -> inputs -> demo,
-# data/packing <-> data/streaming, private helpers of data/arrow, data/tree, data/preference). Listed
-# edge by edge so the lead deletes these allow-lists after merging that branch; anything else fails.
-KNOWN_CYCLE_EDGES = {
-    ("packmask.cli.demo", "packmask.cli.output"),
-    ("packmask.cli.output", "packmask.cli.inputs"),
-    ("packmask.cli.inputs", "packmask.cli.demo"),
-    ("packmask.data.packing", "packmask.data.streaming"),
-    ("packmask.data.streaming", "packmask.data.packing"),
-}
-KNOWN_PRIVATE = {
-    ("packmask.data.preference", "packmask.data.arrow", "_gather_spans"),
-    ("packmask.data.preference", "packmask.data.tree", "_offsets"),
-    ("packmask.data.preference", "packmask.data.tree", "_ranges"),
-    ("packmask.data.tree", "packmask.data.arrow", "_gather_spans"),
-    ("packmask.data.tree_collator", "packmask.data.tree", "_ranges"),
-    ("packmask.trl.grpo", "packmask.data.preference", "_prompt_branch_forest"),
-}
+# The data side of issue 22 removed its cycles (cli/demo -> output -> inputs -> demo, data/packing <->
+# data/streaming) and private imports (data/arrow, data/tree, data/preference); nothing is allowed.
+KNOWN_CYCLE_EDGES: set[tuple[str, str]] = set()
+KNOWN_PRIVATE: set[tuple[str, str, str]] = set()
 
 
 def module_name(path: Path) -> str:

@@ -19,12 +19,12 @@ dense 4D masks, a contaminated control, long rows) run ``benchmarks/train_step.p
 from __future__ import annotations
 
 import json
-import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 from .errors import EXIT_FAILED
+from .output import json_safe  # noqa: F401 (re-exported: the bench JSON uses it)
 
 __all__ = ["cmd_bench", "run_bench", "json_safe"]
 
@@ -196,22 +196,6 @@ def run_bench(device=None, steps: int = 5, row_length: int | None = None, consol
            "row_length": row_length, "rows": 2, "documents_per_row": [len(s) for s in segments], "steps": steps,
            "tolerance": tolerance, "date": time.strftime("%Y-%m-%d")}
     return {"env": env, "results": results}
-
-
-def json_safe(value):
-    """``value`` with every NaN / infinity replaced by ``None``: JSON has no NaN (``json.dumps``
-    would write the invalid token ``NaN``), and ``null`` says "not measured".
-
-    >>> json_safe({"a": [1.5, float("nan")], "b": {"c": float("inf")}, "d": "x"})
-    {'a': [1.5, None], 'b': {'c': None}, 'd': 'x'}
-    """
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(item) for item in value]
-    return value
 
 
 def bench_table(report: dict):

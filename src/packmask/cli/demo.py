@@ -50,8 +50,7 @@ from pathlib import Path
 from .demo_corpus import build_demo_tokenizer, load_demo_corpus, tokenize_documents
 from .demo_train import (cpu_threads_for_a_shared_machine, default_device, documents_of, isolation_check,
                          packed_step, padded_step, summarise, tiny_llama, train_lockstep)
-from .bench import json_safe
-from .output import AtomicOutputs
+from .output import AtomicOutputs, json_safe
 from .plots import plot_demo
 from .report import demo_table
 

@@ -17,6 +17,7 @@ the old file only at that last rename. A ``save_to_disk`` folder is swapped in w
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -27,7 +28,7 @@ from .errors import CLIError
 from .inputs import suffix_of
 
 __all__ = ["AtomicOutputs", "check_output", "check_plot_path", "write_packed", "sidecar_path", "packed_metadata",
-           "METADATA_KEY", "METADATA_FILE"]
+           "METADATA_KEY", "METADATA_FILE", "json_safe"]
 
 TMP_TAG = "packmask-tmp"
 METADATA_KEY = b"packmask"          # Parquet schema metadata key
@@ -261,3 +262,19 @@ def write_packed(packed, output: Path, metadata: dict, outputs: AtomicOutputs) -
     packed.save_to_disk(str(folder))
     (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     return [output]
+
+
+def json_safe(value):
+    """``value`` with every NaN / infinity replaced by ``None``: JSON has no NaN (``json.dumps``
+    would write the invalid token ``NaN``), and ``null`` says "not measured".
+
+    >>> json_safe({"a": [1.5, float("nan")], "b": {"c": float("inf")}, "d": "x"})
+    {'a': [1.5, None], 'b': {'c': None}, 'd': 'x'}
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
