@@ -48,7 +48,7 @@ from .inputs import is_packed, layout_from_mask, resolve_layout
 from .recurrent.detect import RECURRENT_MODULE_PATTERN, recurrent_module_names
 from .segments import starts_from_position_ids
 
-__all__ = ["unsupported_reason", "check_packed_input", "is_packed_input", "RECURRENT_MODULE_PATTERN"]
+__all__ = ["unsupported_reason", "alibi_setting", "check_packed_input", "is_packed_input", "RECURRENT_MODULE_PATTERN"]
 
 _FIX = ("Train this model unpacked (one sequence per row with a 2D padding mask), or pick a model whose "
         "sequence mixing is attention only (check with packmask.verify(model)).")
@@ -91,11 +91,12 @@ def alibi_setting(model) -> str | None:
     flags = [(name, value) for name, value in flags if isinstance(value, bool)]
     if flags:
         return next((f"{name}=True" for name, value in flags if value), None)
-    for module in model.modules():
-        builders = sorted((a for a in vars(sys.modules.get(type(module).__module__, object)) if "alibi" in a.lower()),
+    for name in dict.fromkeys(type(m).__module__ for m in model.modules()):
+        source = sys.modules.get(name) if name.startswith("transformers.models.") else None
+        builders = sorted((a for a in vars(source) if "alibi" in a.lower()) if source else (),
                           key=lambda a: (a.startswith("_"), a))  # a public builder names it best
-        if type(module).__module__.startswith("transformers.models.") and builders:
-            return f"{builders[0]} in {type(module).__module__}"
+        if builders:
+            return f"{builders[0]} in {name}"
     return None
 
 
@@ -120,9 +121,9 @@ def _diagnose(model) -> tuple[str, str]:
         kind = "recurrent"
         reason = (f"{model_type} has state-space / recurrent layers ({', '.join(recurrent[:3])}) whose state flows "
                   f"from one packed sequence into the next; an attention mask cannot isolate them.")
-    elif alibi_setting(model):
+    elif (alibi := alibi_setting(model)) is not None:
         kind = "interface"  # refused on every call: the bias rides on the attention mask packmask replaces
-        reason = (f"{model_type} ({type(model).__name__}) uses ALiBi ({alibi_setting(model)}): the model adds its "
+        reason = (f"{model_type} ({type(model).__name__}) uses ALiBi ({alibi}): the model adds its "
                   f"distance bias to the attention scores in its own code, outside transformers' AttentionInterface, "
                   f"where packmask's per-sequence mask cannot reach it.")
     elif not _uses_attention_interface(model):

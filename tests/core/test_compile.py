@@ -98,7 +98,12 @@ def test_compiled_on_every_gpu_backend(backend, fresh_dynamo):
             ids, pos = _batch(split, seed=20 + i)
             ids, pos = ids.cuda(), pos.cuda()
             eager_logits, eager_grads = _loss_and_grads(model, input_ids=ids, position_ids=pos)
-            logits, grads = _loss_and_grads(model, compiled, input_ids=ids, position_ids=pos)
+            try:
+                logits, grads = _loss_and_grads(model, compiled, input_ids=ids, position_ids=pos)
+            except packmask.PackmaskError as refused:
+                # flex is refused inside torch.compile until verified on a GPU (backends/flex.py): loud, not wrong
+                assert backend == "flex" and "torch.compile" in str(refused)
+                return
             assert _rel(logits.float(), eager_logits.float()) <= 2e-2
             assert max(_rel(grads[n].float(), g.float()) for n, g in eager_grads.items()) <= 5e-2
             torch._dynamo.config.error_on_recompile = True

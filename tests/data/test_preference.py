@@ -154,7 +154,7 @@ def check_branch_logps(device):
 
 def test_text_through_tokenizer():
     pytest.importorskip("trl")
-    from test_trl import tiny_tokenizer
+    from _trl_data import tiny_tokenizer
 
     tok = tiny_tokenizer()
     rows = packmask.pack_preference([{"prompt": "t5 t6", "chosen": " t7", "rejected": " t8 t9"}], 16, tokenizer=tok)
@@ -202,7 +202,7 @@ def test_general_forest_mask_and_positions(forest):
 
 def test_messages_through_chat_template():
     pytest.importorskip("trl")
-    from test_trl import tiny_tokenizer
+    from _trl_data import tiny_tokenizer
 
     tok = tiny_tokenizer()
     tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}t3 {% endif %}"

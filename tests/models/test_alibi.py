@@ -54,7 +54,8 @@ def test_alibi_flag_off_is_not_called_alibi():
     model = _build("mpt", dict(attn_config=dict(alibi=False)))
     assert alibi_setting(model) is None and "ALiBi" not in unsupported_reason(model)
     assert alibi_setting(tiny_model("llama")) is None
-    assert alibi_setting(tiny_model("llama", position_embedding_type="alibi")) == "config.position_embedding_type='alibi'"
+    flagged = tiny_model("llama", position_embedding_type="alibi")
+    assert alibi_setting(flagged) == "config.position_embedding_type='alibi'"
 
 
 def test_falcon_without_alibi_equals_each_sequence_alone():

@@ -26,7 +26,7 @@ def _packed():
 
 
 def _run(tmp_path, collator):
-    from test_trl import tiny_tokenizer
+    from _trl_data import tiny_tokenizer
 
     packed = _packed()
     args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=-(-len(packed) // 2),

@@ -29,7 +29,7 @@ def _dpo_args(tmp_path, **extra):
 
 
 def test_packed_dpo_loads_a_model_path_with_packmask(model_folder, tmp_path):
-    from test_trl import preference_data, tiny_tokenizer
+    from _trl_data import preference_data, tiny_tokenizer
     from trl import DPOTrainer
 
     from packmask.trl import PackedDPOTrainer
@@ -53,7 +53,7 @@ def test_packed_dpo_loads_a_model_path_with_packmask(model_folder, tmp_path):
 
 
 def test_conflicting_model_init_kwargs_are_refused_with_the_fix(model_folder, tmp_path):
-    from test_trl import preference_data, tiny_tokenizer
+    from _trl_data import preference_data, tiny_tokenizer
 
     from packmask.trl import PackedDPOTrainer
 
@@ -63,7 +63,7 @@ def test_conflicting_model_init_kwargs_are_refused_with_the_fix(model_folder, tm
 
 
 def test_packed_grpo_loads_a_model_path_with_packmask(model_folder, tmp_path):
-    from test_trl import tiny_tokenizer
+    from _trl_data import tiny_tokenizer
     from trl import GRPOConfig
 
     from packmask.trl import PackedGRPOTrainer

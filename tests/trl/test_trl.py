@@ -1,7 +1,6 @@
 """PackedDPOTrainer / PackedGRPOTrainer against TRL's own trainers (CPU, fp32, tiny random Llama)."""
 from __future__ import annotations
 
-import random
 
 import pytest
 import torch
@@ -12,31 +11,7 @@ import packmask  # noqa: E402,F401  (registers the "packmask" attention)
 from packmask.errors import PackmaskError  # noqa: E402
 from packmask.testing import rel_err, tiny_model  # noqa: E402
 
-VOCAB = 128
-
-
-def tiny_tokenizer():
-    """A whitespace word-level tokenizer over ``t3 .. t127`` (offline; ids 0/1/2 are pad/bos/eos)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, VOCAB)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-
-
-def text(rng, n):
-    return " ".join(f"t{rng.randrange(3, VOCAB)}" for _ in range(n))
-
-
-def preference_data(n=8, seed=0):
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        rows.append({"prompt": text(rng, rng.randint(2, 9)), "chosen": " " + text(rng, rng.randint(1, 8)),
-                     "rejected": " " + text(rng, rng.randint(1, 8))})
-    return rows
+from _trl_data import VOCAB, preference_data, text, tiny_tokenizer  # noqa: E402,F401  (tests/_trl_data.py)
 
 
 # SGD, not Adam: Adam's update m / sqrt(v) is scale-free, so a weight whose gradient is ~0 (rounding noise)

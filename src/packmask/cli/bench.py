@@ -19,12 +19,12 @@ dense 4D masks, a contaminated control, long rows) run ``benchmarks/train_step.p
 from __future__ import annotations
 
 import json
-import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 from .errors import EXIT_FAILED
+from .output import json_safe  # noqa: F401 (re-exported: the bench JSON uses it)
 
 __all__ = ["cmd_bench", "run_bench"]
 

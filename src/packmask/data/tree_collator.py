@@ -41,7 +41,7 @@ from .spans import (lengths_from_offsets, offsets_from_lengths, position_ids_fro
                     span_indices, starts_from_lengths)
 from .tree import PackedForest, concat_forests
 
-__all__ = ["token_parents", "segment_starts", "collate_forest", "TreeCollator", "BRANCH_KEYS"]
+__all__ = ["token_parents", "tree_layout", "segment_starts", "collate_forest", "TreeCollator", "BRANCH_KEYS"]
 
 #: batch keys that are bookkeeping for :func:`packmask.branch_logps`, not model arguments
 BRANCH_KEYS = ("logp_source", "logp_target", "logp_labels", "logp_branch", "logp_source_kept", "logits_to_keep",
@@ -52,7 +52,7 @@ def token_parents(packed: PackedForest, seg_rows: np.ndarray, N: int) -> np.ndar
     """``[R, N]`` row-local index of each token's parent in the tree (``-1`` for a root's first token):
     the previous token inside a segment, the parent segment's last token at a segment's start.
     Padding after a row's last segment is a root chain of its own. This is the form
-    :class:`packmask.layout_tree.TreeLayout` takes.
+    :class:`packmask.layout_tree.TreeLayout` takes (built by :func:`tree_layout`).
 
     >>> from packmask.data.tree import PackedForest
     >>> z = np.zeros(3, np.int64)
@@ -61,13 +61,17 @@ def token_parents(packed: PackedForest, seg_rows: np.ndarray, N: int) -> np.ndar
     >>> token_parents(forest, np.zeros(3, np.int64), 8).tolist()   # p0 p1 p2 | c0 c1 | r0 r1 | pad
     [[-1, 0, 1, 2, 3, 2, 5, -1]]
     """
-    starts = segment_starts(packed, N)
-    parent = np.where(starts, -1, np.arange(N, dtype=np.int64) - 1)  # the previous token; -1 opens a chain
-    parent_seg = packed.seg_parent + packed.seg_row_offsets[seg_rows]  # global index of the parent segment
-    has_parent = packed.seg_parent >= 0
-    parent_last = np.where(has_parent, packed.seg_start[parent_seg] + packed.seg_length[parent_seg] - 1, -1)
-    parent[seg_rows, packed.seg_start] = parent_last  # a segment's first token hangs off its parent's last
-    return parent
+    return tree_layout(packed, seg_rows, N).parent.numpy()
+
+
+def tree_layout(packed: PackedForest, seg_rows: np.ndarray, N: int):
+    """The :class:`~packmask.layout_tree.TreeLayout` of packed tree rows of ``N`` tokens
+    (:meth:`~packmask.layout_tree.TreeLayout.from_segment_arrays`: its padding rule, one root chain
+    after each row's last segment)."""
+    from ..layout_tree import TreeLayout
+
+    parent = np.where(packed.seg_parent >= 0, packed.seg_parent + packed.seg_row_offsets[seg_rows], -1)  # global
+    return TreeLayout.from_segment_arrays(seg_rows, packed.seg_start, packed.seg_length, parent, packed.num_rows, N)
 
 
 def segment_starts(packed: PackedForest, N: int) -> np.ndarray:
@@ -122,10 +126,7 @@ def collate_forest(packed: PackedForest, *, pad_token_id: int = 0, seq_len: int 
         "position_ids": torch.from_numpy(positions.reshape(R, N)),
     }
     if return_mask:
-        from ..layout_tree import TreeLayout
-
-        tree = TreeLayout.from_parents(torch.from_numpy(token_parents(packed, seg_rows, N)))
-        out["attention_mask"] = tree.dense_mask()[:, 0]
+        out["attention_mask"] = tree_layout(packed, seg_rows, N).dense_mask()[:, 0]
     out.update(_branch_bookkeeping(packed, seg_rows, N, input_ids))
     if device is not None:
         out = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
