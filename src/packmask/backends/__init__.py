@@ -14,6 +14,7 @@ backend           where               honours
 ``tree_triton``   CUDA + triton       tree layouts only, in one launch per direction (our Triton kernel,
                                       backends/tree_triton.py): GQA, scale, softcap, sliding windows,
                                       fp32/fp16/bf16, forward and backward. Not: dropout, sinks.
+                                      Opt-in until measured on a GPU (``auto`` skips it until then).
 ``varlen``        CUDA, fp16/bf16     block-diagonal layouts, causal or not; tree layouts (shared
                                       prefixes, draft trees over a KV cache) and pieces layouts
                                       (context parallelism) as pieces with gathered keys
@@ -72,7 +73,8 @@ __all__ = ["AttentionSpec", "BACKENDS", "backend", "requested_backend", "choose_
 
 # Every backend that can be asked for, fastest first (cudnn is listed even when its optional extra is
 # missing: forcing it then says how to install it; available_backends() lists what runs here).
-_MODULES = {m.NAME: m for m in (cudnn, tree_triton, varlen, flex, sdpa, eager)}  # tree-kernel: tree_triton first for trees
+# tree-kernel: tree_triton first for trees, but auto takes it only where calibrate measured it (backends.costs)
+_MODULES = {m.NAME: m for m in (cudnn, tree_triton, varlen, flex, sdpa, eager)}
 BACKENDS = ("auto",) + tuple(_MODULES)
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("packmask_backend", default=None)
