@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from .errors import PackmaskError
+from .guards import is_causal_model  # noqa: F401  (re-exported: families.is_causal_model)
 
 __all__ = ["model_for", "is_encoder_config", "is_causal_model"]
 
@@ -41,21 +42,6 @@ def is_encoder_config(config) -> bool:
     if getattr(config, "is_decoder", False) or getattr(config, "is_encoder_decoder", False):
         return False
     return getattr(config, "model_type", None) in MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-
-def is_causal_model(model) -> bool:
-    """Whether ``model``'s self-attention is causal: from its attention layers' ``is_causal`` flags
-    (any True), else whether it can generate. Cached on the model."""
-    cached = model.__dict__.get("_packmask_causal")
-    if cached is None:
-        flags = {m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)}
-        if flags:
-            cached = True in flags
-        else:
-            can_generate = getattr(model, "can_generate", None)
-            cached = bool(can_generate()) if callable(can_generate) else "CausalLM" in type(model).__name__
-        model.__dict__["_packmask_causal"] = cached
-    return cached
 
 
 def model_for(spec: str, *, attn_implementation: str = "packmask", seed: int = 0, dtype=torch.float32):

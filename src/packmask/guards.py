@@ -48,7 +48,7 @@ import torch
 from .errors import PackmaskError, PackmaskWarning, UnsupportedModelError
 from .segments import starts_from_position_ids
 
-__all__ = ["configure", "check_stock_forward", "check_construction", "restart_inside_rows"]
+__all__ = ["configure", "check_stock_forward", "check_construction", "restart_inside_rows", "is_causal_model"]
 
 logger = logging.getLogger("packmask")
 
@@ -127,7 +127,6 @@ def _argument(names, args, kwargs, name):
 
 
 def _is_bidirectional(model) -> bool:
-    from .families import is_causal_model
 
     return not is_causal_model(model)
 
@@ -257,3 +256,18 @@ def check_construction(model, name: str) -> None:
             f"{', '.join(map(str, table))}) and computes attention in its own code, outside transformers' "
             f"AttentionInterface, so packmask cannot run it. Build it with attn_implementation='sdpa' or 'eager' "
             f"and train unpacked (one sequence per row with a 2D padding mask).")
+
+
+def is_causal_model(model) -> bool:
+    """Whether ``model``'s self-attention is causal: from its attention layers' ``is_causal`` flags
+    (any True), else whether it can generate. Cached on the model."""
+    cached = model.__dict__.get("_packmask_causal")
+    if cached is None:
+        flags = {m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)}
+        if flags:
+            cached = True in flags
+        else:
+            can_generate = getattr(model, "can_generate", None)
+            cached = bool(can_generate()) if callable(can_generate) else "CausalLM" in type(model).__name__
+        model.__dict__["_packmask_causal"] = cached
+    return cached

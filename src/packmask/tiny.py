@@ -43,7 +43,7 @@ FAMILY_OVERRIDES = {
     "deepseek_v2": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
 }
 # recurrent: tiny mixers and interleaved mixer / attention layers for the hybrid families
-from .recurrent.families import HYBRID_OVERRIDES  # noqa: E402
+from .tiny_hybrid import HYBRID_OVERRIDES  # noqa: E402
 
 for _family, _settings in HYBRID_OVERRIDES.items():
     FAMILY_OVERRIDES[_family] = {**FAMILY_OVERRIDES.get(_family, {}), **_settings}

@@ -12,7 +12,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 import packmask
 from packmask import support
 from packmask.recurrent import find_mixers, installed, uninstall
-from packmask.recurrent.families import HYBRID_FAMILIES
+from packmask.tiny_hybrid import HYBRID_FAMILIES
 from packmask.testing import pack_rows, rel_err, run_alone, tiny_model
 
 #: three documents of 5-9 tokens in row 0, two in row 1 (ends in one padding token)
