@@ -37,6 +37,7 @@ import torch
 
 from ..errors import PackmaskError
 from ..layout_tree import TreeLayout
+from ..segments import cu_seqlens_from_lengths
 from .spec import AttentionSpec
 
 NAME = "tree_triton"
@@ -99,7 +100,7 @@ def tree_ranks(layout: TreeLayout) -> tuple[torch.Tensor, torch.Tensor]:
     order = torch.arange(S, device=dev)
     for col in reversed(range(anc.shape[1])):  # lexicographic: the root segment id decides first
         order = order[torch.argsort(anc[order, col], stable=True)]
-    first_in_order = torch.cumsum(length[order], 0) - length[order]
+    first_in_order = cu_seqlens_from_lengths(length[order])[:-1].to(length.dtype)  # each segment's first rank
     seg_rank = torch.empty_like(length)
     seg_rank[order] = first_in_order
     seg_rank = seg_rank - row * N  # rows hold N tokens each and sort as blocks (root ids increase by row)
