@@ -37,7 +37,7 @@ from functools import lru_cache
 import torch
 
 from ..errors import UnsupportedModelError
-from ..inputs import layout_from_cu_seq_lens, layout_from_mask, layout_from_position_ids, layout_from_seq_lengths
+from ..inputs import resolve_layout
 from ..layout import DocumentLayout
 from ..segments import starts_from_cu_seqlens
 
@@ -84,6 +84,9 @@ def _refuse(what: str):
         f"block-diagonal [B, N, N] mask (packmask.block_diagonal_mask), or train unpacked.")
 
 
+_BOUNDARY_KEYS = ("attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "seq_lengths")
+
+
 def packed_layout(model, args, kwargs) -> DocumentLayout | None:
     """The block-diagonal layout of a forward's inputs when some row holds more than one real
     sequence, else None. Layouts a per-sequence run cannot reproduce (shared-prefix trees, general
@@ -97,31 +100,18 @@ def packed_layout(model, args, kwargs) -> DocumentLayout | None:
     >>> packed_layout(model, (), dict(input_ids=ids)) is None
     True
     """
-    bound = dict(zip(_forward_names(type(model)), args))
-    get = lambda name: kwargs.get(name, bound.get(name))  # noqa: E731
-    ref = get("input_ids")
-    ref = ref if ref is not None else get("inputs_embeds")
+    bound = dict(zip(_forward_names(type(model)), args), **kwargs)
+    ref = bound.get("input_ids")
+    ref = ref if ref is not None else bound.get("inputs_embeds")
     if not isinstance(ref, torch.Tensor) or ref.dim() < 2:
         return None
     B, N = ref.shape[:2]
-    mask, pos, cu, lengths = get("attention_mask"), get("position_ids"), kwargs.get("cu_seq_lens_q"), kwargs.get(
-        "seq_lengths")
-    padding = None
-    if lengths is not None:
-        layout = layout_from_seq_lengths(lengths, N, device=ref.device)
-    elif cu is not None:
-        layout = layout_from_cu_seq_lens(cu, B, N, cu_seq_lens_k=kwargs.get("cu_seq_lens_k"),
-                                         max_length_q=kwargs.get("max_length_q"))
-    elif isinstance(mask, torch.Tensor) and mask.dim() in (3, 4):
-        if mask.shape[-1] != N:
-            _refuse(f"an attention_mask with {mask.shape[-1]} key columns for {N} tokens (a mask over a cache).")
-        layout = layout_from_mask(mask, B, N)
-    elif isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.shape[-1] == N:
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
-            padding = mask.bool()
-        layout = layout_from_position_ids(pos, B, padding_mask=mask if padding is not None else None)
-    else:
-        return None
+    mask = bound.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() in (3, 4) and mask.shape[-1] != N:
+        _refuse(f"an attention_mask with {mask.shape[-1]} key columns for {N} tokens (a mask over a cache).")
+    padding = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()) else None
+    # the one resolver of every input form (packmask.inputs), as the attention layers read it
+    layout = resolve_layout(B, N, **{k: bound[k] for k in _BOUNDARY_KEYS if bound.get(k) is not None})
     if layout is None:
         return None
     if isinstance(layout, DocumentLayout):
