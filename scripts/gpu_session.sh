@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark the open issues (21, 23, 24, 25) wait for, in stages that each fit one
+# device call (< 10 min). Run from the repository root on the GPU machine:
+#
+#   bash scripts/gpu_session.sh STAGE [STAGE ...]      # stages: env tests trees models calibrate
+#
+# Results land under $OUT/<stage>/ (logs, JUnit XML, each benchmark's JSON). Missing packages
+# (cudnn-frontend, datasets, TRL, fla) travel as wheels in .whl/ (git-ignored; fetch them here with
+# `bash scripts/gpu_wheels.sh`) and are installed into /tmp/site with --no-deps; torch, transformers
+# and Triton stay the image's. Every step runs under its own timeout, so one hung benchmark cannot eat
+# the call; a failing step is logged and the next one runs; the exit status is non-zero when any failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+: "${OUT:=/tmp/packmask-gpu}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+failed=()
+
+step() {  # step STAGE NAME SECONDS COMMAND... : run with a timeout, log to $OUT/STAGE/NAME.log
+    local stage=$1 name=$2 limit=$3; shift 3
+    mkdir -p "$OUT/$stage"
+    local start=$SECONDS
+    echo "== $stage/$name (limit ${limit}s): $*"
+    OUT="$OUT/$stage" timeout "$limit" "$@" > "$OUT/$stage/$name.log" 2>&1
+    local rc=$?
+    echo "   exit $rc after $((SECONDS - start)) s"; tail -n 25 "$OUT/$stage/$name.log"
+    [ "$rc" -eq 0 ] || failed+=("$stage/$name (exit $rc)")
+}
+
+for stage in "$@"; do
+    case "$stage" in
+    env)  # what ran where: the closing note quotes this
+        step env versions 120 python3 -c 'import torch, transformers, triton, importlib.util as u
+print("torch", torch.__version__, "| transformers", transformers.__version__, "| triton", triton.__version__)
+print("device", torch.cuda.get_device_name(), "| cudnn", torch.backends.cudnn.version())
+for m in ("cudnn", "datasets", "trl", "fla"): print(m, "importable" if u.find_spec(m) else "absent")' ;;
+    tests)  # issue 21: every cuda-marked test on one GPU; the count goes into the closing note
+        step tests cuda 560 python3 -m pytest -q -p no:cacheprovider -m cuda tests -rs \
+            --junitxml="$OUT/tests/cuda.xml" ;;
+    trees)  # issue 23: one-launch tree kernels, GRPO/DPO/agentic, draft-tree verification
+        step trees tree_kernels 150 env HEAD_DIMS=64,128 python3 benchmarks/tree_kernels.py
+        step trees tree_attention 120 env STEPS=4 python3 benchmarks/tree_attention.py
+        step trees preference 200 python3 benchmarks/preference.py --steps 3
+        step trees spec_decode 100 env ITERS=10 python3 benchmarks/spec_decode.py ;;
+    models)  # issues 24 and 25: hybrids (both length distributions) and the Qwen2.5-VL-shaped VLM
+        step models hybrid_sft 180 python3 benchmarks/hybrid.py --model all --dist sft --steps 3
+        step models hybrid_long 150 python3 benchmarks/hybrid.py --model all --dist long --steps 3
+        step models vlm 200 python3 benchmarks/vlm.py --steps 4 ;;
+    calibrate)  # issue 23: the H200 cost table the dispatcher's `auto` reads, then auto against forced
+        step calibrate table 420 python3 -m packmask.backends.calibrate --out "$OUT/calibrate/kernel_costs.json"
+        step calibrate train_step 150 python3 benchmarks/train_step.py --dist sft --steps 4 --out "$OUT/calibrate" ;;
+    *) echo "unknown stage $stage (env tests trees models calibrate)"; exit 2 ;;
+    esac
+done
+
+if [ ${#failed[@]} -gt 0 ]; then
+    printf 'FAILED: %s\n' "${failed[@]}"
+    exit 1
+fi
+echo "all steps passed"
