@@ -37,7 +37,7 @@ def test_flatten_matches_transformers_data_collator_with_flattening(with_labels)
         if with_labels:
             f["labels"] = [t + 1000 for t in ids]
         features.append(f)
-    ours = PackedCollator(flatten=True)(features)
+    ours = PackedCollator(flatten=True, packed=False)(features)
     theirs = DataCollatorWithFlattening(return_flash_attn_kwargs=True)(features)
     for key in ("input_ids", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k"):
         assert ours[key].tolist() == theirs[key].tolist(), key
@@ -90,8 +90,8 @@ def test_bad_inputs_say_what_to_fix():
     with pytest.raises(PackmaskError, match="seq_lengths"):
         PackedCollator()([{"input_ids": [1, 2, 3], "seq_lengths": [2, 2]}])
     with pytest.raises(PackmaskError, match="max_length"):
-        PackedCollator(max_length=2)([{"input_ids": [1, 2, 3]}])
+        PackedCollator(max_length=2, packed=False)([{"input_ids": [1, 2, 3]}])
     with pytest.raises(PackmaskError, match="empty"):
-        PackedCollator()([{"input_ids": []}])
+        PackedCollator(packed=False)([{"input_ids": []}])
     with pytest.raises(PackmaskError, match="pad_to_multiple_of"):
         PackedCollator(pad_to_multiple_of=0)

@@ -2,8 +2,9 @@
 
 The silent case: ``Trainer`` + ``Dataset.from_parquet(packed file)`` + ``PackedCollator()`` trains each
 packed row as one sequence. Reference: the same run with ``remove_unused_columns=False``. Fixes:
-``PackedCollator(packed=True)`` raises with the fix; ``PackedTrainerMixin`` keeps the column itself,
-so its per-step losses equal the reference's.
+``PackedCollator()`` (``packed=True`` by default) raises with the fix; ``PackedTrainerMixin`` keeps
+the column itself, so its per-step losses equal the reference's. The control is the old default,
+``packed=None`` (each example by whether it has ``seq_lengths``), which trains the stripped rows silently.
 """
 import pytest
 import torch
@@ -80,22 +81,27 @@ class KeepingTrainer(PackedTrainerMixin, RecordingTrainer):
 def test_trainer_keeps_packing_only_with_the_fix(packed_parquet, tmp_path):
     ref_losses, ref_update = _run(RecordingTrainer, packed_parquet, tmp_path, PackedCollator(),
                                   remove_unused_columns=False)
-    # control, the issue's silent case (default collator, default args): every row trains as one sequence
-    losses, update = _run(RecordingTrainer, packed_parquet, tmp_path, PackedCollator())
+    # control, the issue's silent case (the old default collator packed=None, default args): every row
+    # trains as one sequence
+    losses, update = _run(RecordingTrainer, packed_parquet, tmp_path, PackedCollator(packed=None))
     assert _relative_error(update, ref_update) > 1e-2
     assert _relative_error(losses, ref_losses) > 1e-4
     # fix 1: the mixin keeps seq_lengths itself under the default remove_unused_columns=True
     losses, update = _run(KeepingTrainer, packed_parquet, tmp_path, PackedCollator(packed=True))
     assert _relative_error(losses, ref_losses) <= 1e-5 and _relative_error(update, ref_update) <= 1e-5
-    # fix 2: a bare Trainer with PackedCollator(packed=True) refuses in one line naming the fix
-    with pytest.raises(PackmaskError, match=r"no 'seq_lengths'.*remove_unused_columns=False") as error:
-        _run(RecordingTrainer, packed_parquet, tmp_path, PackedCollator(packed=True))
-    assert "\n" not in str(error.value)
+    # fix 2: the issue's exact recipe, a bare Trainer with the default PackedCollator(), refuses in one
+    # line naming both fixes (and packed=False for data that really is one sequence per example)
+    for collator in (PackedCollator(), PackedCollator(packed=True)):
+        with pytest.raises(PackmaskError, match=r"no 'seq_lengths'.*remove_unused_columns=False.*packed=False") as error:
+            _run(RecordingTrainer, packed_parquet, tmp_path, collator)
+        assert "\n" not in str(error.value)
 
 
 def test_collator_refuses_a_batch_mixing_packed_and_plain_rows():
     rows = [{"input_ids": [5, 6, 7], "seq_lengths": [2, 1]}, {"input_ids": [8, 9]}]
     with pytest.raises(PackmaskError, match="mixes packed rows.*remove_unused_columns=False"):
+        PackedCollator(packed=None)(rows)
+    with pytest.raises(PackmaskError, match=r"no 'seq_lengths'"):
         PackedCollator()(rows)
     with pytest.raises(PackmaskError, match=r"packed=False"):
         PackedCollator(packed=False)(rows[:1])

@@ -56,7 +56,7 @@ def test_padding_mask_marks_real_tokens_and_excludes_the_3d_mask():
     batch = PackedCollator(pad_to_multiple_of=4, return_attention_mask=True, packed=None)(rows[:1] + [
         {"input_ids": [8, 9], "seq_lengths": [2]}])
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]]
-    flat = PackedCollator(flatten=True, pad_to_multiple_of=8, return_attention_mask=True)(rows[1:])
+    flat = PackedCollator(flatten=True, pad_to_multiple_of=8, return_attention_mask=True, packed=False)(rows[1:])
     assert flat["attention_mask"].tolist() == [[1, 1, 0, 0, 0, 0, 0, 0]]
     with pytest.raises(PackmaskError, match="choose one"):
         PackedCollator(return_mask=True, return_attention_mask=True)

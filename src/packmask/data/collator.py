@@ -28,8 +28,9 @@ Use with the HF ``Trainer``: the ``seq_lengths`` column is not a model argument,
 ``remove_unused_columns=True`` deletes it before collation, and a packed row would then look like one
 long sequence. Either keep it (``TrainingArguments(remove_unused_columns=False)``, or a Trainer with
 :class:`packmask.distributed.PackedTrainerMixin`, which keeps ``seq_lengths`` itself), and say
-``PackedCollator(packed=True)`` for a packed dataset: an example without ``seq_lengths`` then raises
-with that fix instead of training across document boundaries.
+``PackedCollator`` (``packed=True`` by default) raises with that fix on an example without
+``seq_lengths`` instead of training across document boundaries. Plain examples (one sequence each,
+padding-free like ``DataCollatorWithFlattening``) take ``PackedCollator(packed=False)``.
 """
 from __future__ import annotations
 
@@ -78,10 +79,12 @@ class PackedCollator:
             counts the row width). Only for a model on ``attn_implementation="packmask"``, which takes
             it with the packed keys and stays exact; stock sdpa / eager / flash attention read a 2D
             mask as plain padding and stop separating the sequences (packmask warns).
-        packed: ``True``: every example is a packed row and must carry ``seq_lengths`` (raises with
-            the fix when it was dropped, e.g. by the Trainer's ``remove_unused_columns``); ``False``:
-            every example is one sequence (an example with ``seq_lengths`` raises); ``None``
-            (default): each example by whether it has ``seq_lengths``, but a batch mixing both raises.
+        packed: ``True`` (default): every example is a packed row and must carry ``seq_lengths``
+            (raises with the fix when it was dropped, e.g. by the Trainer's ``remove_unused_columns``:
+            a stripped row would otherwise train as one long sequence, silently); ``False``: every
+            example is one sequence (an example with ``seq_lengths`` raises); ``None``: each example
+            by whether it has ``seq_lengths`` (a batch mixing both raises), which cannot tell a
+            stripped packed row from a long plain example.
 
     Output keys: ``input_ids``, ``labels``, ``position_ids`` (int64 ``[B, N]``), ``cu_seq_lens_q``,
     ``cu_seq_lens_k`` (int32, over the ``B * N`` flattened tokens, row padding its own segment, so
@@ -98,7 +101,7 @@ class PackedCollator:
     return_seq_lengths: bool = False
     label_pad_token_id: int = -100
     use_completion_mask: bool = True
-    packed: bool | None = None
+    packed: bool | None = True
     return_attention_mask: bool = False
 
     def __post_init__(self):
@@ -122,8 +125,9 @@ class PackedCollator:
             raise PackmaskError(f"Example {index}: labels has {len(labels)} entries but input_ids has {n}.")
         lengths = feature.get("seq_lengths")
         if lengths is None and self.packed and n > 0:
-            raise PackmaskError(f"Example {index} has no 'seq_lengths' but PackedCollator(packed=True) expects packed rows; "
-                                f"{MISSING_SEQ_LENGTHS_FIX}.")
+            raise PackmaskError(f"Example {index} has no 'seq_lengths' but PackedCollator(packed=True, the default) expects "
+                                f"packed rows; if they are, {MISSING_SEQ_LENGTHS_FIX}; if each example is one sequence, "
+                                "pass PackedCollator(packed=False).")
         if lengths is not None and self.packed is False:
             raise PackmaskError(f"Example {index} has 'seq_lengths' (a packed row) but PackedCollator(packed=False) expects "
                                 "one sequence per example; pass packed=True or None.")

@@ -25,7 +25,7 @@ Use::
 
     args = TrainingArguments(...)                            # seq_lengths is kept by the mixin
     PackedTrainer(model=model, args=args, train_dataset=packed,   # packed = pack_dataset(...)
-                  data_collator=packmask.PackedCollator(packed=True)).train()
+                  data_collator=packmask.PackedCollator()).train()
 
 With TRL's ``SFTTrainer`` the mixin's ``compute_loss`` replaces TRL's (its token-accuracy metrics
 are not logged) and the ``data_collator`` must be ``packmask.PackedCollator``.
