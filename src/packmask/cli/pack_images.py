@@ -61,7 +61,30 @@ def _check_args(args, output: Path | None) -> None:
                        "end -o with .parquet, or give a folder name (save_to_disk)")
 
 
-def _process(loaded, processor, args, base_dir, console) -> tuple[list, list]:
+def _images_by_place(path: Path, name: str) -> dict:
+    """``{"line N": value}`` of field ``name`` in a JSON lines file (``record N`` in a JSON array): the
+    values of a field whose kinds differ between records, which Arrow cannot hold in one column (so each
+    record is still checked, and named, on its own)."""
+    import gzip
+    import json
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as handle:
+        text = handle.read()
+    if text.lstrip().startswith("["):
+        return {f"record {i}": r.get(name) for i, r in enumerate(json.loads(text), 1) if isinstance(r, dict)}
+    found = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            found[f"line {number}"] = record.get(name)
+    return found
+
+
+def _process(loaded, processor, args, base_dir, console, images_by_place=None) -> tuple[list, list]:
     """Each kept record through the processor: ``(samples, places)``; bad ones to ``loaded.bad``."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -76,6 +99,8 @@ def _process(loaded, processor, args, base_dir, console) -> tuple[list, list]:
                   console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task("process", total=len(records))
         for record, place in zip(records, places):
+            if images_by_place is not None:
+                record[args.images_column] = images_by_place.get(place)
             try:
                 samples.append(process_record(record, processor, field=fld.name, kind=fld.kind,
                                               images_field=args.images_column, base_dir=base_dir,
@@ -130,13 +155,11 @@ def pack_image_report(args, console, input_path: Path, output: Path | None, plot
     if loaded.field.kind == "tokens" or "seq_lengths" in loaded.table.column_names:
         raise CLIError(f"{input_path} holds token ids or packed rows, not image-text records",
                        "give records with \"text\" or \"messages\" and \"images\"")
-    if args.images_column in loaded.mixed_columns:
-        raise CLIError(f"{input_path}: field {args.images_column!r} holds different kinds of values in different "
-                       "records", "give every record's images the same way: all paths, or all {\"bytes\": ...}")
+    odd = _images_by_place(input_path, args.images_column) if args.images_column in loaded.mixed_columns else None
     base_dir = Path(args.image_root) if args.image_root else input_path.parent
     console.print(f"processing {loaded.field.name!r} ({loaded.field.kind}) and {args.images_column!r} with "
                   f"[bold]{processor_name}[/]")
-    samples, places = _process(loaded, processor, args, base_dir, console)
+    samples, places = _process(loaded, processor, args, base_dir, console, odd)
     if loaded.bad.count:
         print_warning(console, loaded.bad.summary())
     if not samples:
