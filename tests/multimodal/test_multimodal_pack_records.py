@@ -163,3 +163,26 @@ def test_each_bad_record_names_its_field(tmp_path, case):
     packed = pack_image_text([good, record], processor, 32, base_dir=tmp_path,
                              on_problem=lambda i, p: skipped.append((i, p.field)))
     assert skipped == [(1, field)] and len(packed) == 1
+
+
+def test_trainer_trains_from_the_packed_file(tmp_path):
+    """The HF Trainer's DataLoader hands PackedImageText items (rows) to the collator as rows: each batch
+    is exactly the collator's batch of those rows (whose exactness is proven above)."""
+    from transformers import Trainer, TrainingArguments
+
+    model, processor = tiny_vlm("qwen2_5_vl"), tiny_processor("qwen2_5_vl")
+    pack_image_text(records(tmp_path, "qwen2_5_vl"), processor, 40, base_dir=tmp_path).to_parquet(
+        str(tmp_path / "p.parquet"))
+    rows = load_packed_image_text(tmp_path / "p.parquet", processor)
+    collator = MultimodalCollator(model)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=2,
+                             save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
+                             dataloader_num_workers=0, remove_unused_columns=False)
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["position_ids"].shape[:2] == (4, 2)  # two packed rows, [4, B, L] mRoPE positions
+    order = [i for i in range(len(rows)) if any(torch.equal(batch["input_ids"][0, :len(r)], r)
+                                                for r in [torch.cat([s["input_ids"][0] for s in rows[i]])])]
+    assert order, "the first row of the batch is one of the file's rows, whole"
+    trainer.train()
+    assert torch.isfinite(torch.tensor(trainer.state.log_history[-1]["train_loss"]))

@@ -65,8 +65,8 @@ def _data_options(p: argparse.ArgumentParser) -> None:
                         "Required for text and chat input")
     p.add_argument("--processor", metavar="DIR|NAME",
                    help="image-text records: the model's processor (AutoProcessor; a local folder or a model name "
-                        "already in the Hugging Face cache). Rows then hold token ids, labels and image bytes; "
-                        "see docs/multimodal.md")
+                        "already in the Hugging Face cache). Rows then hold token ids, labels and image bytes, "
+                        "read for training by packmask.multimodal.load_packed_image_text")
     p.add_argument("--images-column", default="images",
                    help="with --processor: column of each record's images (paths, bytes or {\"bytes\": ...}; "
                         "default images)")
