@@ -165,3 +165,22 @@ def test_failed_write_leaves_the_previous_output(tmp_path, capsys, processor_dir
     assert code == 130 and output.read_bytes() == b"previous"
     assert not [p for p in os.listdir(tmp_path) if "packmask-tmp" in p]
     assert not (tmp_path / "out-histogram.png").exists()
+
+
+def test_chat_records_score_the_assistant_turns(tmp_path, capsys, processor_dir):
+    from transformers import AutoProcessor
+
+    from packmask.multimodal.packed import load_packed_image_text
+
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "w9 w10"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "w11 w12"}]}]
+    source = write(tmp_path, [{"messages": chat, "images": ["imgs/a.png"]}, {"messages": chat[1:] and
+                              [{"role": "user", "content": [{"type": "text", "text": "w3"}]}, chat[1]]}])
+    code, out, err = run(capsys, "pack", source, "--processor", processor_dir, "--max-length", 40, "-o",
+                         tmp_path / "out.parquet")
+    assert code == 0, err
+    rows = load_packed_image_text(tmp_path / "out.parquet", AutoProcessor.from_pretrained(processor_dir))
+    samples = [s for i in range(len(rows)) for s in rows[i]]
+    assert len(samples) == 2 and sum("pixel_values" in s for s in samples) == 1
+    for s in samples:  # the reply and its end-of-turn token only (105 = <|im_end|>), never the image
+        assert s["input_ids"][0][s["labels"][0] != -100].tolist() == [11, 12, 105]

@@ -207,6 +207,16 @@ def _assistant_mask(processor, messages, images, ids, field: str):
     return mask
 
 
+def _without_null_keys(messages):
+    """Content parts without null keys: Arrow gives every part of a column every key any part has
+    (``{"type": "text", "text": "hi", "image": None}``), and templates test ``'image' in part``."""
+    if not isinstance(messages, list):
+        return messages
+    return [dict(m, content=[{k: v for k, v in p.items() if v is not None} if isinstance(p, dict) else p
+                             for p in m["content"]]) if isinstance(m, dict) and isinstance(m.get("content"), list)
+            else m for m in messages]
+
+
 def process_record(record: dict, processor, *, field: str, kind: str, images_field: str = "images",
                    base_dir=".", train_on: str = "assistant") -> dict:
     """One record as a stored sample: ``input_ids``, ``labels``, the type ids (``mm_token_type_ids`` or
@@ -219,6 +229,7 @@ def process_record(record: dict, processor, *, field: str, kind: str, images_fie
     images = record_images(record.get(images_field), images_field, base_dir)
     value = record.get(field)
     if kind == "chat":
+        value = _without_null_keys(value)
         text = _render(processor, value, field, False)
     elif isinstance(value, str):
         text = value

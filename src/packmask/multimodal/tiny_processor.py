@@ -73,8 +73,8 @@ def tiny_processor(family: str):
         try:
             return tf.Qwen2_5_VLProcessor(image_processor=images, tokenizer=tokenizer, chat_template=template)
         except (AttributeError, ValueError, TypeError):  # no torchvision: no video processor class to check against
-            return _ImagesOnlyQwen2_5_VLProcessor(image_processor=images, tokenizer=tokenizer, video_processor=None,
-                                                  chat_template=template)
+            return _images_only_qwen()(image_processor=images, tokenizer=tokenizer, video_processor=None,
+                                       chat_template=template)
     raise ValueError(f"no tiny processor for {family!r}; choose from {', '.join(PROCESSOR_FAMILIES)}")
 
 
@@ -92,9 +92,6 @@ def _images_only_qwen():
 
     return ImagesOnlyQwen2_5_VLProcessor
 
-
-def _ImagesOnlyQwen2_5_VLProcessor(**kwargs):  # noqa: N802 -- built lazily: transformers is imported on use
-    return _images_only_qwen()(**kwargs)
 
 
 def tiny_image(height: int, width: int, seed: int = 0):
