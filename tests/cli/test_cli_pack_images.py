@@ -184,3 +184,11 @@ def test_chat_records_score_the_assistant_turns(tmp_path, capsys, processor_dir)
     assert len(samples) == 2 and sum("pixel_values" in s for s in samples) == 1
     for s in samples:  # the reply and its end-of-turn token only (105 = <|im_end|>), never the image
         assert s["input_ids"][0][s["labels"][0] != -100].tolist() == [11, 12, 105]
+
+
+def test_stats_reports_and_writes_nothing(tmp_path, capsys, processor_dir):
+    source = write(tmp_path, GOOD)
+    before = sorted(os.listdir(tmp_path))
+    code, out, err = run(capsys, "stats", source, "--processor", processor_dir, "--max-length", 24)
+    assert code == 0, err
+    assert "3 images in 2 of 3 samples" in out and "rows" in out and sorted(os.listdir(tmp_path)) == before

@@ -9,15 +9,16 @@ import pytest
 import torch
 
 from packmask.multimodal import MultimodalCollator, pack_samples
-from packmask.multimodal.packed import load_packed_image_text, pack_image_text
+from packmask.multimodal.packed import PackedImageText, load_packed_image_text, pack_image_text
 from packmask.multimodal.records import RecordProblem, process_record
 from packmask.multimodal.tiny import tiny_vlm
 from packmask.multimodal.tiny_processor import tiny_image, tiny_processor
 from packmask.multimodal.verify import compare_packed
 
 TOL = 1e-5
-PLACEHOLDER = {"qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>", "gemma3": "<start_of_image>"}
-TYPE_KEY = {"qwen2_5_vl": "mm_token_type_ids", "gemma3": "token_type_ids"}
+PLACEHOLDER = {"qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>", "gemma3": "<start_of_image>",
+               "llava": "<image>"}
+TYPE_KEY = {"qwen2_5_vl": "mm_token_type_ids", "gemma3": "token_type_ids", "llava": "mm_token_type_ids"}
 
 
 def encoded(h, w, seed, fmt="PNG"):
@@ -57,11 +58,11 @@ def direct(processor, record, folder):
     return {k: v for k, v in out.items() if k != "attention_mask"}
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3", "llava"])
 def test_packed_file_trains_exactly_per_sample(tmp_path, family):
     model, processor = tiny_vlm(family), tiny_processor(family)
     recs = records(tmp_path, family)
-    max_length = 40
+    max_length = 64 if family == "llava" else 40  # LLaVA: 16 tokens per image
     packed = pack_image_text(recs, processor, max_length, base_dir=tmp_path)
     packed.to_parquet(str(tmp_path / "packed.parquet"))
     rows = load_packed_image_text(tmp_path / "packed.parquet", processor)
@@ -106,15 +107,9 @@ def test_another_processor_is_refused_when_reading(tmp_path):
     packed = pack_image_text(records(tmp_path, "qwen2_5_vl"), processor, 64, base_dir=tmp_path)
     other = tiny_processor("qwen2_5_vl")
     other.image_processor.size = {"shortest_edge": 16 * 16, "longest_edge": 16 * 16}  # fewer image tokens
-    rows = load_packed_image_text_from(packed, other)
+    rows = PackedImageText(packed, other)
     with pytest.raises(Exception, match="not the processor that packed this data"):
         [rows[i] for i in range(len(rows))]
-
-
-def load_packed_image_text_from(packed, processor):
-    from packmask.multimodal.packed import PackedImageText
-
-    return PackedImageText(packed, processor)
 
 
 def test_too_long_sample_is_refused_or_dropped(tmp_path):
@@ -186,3 +181,21 @@ def test_trainer_trains_from_the_packed_file(tmp_path):
     assert order, "the first row of the batch is one of the file's rows, whole"
     trainer.train()
     assert torch.isfinite(torch.tensor(trainer.state.log_history[-1]["train_loss"]))
+
+
+def test_a_datasets_dataset_with_an_image_feature_packs(tmp_path):
+    """A ``datasets.Dataset`` whose images decode to PIL images packs as records do: the same tokens and pixels."""
+    import datasets
+
+    processor = tiny_processor("gemma3")
+    features = datasets.Features({"text": datasets.Value("string"), "images": datasets.Sequence(datasets.Image())})
+    data = datasets.Dataset.from_dict({"text": [f"w5 {PLACEHOLDER['gemma3']} w7", "w3 w4"],
+                                       "images": [[{"bytes": encoded(20, 28, 4), "path": None}], []]},
+                                      features=features)
+    from_dataset = pack_image_text(data, processor, 32)
+    from_bytes = pack_image_text([{"text": r["text"], "images": [encoded(20, 28, 4)] if r["images"] else []}
+                                  for r in data], processor, 32)
+    a, b = PackedImageText(from_dataset, processor)[0], PackedImageText(from_bytes, processor)[0]
+    assert len(a) == len(b) == 2
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)

@@ -9,7 +9,7 @@ text holds one image placeholder (``processor.image_token``: ``<|image_pad|>`` f
 * a path (``str``), relative to ``base_dir`` (the input file's folder), or a ``data:`` URI with base64;
 * ``bytes``;
 * ``{"bytes": ..., "path": ...}`` as the Hugging Face ``datasets`` ``Image`` feature stores it
-  (``bytes`` raw or base64 text, else ``path`` is read).
+  (``bytes`` raw or base64 text, else ``path`` is read), or a decoded ``PIL.Image`` (stored as PNG).
 
 Every problem is a :class:`RecordProblem` naming the field (``images[1]``, ``text``) and the fix;
 the caller adds the file and line. The image tokens of a sample are counted by the processor itself
@@ -18,7 +18,7 @@ the caller adds the file and line. The image tokens of a sample are counted by t
     record    {"text": "w5 <|vision_start|><|image_pad|><|vision_end|> w7", "images": ["a.png"]}
     a.png     24 x 32 pixels -> processor: 6 x 8 patches, merged 2 x 2 -> 12 image tokens
     tokens    w5 <vs> I x12 <ve> w7              (15 tokens, counted for packing)
-    labels    w5 -100 -100 x12 <ve> w7           (image tokens never scored)
+    labels    w5 <vs> -100 x12 <ve> w7           (image tokens never scored)
 
 >>> image_bytes({"bytes": b"\\x89PNG..."}, "images[0]", ".")
 b'\\x89PNG...'
@@ -76,6 +76,10 @@ def image_bytes(value, field: str, base_dir) -> bytes:
     """The encoded bytes of one image value (see the module docstring), or a :class:`RecordProblem`."""
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
+    if hasattr(value, "save") and hasattr(value, "mode"):  # a PIL image (datasets' Image feature, decoded)
+        buffer = io.BytesIO()
+        value.save(buffer, format="PNG")  # lossless: the processor sees the same pixels
+        return buffer.getvalue()
     if isinstance(value, str):
         if value.startswith("data:"):
             head, _, data = value.partition(",")

@@ -17,7 +17,7 @@ from .tiny import IMG, VE, VID, VS
 
 __all__ = ["tiny_processor", "tiny_tokenizer", "tiny_image", "PROCESSOR_FAMILIES"]
 
-PROCESSOR_FAMILIES = ("qwen2_5_vl", "gemma3")
+PROCESSOR_FAMILIES = ("qwen2_5_vl", "gemma3", "llava")
 _TURN = "<|im_start|>", "<|im_end|>"
 _SPECIAL = {
     "qwen2_5_vl": ({"<|image_pad|>": IMG, "<|vision_start|>": VS, "<|vision_end|>": VE, "<|video_pad|>": VID},
@@ -27,6 +27,7 @@ _SPECIAL = {
     "gemma3": ({"<image_soft_token>": IMG, "<start_of_image>": VS, "<end_of_image>": VE},
                {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>", "eoi_token": "<end_of_image>"},
                "<start_of_image>"),
+    "llava": ({"<image>": IMG}, {"image_token": "<image>"}, "<image>"),
 }
 
 
@@ -58,7 +59,8 @@ def tiny_tokenizer(family: str):
 
 def tiny_processor(family: str):
     """The ``family``'s processor at the tiny sizes of :func:`~packmask.multimodal.tiny.tiny_vlm`
-    (Qwen2.5-VL: 4-pixel patches merged 2x2, 16-40 pixel sides; Gemma 3: 16x16 images, 4 tokens each)."""
+    (Qwen2.5-VL: 4-pixel patches merged 2x2, 16-40 pixel sides; Gemma 3: 16x16 images, 4 tokens each;
+    LLaVA: 16x16 crops, 16 tokens each)."""
     import transformers as tf
 
     tokenizer = tiny_tokenizer(family)
@@ -67,6 +69,11 @@ def tiny_processor(family: str):
         cls = getattr(tf, "Gemma3ImageProcessorPil", None) or tf.Gemma3ImageProcessor
         return tf.Gemma3Processor(image_processor=cls(size={"height": 16, "width": 16}), tokenizer=tokenizer,
                                   image_seq_length=4, chat_template=template)
+    if family == "llava":  # CLIP-style 16x16 images, 4-pixel patches: 16 tokens (the class token dropped)
+        cls = getattr(tf, "CLIPImageProcessorPil", None) or tf.CLIPImageProcessor
+        images = cls(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+        return tf.LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=4, chat_template=template,
+                                 vision_feature_select_strategy="default", num_additional_image_tokens=1)
     if family == "qwen2_5_vl":
         cls = getattr(tf, "Qwen2VLImageProcessorPil", None) or tf.Qwen2VLImageProcessor
         images = cls(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16, max_pixels=40 * 40)
