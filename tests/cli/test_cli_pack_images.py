@@ -67,7 +67,7 @@ def test_pack_writes_rows_that_read_back(tmp_path, capsys, processor_dir):
     code, out, err = run(capsys, "pack", source, "--processor", processor_dir, "--max-length", 24, "-o",
                          tmp_path / "out.parquet")
     assert code == 0, err
-    assert "3 images in 2 of 3 samples" in out and (tmp_path / "out-histogram.png").exists()
+    assert "3 images in 2 of 3 samples; 12 image tokens" in out and (tmp_path / "out-histogram.png").exists()
     assert not [p for p in os.listdir(tmp_path) if "packmask-tmp" in p]
     import pyarrow.parquet as pq
 
@@ -192,3 +192,16 @@ def test_stats_reports_and_writes_nothing(tmp_path, capsys, processor_dir):
     code, out, err = run(capsys, "stats", source, "--processor", processor_dir, "--max-length", 24)
     assert code == 0, err
     assert "3 images in 2 of 3 samples" in out and "rows" in out and sorted(os.listdir(tmp_path)) == before
+
+
+def test_chat_without_a_template_is_one_error(tmp_path, capsys, processor_dir):
+    from transformers import AutoProcessor
+
+    bare = AutoProcessor.from_pretrained(processor_dir)
+    bare.chat_template = None
+    bare.save_pretrained(tmp_path / "bare")
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (tmp_path / "bare" / name).unlink(missing_ok=True)
+    source = write(tmp_path, [{"messages": [{"role": "user", "content": [{"type": "text", "text": "w3"}]}]}] * 3)
+    assert_error(run(capsys, "pack", source, "--processor", tmp_path / "bare", "--max-length", 24, "-o",
+                     tmp_path / "o.parquet", "--skip-invalid"), "has no chat template")

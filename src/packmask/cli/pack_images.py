@@ -156,6 +156,10 @@ def pack_image_report(args, console, input_path: Path, output: Path | None, plot
         raise CLIError(f"{input_path} holds token ids or packed rows, not image-text records",
                        "give records with \"text\" or \"messages\" and \"images\"")
     odd = _images_by_place(input_path, args.images_column) if args.images_column in loaded.mixed_columns else None
+    if loaded.field.kind == "chat" and not getattr(processor, "chat_template", None):
+        raise CLIError(f"{input_path}: column {loaded.field.name!r} holds chat messages, but the processor "
+                       f"{processor_name} has no chat template", "pass --processor a chat/instruct model's processor, "
+                       "or set processor.chat_template and save it with save_pretrained")
     base_dir = Path(args.image_root) if args.image_root else input_path.parent
     console.print(f"processing {loaded.field.name!r} ({loaded.field.kind}) and {args.images_column!r} with "
                   f"[bold]{processor_name}[/]")
@@ -169,8 +173,10 @@ def pack_image_report(args, console, input_path: Path, output: Path | None, plot
     lengths = np.array([len(s["input_ids"]) for s in samples], dtype=np.int64)
     images = sum(len(s["images"]) for s in samples)
     console.print(input_table(input_path, lengths, args.max_length))
+    image_tokens = sum(sum(t != 0 for t in s.get("token_types", ())) for s in samples)
     console.print(f"{images:,} images in {sum(bool(s['images']) for s in samples):,} of {len(samples):,} samples; "
-                  "image tokens counted by the processor")
+                  f"{image_tokens:,} image tokens ({image_tokens / max(int(lengths.sum()), 1):.1%} of all), counted by "
+                  "the processor")
 
     from ..multimodal.packed import pack_processed
 

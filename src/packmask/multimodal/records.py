@@ -141,7 +141,12 @@ def processor_call(processor, text: str, images: list, field: str) -> dict:
     """``processor(text=[text], images=...)`` for ONE sample as tensors, with its token-type ids
     (``return_mm_token_type_ids``: the Qwen families' positions need them); a refusal is a :class:`RecordProblem`."""
     try:
-        out = processor(text=[text], images=images or None, return_tensors="pt", return_mm_token_type_ids=True)
+        try:
+            out = processor(text=[text], images=images or None, return_tensors="pt", return_mm_token_type_ids=True)
+        except TypeError as error:  # a processor that predates the option
+            if "return_mm_token_type_ids" not in str(error):
+                raise
+            out = processor(text=[text], images=images or None, return_tensors="pt")
     except (ValueError, TypeError, KeyError, IndexError, OSError) as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise RecordProblem(field, f"the processor rejected field {field!r} with its images ({first})",
@@ -185,9 +190,10 @@ def _image_token_mask(processor, out: dict):
     return mask
 
 
-def _assistant_mask(processor, messages, images, ids, field: str):
+def _assistant_mask(processor, messages, images, ids, field: str, full_text: str):
     """Assistant turns by prefix rendering, as :mod:`packmask.data.chat` does for text: the tokens after
-    ``messages[:k]`` with the generation prompt, up to ``messages[:k + 1]`` (images counted in each)."""
+    ``messages[:k]`` with the generation prompt, up to ``messages[:k + 1]`` (images counted in each;
+    each prefix runs through the processor, except the whole conversation, already run)."""
     import torch
 
     mask = torch.zeros(len(ids), dtype=torch.bool)
@@ -200,6 +206,9 @@ def _assistant_mask(processor, messages, images, ids, field: str):
                 bounds.append(0)
                 continue
             text = _render(processor, prefix, field, prompt)
+            if text == full_text:
+                bounds.append(len(ids))
+                continue
             n = text.count(processor.image_token) if getattr(processor, "image_token", None) else 0
             part = processor_call(processor, text, images[:n], field)["input_ids"][0].tolist()
             if ids[:len(part)] != part:
@@ -233,6 +242,9 @@ def process_record(record: dict, processor, *, field: str, kind: str, images_fie
     images = record_images(record.get(images_field), images_field, base_dir)
     value = record.get(field)
     if kind == "chat":
+        if not getattr(processor, "chat_template", None):  # every record would fail: one error, never skipped
+            raise PackmaskError(f"{type(processor).__name__} has no chat template, so conversations ({field!r}) cannot "
+                                f"be rendered: use a chat/instruct model's processor, or give records with text.")
         value = _without_null_keys(value)
         text = _render(processor, value, field, False)
     elif isinstance(value, str):
@@ -246,7 +258,7 @@ def process_record(record: dict, processor, *, field: str, kind: str, images_fie
     ids = out["input_ids"][0].tolist()
     labels = out["input_ids"][0].clone()
     if kind == "chat" and train_on == "assistant":
-        labels[~_assistant_mask(processor, value, pil, ids, field)] = -100
+        labels[~_assistant_mask(processor, value, pil, ids, field, text)] = -100
     labels[_image_token_mask(processor, out)] = -100
     sample = {"input_ids": ids, "labels": labels.tolist(), "images": images, "text": text}
     for key in _TYPE_KEYS:
