@@ -176,9 +176,10 @@ def test_trainer_trains_from_the_packed_file(tmp_path):
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["position_ids"].shape[:2] == (4, 2)  # two packed rows, [4, B, L] mRoPE positions
-    order = [i for i in range(len(rows)) if any(torch.equal(batch["input_ids"][0, :len(r)], r)
-                                                for r in [torch.cat([s["input_ids"][0] for s in rows[i]])])]
-    assert order, "the first row of the batch is one of the file's rows, whole"
+    file_rows = [torch.cat([s["input_ids"][0] for s in rows[i]]) for i in range(len(rows))]
+    for b in range(2):  # each row of the batch is one of the file's rows, whole, then padding (id 0)
+        assert any(torch.equal(batch["input_ids"][b, :len(r)], r) and not batch["input_ids"][b, len(r):].any()
+                   for r in file_rows), b
     trainer.train()
     assert torch.isfinite(torch.tensor(trainer.state.log_history[-1]["train_loss"]))
 

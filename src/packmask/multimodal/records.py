@@ -89,9 +89,10 @@ def image_bytes(value, field: str, base_dir) -> bytes:
         return _read(value, field, base_dir)
     if isinstance(value, dict):
         data, path = value.get("bytes"), value.get("path")
+        if isinstance(data, str):  # JSON has no bytes: base64 text
+            return _base64(data, f"{field}.bytes")
         if data is not None:
-            return bytes(data) if isinstance(data, (bytes, bytearray)) else _base64(data, f"{field}.bytes") \
-                if isinstance(data, str) else image_bytes(data, f"{field}.bytes", base_dir)
+            return image_bytes(data, f"{field}.bytes", base_dir)
         if isinstance(path, str):
             return _read(path, f"{field}.path", base_dir)
         raise RecordProblem(field, f"field {field!r} has neither 'bytes' nor 'path'", IMAGE_FIX)
