@@ -200,3 +200,18 @@ def test_a_datasets_dataset_with_an_image_feature_packs(tmp_path):
     assert len(a) == len(b) == 2
     for x, y in zip(a, b):
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_processors_the_records_cannot_drive_are_refused(tmp_path):
+    import transformers
+
+    from packmask.errors import PackmaskError
+    from packmask.multimodal.tiny_processor import tiny_tokenizer
+
+    with pytest.raises(PackmaskError, match="not a vision-language processor"):
+        pack_image_text([{"text": "w3"}], tiny_tokenizer("llava"), 8)
+    image_processor = tiny_processor("gemma3").image_processor
+    tokenizer = tiny_tokenizer("llava")
+    paligemma = transformers.PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    with pytest.raises(PackmaskError, match="prefix and a suffix"):
+        pack_image_text([{"text": "w3"}], paligemma, 8)

@@ -49,6 +49,13 @@ def resolve_processor(spec: str):
     if getattr(processor, "image_processor", None) is None:
         raise CLIError(f"--processor {spec}: loads as {type(processor).__name__}, which has no image processor",
                        "give a vision-language model's processor, or pack text with --tokenizer instead")
+    from ..errors import PackmaskError
+    from ..multimodal.records import check_processor
+
+    try:
+        check_processor(processor)
+    except PackmaskError as error:
+        raise CLIError(f"--processor {spec}: {error}") from None
     return processor, str(path.resolve()) if path.exists() else spec
 
 

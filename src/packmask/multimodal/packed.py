@@ -41,7 +41,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from ..errors import PackmaskError
-from .records import RecordProblem, open_image, process_record, processor_call
+from .records import RecordProblem, check_processor, open_image, process_record, processor_call
 
 __all__ = ["pack_image_text", "pack_processed", "PackedImageText", "load_packed_image_text", "IMAGE_TEXT_COLUMNS"]
 
@@ -120,6 +120,7 @@ def pack_image_text(records: Iterable[dict], processor, max_length: int, *, stra
         The packed ``datasets.Dataset`` (columns in the module docstring); with ``return_stats``,
         ``(dataset, PackingStats)``. Read it for training with :class:`PackedImageText`.
     """
+    check_processor(processor)
     samples, type_key = [], None
     for index, record in enumerate(records):
         kind, field = ("chat", messages_field) if record.get(text_field) is None and messages_field in record \

@@ -36,7 +36,7 @@ from pathlib import Path
 from ..errors import PackmaskError
 
 __all__ = ["RecordProblem", "image_bytes", "open_image", "record_images", "process_record", "processor_call",
-           "IMAGE_FIX", "TRAIN_ON"]
+           "check_processor", "IMAGE_FIX", "TRAIN_ON"]
 
 IMAGE_FIX = 'give a path, bytes, or {"bytes": ...} like datasets\' Image feature'
 TRAIN_ON = ("assistant", "all")
@@ -50,6 +50,19 @@ class RecordProblem(PackmaskError):
     def __init__(self, field: str, problem: str, fix: str):
         super().__init__(f"{problem} (fix: {fix})")
         self.field, self.problem, self.fix = field, problem, fix
+
+
+def check_processor(processor) -> None:
+    """Refuse a processor these records cannot drive: none with an image processor, or PaliGemma's, which
+    trains on a prefix (image + prompt, bidirectional) and a ``suffix=`` argument that plain records lack
+    (its text alone would be all prefix: every token seeing every other, labels meaningless)."""
+    if getattr(processor, "image_processor", None) is None or not callable(processor):
+        raise PackmaskError(f"{type(processor).__name__} is not a vision-language processor (no image_processor): "
+                            f"give the model's AutoProcessor, or pack text with a tokenizer instead.")
+    if type(processor).__name__.startswith("PaliGemma"):
+        raise PackmaskError("PaliGemma samples are a prefix and a suffix (processor(text=prompt, images=..., "
+                            "suffix=answer)), which image-text records do not give: process them yourself and pack "
+                            "them with MultimodalCollator / pack_samples.")
 
 
 def _kind(value) -> str:
