@@ -205,3 +205,22 @@ def test_chat_without_a_template_is_one_error(tmp_path, capsys, processor_dir):
     source = write(tmp_path, [{"messages": [{"role": "user", "content": [{"type": "text", "text": "w3"}]}]}] * 3)
     assert_error(run(capsys, "pack", source, "--processor", tmp_path / "bare", "--max-length", 24, "-o",
                      tmp_path / "o.parquet", "--skip-invalid"), "has no chat template")
+
+
+def test_num_proc_writes_the_same_rows_and_names_the_same_bad_line(tmp_path, capsys, processor_dir):
+    import pyarrow.parquet as pq
+
+    many = [GOOD[i % 3] for i in range(150)]  # three chunks of records: two worker processes
+    source = write(tmp_path, many)
+    outputs = []
+    for procs in (1, 2):
+        output = tmp_path / f"out{procs}.parquet"
+        code, out, err = run(capsys, "pack", source, "--processor", processor_dir, "--max-length", 64, "-o", output,
+                             "--num-proc", procs, "--no-plot")
+        assert code == 0, err
+        outputs.append(pq.read_table(output).replace_schema_metadata(None))
+    assert outputs[0].equals(outputs[1])
+    many[130] = BAD["count mismatch"][0]
+    source = write(tmp_path, many)
+    assert_error(run(capsys, "pack", source, "--processor", processor_dir, "--max-length", 64, "-o",
+                     tmp_path / "bad.parquet", "--num-proc", 2), "line 131", "2 image placeholders")

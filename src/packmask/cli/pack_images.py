@@ -91,30 +91,70 @@ def _images_by_place(path: Path, name: str) -> dict:
     return found
 
 
+_WORKER: dict = {}  # a --num-proc worker's processor and options (set once per worker process)
+
+
+def _start_worker(spec: str, options: dict) -> None:
+    _WORKER["processor"] = resolve_processor(spec)[0]
+    _WORKER["options"] = options
+
+
+def _process_chunk(records: list) -> list:
+    """Records through the processor: ``("ok", sample)`` or ``("bad", problem, fix)`` each, in order."""
+    from ..multimodal.records import RecordProblem, process_record
+
+    results = []
+    for record in records:
+        try:
+            results.append(("ok", process_record(record, _WORKER["processor"], **_WORKER["options"])))
+        except RecordProblem as problem:
+            results.append(("bad", problem.problem, problem.fix))
+    return results
+
+
+def _results(records, args, processor, options):
+    """Each record's result, in order: in this process, or in ``--num-proc`` worker processes (chunks of
+    64 records, each worker loading ``--processor`` once)."""
+    chunks = [records[i:i + 64] for i in range(0, len(records), 64)]
+    if args.num_proc <= 1 or len(chunks) <= 1:
+        _WORKER.update(processor=processor, options=options)
+        for chunk in chunks:
+            yield from _process_chunk(chunk)
+        return
+    from concurrent.futures import ProcessPoolExecutor
+
+    executor = ProcessPoolExecutor(max_workers=args.num_proc, initializer=_start_worker,
+                                   initargs=(args.processor, options))
+    try:
+        for results in executor.map(_process_chunk, chunks):
+            yield from results
+    finally:  # a bad record stops the command: the chunks not started are dropped
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
 def _process(loaded, processor, args, base_dir, console, images_by_place=None) -> tuple[list, list]:
     """Each kept record through the processor: ``(samples, places)``; bad ones to ``loaded.bad``."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from ..multimodal.records import RecordProblem, process_record
 
     fld, bad = loaded.field, loaded.bad
     places = bad.kept_places or [f"row {i}" for i in range(loaded.table.num_rows)]
     columns = [fld.name] + ([args.images_column] if args.images_column in loaded.table.column_names else [])
     records = loaded.table.select(columns).to_pylist()
+    if images_by_place is not None:
+        for record, place in zip(records, places):
+            record[args.images_column] = images_by_place.get(place)
+    options = dict(field=fld.name, kind=fld.kind, images_field=args.images_column, base_dir=base_dir,
+                   train_on=args.train_on)
     samples, kept = [], []
     with Progress(TextColumn("processing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task("process", total=len(records))
-        for record, place in zip(records, places):
-            if images_by_place is not None:
-                record[args.images_column] = images_by_place.get(place)
-            try:
-                samples.append(process_record(record, processor, field=fld.name, kind=fld.kind,
-                                              images_field=args.images_column, base_dir=base_dir,
-                                              train_on=args.train_on))
+        for result, place in zip(_results(records, args, processor, options), places):
+            if result[0] == "ok":
+                samples.append(result[1])
                 kept.append(place)
-            except RecordProblem as problem:
-                bad.add(place, problem.problem, "type", fix=problem.fix)
+            else:
+                bad.add(place, result[1], "type", fix=result[2])
             progress.advance(task)
     return samples, kept
 

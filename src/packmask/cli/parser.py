@@ -72,6 +72,8 @@ def _data_options(p: argparse.ArgumentParser) -> None:
                         "default images)")
     p.add_argument("--image-root", metavar="DIR",
                    help="with --processor: folder relative image paths are read from (default: INPUT's folder)")
+    p.add_argument("--num-proc", type=_positive_int, default=1, metavar="N",
+                   help="with --processor: processes that run the processor (each loads it once; default 1)")
     p.add_argument("--train-on", choices=TRAIN_ON, default="assistant",
                    help="chat input: which tokens get labels (default assistant turns only)")
     p.add_argument("--no-eos", action="store_true", help="do not append EOS when tokenizing text")
