@@ -86,8 +86,8 @@ def test_parquet_input_with_datasets_image_feature(tmp_path, capsys, processor_d
     import datasets
 
     features = datasets.Features({"text": datasets.Value("string"), "images": datasets.Sequence(datasets.Image())})
-    data = datasets.Dataset.from_dict({"text": [f"w5 {PH}", "w6 w7"], "images": [[{"bytes": png(3), "path": None}], []]},
-                                      features=features)
+    data = datasets.Dataset.from_dict({"text": [f"w5 {PH}", "w6 w7"],
+                                       "images": [[{"bytes": png(3), "path": None}], []]}, features=features)
     data.to_parquet(str(tmp_path / "in.parquet"))
     code, out, err = run(capsys, "pack", tmp_path / "in.parquet", "--processor", processor_dir, "--max-length", 16,
                          "-o", tmp_path / "out.parquet")

@@ -182,7 +182,8 @@ class PackedImageText:
                 raise PackmaskError(
                     f"row {index}, sample {k}: the processor gives {out['input_ids'].shape[1]} tokens where the packed "
                     f"data holds {n} (or other ids): it is not the processor that packed this data (another "
-                    f"tokenizer or image size settings). Load the data with that processor, or pack again with this one.")
+                    f"tokenizer or image size settings). Load the data with that processor, or pack again with "
+                    f"this one.")
             sample = {key: value for key, value in out.items() if key != "attention_mask"}
             sample["labels"] = torch.tensor([row["labels"][token_start:token_start + n]])
             samples.append(sample)
