@@ -23,11 +23,18 @@ images when a row is read (in DataLoader workers), and checks that its tokens eq
 so a different processor (another ``max_pixels``: other image token counts) is an error, never a
 silently different row length. Worked example (``max_length=16``; ``b`` has one 12-token image)::
 
-    samples        a: 5 tokens   b: 15 tokens   c: 9 tokens   d: 7 tokens
-    best fit       row 0: b            (15)
-                   row 1: a, d          (12)   -> sorted back to dataset order in the row
-                   row 2: c             (9)
-    row 1          input_ids [a0..a4 d0..d6]   seq_lengths [5, 7]   image_counts [0, 0]   images []
+    samples        a: 5 tokens   b: 15 tokens (a 12-token image)   c: 9 tokens   d: 7 tokens
+    best fit       row 0: b        (15)
+                   row 1: c, d     (16)   each row keeps dataset order
+                   row 2: a        (5)
+    row 0          input_ids [b0 <vs> I x12 <ve> b1]   seq_lengths [15]   image_counts [1]   images [b.png bytes]
+    row 1          input_ids [c0..c8 d0..d6]           seq_lengths [9, 7]  image_counts [0, 0] images []
+
+>>> samples = [dict(input_ids=[3] * n, labels=[3] * n, images=[b"b.png bytes"] if n == 15 else [], text=name)
+...            for name, n in zip("abcd", (5, 15, 9, 7))]
+>>> packed, stats = pack_processed(samples, 16)
+>>> [(row["texts"], row["seq_lengths"], row["image_counts"], row["images"]) for row in packed]
+[(['b'], [15], [1], [b'b.png bytes']), (['c', 'd'], [9, 7], [0, 0], []), (['a'], [5], [0], [])]
 
 Training: ``Trainer(train_dataset=PackedImageText(packed, processor), data_collator=
 MultimodalCollator(model), args=TrainingArguments(..., remove_unused_columns=False))``; each item is
