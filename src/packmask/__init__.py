@@ -42,6 +42,8 @@ _LAZY = {
     # vision-language models  # multimodal:
     "MultimodalCollator": "packmask.multimodal.collator",
     "pack_samples": "packmask.multimodal.collator",
+    "pack_image_text": "packmask.multimodal.packed",  # image-text records through a processor, packed ahead
+    "load_packed_image_text": "packmask.multimodal.packed",
     # proof tool
     "verify": "packmask.verification",
     # context parallelism (torch.distributed)

@@ -90,12 +90,13 @@ def check_column_type(kind, fld: Field) -> None:
                        "each record needs \"messages\": [{\"role\": \"user\", \"content\": \"...\"}, ...]")
 
 
-def load_input(path: Path, args, chat_roles: tuple | None = None) -> Loaded:
+def load_input(path: Path, args, chat_roles: tuple | None = None, keep_places: bool = False) -> Loaded:
     """Read INPUT (jsonl / json / parquet / a saved dataset folder) and check its records.
 
-    ``chat_roles``: the message roles chat records may use (those the tokenizer's template names too).
+    ``chat_roles``: the message roles chat records may use (those the tokenizer's template names too);
+    ``keep_places``: fill ``bad.kept_places`` (where each kept record is) for every kind of field.
     """
-    bad = BadRecords(str(path), skip=args.skip_invalid)
+    bad = BadRecords(str(path), skip=args.skip_invalid, keep_places=keep_places)
     choose = field_chooser(args, chat_roles)
     if not path.exists():
         raise CLIError(f"{path}: no such file or directory", f"check the path; INPUT is {WHAT_INPUT}")

@@ -118,6 +118,10 @@ def _pack_report(args, console, write: bool) -> int:
         check_plot_path(plot, input_path)
     command = "pack" if write else "stats"
     refuse_packed_input(input_path, packed_metadata(input_path), command=command)
+    if getattr(args, "processor", None) is not None:  # image-text records, through the model's processor
+        from .pack_images import pack_image_report
+
+        return pack_image_report(args, console, input_path, output, plot)
     tokenizer, tokenizer_name = resolve_tokenizer(args.tokenizer)
 
     # -- read and check every record --------------------------------------------------------------

@@ -63,6 +63,17 @@ def _data_options(p: argparse.ArgumentParser) -> None:
                    help="tokenizer for text or chat input: a local folder from save_pretrained, a model "
                         "name already in the Hugging Face cache, or 'demo' for the built-in toy tokenizer. "
                         "Required for text and chat input")
+    p.add_argument("--processor", metavar="DIR|NAME",
+                   help="image-text records: the model's processor (AutoProcessor; a local folder or a model name "
+                        "already in the Hugging Face cache). Rows then hold token ids, labels and image bytes, "
+                        "read for training by packmask.multimodal.load_packed_image_text")
+    p.add_argument("--images-column", default="images",
+                   help="with --processor: column of each record's images (paths, bytes or {\"bytes\": ...}; "
+                        "default images)")
+    p.add_argument("--image-root", metavar="DIR",
+                   help="with --processor: folder relative image paths are read from (default: INPUT's folder)")
+    p.add_argument("--num-proc", type=_positive_int, default=1, metavar="N",
+                   help="with --processor: processes that run the processor (each loads it once; default 1)")
     p.add_argument("--train-on", choices=TRAIN_ON, default="assistant",
                    help="chat input: which tokens get labels (default assistant turns only)")
     p.add_argument("--no-eos", action="store_true", help="do not append EOS when tokenizing text")

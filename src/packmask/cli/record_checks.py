@@ -61,10 +61,13 @@ class BadRecords:
     first: list = field(default_factory=list)   # where the first SHOWN bad records are
     problems: list = field(default_factory=list)  # (where, problem) of those
     kept_places: list | None = None  # chat: where each kept record is, to name one the chat template rejects
+    keep_places: bool = False  # fill kept_places for every kind (records checked one by one later)
 
-    def add(self, where: str, problem: str, fix_kind: str) -> None:
+    def add(self, where: str, problem: str, fix_kind: str, fix: str | None = None) -> None:
+        """One bad record; ``fix`` (else the fix of ``fix_kind``) says what to change."""
         if not self.skip:
-            raise CLIError(f"{self.path}, {where}: {problem}", f"{_FIXES[fix_kind]}, or pass --skip-invalid to skip such records")
+            raise CLIError(f"{self.path}, {where}: {problem}",
+                           f"{fix or _FIXES[fix_kind]}, or pass --skip-invalid to skip such records")
         self.count += 1
         if len(self.first) < SHOWN:
             self.first.append(where)
@@ -237,7 +240,7 @@ def check_table(table, fld: Field, bad: BadRecords, where):
     keep[all_bad] = False
     if all_bad.size:
         table = table.filter(pa.array(keep))
-    if fld.kind == "chat":  # records are tokenized one by one later: remember where each came from
+    if fld.kind == "chat" or bad.keep_places:  # records are processed one by one later: remember where each came from
         bad.kept_places = where(np.flatnonzero(keep).tolist())
     if fld.kind == "tokens" and is_list:
         table = table.set_column(table.schema.get_field_index(fld.name), fld.name,

@@ -100,15 +100,21 @@ def naive_batch(model, samples) -> dict:
 def compare_packed(model, samples, *, max_length: int | None = None, reference_impl: str = "eager",
                    control: bool = False, training: bool = False) -> dict:
     """Pack ``samples`` with :class:`MultimodalCollator` and compare against each run alone (on
-    ``reference_impl``). Returns ``{"logits", "loss", "grad", "grad_param", "control"}`` relative errors;
+    ``reference_impl``); a list among ``samples`` is one row, packed as given. Returns ``{"logits", "loss", "grad", "grad_param", "control"}`` relative errors;
     ``control``: also the naive concatenation's logits error (must be large). ``training`` runs both in
     train mode (activation checkpointing, if enabled, recomputes layers in backward)."""
     impl = model.config._attn_implementation
     device = next(model.parameters()).device
-    samples = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in s.items()} for s in samples]
+
+    def moved(s):
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+
+    # a list is one row as given (PackedImageText's items); the reference runs every sample alone
+    samples = [[moved(s) for s in f] if isinstance(f, (list, tuple)) else moved(f) for f in samples]
     collator = MultimodalCollator(model, max_length=max_length)
     batch = collator(samples)
     spans = _spans(collator, samples)
+    samples = [s for f in samples for s in (f if isinstance(f, list) else [f])]
     was_training = model.training
     model.train(training)
     try:
