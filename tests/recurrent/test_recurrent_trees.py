@@ -22,6 +22,8 @@ from packmask.recurrent.tree_paths import tree_paths
 from packmask.testing import grad_rel_err, rel_err, tiny_model
 from packmask.tiny_hybrid import HYBRID_FAMILIES
 
+from _float64 import GATE_PARAMETERS, double, float64_everywhere  # tests/_float64.py
+
 TOL = 1e-5
 #: conv weights x16: random-init short convolutions barely mix, the control must see their reach
 SHARPEN = 16
@@ -94,7 +96,7 @@ def _paths_alone(model, ids, labels):
 #: lara_mini's gate parameters get a gradient that is a sum with heavy cancellation: in fp32 the tree and
 #: the paths (same math, another summation order) differ by ~5e-5 there; in float64 everywhere they agree
 #: to 1e-12 (test_gate_gradients_in_float64)
-ILL_CONDITIONED = {"lara_mini": ("A_log", "dt_bias", "in_proj_a")}
+ILL_CONDITIONED = {"lara_mini": GATE_PARAMETERS}
 
 
 def _grad_error(model, ref_model, family):
@@ -195,30 +197,12 @@ def test_general_masks_and_trees_over_a_cache_stay_refused():
         model(input_ids=ids, attention_mask=tree[None], past_key_values=cache, use_cache=False)
 
 
-def _float64_everywhere(monkeypatch):
-    """Keep float64 through transformers' float32 upcasts (RMSNorm's ``.to(torch.float32)``, the gates'
-    ``.float()``, routers' ``softmax(dtype=float)``), for this test only."""
-    to, to_float, softmax = torch.Tensor.to, torch.Tensor.float, F.softmax
-
-    def keep_to(self, *args, **kwargs):
-        target = args[0] if args else kwargs.get("dtype")
-        return self if self.dtype == torch.float64 and target is torch.float32 else to(self, *args, **kwargs)
-    monkeypatch.setattr(torch.Tensor, "to", keep_to)
-    monkeypatch.setattr(torch.Tensor, "float", lambda self, *a, **k: self if self.dtype == torch.float64
-                        else to_float(self, *a, **k))
-    monkeypatch.setattr(F, "softmax", lambda x, dim=None, _stacklevel=3, dtype=None: softmax(
-        x, dim=dim, dtype=None if x.dtype == torch.float64 else dtype))
-
-
 @pytest.mark.parametrize("family", sorted(ILL_CONDITIONED))
 def test_gate_gradients_in_float64(family, monkeypatch):
     """In float64 throughout, the tree equals the paths to 1e-10 on every gradient, the ill-conditioned
     gates included: their fp32 difference is round-off, not a different computation."""
-    _float64_everywhere(monkeypatch)
-    model = tiny_model(family).double()
-    for module in model.modules():  # grouped_mm has no float64 kernel
-        if hasattr(getattr(module, "config", None), "_experts_implementation"):
-            module.config._experts_implementation = "eager"
+    float64_everywhere(monkeypatch)
+    model = double(tiny_model(family))
     ref_model = copy.deepcopy(model)
     ids, labels, covered, mask, pos = _batch(model)
     logits, loss = _packed(model, ids, labels, covered, mask, pos)
