@@ -24,8 +24,10 @@ every token once. Paths of similar length share one right-padded call (:mod:`.ba
 >>> plan = tree_paths(TreeLayout.from_segments([[(0, 3, -1), (3, 2, 0), (5, 3, 0)]], 8))
 >>> [t.tolist() for t in plan.paths]
 [[0, 1, 2, 3, 4], [0, 1, 2, 5, 6, 7]]
->>> plan.spans, [o.tolist() for o in plan.owned]
-([(0, 0, 5), (0, 0, 6)], [[0, 1, 2, 3, 4], [3, 4, 5]])
+>>> plan.spans
+[(0, 0, 5), (0, 0, 6)]
+>>> plan.source.tolist()   # token t's output: slot source[t] of path 0's outputs, then path 1's
+[0, 1, 2, 3, 4, 8, 9, 10]
 """
 from __future__ import annotations
 
@@ -47,16 +49,17 @@ class TreePaths:
         paths: per path, the flat ``B * N`` index of each of its tokens, root first.
         spans: per path ``(row, 0, length)``: the shape :func:`.batched.length_groups` groups by
             (the row also picks each row's final state).
-        owned: per path, the positions in the path whose outputs it provides.
-        inverse: ``[B * N]``: where each token's output is in the concatenation of the owned outputs.
+        tokens: every path's tokens, concatenated (``paths`` are views of it).
+        offsets: ``[P + 1]`` where each path begins in ``tokens``.
+        source: ``[B * N]``: for each token, the slot in ``tokens`` of its occurrence in the first
+            path that holds it (the output it takes).
     """
 
     paths: list
     spans: list
-    owned: list
-    inverse: torch.Tensor
-    tokens: torch.Tensor  # every path's tokens, concatenated
-    offsets: torch.Tensor  # where each path begins in ``tokens``
+    tokens: torch.Tensor
+    offsets: torch.Tensor
+    source: torch.Tensor
 
     def group_index(self, members, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(index [G, L], valid [G, L])`` of paths ``members`` right-padded to ``length`` (padding
@@ -71,9 +74,8 @@ class TreePaths:
 
     def join(self, outputs: list) -> torch.Tensor:
         """Per-path outputs ``[1, path length, ...]`` -> ``[1, B * N, ...]``: each token's output
-        from the path that owns it, in token order."""
-        owned = [out.index_select(1, keep.to(out.device)) for out, keep in zip(outputs, self.owned)]
-        return torch.cat(owned, dim=1).index_select(1, self.inverse.to(outputs[0].device))
+        from the first path that holds it, in token order (one gather; the other copies get no gradient)."""
+        return torch.cat(outputs, dim=1).index_select(1, self.source.to(outputs[0].device))
 
 
 def tree_paths(layout: TreeLayout) -> TreePaths:
@@ -92,20 +94,13 @@ def tree_paths(layout: TreeLayout) -> TreePaths:
     tokens = span_indices(start[segments_on_paths], length[segments_on_paths])
     path_of_token = torch.repeat_interleave(path_of_segment, length[segments_on_paths])
     path_lengths = torch.bincount(path_of_token, minlength=len(leaves))
-    # every token is owned by the first path that contains it
-    owner = torch.full((layout.batch_size * layout.seq_len,), len(leaves), dtype=torch.long, device=start.device)
-    owner = owner.scatter_reduce(0, tokens, path_of_token, reduce="amin")
-    is_owned = owner[tokens] == path_of_token
-    inverse = torch.empty_like(owner)
-    inverse[tokens[is_owned]] = torch.arange(int(is_owned.sum()), device=start.device)
+    # every token takes its output from the first path that holds it: its first slot in ``tokens``
+    slot = torch.arange(tokens.numel(), device=start.device)
+    source = torch.full((layout.batch_size * layout.seq_len,), tokens.numel(), dtype=torch.long, device=start.device)
+    source = source.scatter_reduce(0, tokens, slot, reduce="amin")
     lengths = path_lengths.tolist()
-    position = torch.arange(tokens.numel(), device=start.device) - torch.repeat_interleave(
-        cu_seqlens_from_lengths(path_lengths).long()[:-1], path_lengths)
     rows = (start[leaves] // max(layout.seq_len, 1)).tolist()
-    plan = TreePaths(paths=list(torch.split(tokens, lengths)),
-                     spans=[(r, 0, n) for r, n in zip(rows, lengths)],
-                     owned=[position_in_path[keep] for position_in_path, keep in
-                            zip(torch.split(position, lengths), torch.split(is_owned, lengths))],
-                     inverse=inverse, tokens=tokens, offsets=cu_seqlens_from_lengths(path_lengths).long())
+    plan = TreePaths(paths=list(torch.split(tokens, lengths)), spans=[(r, 0, n) for r, n in zip(rows, lengths)],
+                     tokens=tokens, offsets=cu_seqlens_from_lengths(path_lengths).long(), source=source)
     layout._memo["recurrent_paths"] = plan
     return plan
