@@ -12,6 +12,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 import packmask
@@ -212,3 +214,27 @@ def test_gate_gradients_in_float64(family, monkeypatch):
     assert rel_err(logits[covered], expected[covered]) <= 1e-12
     err, name = grad_rel_err(model, ref_model)
     assert err <= 1e-10, f"{name} {err:.1e}"
+
+
+_MODELS = {}
+
+
+@settings(max_examples=6, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 5), st.integers(-1, 6)), min_size=1, max_size=7))
+def test_random_forests_equal_each_path_alone(spec):
+    """Any forest in any token order (a child may come after other subtrees): every token's logits are
+    those of its root-to-leaf path run alone (Qwen3.5: gated delta net + attention)."""
+    if "model" not in _MODELS:
+        _MODELS["model"] = tiny_model("qwen3_5_text")
+    model = _MODELS["model"]
+    row, at = [], 0
+    for k, (length, parent) in enumerate(spec):
+        row.append((at, length, parent if 0 <= parent < k else -1))
+        at += length
+    ids = torch.randint(3, 100, (1, at), generator=torch.Generator().manual_seed(at))
+    mask, pos = packmask.tree_mask_from_segments([row], at)
+    with torch.no_grad():
+        packed = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[0]
+        for _, tokens in root_to_leaf_paths([row]):
+            alone = model(input_ids=ids[:, tokens], use_cache=False).logits[0]
+            assert rel_err(packed[tokens], alone) <= TOL
