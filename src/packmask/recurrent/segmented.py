@@ -35,6 +35,8 @@ Outputs: per-token tensors (``[1, e - s, ...]``, or the tokens on another axis s
 ``[1, heads, e - s, d]``) are concatenated back into ``[B, N, ...]``; other
 tensors with a batch dimension (a final recurrent state) keep each row's last sequence's value.
 On input that is not packed (no layout active) the wrapper calls the original forward unchanged.
+On shared-prefix tree rows the "sequences" are the tree's root-to-leaf paths, gathered token by token,
+and each token's output comes from the first path that holds it (:mod:`.tree_paths`).
 
 By default sequences of similar length share one call, right-padded (:mod:`packmask.recurrent.batched`:
 exact because the mixers are causal); ``configure(batched=False)`` makes one call per sequence (padded
