@@ -238,3 +238,31 @@ def test_random_forests_equal_each_path_alone(spec):
         for _, tokens in root_to_leaf_paths([row]):
             alone = model(input_ids=ids[:, tokens], use_cache=False).logits[0]
             assert rel_err(packed[tokens], alone) <= TOL
+
+
+@pytest.mark.parametrize("family", ["qwen3_5_text", "nemotron_h"])
+def test_control_branches_from_a_zero_state(family, monkeypatch):
+    """Second control: every segment run from a zero state (a branch that forgets its prompt, as per-document
+    packing of the segments would do) differs from the paths alone."""
+    from packmask.recurrent import segmented
+    from packmask.recurrent.tree_paths import TreePaths
+
+    def segments_alone(layout):
+        seg = layout.segments()
+        lengths = seg["length"]
+        tokens = torch.arange(layout.batch_size * layout.seq_len)
+        return TreePaths(paths=list(torch.split(tokens, lengths.tolist())),
+                         spans=[(int(r), 0, int(n)) for r, n in zip(seg["row"], lengths)], tokens=tokens,
+                         offsets=seg["cu_seqlens"].long(), source=tokens)
+
+    model = tiny_model(family)
+    ids, labels, covered, mask, pos = _batch(model)
+    with torch.no_grad():
+        expected, _ = _paths_alone(model, ids, labels)
+        logits, _ = _packed(model, ids, labels, covered, mask, pos)
+        assert rel_err(logits[covered], expected[covered]) <= TOL
+        monkeypatch.setattr(segmented, "tree_paths", segments_alone)
+        forgetful, _ = _packed(model, ids, labels, covered, mask, pos)
+    answers = torch.zeros_like(covered)
+    answers[0, 4:12], answers[1, 3:19] = True, True  # every non-root segment of the first tree and row 1
+    assert rel_err(forgetful[answers], expected[answers]) > 1e-2
