@@ -199,7 +199,8 @@ def run_model(name, args, failures):
         if ref is not None and "loss" in r:
             r["loss_rel_err"] = abs(r["loss"] - ref) / abs(ref)
             if r["loss_rel_err"] > tol:
-                failures.append(f"{name}/{r['method']}: loss differs from the duplicated rows ({r['loss_rel_err']:.1e})")
+                failures.append(f"{name}/{r['method']}: loss differs from the duplicated rows "
+                                f"({r['loss_rel_err']:.1e})")
     by = {r["method"]: r for r in results if "step_s" in r}
     for r in by.values():
         r["vs_duplicated"] = by["duplicated"]["step_s"] / r["step_s"] if "duplicated" in by else None
@@ -216,9 +217,10 @@ def table(records):
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for rec in records:
         for r in rec["results"]:
-            lines.append(f"{rec['model']:<11} {rec['shape']:<5} {r['method']:<11} {fmt(r.get('examples_per_s'), '9.2f')} "
-                         f"{fmt(r.get('vs_duplicated'), '7.2f')} {fmt(r.get('vs_padding'), '7.2f')} "
-                         f"{fmt(r.get('step_s'), '8.3f')} {fmt(r.get('first_s'), '8.3f')} {fmt(r.get('peak_gib'), '8.2f')} "
+            lines.append(f"{rec['model']:<11} {rec['shape']:<5} {r['method']:<11} "
+                         f"{fmt(r.get('examples_per_s'), '9.2f')} {fmt(r.get('vs_duplicated'), '7.2f')} "
+                         f"{fmt(r.get('vs_padding'), '7.2f')} {fmt(r.get('step_s'), '8.3f')} "
+                         f"{fmt(r.get('first_s'), '8.3f')} {fmt(r.get('peak_gib'), '8.2f')} "
                          f"{fmt(r.get('row_tokens'), '8d')} {fmt(r.get('loss_rel_err'), '9.1e')}  {r.get('error', '')}")
     return "\n".join(lines)
 
