@@ -147,6 +147,8 @@ def _derive_inputs_outside_graph(model, args, kwargs):
         if isinstance(layout, TreeLayout):  # tree-kernel: the layers get the tree kernel's inputs as tensors
             from .backends.tree_triton import NAME as TREE_KERNEL, TREE_KWARG, compiled_model_inputs
             forced = requested_backend(model) == TREE_KERNEL  # opt-in until measured on a GPU (backends.costs)
+            # recurrent: the mixers read the tree from the mask (packmask.recurrent.tree_paths): keep it
+            forced = forced and not model.__dict__.get("_packmask_recurrent_hooked")
             tree = compiled_model_inputs(model, layout, ref.device, model.training) if forced else None
             if tree is None:
                 return args, kwargs  # the mask itself goes to the layers

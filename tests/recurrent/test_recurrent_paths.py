@@ -98,16 +98,13 @@ def test_generate_with_a_cache_is_not_refused():
     assert out.shape == (2, 9)
 
 
-@pytest.mark.parametrize("case", ["tree", "prefix_lm", "bidirectional", "cache", "use_cache"])
+@pytest.mark.parametrize("case", ["prefix_lm", "bidirectional", "cache", "use_cache"])
 def test_refused_layouts_and_caches(case):
+    """(Shared-prefix trees are no longer refused: tests/recurrent/test_recurrent_trees.py.)"""
     model = tiny_model("qwen3_5_text")
     ids, *_ = _batch()
     kwargs = dict(input_ids=ids, use_cache=False)
-    if case == "tree":  # two branches sharing a prompt
-        mask = packmask.shared_prefix_tree_mask(4, [6, 8])[None]
-        kwargs.update(input_ids=ids[:1], attention_mask=mask)
-        match = "tree"
-    elif case == "prefix_lm":
+    if case == "prefix_lm":
         kwargs["attention_mask"] = packmask.prefix_lm_mask([[5, 13]] * 2, [[2, 4]] * 2, N)
         match = "not separate documents|tree"
     elif case == "bidirectional":

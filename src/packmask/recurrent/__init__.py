@@ -9,6 +9,8 @@ boundary. No model-specific math; exact by construction.
 
 * :mod:`~packmask.recurrent.detect` finds the mixers by capability;
 * :mod:`~packmask.recurrent.segmented` is the replacement forward of one mixer instance;
+* :mod:`~packmask.recurrent.tree_paths`: on shared-prefix tree rows (DPO, GRPO) the mixer runs once
+  per root-to-leaf path instead, so every branch starts from the state at the end of its prompt;
 * :mod:`~packmask.recurrent.context` carries the forward's layout to the mixers (and replays it
   under activation checkpointing);
 * :mod:`~packmask.recurrent.install` puts it on one model instance (automatic for models on

@@ -39,6 +39,7 @@ import torch
 from ..errors import UnsupportedModelError
 from ..inputs import resolve_layout
 from ..layout import DocumentLayout
+from ..layout_tree import TreeLayout
 from ..segments import starts_from_cu_seqlens
 
 __all__ = ["current_layout", "packed_layout", "enter_forward", "exit_forward", "replay_pre_hook", "replay_exit_hook",
@@ -61,7 +62,7 @@ _LAYOUT: ContextVar = ContextVar("packmask_recurrent_layout", default=None)
 _MODEL_CACHE_ARGUMENTS = ("past_key_values", "cache", "cache_params", "state")
 
 
-def current_layout() -> DocumentLayout | None:
+def current_layout() -> DocumentLayout | TreeLayout | None:
     """The packed layout of the running forward, None when nothing is packed (or no forward runs)."""
     layout = _LAYOUT.get()
     return None if layout is None or layout is UNPACKED else layout
@@ -87,10 +88,11 @@ def _refuse(what: str):
 _BOUNDARY_KEYS = ("attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "seq_lengths")
 
 
-def packed_layout(model, args, kwargs) -> DocumentLayout | None:
+def packed_layout(model, args, kwargs) -> DocumentLayout | TreeLayout | None:
     """The block-diagonal layout of a forward's inputs when some row holds more than one real
-    sequence, else None. Layouts a per-sequence run cannot reproduce (shared-prefix trees, general
-    masks, bidirectional documents) raise :class:`~packmask.UnsupportedModelError`.
+    sequence, the :class:`~packmask.layout_tree.TreeLayout` of shared-prefix rows (no cache), else
+    None. Layouts a per-sequence run cannot reproduce (general masks, bidirectional documents) raise
+    :class:`~packmask.UnsupportedModelError`.
 
     >>> from packmask.testing import tiny_model
     >>> model = tiny_model("mamba")
@@ -123,8 +125,10 @@ def packed_layout(model, args, kwargs) -> DocumentLayout | None:
         if not layout.causal:
             _refuse("the mask is bidirectional inside each document, but recurrent layers are causal.")
         return layout
-    _refuse(f"the attention mask is a {type(layout).__name__} (a shared-prefix tree or a general mask), not "
-            f"separate documents; a recurrent state cannot follow a tree's branches.")
+    if isinstance(layout, TreeLayout) and not layout.past:
+        return layout  # shared-prefix rows: each root-to-leaf path runs as one sequence (.tree_paths)
+    _refuse(f"the attention mask is a {type(layout).__name__} (a general mask, neither separate documents nor a "
+            f"shared-prefix tree); a recurrent state can follow only a sequence or a tree's branches.")
 
 
 @torch.compiler.disable  # under torch.compile: analysed eagerly, once per forward, before the graph runs
@@ -152,7 +156,7 @@ def enter_forward(model, args, kwargs):
                     "use_cache=False (or leave it out) for packed training.")
         if "use_cache" not in bound and ("use_cache" in names or _takes_kwargs(type(model))):
             kwargs["use_cache"] = False
-        if kwargs.get("cu_seq_lens_q") is None and _takes_kwargs(type(model)):
+        if kwargs.get("cu_seq_lens_q") is None and _takes_kwargs(type(model)) and isinstance(layout, DocumentLayout):
             # packed position_ids: some hybrids hand no position_ids to their attention layers (granitemoehybrid);
             # the boundaries reach packmask's attention as cu_seq_lens instead (the mixers drop them)
             kwargs["cu_seq_lens_q"] = kwargs["cu_seq_lens_k"] = layout.cu_seqlens.to(torch.int32)

@@ -35,6 +35,8 @@ Outputs: per-token tensors (``[1, e - s, ...]``, or the tokens on another axis s
 ``[1, heads, e - s, d]``) are concatenated back into ``[B, N, ...]``; other
 tensors with a batch dimension (a final recurrent state) keep each row's last sequence's value.
 On input that is not packed (no layout active) the wrapper calls the original forward unchanged.
+On shared-prefix tree rows the "sequences" are the tree's root-to-leaf paths, gathered token by token,
+and each token's output comes from the first path that holds it (:mod:`.tree_paths`).
 
 By default sequences of similar length share one call, right-padded (:mod:`packmask.recurrent.batched`:
 exact because the mixers are causal); ``configure(batched=False)`` makes one call per sequence (padded
@@ -48,9 +50,11 @@ import inspect
 import torch
 
 from ..errors import PackmaskError, UnsupportedModelError
+from ..layout_tree import TreeLayout
 from ..segments import row_spans_from_cu_seqlens
 from .batched import gather_tokens, group_index, length_groups, padded_length
 from .context import current_layout
+from .tree_paths import tree_paths
 
 __all__ = ["SegmentedForward", "CACHE_ARGUMENTS", "DROPPED_ARGUMENTS", "configure"]
 
@@ -109,9 +113,10 @@ def _is_mask_object(value) -> bool:
 class _Group:
     """Cuts arguments for a group of sequences, right-padded to ``length`` (see :mod:`.batched`)."""
 
-    def __init__(self, layout, spans, members, length):
+    def __init__(self, layout, spans, members, length, paths=None):
         self.B, self.N, self.length = layout.batch_size, layout.seq_len, length
-        self.index, self.valid = group_index(layout, spans, members, length)
+        self.index, self.valid = (group_index(layout, spans, members, length) if paths is None else
+                                  paths.group_index(members, length))  # a tree: its root-to-leaf paths
         self.row_index = torch.tensor([spans[i][0] for i in members], device=self.index.device)
 
     def tokens(self, value, name):
@@ -159,12 +164,13 @@ class SegmentedForward:
     def _per_sequence(self, layout, args, kwargs):
         try:
             arguments, extra = self._bind(layout, args, kwargs)
-            spans = _row_spans(layout)
+            paths = tree_paths(layout) if isinstance(layout, TreeLayout) else None  # shared-prefix rows
+            spans = _row_spans(layout) if paths is None else paths.spans
             if _SETTINGS["batched"]:
                 groups = length_groups(spans)
             else:  # one call per sequence
                 groups = [([i], e - s) for i, (_, s, e) in enumerate(spans)]
-            return self._batched(layout, spans, groups, arguments, extra)
+            return self._batched(layout, spans, groups, arguments, extra, paths)
         except _Refuse as why:
             raise UnsupportedModelError(
                 f"packmask cannot run the recurrent layer {self.name} ({self.module_class}) per packed sequence: "
@@ -192,12 +198,12 @@ class SegmentedForward:
                                                if k not in DROPPED_ARGUMENTS}
         return self.original(*new.args, **new.kwargs)
 
-    def _batched(self, layout, spans, groups, arguments, extra):
+    def _batched(self, layout, spans, groups, arguments, extra, paths=None):
         pieces = [None] * len(spans)
         for members, longest in groups:
             length = padded_length(longest, self.forbidden)
             for _ in range(8):  # an output with two axes of the padded length: one token longer
-                out = self._call(arguments, extra, _Group(layout, spans, members, length))
+                out = self._call(arguments, extra, _Group(layout, spans, members, length, paths))
                 try:
                     split = self._pieces(out, len(members), [spans[i][2] - spans[i][1] for i in members], length)
                     break
@@ -207,7 +213,7 @@ class SegmentedForward:
                 raise _Refuse("its outputs have several axes of every padded length tried.")
             for i, piece in zip(members, split):
                 pieces[i] = piece
-        return self._join(pieces, spans, layout)
+        return self._join(pieces, spans, layout, paths)
 
     def _cut(self, name, value, where, B, N):
         if name in DROPPED_ARGUMENTS:
@@ -276,27 +282,30 @@ class SegmentedForward:
                      {k: p[j] for k, p in parts.items()}) for j in range(count)]
         return [out] * count
 
-    def _join(self, pieces, spans, layout):
+    def _join(self, pieces, spans, layout, paths):
         last_of_row = [i for i, (b, _, _) in enumerate(spans) if i + 1 == len(spans) or spans[i + 1][0] != b]
-        return self._join_values(pieces, last_of_row, layout.batch_size, layout.seq_len)
+        return self._join_values(pieces, last_of_row, layout.batch_size, layout.seq_len, paths)
 
-    def _join_values(self, values, last_of_row, B, N):
+    def _join_values(self, values, last_of_row, B, N, paths=None):
         first = values[0]
         if first is None:
             return None
         if isinstance(first, _Tokens):  # every token in flattened order: [1, B*N, ..] -> [B, N, ..], axis back
             if not all(isinstance(v, _Tokens) and v.axis == first.axis for v in values):
                 raise _Refuse("its per-sequence outputs disagree on where the tokens are.")
-            joined = torch.cat([v.tensor for v in values], dim=1).unflatten(1, (B, N)).squeeze(0)
+            tensors = [v.tensor for v in values]
+            joined = torch.cat(tensors, dim=1) if paths is None else paths.join(tensors)  # a tree: owned tokens
+            joined = joined.unflatten(1, (B, N)).squeeze(0)
             return joined.movedim(1, first.axis)
         if isinstance(first, torch.Tensor):
             if first.dim() >= 1 and first.shape[0] == 1:
                 return torch.cat([values[i] for i in last_of_row], dim=0)  # a state: each row's last sequence
             return first
         if isinstance(first, (tuple, list)) and not hasattr(first, "_fields"):
-            return type(first)(self._join_values([v[i] for v in values], last_of_row, B, N) for i in range(len(first)))
+            return type(first)(self._join_values([v[i] for v in values], last_of_row, B, N, paths)
+                               for i in range(len(first)))
         if isinstance(first, dict):
-            joined = {k: self._join_values([v[k] for v in values], last_of_row, B, N) for k in first}
+            joined = {k: self._join_values([v[k] for v in values], last_of_row, B, N, paths) for k in first}
             return type(first)(**joined) if type(first) is not dict else joined
         return first
 
