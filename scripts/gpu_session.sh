@@ -2,7 +2,10 @@
 # Every GPU check and benchmark the open issues (21, 23, 24, 25) wait for, in stages that each fit one
 # device call (< 10 min). Run from the repository root on the GPU machine:
 #
-#   bash scripts/gpu_session.sh STAGE [STAGE ...]      # stages: env tests trees models calibrate
+#   bash scripts/gpu_session.sh STAGE [STAGE ...]   # stages: env tests trees models calibrate model-trees
+#
+# A session has 30 min of device time: in order of what the issues' done-when need, env+tests (21),
+# models (24, 25), trees (23), calibrate (23), model-trees (24, 25 stretch).
 #
 # Results land under $OUT/<stage>/ (logs, JUnit XML, each benchmark's JSON). Missing packages
 # (cudnn-frontend, datasets, TRL, fla) travel as wheels in .whl/ (git-ignored; fetch them here with
@@ -47,13 +50,16 @@ for m in ("cudnn", "datasets", "trl", "fla"): print(m, "importable" if u.find_sp
         step trees preference 200 python3 benchmarks/preference.py --steps 3
         step trees spec_decode 100 env ITERS=10 python3 benchmarks/spec_decode.py ;;
     models)  # issues 24 and 25: hybrids (both length distributions) and the Qwen2.5-VL-shaped VLM
-        step models hybrid_sft 180 python3 benchmarks/hybrid.py --model all --dist sft --steps 3
-        step models hybrid_long 150 python3 benchmarks/hybrid.py --model all --dist long --steps 3
+        step models hybrid_sft 180 python3 benchmarks/hybrid.py --model all --dist sft --steps 3 --out "$OUT/models/sft"
+        step models hybrid_long 150 python3 benchmarks/hybrid.py --model all --dist long --steps 3 --out "$OUT/models/long"
         step models vlm 200 python3 benchmarks/vlm.py --steps 4 ;;
+    model-trees)  # shared-prefix trees on hybrids (issue 24, item 5) and on VLMs (issue 25, stretch)
+        step model-trees hybrid_tree_dpo 150 python3 benchmarks/hybrid_tree.py --model all --shape dpo --steps 3 --out "$OUT/model-trees/dpo"
+        step model-trees hybrid_tree_grpo 150 python3 benchmarks/hybrid_tree.py --model all --shape grpo --steps 3 --out "$OUT/model-trees/grpo" ;;
     calibrate)  # issue 23: the H200 cost table the dispatcher's `auto` reads, then auto against forced
         step calibrate table 420 python3 -m packmask.backends.calibrate --out "$OUT/calibrate/kernel_costs.json"
         step calibrate train_step 150 python3 benchmarks/train_step.py --dist sft --steps 4 --out "$OUT/calibrate" ;;
-    *) echo "unknown stage $stage (env tests trees models calibrate)"; exit 2 ;;
+    *) echo "unknown stage $stage (env tests trees models calibrate model-trees)"; exit 2 ;;
     esac
 done
 
