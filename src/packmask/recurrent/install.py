@@ -28,6 +28,7 @@ import torch
 from .context import CHECKPOINTED, HOOKED, enter_forward, exit_forward, replay_exit_hook, replay_pre_hook
 from .detect import find_mixers
 from .segmented import SegmentedForward
+from .varlen import MixerForward
 
 __all__ = ["install", "installed", "uninstall", "ensure_installed", "enter_forward"]
 
@@ -74,7 +75,7 @@ def install(model) -> list[str]:
     handles = []
     if mixers:
         for name, module in mixers:
-            module.forward = SegmentedForward(module, module.forward, name)
+            module.forward = MixerForward(module, module.forward, name)
         for module in [m for _, m in mixers] + list(_decoder_layers(model, names).values()):
             handles.append(module.register_forward_pre_hook(replay_pre_hook, with_kwargs=True))
             handles.append(module.register_forward_hook(replay_exit_hook, always_call=True))
