@@ -21,7 +21,8 @@ path          runs                                       honours
 
 ``configure(path="auto")`` (default) takes ``varlen`` where it honours the call, else ``generic``;
 ``path="generic"`` always per sequence; ``path="varlen"`` raises :class:`~packmask.PackmaskError`
-naming the reason and the pip extra where the kernel path cannot run. :func:`describe_paths` says
+naming the reason and the pip extra where the kernel path cannot run.
+:func:`packmask.recurrent.describe_paths` says
 which path each mixer of a model would take and why::
 
     hidden  [a0 a1 a2 b0 b1 | c0 c1 c2 c3 P]        layout cu_seqlens [0, 3, 5, 9, 10]
@@ -31,6 +32,7 @@ which path each mixer of a model would take and why::
 Never silently wrong: a varlen call whose layer did not run its mixing through a replaced kernel
 function, or that called a sequence convolution module directly, raises instead of returning.
 
+>>> from packmask.recurrent import describe_paths
 >>> from packmask.testing import tiny_model
 >>> model = tiny_model("qwen3_5_text")
 >>> info = describe_paths(model, device="cpu")
@@ -51,7 +53,7 @@ from .kernels import (CACHE_ONLY_FUNCTIONS, EXTRAS, ROUTING_FUNCTIONS, VARLEN_FU
 from .segmented import CACHE_ARGUMENTS, DROPPED_ARGUMENTS, SegmentedForward
 from .settings import SETTINGS
 
-__all__ = ["MixerForward", "kernel_plan", "varlen_refusal", "choose_path", "describe_paths"]
+__all__ = ["MixerForward", "kernel_plan", "varlen_refusal", "choose_path"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -117,25 +119,6 @@ def choose_path(plan_and_why, hidden: torch.Tensor, where: str = "this layer") -
         raise PackmaskError(f"the recurrent path 'varlen' cannot run {where}: {why}. Use "
                             f"packmask.recurrent.configure(path='auto') to fall back to the per-sequence path.")
     return "generic"
-
-
-def describe_paths(model, *, device=None, dtype=torch.float32) -> dict:
-    """``{mixer name: {"path": ..., "why": ...}}`` for every mixer of ``model`` (installs packmask's
-    mixers when needed) on tensors of ``device`` / ``dtype`` (default: the model's)."""
-    from .install import install
-
-    install(model)
-    device = device if device is not None else next(model.parameters()).device
-    out = {}
-    for module in model.modules():
-        wrapper = module.__dict__.get("forward")
-        if isinstance(wrapper, MixerForward):
-            if SETTINGS["path"] == "generic":
-                out[wrapper.name] = {"path": "generic", "why": "configure(path='generic')"}
-                continue
-            why = varlen_refusal(wrapper.plan(), device=device, dtype=dtype)
-            out[wrapper.name] = {"path": "generic" if why else "varlen", "why": why or "kernels with boundaries"}
-    return out
 
 
 @torch.compiler.disable  # a ContextVar read: outside any traced graph
