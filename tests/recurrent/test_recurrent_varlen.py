@@ -118,3 +118,21 @@ def test_configure_rejects_bad_values():
         configure(path="fast")
     with pytest.raises(packmask.PackmaskError):
         configure(cpu_kernels="yes")
+
+
+def test_shared_kernel_wrappers_are_no_per_instance_hook():
+    # kernels 0.16 (transformers 5.17) lists the module-level wrapper itself: swapping it would be global
+    import sys
+
+    from packmask.recurrent.kernels import kernel_hooks_available
+
+    mixer = tiny_model("qwen3_5_text").model.layers[0].linear_attn
+    assert kernel_hooks_available(mixer)
+    shared = vars(sys.modules[type(mixer).__module__])
+    funcs = mixer.__dict__["_kernel_funcs"]
+    saved = dict(funcs)
+    try:
+        funcs["chunk_gated_delta_rule"] = shared["torch_chunk_gated_delta_rule"]
+        assert not kernel_hooks_available(mixer)
+    finally:
+        funcs.update(saved)

@@ -28,6 +28,7 @@ Boundaries come from the layout (:mod:`packmask.segments` computes them); nothin
 from __future__ import annotations
 
 import importlib.util
+import sys
 from functools import lru_cache
 
 import torch
@@ -59,9 +60,17 @@ def kernels_available(package: str) -> bool:
 
 
 def kernel_hooks_available(module) -> bool:
-    """Whether ``module`` has per-instance kernel-function wrappers (transformers with ``kernels``)."""
+    """Whether ``module`` has kernel-function wrappers of its own (transformers with ``kernels`` >= 0.19).
+
+    Older ``kernels`` releases (0.16, which transformers 5.17 takes) list the *shared* module-level
+    wrapper in ``_kernel_funcs``: replacing its ``forward`` would change every model in the process,
+    so such layers have no per-instance hook (the varlen path refuses them).
+    """
     funcs = module.__dict__.get("_kernel_funcs")
-    return isinstance(funcs, dict) and all(isinstance(f, torch.nn.Module) for f in funcs.values())
+    if not isinstance(funcs, dict) or not funcs or not all(isinstance(f, torch.nn.Module) for f in funcs.values()):
+        return False
+    shared = {id(v) for v in vars(sys.modules.get(type(module).__module__, object)).values()}
+    return not any(id(f) in shared for f in funcs.values())
 
 
 class Boundaries:
