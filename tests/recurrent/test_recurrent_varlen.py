@@ -1,7 +1,8 @@
 """The varlen recurrent path (packmask.recurrent.varlen) and its dispatcher.
 
 The kernel comparisons run flash-linear-attention's Triton kernels under Triton's CPU interpreter in a
-fresh process (varlen_worker.py; skipped without fla-core / triton): a tiny Qwen3.5 on two packed rows,
+fresh process (varlen_worker.py; skipped without fla-core / triton): a tiny Qwen3.5 and a tiny
+Nemotron-H on two packed rows,
 the varlen path (one mixer call per row, ``cu_seqlens``) against the generic per-sequence path and
 each document alone, with a control (the kernels given only the row boundaries differ).
 The dispatcher tests need no kernels.
@@ -40,22 +41,29 @@ def report():
     env = dict(os.environ, TRITON_INTERPRET="1")
     src = str(Path(packmask.__file__).parents[1])
     env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, str(HERE / "varlen_worker.py"), "qwen3_5_text"], env=env,
+    done = subprocess.run([sys.executable, str(HERE / "varlen_worker.py"), *FAMILIES], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])["qwen3_5_text"]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+#: gated delta net + short convolution (fla chunk_gated_delta_rule, causal_conv1d); Mamba2 (fla
+#: chunk_simple_gla, causal_conv1d)
+FAMILIES = ("qwen3_5_text", "nemotron_h")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("reference", ["generic", "alone"])
-def test_varlen_matches_reference_fp32(report, reference):
-    r = report[reference]
+def test_varlen_matches_reference_fp32(report, family, reference):
+    r = report[family][reference]
     assert r["count"] > 10
     assert r["logits"] <= 1e-5 and r["loss"] <= 1e-5 and r["grads"] <= 1e-5, r
     assert r["decay_grads"] <= 1e-4, r  # fla's fp32 rounding of the decay gradients (see varlen_worker.DECAY)
 
 
-def test_varlen_control_row_boundaries_only(report):
-    assert report["control"] > 1e-2, report
+@pytest.mark.parametrize("family", FAMILIES)
+def test_varlen_control_row_boundaries_only(report, family):
+    assert report[family]["control"] > 1e-2, report[family]
 
 
 # ---- dispatcher (no kernels needed) ---------------------------------------------------------------

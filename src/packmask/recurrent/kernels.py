@@ -18,7 +18,8 @@ transformers' function           varlen kernel
 ``chunk_gated_delta_rule``       flash-linear-attention's, ``cu_seqlens`` (Qwen3.5, Qwen3-Next, ...)
 ``chunk_kda``                    flash-linear-attention's, ``cu_seqlens`` (Kimi Linear, ...)
 ``causal_conv1d_fn``             flash-linear-attention's ``causal_conv1d``, ``cu_seqlens``
-``mamba_chunk_scan_combined``    mamba-ssm's, ``seq_idx`` (Mamba2 hybrids; CUDA only)
+``mamba_chunk_scan_combined``    mamba-ssm's, ``seq_idx`` (Mamba2 hybrids; CUDA only), else fla's
+                                 ``chunk_simple_gla`` with ``cu_seqlens`` (the same scan)
 ``mamba_split_conv1d_scan_...``  None: the layer's own signal to take its unfused path (above)
 cache / decode functions         refused: packed input never runs with a cache
 ===============================  ==============================================================
@@ -190,6 +191,39 @@ class MambaChunkScan(_Varlen):
                                          seq_idx=self.b.seq_idx(), dt_softplus=dt_softplus, dt_limit=dt_limit)
 
 
+class FlaMamba2Scan(_Varlen):
+    """transformers' ``mamba_chunk_scan_combined`` -> fla's ``chunk_simple_gla`` with ``cu_seqlens``.
+
+    Mamba2's scan (state space duality) is gated linear attention with one decay per head:
+    ``h_t = exp(dt_t A) h_(t-1) + B_t (dt_t x_t)^T``, ``y_t = C_t h_t + D x_t``, i.e. queries ``C``,
+    keys ``B`` (groups repeated to heads, consecutively as transformers does), values ``dt * x``, log
+    decay ``dt * A``, scale 1; ``dt`` gets ``dt_bias``, softplus and the ``dt_limit`` clamp first.
+    """
+
+    def __call__(self, hidden_states, dt, A, B, C, chunk_size, D=None, dt_bias=None, initial_states=None,
+                 dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False, z=None, **kwargs):
+        from fla.ops.simple_gla import chunk_simple_gla
+
+        _no_state("Mamba2 scan", initial_states, return_final_states)
+        if z is not None:
+            raise PackmaskError("packmask's varlen Mamba2 scan got a gate z (the fused norm-gate variant); use "
+                                "packmask.recurrent.configure(path='generic').")
+        self.calls += 1
+        b, dtype = self.b, hidden_states.dtype
+        heads, groups = hidden_states.shape[2], B.shape[2]
+        dt = dt.float() + (dt_bias.float() if dt_bias is not None else 0.0)
+        dt = torch.nn.functional.softplus(dt) if dt_softplus else dt
+        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+        q, k = (t.repeat_interleave(heads // groups, dim=2, output_size=heads).to(dtype) for t in (C, B))
+        v = (hidden_states.float() * dt[..., None]).to(dtype)
+        out, _ = chunk_simple_gla(b.flat(q), b.flat(k), b.flat(v), g=b.flat(A.float() * dt), scale=1.0,
+                                  cu_seqlens=b.cu_seqlens)
+        out = b.unflat(out)
+        if D is not None:
+            out = out + D.to(out.dtype)[:, None] * hidden_states.to(out.dtype)
+        return out
+
+
 class NoFusion(_Varlen):
     """``mamba_split_conv1d_scan_combined``: None, the layer's own signal to run its unfused path
     (whose convolution and scan are replaced above)."""
@@ -218,7 +252,7 @@ VARLEN_FUNCTIONS = {
     "chunk_gated_delta_rule": {"fla": FlaGatedDeltaRule},
     "chunk_kda": {"fla": FlaKimiDeltaAttention},
     "causal_conv1d_fn": {"fla": FlaCausalConv1d, "mamba": MambaCausalConv1d},
-    "mamba_chunk_scan_combined": {"mamba": MambaChunkScan},
+    "mamba_chunk_scan_combined": {"mamba": MambaChunkScan, "fla": FlaMamba2Scan},
     "mamba_split_conv1d_scan_combined": {None: NoFusion},
 }
 #: functions only a cached decode step calls: replaced by :class:`CacheOnly` during a packed call
