@@ -62,3 +62,16 @@ def test_auto_takes_varlen_on_cuda_when_fla_imports():
     pytest.importorskip("fla")
     assert all(i["path"] == "varlen" for i in info.values()), info
     assert packmask.recurrent.installed(model)
+
+
+def test_varlen_under_gradient_checkpointing_on_cuda():
+    model = tiny_model("nemotron_h").cuda().train()
+    if any(i["path"] != "varlen" for i in describe_paths(model).values()):
+        pytest.skip("varlen path not available here")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    previous = configure(path="varlen")
+    try:
+        report = packmask.verify(model, forms=("seq_lengths",), print_table=False)
+    finally:
+        configure(**previous)
+    assert report.passed, report.summary()
