@@ -35,6 +35,13 @@ check fails.
 
     python benchmarks/hybrid.py --model all --dist sft --out results/     # GPU: 2 rows x 8192 tokens
     python benchmarks/hybrid.py --tiny                                     # CPU smoke test (tiny sizes)
+
+With flash-linear-attention importable, transformers routes every method's gated-delta-rule calls to
+fla on CUDA, so on Hopper with Triton < 3.7.1 (fla refuses its gated backward there) time the
+forward with fla and fwd+bwd without it, and say which::
+
+    PYTHONPATH=/tmp/fla python benchmarks/hybrid.py --pass fwd --out results/fwd    # fla: every method
+    python benchmarks/hybrid.py --out results/fwdbwd        # no fla: packmask_varlen skipped, torch kernels
 """
 import argparse
 import math
