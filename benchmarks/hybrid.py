@@ -8,8 +8,13 @@ Models (``--model``):
 
 Methods (``--methods``, all by default):
 
+  packmask_varlen   packed rows, attn_implementation="packmask", the recurrent layers once per row with the
+                    layout's boundaries in the kernels (packmask.recurrent.configure(path="varlen"):
+                    flash-linear-attention's chunk_gated_delta_rule / causal_conv1d with cu_seqlens,
+                    mamba-ssm with seq_idx); skipped, with the reason, where that path cannot run
   packmask          packed rows, attn_implementation="packmask": attention masked per document, the
-                    recurrent layers run per document (packmask.recurrent; similar lengths share a call)
+                    recurrent layers run per document (the generic path, configure(path="generic");
+                    similar lengths share a call)
   packmask_strict   the same, one mixer call per document (packmask.recurrent.configure(batched=False)):
                     what grouping buys
   padding           one document per row, right-padded (batches of consecutive documents within the
@@ -21,13 +26,22 @@ Methods (``--methods``, all by default):
                     Exact only with the CUDA kernels (causal-conv1d + mamba-ssm, or fla); skipped when they
                     do not import
 
-Per method: real (non-pad) tokens/s of fwd+bwd (bf16 on GPU, fp32 on CPU), the first step's time beside
+Per method: real (non-pad) tokens/s of fwd+bwd (``--pass fwd``: forward only, under no_grad: for
+machines where a kernel's backward refuses, e.g. fla's gated-delta-rule backward on Hopper with
+Triton < 3.7.1) (bf16 on GPU, fp32 on CPU), the first step's time beside
 the warm median, peak memory, and a check of the first packed row against each document run alone
 (packmask must match, contaminated must not). Table on stdout, JSON under --out / $OUT. Exits 1 when a
 check fails.
 
     python benchmarks/hybrid.py --model all --dist sft --out results/     # GPU: 2 rows x 8192 tokens
     python benchmarks/hybrid.py --tiny                                     # CPU smoke test (tiny sizes)
+
+With flash-linear-attention importable, transformers routes every method's gated-delta-rule calls to
+fla on CUDA, so on Hopper with Triton < 3.7.1 (fla refuses its gated backward there) time the
+forward with fla and fwd+bwd without it, and say which::
+
+    PYTHONPATH=/tmp/fla python benchmarks/hybrid.py --pass fwd --out results/fwd    # fla: every method
+    python benchmarks/hybrid.py --out results/fwdbwd        # no fla: packmask_varlen skipped, torch kernels
 """
 import argparse
 import math
@@ -45,7 +59,9 @@ import packmask  # noqa: E402
 from _report import finish  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-METHODS = ("packmask", "packmask_strict", "padding", "contaminated", "hf_seq_idx")
+METHODS = ("packmask_varlen", "packmask", "packmask_strict", "padding", "contaminated", "hf_seq_idx")
+PACKED = ("packmask_varlen", "packmask", "packmask_strict", "contaminated")
+FORWARD_ONLY = {"on": False}
 
 
 def model_config(name: str, tiny: bool, vocab: int):
@@ -119,6 +135,10 @@ def step(model, batches):
         torch.cuda.synchronize()
     t = time.perf_counter()
     for kwargs in batches:
+        if FORWARD_ONLY["on"]:
+            with torch.no_grad():
+                model(**kwargs, use_cache=False)
+            continue
         out = model(**kwargs, use_cache=False)
         out.loss.backward()
     if DEV == "cuda":
@@ -130,7 +150,7 @@ def step(model, batches):
 def inputs_for(method, docs, rows, row_len, config):
     """(batches, real tokens) of one method over the same documents."""
     dev = DEV
-    if method in ("packmask", "packmask_strict", "contaminated"):
+    if method in PACKED:
         ids = torch.zeros(len(rows), row_len, dtype=torch.long)
         labels = torch.full_like(ids, -100)
         seq_lengths = []
@@ -214,8 +234,15 @@ def run_model(name, args, failures):
         try:
             impl = "packmask" if method.startswith("packmask") else "sdpa"
             model = build(config, impl, dtype)
-            previous = packmask.recurrent.configure(batched=method != "packmask_strict")
+            path = "varlen" if method == "packmask_varlen" else "generic"
+            previous = packmask.recurrent.configure(batched=method != "packmask_strict", path=path)
             try:
+                if method == "packmask_varlen":
+                    refused = {n: i["why"] for n, i in packmask.recurrent.describe_paths(model, dtype=dtype).items()
+                               if i["path"] != "varlen"}
+                    if refused:
+                        res["skipped"] = f"varlen path refused: {next(iter(refused.values()))}"
+                        continue
                 batches, real = inputs_for(method, docs, rows, row_len, config)
                 if DEV == "cuda":
                     torch.cuda.reset_peak_memory_stats()
@@ -224,7 +251,7 @@ def run_model(name, args, failures):
                 warm = sorted(times)[len(times) // 2]
                 res.update(first_s=first, step_s=warm, tokens_per_s=real / warm, real_tokens=real,
                            peak_gib=torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else None)
-                if method in ("packmask", "packmask_strict", "contaminated"):
+                if method in PACKED:
                     res["row0_rel_err"] = check_row(model, batches[0], docs, rows[0], tol)
                     if method == "contaminated" and res["row0_rel_err"] <= tol:
                         failures.append(f"{name}/contaminated matches the documents alone: the check is blind")
@@ -264,6 +291,13 @@ def table(records):
     return "\n".join(lines)
 
 
+def _version(module: str):
+    try:
+        return getattr(__import__(module), "__version__", "installed")
+    except Exception:  # noqa: BLE001 - absent or broken: recorded as such
+        return None
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="all", help="qwen35, nemotron_h or all")
@@ -273,19 +307,23 @@ def main(argv=None):
     ap.add_argument("--row-len", type=int, default=8192)
     ap.add_argument("--steps", type=int, default=5, help="timed steps after the first")
     ap.add_argument("--tiny", action="store_true", help="tiny sizes (CPU smoke test)")
+    ap.add_argument("--pass", dest="passes", default="fwdbwd", choices=("fwdbwd", "fwd"),
+                    help="time fwd+bwd (default) or the forward only (no_grad)")
     ap.add_argument("--out", default=None, help="folder for hybrid.json (default $OUT)")
     args = ap.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {METHODS}")
+    FORWARD_ONLY["on"] = args.passes == "fwd"
     names = ("qwen35", "nemotron_h") if args.model == "all" else (args.model,)
     failures = []
     records = [run_model(n, args, failures) for n in names]
     print(table(records))
     record = dict(script="benchmarks/hybrid.py", device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
                   torch=torch.__version__, transformers=transformers.__version__, packmask=packmask.__version__,
-                  date=time.strftime("%Y-%m-%d"), dist=args.dist, tiny=args.tiny or DEV == "cpu", records=records)
+                  date=time.strftime("%Y-%m-%d"), dist=args.dist, measured=args.passes,
+                  kernels={m: _version(m) for m in ("fla", "triton", "mamba_ssm", "causal_conv1d", "kernels")}, tiny=args.tiny or DEV == "cpu", records=records)
     finish("hybrid", record, failures, out=args.out)
 
 

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 from .context import current_layout, enter_forward, packed_layout
 from .detect import RECURRENT_MODULE_PATTERN, attention_free, find_mixers, recurrent_module_names
-from .install import ensure_installed, install, installed, uninstall
-from .segmented import configure
+from .install import describe_paths, ensure_installed, install, installed, uninstall
+from .settings import configure
 
-__all__ = ["configure", "install", "installed", "uninstall", "ensure_installed", "enter_forward", "current_layout",
+__all__ = ["configure", "describe_paths", "install", "installed", "uninstall", "ensure_installed", "enter_forward", "current_layout",
            "packed_layout", "find_mixers", "attention_free", "recurrent_module_names", "RECURRENT_MODULE_PATTERN"]

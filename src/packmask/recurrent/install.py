@@ -28,8 +28,10 @@ import torch
 from .context import CHECKPOINTED, HOOKED, enter_forward, exit_forward, replay_exit_hook, replay_pre_hook
 from .detect import find_mixers
 from .segmented import SegmentedForward
+from .settings import SETTINGS
+from .varlen import MixerForward, varlen_refusal
 
-__all__ = ["install", "installed", "uninstall", "ensure_installed", "enter_forward"]
+__all__ = ["install", "installed", "uninstall", "ensure_installed", "enter_forward", "describe_paths"]
 
 _INSTALLED = "_packmask_recurrent_mixers"
 _HANDLES = "_packmask_recurrent_handles"
@@ -74,7 +76,7 @@ def install(model) -> list[str]:
     handles = []
     if mixers:
         for name, module in mixers:
-            module.forward = SegmentedForward(module, module.forward, name)
+            module.forward = MixerForward(module, module.forward, name)
         for module in [m for _, m in mixers] + list(_decoder_layers(model, names).values()):
             handles.append(module.register_forward_pre_hook(replay_pre_hook, with_kwargs=True))
             handles.append(module.register_forward_hook(replay_exit_hook, always_call=True))
@@ -124,3 +126,20 @@ def ensure_installed(model) -> None:
         return  # sparse-attention indexers read the raw mask: refused by packmask.support, not ours
     if find_mixers(model):
         install(model)
+
+
+def describe_paths(model, *, device=None, dtype=torch.float32) -> dict:
+    """``{mixer name: {"path": ..., "why": ...}}`` for every mixer of ``model`` (installs packmask's
+    mixers when needed) on tensors of ``device`` / ``dtype`` (default: the model's)."""
+    install(model)
+    device = device if device is not None else next(model.parameters()).device
+    out = {}
+    for module in model.modules():
+        wrapper = module.__dict__.get("forward")
+        if isinstance(wrapper, MixerForward):
+            if SETTINGS["path"] == "generic":
+                out[wrapper.name] = {"path": "generic", "why": "configure(path='generic')"}
+                continue
+            why = varlen_refusal(wrapper.plan(), device=device, dtype=dtype)
+            out[wrapper.name] = {"path": "generic" if why else "varlen", "why": why or "kernels with boundaries"}
+    return out

@@ -49,11 +49,12 @@ import inspect
 
 import torch
 
-from ..errors import PackmaskError, UnsupportedModelError
+from ..errors import UnsupportedModelError
 from ..layout_tree import TreeLayout
 from ..segments import row_spans_from_cu_seqlens
 from .batched import gather_tokens, group_index, length_groups, padded_length
 from .context import current_layout
+from .settings import SETTINGS, configure
 from .tree_paths import tree_paths
 
 __all__ = ["SegmentedForward", "CACHE_ARGUMENTS", "DROPPED_ARGUMENTS", "configure"]
@@ -72,26 +73,6 @@ class _Refuse(Exception):
 
 class _Ambiguous(Exception):
     pass
-
-
-_SETTINGS = {"batched": True}
-
-
-def configure(*, batched: bool | None = None) -> dict:
-    """``batched=True`` (default): sequences of similar length share one right-padded mixer call;
-    False: one call per sequence (exact by construction, slower). Returns the previous settings.
-
-    >>> configure(batched=False)
-    {'batched': True}
-    >>> configure(batched=True)
-    {'batched': False}
-    """
-    previous = dict(_SETTINGS)
-    if batched is not None:
-        if not isinstance(batched, bool):
-            raise PackmaskError(f"configure(batched=...) takes True or False, got {batched!r}.")
-        _SETTINGS["batched"] = batched
-    return previous
 
 
 @torch.compiler.disable  # a ContextVar read: outside any traced graph
@@ -166,7 +147,7 @@ class SegmentedForward:
             arguments, extra = self._bind(layout, args, kwargs)
             paths = tree_paths(layout) if isinstance(layout, TreeLayout) else None  # shared-prefix rows
             spans = _row_spans(layout) if paths is None else paths.spans
-            if _SETTINGS["batched"]:
+            if SETTINGS["batched"]:
                 groups = length_groups(spans)
             else:  # one call per sequence
                 groups = [([i], e - s) for i, (_, s, e) in enumerate(spans)]
