@@ -2,10 +2,10 @@
 # Every GPU check and benchmark the open issues (21, 23, 24, 25) wait for, in stages that each fit one
 # device call (< 10 min). Run from the repository root on the GPU machine:
 #
-#   bash scripts/gpu_session.sh STAGE [STAGE ...]   # stages: env tests trees models calibrate model-trees
+#   bash scripts/gpu_session.sh STAGE [STAGE ...]   # stages: env tests trees models calibrate model-trees hybrid-fast
 #
 # A session has 30 min of device time: in order of what the issues' done-when need, env+tests (21),
-# models (24, 25), trees (23), calibrate (23), model-trees (24, 25 stretch).
+# models (24, 25), trees (23), calibrate (23), model-trees (24, 25 stretch), hybrid-fast (24).
 #
 # Results land under $OUT/<stage>/ (logs, JUnit XML, each benchmark's JSON). Missing packages
 # (cudnn-frontend, datasets, TRL, fla) travel as wheels in .whl/ (git-ignored; fetch them here with
@@ -56,10 +56,22 @@ for m in ("cudnn", "datasets", "trl", "fla"): print(m, "importable" if u.find_sp
     model-trees)  # shared-prefix trees on hybrids (issue 24, item 5) and on VLMs (issue 25, stretch)
         step model-trees hybrid_tree_dpo 150 python3 benchmarks/hybrid_tree.py --model all --shape dpo --steps 3 --out "$OUT/model-trees/dpo"
         step model-trees hybrid_tree_grpo 150 python3 benchmarks/hybrid_tree.py --model all --shape grpo --steps 3 --out "$OUT/model-trees/grpo" ;;
+    hybrid-fast)  # issue 24: the varlen fast path. fla-core takes cu_seqlens; the per-instance kernel functions
+        # it swaps need transformers >= 5.25 with kernels >= 0.19.1 (the image has 5.17), both carried in
+        # .whl/fast; fla apart in .whl/fla, since once importable transformers routes every method to it
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-fast .whl/fast/*.whl
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-fla .whl/fla/*.whl
+        fast="/tmp/site-fast:$PYTHONPATH" fla="/tmp/site-fast:/tmp/site-fla:$PYTHONPATH"
+        step hybrid-fast cuda 200 env PYTHONPATH="$fla" python3 -m pytest -q -p no:cacheprovider -m cuda -rs \
+            tests/recurrent/test_recurrent_varlen_cuda.py --junitxml="$OUT/hybrid-fast/cuda.xml"
+        step hybrid-fast fwd 150 env PYTHONPATH="$fla" python3 benchmarks/hybrid.py --model all --dist sft --pass fwd \
+            --steps 3 --out "$OUT/hybrid-fast/fwd"
+        step hybrid-fast fwdbwd 180 env PYTHONPATH="$fast" python3 benchmarks/hybrid.py --model all --dist sft --steps 3 \
+            --out "$OUT/hybrid-fast/fwdbwd" ;;
     calibrate)  # issue 23: the H200 cost table the dispatcher's `auto` reads, then auto against forced
         step calibrate table 420 python3 -m packmask.backends.calibrate --out "$OUT/calibrate/kernel_costs.json"
         step calibrate train_step 150 python3 benchmarks/train_step.py --dist sft --steps 4 --out "$OUT/calibrate" ;;
-    *) echo "unknown stage $stage (env tests trees models calibrate model-trees)"; exit 2 ;;
+    *) echo "unknown stage $stage (env tests trees models calibrate model-trees hybrid-fast)"; exit 2 ;;
     esac
 done
 
