@@ -42,6 +42,7 @@ _LAZY = {
     # vision-language models  # multimodal:
     "MultimodalCollator": "packmask.multimodal.collator",
     "pack_samples": "packmask.multimodal.collator",
+    "MultimodalTreeCollator": "packmask.multimodal.tree",  # VLM preference / group data as shared-prefix trees
     # proof tool
     "verify": "packmask.verification",
     # context parallelism (torch.distributed)

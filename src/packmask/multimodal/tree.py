@@ -48,7 +48,7 @@ from .attention import block_ids
 from .collator import MultimodalCollator
 from .families import TOKEN_KEYS, call_rope_index, rope_index_function, takes_text_row
 
-__all__ = ["MultimodalTreeCollator", "model_inputs", "TREE_BOOKKEEPING", "ANSWER_KEYS"]
+__all__ = ["MultimodalTreeCollator", "model_inputs", "is_vlm_tree_dataset", "TREE_BOOKKEEPING", "ANSWER_KEYS"]
 
 #: batch keys that are not model arguments
 TREE_BOOKKEEPING = tuple(BRANCH_KEYS) + ("num_examples", "branch_tokens", "unpacked_tokens", "ref_chosen_logps",
@@ -62,6 +62,16 @@ _IMAGE_TOKEN_ATTRS = ("image_token_id", "image_token_index", "video_token_id", "
 def model_inputs(batch: dict) -> dict:
     """The model's arguments of a :class:`MultimodalTreeCollator` batch (the bookkeeping dropped)."""
     return {k: v for k, v in batch.items() if k not in TREE_BOOKKEEPING}
+
+
+def is_vlm_tree_dataset(dataset) -> bool:
+    """Whether ``dataset``'s examples are this collator's: a prompt's processor output (``input_ids``)
+    beside ``chosen_ids`` / ``rejected_ids`` or ``completion_ids``."""
+    try:
+        first = next(iter(dataset))
+    except (StopIteration, TypeError):
+        return False
+    return isinstance(first, dict) and "input_ids" in first and any(k in first for k in ANSWER_KEYS)
 
 
 def _token_list(value, where: str) -> list[int]:
@@ -102,6 +112,9 @@ class MultimodalTreeCollator:
         model: the ``*ForConditionalGeneration`` to train, on ``attn_implementation="packmask"`` (a family of
             :mod:`packmask.multimodal.families`; others raise :class:`~packmask.UnsupportedModelError`).
         row_length: tokens per row; whole examples are packed by best fit. None: one row per call.
+        max_length: the longest ``prompt + answer`` path, as TRL's ``max_length``: a longer answer is cut at its
+            end (TRL's ``keep_start``); a prompt that leaves no room for an answer raises (its image tokens
+            cannot be cut). None: no limit.
         pad_token_id: written into row padding (default: the model's, else 0).
         pad_to_multiple_of: round the row length up, for static shapes.
 
@@ -110,12 +123,13 @@ class MultimodalTreeCollator:
     The answers are text: image or video tokens in an answer are refused (put images in the prompt).
     """
 
-    def __init__(self, model, row_length: int | None = None, *, pad_token_id: int | None = None,
-                 pad_to_multiple_of: int | None = None):
+    def __init__(self, model, row_length: int | None = None, *, max_length: int | None = None,
+                 pad_token_id: int | None = None, pad_to_multiple_of: int | None = None):
         self.samples = MultimodalCollator(model, max_length=row_length, pad_token_id=pad_token_id,
                                           pad_to_multiple_of=pad_to_multiple_of)
         self.family = self.samples.family
         self.row_length = row_length
+        self.max_length = max_length
         self.pad_to_multiple_of = pad_to_multiple_of
         config = model.config
         self.media_tokens = {int(v) for a in _IMAGE_TOKEN_ATTRS for v in [getattr(config, a, None)]
@@ -180,6 +194,13 @@ class MultimodalTreeCollator:
         for e, ex in enumerate(examples):   # one loop per example (the batch), none per token
             prompt, prompt_ids = self._prompt(ex, e)
             branches, kinds = _answers(ex, e)
+            if self.max_length is not None:
+                room = self.max_length - len(prompt_ids)
+                if room < 1:
+                    raise PackmaskError(f"example {e}: the prompt has {len(prompt_ids)} tokens, max_length="
+                                        f"{self.max_length} leaves no answer token (a prompt's image tokens are never "
+                                        f"cut); raise max_length or drop the example.")
+                branches = [b[:room] for b in branches]
             for g, b in enumerate(branches):
                 if self.media_tokens.intersection(b):
                     raise PackmaskError(f"example {e}, answer {g} holds image/video tokens; answers are text: put the "
