@@ -128,3 +128,72 @@ def test_packed_dpo_trainer_vlm_refusals(tmp_path):
         collator(examples[:1])
     cut = MultimodalTreeCollator(model, max_length=int(examples[0]["input_ids"].shape[1]) + 1)(examples[:1])
     assert cut["branch_length"].tolist() == [1, 1]  # answers cut at their ends, as TRL's keep_start
+
+
+def _gemma3_processor():
+    """A real Gemma3Processor built offline: the PIL image processor and a word-level tokenizer whose
+    image tokens are the tiny model's (the processor expands each <start_of_image> into the image span)."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from packmask.multimodal.tiny import IMG, VE, VS
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, 96)}, "<image_soft_token>": IMG,
+             "<start_of_image>": VS, "<end_of_image>": VE}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                  extra_special_tokens={"image_token": "<image_soft_token>",
+                                                        "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"})
+    image_processor = next(getattr(transformers, n)(size={"height": 16, "width": 16})
+                           for n in ("Gemma3ImageProcessorPil", "Gemma3ImageProcessor") if hasattr(transformers, n))
+    return transformers.Gemma3Processor(image_processor=image_processor, tokenizer=tok, image_seq_length=4)
+
+
+def test_packed_dpo_vlm_matches_trl_dpo_trainer(tmp_path):
+    """TRL's own vision DPO (raw images processed on the fly, padded rows, eager) against PackedDPOTrainer
+    on the same examples processed one prompt at a time: the same losses for 2 SGD steps, the same weights."""
+    import random
+
+    import numpy as np
+    from datasets import Dataset
+    from PIL import Image
+    from trl import DPOTrainer
+
+    from packmask.trl import PackedDPOTrainer
+
+    processor = _gemma3_processor()
+    rng, r = np.random.default_rng(0), random.Random(0)
+    words = lambda n: " ".join(f"t{r.randrange(3, 96)}" for _ in range(n))  # noqa: E731
+    rows = []
+    for n_images in (1, 2, 0):
+        images = [Image.fromarray((rng.random((20, 28, 3)) * 255).astype("uint8")) for _ in range(n_images)]
+        prompt = words(2) + "".join(" <start_of_image> " + words(1) for _ in images) + " " + words(3)
+        rows.append(dict(images=images, prompt=prompt, chosen=" " + words(r.randint(1, 5)),
+                         rejected=" " + words(r.randint(1, 5))))
+    trl_model, trl_ref = tiny_vlm("gemma3", "eager"), tiny_vlm("gemma3", "eager", seed=1)
+    padded = DPOTrainer(model=trl_model, ref_model=trl_ref, args=_args(tmp_path / "trl", max_steps=2, logging_steps=1),
+                        train_dataset=Dataset.from_list(rows), processing_class=processor)
+    padded.train()
+    examples = []
+    for row in rows:
+        prompt = dict(processor(text=[row["prompt"]], images=[row["images"]] if row["images"] else None,
+                                return_tensors="pt", add_special_tokens=False))
+        prompt.pop("num_crops", None)
+        tok = processor.tokenizer
+        examples.append(dict(prompt, chosen_ids=tok(row["chosen"], add_special_tokens=False).input_ids,
+                             rejected_ids=tok(row["rejected"], add_special_tokens=False).input_ids))
+    model = tiny_vlm("gemma3")
+    packed = PackedDPOTrainer(model=model, ref_model=tiny_vlm("gemma3", seed=1),
+                              args=_args(tmp_path / "packed", max_steps=2, logging_steps=1),
+                              train_dataset=_dataset(examples), processing_class=processor.tokenizer)
+    packed.train()
+    logs = [[h for h in t.state.log_history if "loss" in h] for t in (packed, padded)]
+    assert len(logs[0]) == len(logs[1]) == 2
+    for a, b in zip(*logs):
+        for key in ("loss", "logps/chosen", "logps/rejected", "num_tokens"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (key, a[key], b[key])
+    weights = lambda m: {n: p.detach() for n, p in m.named_parameters()}  # noqa: E731
+    assert grad_rel_err(weights(model), weights(trl_model))[0] < 1e-5   # (floored like gradients: zero-init norms)
+    assert grad_rel_err(weights(model), weights(tiny_vlm("gemma3")))[0] > 1e-3  # training moved them
