@@ -144,6 +144,8 @@ def compare_tree(model, examples, *, row_length: int | None = None, reference_im
     of ``controls`` the control's ``logits`` error (must be large). ``grad_params`` counts the
     parameters with a gradient; ``vision_grads`` those of the vision tower."""
     impl = model.config._attn_implementation
+    device = next(model.parameters()).device
+    examples = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in ex.items()} for ex in examples]
     collator = MultimodalTreeCollator(model, row_length)
     batch = collator(examples)
     try:
