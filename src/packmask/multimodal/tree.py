@@ -27,6 +27,16 @@ rejected ``r0``)::
     width       0   1  2  3  2  3   4   5  6  5
     mask row r0 1   1  1  1  1  1   1   .  .  1     <- the prompt and itself, never c0 c1
 
+>>> from packmask.multimodal.tiny import IMG, VE, VS, tiny_vlm
+>>> example = dict(input_ids=torch.tensor([[5, VS, IMG, IMG, IMG, IMG, VE]]),
+...                mm_token_type_ids=torch.tensor([[0, 0, 1, 1, 1, 1, 0]]), pixel_values=torch.zeros(16, 96),
+...                image_grid_thw=torch.tensor([[1, 4, 4]]), chosen_ids=[7, 8], rejected_ids=[9])
+>>> batch = MultimodalTreeCollator(tiny_vlm("qwen2_5_vl"))([example])
+>>> batch["position_ids"][:, 0, 7:].tolist()     # c0 c1 r0 on the text, temporal, height, width rows
+[[7, 8, 7], [5, 6, 5], [5, 6, 5], [5, 6, 5]]
+>>> batch["attention_mask"][0, 9].int().tolist()
+[1, 1, 1, 1, 1, 1, 1, 0, 0, 1]
+
 The batch holds the model inputs (``use_cache=False``) and the bookkeeping of
 :func:`packmask.branch_logps` (:data:`packmask.data.tree_collator.BRANCH_KEYS`, plus
 ``num_examples``, ``branch_tokens``, ``unpacked_tokens``): pop those before ``model(**batch)``, or
