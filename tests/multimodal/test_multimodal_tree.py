@@ -138,3 +138,17 @@ def test_unsupported_family_refused():
 
     with pytest.raises(UnsupportedModelError):
         MultimodalTreeCollator(tiny_model("llama"))
+
+
+def test_video_prompts_exact():
+    """Qwen2.5-VL prompts with a video (and an image): second_per_grid_ts reaches get_rope_index per path."""
+    from packmask.multimodal.tiny import tiny_sample
+
+    model = tiny_vlm("qwen2_5_vl")
+    g = torch.Generator().manual_seed(5)
+    examples = []
+    for n_images in (0, 1):
+        prompt = tiny_sample(model, 4, n_images, g, n_videos=1)
+        prompt.pop("labels")
+        examples.append(dict(prompt, chosen_ids=[5, 6, 7], rejected_ids=[8, 9]))
+    check(compare_tree(model, examples), ())
