@@ -61,7 +61,7 @@ def check_family(family: str, timeout: int = 120) -> dict:
     hf_logging.set_verbosity_error()
     import packmask
     from packmask.support import unsupported_reason
-    from packmask.testing import tiny_config, tiny_model
+    from packmask.testing import tiny_model
 
     row = dict(family=family, status=None, takes_position_ids=None, output=None, loss=None, grad=None, reason="",
                model_class="")
@@ -69,43 +69,13 @@ def check_family(family: str, timeout: int = 120) -> dict:
     signal.alarm(timeout)
     t0 = time.time()
     try:
-        try:
-            config = tiny_config(family)
-        except Exception as e:  # noqa: BLE001
-            row.update(status="unbuildable", reason=f"config: {_first_line(e)}")
+        model = _build_model(family, row)
+        if model is None:
             return row
-        if getattr(config, "is_encoder_decoder", False):
-            row.update(status="skipped", reason="encoder-decoder model, not decoder-only")
-            return row
-        encoder = _encoder_family(family, config)
-        if encoder:
-            row.update(status="skipped", reason=encoder)
-            return row
-        media = sorted(k for k in getattr(config, "sub_configs", {}) if any(
-            w in k for w in ("vision", "audio", "image", "vq", "speech", "depth", "vit")))
-        if media:
-            row.update(status="skipped", reason=f"multimodal ({', '.join(media)}): needs media inputs and "
-                                                f"full-size towers (text decoders transformers lists as families of their own, "
-                                                f"e.g. gemma3_text, have their own rows)")
-            return row
-        try:
-            model = tiny_model(family, "packmask")
-        except Exception as e:  # noqa: BLE001
-            # some families pick attention classes by name at construction (gpt_neo: KeyError 'packmask');
-            # build them on eager and switch, as a user with an existing model would
-            try:
-                model = packmask.enable(tiny_model(family, "eager"))
-                row["reason"] = f"built on eager then switched (constructing with packmask: {_first_line(e)})"
-            except packmask.UnsupportedModelError as refusal:
-                row.update(status="refused", reason=f"constructing with packmask: {_first_line(e)}; "
-                                                    f"packmask.enable on an eager model: {_first_line(refusal)}")
-                return row
-            except Exception:  # noqa: BLE001
-                row.update(status="unbuildable", reason=f"tiny model: {_first_line(e)}")
-                return row
         row["model_class"] = type(model).__name__
         row["takes_position_ids"] = "position_ids" in inspect.signature(type(model).forward).parameters
-        if all(getattr(m, "is_causal", False) is False for m in model.modules() if hasattr(m, "is_causal")) and any(
+        if not row.get("multimodal") and all(  # (PaliGemma's prefix-LM text model is not causal either: packed as such)
+                getattr(m, "is_causal", False) is False for m in model.modules() if hasattr(m, "is_causal")) and any(
                 hasattr(m, "is_causal") for m in model.modules()):
             row.update(status="skipped", reason="bidirectional attention in this configuration (an encoder used as a "
                                                 "decoder only with is_decoder=True): packed as an encoder, see "
@@ -180,6 +150,9 @@ def check_family(family: str, timeout: int = 120) -> dict:
             row["recurrent"] = mixers
             row["reason"] = (f"{', '.join(mixers)} run once per packed sequence (packmask.recurrent). "
                              + row["reason"]).strip()
+        elif row.get("multimodal") and row["status"] == "pass":
+            row["reason"] = ("packed with packmask.MultimodalCollator, see docs/multimodal.md (preference data as "
+                             "shared-prefix trees: MultimodalTreeCollator, docs/preference.md)")
         elif guard and row["status"] != "refused":
             row["reason"] = (row["reason"] + f" [guard registry says: {guard}]").strip()
     except _Timeout:
@@ -190,6 +163,56 @@ def check_family(family: str, timeout: int = 120) -> dict:
         signal.alarm(0)
         row["seconds"] = round(time.time() - t0, 1)
     return row
+
+
+def _build_model(family: str, row: dict):
+    """The tiny packmask model of ``family``, or None with ``row``'s status and reason set. Composite
+    vision-language families that packmask.multimodal packs are built by ``tiny_vlm`` (their ``verify``
+    runs the MultimodalCollator comparison); other composite families are skipped."""
+    import packmask
+    from packmask.multimodal.families import FAMILIES as VLM_RULES
+    from packmask.testing import tiny_config, tiny_model
+
+    if family in VLM_RULES:
+        from packmask.multimodal.tiny import tiny_vlm
+
+        row["multimodal"] = True
+        return tiny_vlm(family)
+    try:
+        config = tiny_config(family)
+    except Exception as e:  # noqa: BLE001
+        row.update(status="unbuildable", reason=f"config: {_first_line(e)}")
+        return None
+    if getattr(config, "is_encoder_decoder", False):
+        row.update(status="skipped", reason="encoder-decoder model, not decoder-only")
+        return None
+    encoder = _encoder_family(family, config)
+    if encoder:
+        row.update(status="skipped", reason=encoder)
+        return None
+    media = sorted(k for k in getattr(config, "sub_configs", {}) if any(
+        w in k for w in ("vision", "audio", "image", "vq", "speech", "depth", "vit")))
+    if media:
+        row.update(status="skipped", reason=f"multimodal ({', '.join(media)}): needs media inputs and "
+                                            f"full-size towers (text decoders transformers lists as families of their own, "
+                                            f"e.g. gemma3_text, have their own rows)")
+        return None
+    try:
+        model = tiny_model(family, "packmask")
+    except Exception as e:  # noqa: BLE001
+        # some families pick attention classes by name at construction (gpt_neo: KeyError 'packmask');
+        # build them on eager and switch, as a user with an existing model would
+        try:
+            model = packmask.enable(tiny_model(family, "eager"))
+            row["reason"] = f"built on eager then switched (constructing with packmask: {_first_line(e)})"
+        except packmask.UnsupportedModelError as refusal:
+            row.update(status="refused", reason=f"constructing with packmask: {_first_line(e)}; "
+                                                f"packmask.enable on an eager model: {_first_line(refusal)}")
+            return None
+        except Exception:  # noqa: BLE001
+            row.update(status="unbuildable", reason=f"tiny model: {_first_line(e)}")
+            return None
+    return model
 
 
 def _encoder_family(family, config) -> str:
@@ -205,7 +228,11 @@ def _encoder_family(family, config) -> str:
 def _families() -> list[str]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    return list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    from packmask.multimodal.families import FAMILIES as VLM_RULES
+
+    # the vision-language families packmask.multimodal packs, also those transformers lists only as
+    # image-text-to-text models
+    return list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) + [f for f in VLM_RULES if f not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES]
 
 
 def _fmt(v):
@@ -229,6 +256,8 @@ def render(rows: list[dict], elapsed: float) -> str:
     wrong = [r for r in built if r["status"] == "FAIL"]
     recurrent = [r for r in built if r.get("recurrent_family") or r.get("recurrent")]
     recurrent_pass = [r for r in recurrent if r["status"] == "pass"]
+    multimodal = [r for r in built if r.get("multimodal")]
+    multimodal_pass = [r for r in multimodal if r["status"] == "pass"]
     today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     lines = [
         "# Model support",
@@ -240,7 +269,10 @@ def render(rows: list[dict], elapsed: float) -> str:
         "(`packmask.testing.tiny_model(family)`, `attn_implementation=\"packmask\"`) and run through "
         "`packmask.verify`: two packed rows of documents [[5, 9, 4], [11, 6]] in three input forms (3D mask, "
         "4D mask + position_ids, `DataCollatorWithFlattening` keys) against each document run alone with "
-        "`eager`; logits, loss and every parameter gradient within relative error 1e-5.",
+        "`eager`; logits, loss and every parameter gradient within relative error 1e-5. The vision-language "
+        "families `packmask.multimodal` packs (also those transformers lists only as image-text-to-text models) are "
+        "built by `packmask.multimodal.tiny.tiny_vlm` and verified the same way with `MultimodalCollator` rows of "
+        "samples with 0-2 images (one row and two rows; the vision tower's gradients included).",
         "",
         f"**Summary:** {pos_pass}/{len(packable)} ({100 * pos_pass / max(1, len(packable)):.0f}%) of the buildable "
         f"families whose forward takes `position_ids` and that attention masks can isolate pass; counting the "
@@ -259,6 +291,13 @@ def render(rows: list[dict], elapsed: float) -> str:
                                               if r["status"] != "pass") + "." if len(recurrent_pass) < len(recurrent)
            else ""),
         "",
+        f"**Vision-language families** (`packmask.multimodal`): {len(multimodal_pass)}/{len(multimodal)} pass, "
+        f"packed with `packmask.MultimodalCollator` (docs/multimodal.md): "
+        f"{', '.join(r['family'] for r in multimodal_pass) or 'none'}. "
+        + ("Failing: " + "; ".join(f"{r['family']} ({r['status']})" for r in multimodal if r["status"] != "pass") + ". "
+           if len(multimodal_pass) < len(multimodal) else "")
+        + "Other composite multimodal families are skipped below.",
+        "",
         "Statuses:",
         "",
         "- **pass** — packed == each sequence alone (logits, loss, gradients), all three forms. For hybrid and "
@@ -273,8 +312,8 @@ def render(rows: list[dict], elapsed: float) -> str:
         "fp32 numbers in the reason.",
         "- **FAIL** — a wrong result (a bug: report it). **error** — another exception (listed with it).",
         "- **unbuildable** — cannot be built offline from a tiny config (needs a checkpoint or special "
-        "inputs); **skipped** — not a decoder-only text causal LM: encoder-decoder, multimodal composite (its "
-        "text decoder is its own row), or a BERT-style encoder (packed as an encoder: `tests/models/test_encoders.py`).",
+        "inputs); **skipped** — not a decoder-only text causal LM: encoder-decoder, multimodal composite without a "
+        "`packmask.multimodal` packing rule (its text decoder is its own row), or a BERT-style encoder (packed as an encoder: `tests/models/test_encoders.py`).",
         "",
         "Check any model yourself, including your own checkpoint: `packmask verify --model FAMILY|PATH` or "
         "`packmask.verify(model)`.",

@@ -44,6 +44,7 @@ _LAZY = {
     "pack_samples": "packmask.multimodal.collator",
     "pack_image_text": "packmask.multimodal.packed",  # image-text records through a processor, packed ahead
     "load_packed_image_text": "packmask.multimodal.packed",
+    "MultimodalTreeCollator": "packmask.multimodal.tree",  # VLM preference / group data as shared-prefix trees
     # proof tool
     "verify": "packmask.verification",
     # context parallelism (torch.distributed)

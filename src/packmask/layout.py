@@ -322,7 +322,10 @@ def analyse_mask(mask: torch.Tensor, batch_size: int | None = None, seq_len: int
     if tree is not None:
         return tree
     doc_ids = segments.doc_ids_from_starts(start_flag, local=True)
-    return GeneralLayout(m, doc_ids, _forgetful_forest_positions(m, row_lower, positions))
+    # positions come from the mask's causal part: bidirectional blocks over a forest (the image spans or the
+    # prefix of a shared VLM prompt) keep the forest's depths, which a sliding window is measured in
+    lower = m & (idx[None, :] <= idx[:, None])
+    return GeneralLayout(m, doc_ids, _forgetful_forest_positions(lower, torch.ones_like(row_lower), positions))
 
 
 def _forgetful_forest_positions(m: torch.Tensor, row_lower: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -353,7 +356,8 @@ def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
     Causal (lower-triangular) rows: the depth of a token along its parents (the last earlier key it
     sees) where every query sees itself and at most what its parent sees — documents, trees and
     shared prefixes, with or without a sliding window already in the mask; otherwise the number of
-    visible keys − 1. Other rows: the index inside its segment.
+    visible keys − 1. Other rows (bidirectional blocks): the same depth over the mask's causal part when that is
+    such a forest (a shared prompt with bidirectional image spans), else the index inside the segment.
 
     >>> m = torch.ones(5, 5, dtype=torch.bool).tril()
     >>> m[3:, :3] = False                 # two documents: 3 + 2 tokens

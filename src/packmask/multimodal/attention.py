@@ -38,7 +38,7 @@ from transformers.masking_utils import and_masks, or_masks
 
 from ..masks import causal, materialize, same_document
 
-__all__ = ["sample_mask", "RULES"]
+__all__ = ["sample_mask", "block_ids", "RULES"]
 
 RULES = ("causal", "image_bidirectional", "prefix")
 
@@ -51,24 +51,37 @@ def _same_block(block_ids: torch.Tensor):
     return fn
 
 
+def block_ids(starts: torch.Tensor, token_types: torch.Tensor | None, rule: str) -> torch.Tensor | None:
+    """``[B, N]`` id of the bidirectional block of every token (``-1``: none) under ``rule``, blocks
+    never crossing a ``starts`` flag; None for ``"causal"`` (no blocks). ``"image_bidirectional"``:
+    each run of image tokens (``token_types == 1``); ``"prefix"``: all prefix tokens
+    (``token_types == 0``) between two starts, contiguous or not.
+
+    >>> starts = torch.tensor([[1, 0, 0, 0, 1, 0]], dtype=torch.bool)
+    >>> block_ids(starts, torch.tensor([[0, 1, 1, 0, 1, 0]]), "image_bidirectional").tolist()
+    [[-1, 1, 1, -1, 3, -1]]
+    """
+    if rule not in RULES:
+        raise PackmaskError(f"unknown attention rule {rule!r}; choose from {RULES}.")
+    if rule == "causal":
+        return None
+    if token_types is None:
+        raise PackmaskError(f"the {rule!r} rule reads token_type_ids, which the samples lack: pass the "
+                            f"processor's token_type_ids with every sample.")
+    inside = token_types == (1 if rule == "image_bidirectional" else 0)
+    # runs of image (or prefix) tokens, cut at sample starts: one block each
+    run_starts = segments.starts_from_ids(inside.long()) | starts
+    if rule == "prefix":  # all prefix tokens of a sample form one block, contiguous or not
+        run_starts = starts
+    return torch.where(inside, segments.doc_ids_from_starts(run_starts, local=True), -1)
+
+
 def sample_mask(starts: torch.Tensor, token_types: torch.Tensor | None, rule: str) -> torch.Tensor:
     """``[B, N, N]`` mask: each sample (``starts``, the first token of every sample and of the row's
     padding) attends inside itself by ``rule``; ``token_types`` ``[B, N]`` as the family's processor
     writes them (``token_type_ids``)."""
-    if rule not in RULES:
-        raise PackmaskError(f"unknown attention rule {rule!r}; choose from {RULES}.")
     B, N = starts.shape
     doc = segments.doc_ids_from_starts(starts, local=True)
-    fn = causal
-    if rule != "causal":
-        if token_types is None:
-            raise PackmaskError(f"the {rule!r} rule reads token_type_ids, which the samples lack: pass the "
-                                f"processor's token_type_ids with every sample.")
-        inside = token_types == (1 if rule == "image_bidirectional" else 0)
-        # runs of image (or prefix) tokens, cut at sample starts: one block each
-        run_starts = segments.starts_from_ids(inside.long()) | starts
-        if rule == "prefix":  # all prefix tokens of a sample form one block, contiguous or not
-            run_starts = starts
-        blocks = torch.where(inside, segments.doc_ids_from_starts(run_starts, local=True), -1)
-        fn = or_masks(causal, _same_block(blocks))
+    blocks = block_ids(starts, token_types, rule)
+    fn = causal if blocks is None else or_masks(causal, _same_block(blocks))
     return materialize(and_masks(same_document(doc), fn), B, N, device=starts.device)

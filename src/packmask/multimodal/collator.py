@@ -212,11 +212,13 @@ class MultimodalCollator:
             batch["attention_mask"] = sample_mask(starts, None, "causal")
         device = samples[0]["input_ids"].device  # token-level tensors follow the samples (built on the host)
         batch = {k: v.to(device) for k, v in batch.items()}
-        batch.update(self._vision(rows))
+        batch.update(self.vision_inputs(rows))
         batch["use_cache"] = False
         return batch
 
-    def _vision(self, rows: Sequence[Sequence[dict]]) -> dict:
+    def vision_inputs(self, rows: Sequence[Sequence[dict]]) -> dict:
+        """The vision inputs of these rows (every tensor of a sample that is not a per-token key),
+        concatenated in reading order as the model scatters them into its image tokens."""
         keys = []
         for s in (s for row in rows for s in row):
             keys += [k for k, v in s.items() if k not in TOKEN_KEYS and k != "attention_mask" and k not in keys

@@ -19,7 +19,7 @@ from ..reference import rel_err
 from .collator import MultimodalCollator, pad_cat
 from .families import TOKEN_KEYS, family_of
 
-__all__ = ["compare_packed", "verify_multimodal", "random_samples", "naive_batch"]
+__all__ = ["compare_packed", "verify_multimodal", "random_samples", "naive_batch", "grad_rel_err", "param_grads"]
 
 
 def random_samples(model, count: int = 4, seed: int = 0, max_images: int = 2) -> list[dict]:
@@ -37,7 +37,7 @@ def _n_scored(labels: torch.Tensor) -> int:
     return int((labels[..., 1:] != -100).sum())
 
 
-def _grads(model) -> dict:
+def param_grads(model) -> dict:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -52,7 +52,7 @@ def _alone(model, samples):
         logits.append(out.logits[0])
     loss = total / count
     loss.backward()
-    return [x.detach() for x in logits], loss.detach(), _grads(model)
+    return [x.detach() for x in logits], loss.detach(), param_grads(model)
 
 
 def _packed(model, batch, rows_of):
@@ -60,7 +60,7 @@ def _packed(model, batch, rows_of):
     out = model(**batch)
     out.loss.backward()
     logits = [out.logits[b, s:s + n].detach() for b, s, n in rows_of]
-    return logits, out.loss.detach(), _grads(model)
+    return logits, out.loss.detach(), param_grads(model)
 
 
 def _spans(collator, samples):
@@ -74,7 +74,7 @@ def _spans(collator, samples):
     return spans
 
 
-def _grad_err(got: dict, ref: dict, floor: float = 1e-4) -> tuple[float, str]:
+def grad_rel_err(got: dict, ref: dict, floor: float = 1e-4) -> tuple[float, str]:
     """Worst per-parameter relative gradient error (denominator floored at ``floor`` x the largest
     reference gradient norm: exactly-zero gradients are rounding noise)."""
     if set(got) != set(ref):
@@ -124,7 +124,7 @@ def compare_packed(model, samples, *, max_length: int | None = None, reference_i
         got = _packed(model, batch, spans)
         result = dict(logits=rel_err(torch.cat(got[0]), torch.cat(ref[0])), loss=rel_err(got[1], ref[1]),
                       max_abs=float((torch.cat(got[0]) - torch.cat(ref[0])).abs().max()))
-        result["grad"], result["grad_param"] = _grad_err(got[2], ref[2])
+        result["grad"], result["grad_param"] = grad_rel_err(got[2], ref[2])
         if control:
             with torch.no_grad():
                 naive = model(**naive_batch(model, samples)).logits[0]

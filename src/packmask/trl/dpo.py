@@ -35,6 +35,7 @@ from ..data.logps import branch_logps
 from ..data.tree import Forest, pack_forest
 from ..data.tree_collator import BRANCH_KEYS, collate_forest
 from ..errors import PackmaskError
+from ..multimodal.tree import MultimodalTreeCollator, is_vlm_tree_dataset
 from .dpo_losses import SUPPORTED_DPO_LOSSES, dpo_per_sequence_loss, f_divergence_scores
 from .model_init import packmask_model_init_kwargs
 
@@ -148,14 +149,24 @@ class PackedDPOTrainer(DPOTrainer):
             if args.use_weighting:
                 raise PackmaskError("PackedDPOTrainer: use_weighting (WPO) is not supported on packed rows; set "
                                     "use_weighting=False or use trl.DPOTrainer.")
+        first = next(iter(train_dataset), None) if train_dataset is not None else None
+        if isinstance(first, dict) and ("image" in first or "images" in first):
+            raise PackmaskError("PackedDPOTrainer: raw image datasets ('image'/'images' columns, processed on the fly by "
+                                "TRL) are not packed; process each prompt with its images first and train on those "
+                                "examples (docs/preference.md, 'Vision-language models'), or use trl.DPOTrainer.")
+        vlm = train_dataset is not None and is_vlm_tree_dataset(train_dataset)
+        if vlm and data_collator is None:  # processed vision-language examples: the prompt + images once per tree
+            if isinstance(model, str):
+                raise PackmaskError("PackedDPOTrainer: vision-language examples need data_collator="
+                                    "packmask.multimodal.MultimodalTreeCollator(model) with a loaded model object.")
+            data_collator = MultimodalTreeCollator(model, row_length, max_length=getattr(args, "max_length", None),
+                                                   pad_to_multiple_of=getattr(args, "pad_to_multiple_of", None))
         if data_collator is None and args is not None:
             data_collator = PackedPreferenceCollator(pad_token_id=_pad_token_id(processing_class, args),
                                                      max_length=args.max_length, truncation_mode=args.truncation_mode,
                                                      row_length=row_length, pad_to_multiple_of=args.pad_to_multiple_of)
         super().__init__(model, ref_model, args, data_collator, train_dataset, eval_dataset, processing_class,
                          *extra, **kwargs)
-        if self._is_vision_dataset:
-            raise PackmaskError("PackedDPOTrainer: vision datasets are not supported; use trl.DPOTrainer.")
         if self.aux_loss_enabled:
             raise PackmaskError("PackedDPOTrainer: the MoE router aux loss depends on which (padding) tokens the router "
                                 "sees, so it cannot match the padded trainer; set router_aux_loss_coef=0.0.")
@@ -169,8 +180,16 @@ class PackedDPOTrainer(DPOTrainer):
     # -- forward on packed rows ----------------------------------------------------------------------
     @staticmethod
     def _model_inputs(inputs: dict) -> dict:
-        return dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+        # vision-language rows carry their pixel values, grids and token types beside the tree inputs
+        extra = {k: v for k, v in inputs.items() if k not in _NON_MODEL and k not in ("input_ids", "attention_mask",
+                                                                                      "position_ids", "use_cache")}
+        return dict(extra, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                     position_ids=inputs["position_ids"], use_cache=False, logits_to_keep=inputs["logits_to_keep"])
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if is_vlm_tree_dataset(dataset):  # already processed (the prompt's processor output + answer ids)
+            return dataset
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
     def _packed_logps(self, model, inputs: dict, with_stats: bool = False):
         logits = model(**self._model_inputs(inputs)).logits

@@ -1,0 +1,225 @@
+"""Vision-language DPO step: shared-prefix trees (the prompt and its images once) beside the prompt
+duplicated per answer (packed) and TRL's padded layout, one run, same examples.
+
+Model: the Qwen2.5-VL shape of benchmarks/vlm.py (a small windowed vision tower, an 8-layer
+2048-hidden mRoPE text decoder). Data: prompts with 0-4 images of 64-1024 image tokens and text of
+median ~300 tokens (benchmarks/vlm.py's samples), each with a chosen and a rejected answer of median
+~250 tokens. A DPO step = reference forward (no grad) + policy forward + backward of the sigmoid loss
+(one model plays both: the timing is the same). Methods:
+
+  tree          MultimodalTreeCollator rows on attn_implementation="packmask": prompt + images once,
+                each answer a branch (a [B, N, N] tree mask, the tree kernels); vision tower varlen
+  dup_packed    every prompt + answer path a sample of MultimodalCollator rows (packmask varlen): the
+                prompt and its images twice
+  padded_sdpa   every path a right-padded row (2D mask) on sdpa: the layout of TRL's vision DPO collator
+
+Reports examples/s (first call beside the warm median), peak memory, real tokens per method, and
+checks that every method gives the same per-answer log-prob sums -- and that the tree rows with answers
+seeing their siblings (the control) do not. Exits 1 on a failed check.
+
+    python benchmarks/vlm_preference.py --out results/                 # GPU (bf16): 2 rows x 8192 tokens
+    python benchmarks/vlm_preference.py --tiny --device cpu            # seconds on a CPU (fp32, tiny)
+"""
+import argparse
+import datetime
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import transformers
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import packmask  # noqa: E402
+from packmask.multimodal import MultimodalCollator, MultimodalTreeCollator, varlen_vision  # noqa: E402
+from packmask.multimodal.tree import model_inputs  # noqa: E402
+from packmask.multimodal.tree_verify import control_batch, path_features  # noqa: E402
+from _report import finish  # noqa: E402
+from vlm import make_config, make_samples, sync  # noqa: E402
+
+
+def make_examples(config, n, tiny, device, dtype, g):
+    """Prompts (benchmarks/vlm.py's samples, no labels) with a chosen and a rejected answer each."""
+    median = 20 if tiny else 250
+    vocab = 90 if tiny else 30000
+    out = []
+    for s in make_samples(config, n, tiny, device, dtype, g):
+        s.pop("labels")
+        answer = lambda: torch.randint(10, vocab, (int(min(max(math.exp(torch.randn(1, generator=g).item() * 0.5  # noqa: E731
+                                                                        + math.log(median)), 4), 4 * median)),),
+                                       generator=g).tolist()
+        out.append(dict(s, chosen_ids=answer(), rejected_ids=answer()))
+    return out
+
+
+def paths(examples):
+    """Every prompt + answer path alone (chosen of every example, then rejected: the trees' branch order)."""
+    return [(ex, path_features(ex, ex[key])) for key in ("chosen_ids", "rejected_ids") for ex in examples]
+
+
+def answer_logps(logits, spans, answers):
+    """Per-answer sums of log p(answer token) from ``logits[b, start + P - 1 : ...]`` of every path."""
+    sums = []
+    for (b, start, P), answer in zip(spans, answers):
+        rows = logits[b, start + P - 1:start + P - 1 + len(answer)].float().log_softmax(-1)
+        sums.append(rows.gather(1, torch.tensor(answer, device=rows.device)[:, None]).sum())
+    return torch.stack(sums)
+
+
+def dpo_loss(sums, ref_sums, beta=0.1):
+    E = sums.shape[0] // 2
+    return -F.logsigmoid(beta * ((sums[:E] - ref_sums[:E]) - (sums[E:] - ref_sums[E:]))).mean()
+
+
+def padded_batch(all_paths, pad_id=0):
+    """One right-padded row per path with a 2D attention_mask; the model computes its own positions."""
+    L = max(p["input_ids"].shape[1] for _, p in all_paths)
+    pad = lambda t, v: F.pad(t[0], (0, L - t.shape[1]), value=v)  # noqa: E731
+    out = dict(input_ids=torch.stack([pad(p["input_ids"], pad_id) for _, p in all_paths]),
+               mm_token_type_ids=torch.stack([pad(p["mm_token_type_ids"], 0) for _, p in all_paths]),
+               attention_mask=torch.stack([pad(torch.ones_like(p["input_ids"]), 0) for _, p in all_paths]))
+    with_images = [p for _, p in all_paths if "pixel_values" in p]
+    if with_images:
+        out["pixel_values"] = torch.cat([p["pixel_values"] for p in with_images])
+        out["image_grid_thw"] = torch.cat([p["image_grid_thw"] for p in with_images])
+    return dict(out, use_cache=False)
+
+
+def run_method(model, step, steps, device):
+    """``steps`` DPO steps of ``step()`` (returns the policy's per-answer sums); (first s, warm s, peak, sums)."""
+    times, sums = [], None
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(steps):
+        model.zero_grad(set_to_none=True)
+        sync(device)
+        t = time.perf_counter()
+        out = step()
+        sync(device)
+        times.append(time.perf_counter() - t)
+        if i == 0:
+            sums = out.float().cpu()
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else float("nan")
+    return times[0], statistics.median(times[1:]) if len(times) > 1 else times[0], peak, sums
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny model and rows (CPU smoke test)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--row", type=int, default=None, help="tokens per tree row (default 8192; --tiny: 512)")
+    p.add_argument("--rows", type=int, default=2)
+    p.add_argument("--steps", type=int, default=6, help="timed steps per method, the first reported apart")
+    p.add_argument("--out", default=None, help="folder for vlm_preference.json (default: $OUT)")
+    args = p.parse_args(argv)
+    row = args.row or (512 if args.tiny else 8192)
+    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    config = make_config(args.tiny)
+    g = torch.Generator().manual_seed(0)
+    pool = make_examples(config, 64, args.tiny, args.device, dtype, g)
+    size = lambda ex: ex["input_ids"].shape[1] + len(ex["chosen_ids"]) + len(ex["rejected_ids"])  # noqa: E731
+    examples, used = [], 0
+    for ex in pool:  # fill about rows x row tokens of trees (best fit packs them)
+        if size(ex) <= row and used + size(ex) <= 0.97 * args.rows * row:
+            examples.append(ex)
+            used += size(ex)
+    torch.manual_seed(0)
+    model = transformers.Qwen2_5_VLForConditionalGeneration(config).to(args.device, dtype).train()
+    packmask.enable(model)
+    tree = MultimodalTreeCollator(model, row)(examples)
+    all_paths = paths(examples)
+    answers = [ex[k] for k in ("chosen_ids", "rejected_ids") for ex in examples]
+    dup_collator = MultimodalCollator(model, max_length=max(row, max(q["input_ids"].shape[1] for _, q in all_paths)))
+    dup_rows = dup_collator.rows([q for _, q in all_paths])
+    dup = dup_collator.collate_rows(dup_rows)
+    # spans of every path in the duplicated rows: (row, start, prompt length), in path order
+    dup_spans, k = [], 0
+    for b, r in enumerate(dup_rows):
+        start = 0
+        for s in r:
+            dup_spans.append((b, start, s["input_ids"].shape[1] - len(answers[k])))
+            start += s["input_ids"].shape[1]
+            k += 1
+    padded = padded_batch(all_paths)
+    pad_spans = [(i, 0, ex["input_ids"].shape[1]) for i, (ex, _) in enumerate(all_paths)]
+    images = sum(len(ex.get("image_grid_thw", [])) for ex in examples)
+    tokens = dict(tree=int(tree["input_ids"].numel()), dup_packed=int(dup["input_ids"].numel()),
+                  padded_sdpa=int(padded["input_ids"].numel()))
+    print(f"{len(examples)} examples, {images} images; slots: tree {tokens['tree']} ({tree['input_ids'].shape[0]} rows), "
+          f"duplicated {tokens['dup_packed']} ({len(dup_rows)} rows), padded {tuple(padded['input_ids'].shape)}")
+
+    def tree_step(batch=tree):
+        with torch.no_grad():
+            ref = packmask.branch_logps(model(**model_inputs(batch)).logits, batch).sums
+        sums = packmask.branch_logps(model(**model_inputs(batch)).logits, batch).sums
+        dpo_loss(sums, ref).backward()
+        return sums.detach()
+
+    def spans_step(batch, spans):
+        with torch.no_grad():
+            ref = answer_logps(model(**batch).logits, spans, answers)
+        sums = answer_logps(model(**batch).logits, spans, answers)
+        dpo_loss(sums, ref).backward()
+        return sums.detach()
+
+    methods = [("tree", "packmask", tree_step), ("dup_packed", "packmask", lambda: spans_step(dup, dup_spans)),
+               ("padded_sdpa", "sdpa", lambda: spans_step(padded, pad_spans))]
+    results, sums, failures = {}, {}, []
+    for name, impl, step in methods:
+        model.set_attn_implementation(impl)
+        varlen_vision(model, enable=impl == "packmask")
+        try:
+            first, warm, peak, sums[name] = run_method(model, step, args.steps, args.device)
+        except torch.cuda.OutOfMemoryError as error:  # reported as a row, never hidden
+            results[name] = dict(error=f"OOM: {str(error).splitlines()[0]}")
+            failures.append(f"{name}: out of memory")
+            continue
+        results[name] = dict(first_call_s=first, warm_step_s=warm, examples_per_s=len(examples) / warm,
+                             peak_memory_gib=peak / 2 ** 30, slots=tokens[name])
+    varlen_vision(model, enable=False)
+    model.set_attn_implementation("packmask")
+    with torch.no_grad():  # the control: answers that see their siblings
+        wrong = control_batch(tree, "siblings")
+        control = packmask.branch_logps(model(**model_inputs(wrong)).logits, wrong).sums.float().cpu()
+    ref = sums.get("padded_sdpa")
+    if ref is not None:
+        scale = ref.abs().mean()  # sums of O(100) log-probs: errors relative to their size
+        for name in ("tree", "dup_packed"):
+            if name in sums:
+                err = ((sums[name] - ref).abs().max() / scale).item()
+                results[name]["logp_sums_rel_err_vs_alone"] = err
+                if err > tol:
+                    failures.append(f"{name}: per-answer log-prob sums differ from each path alone by {err:.2e}")
+        control_err = ((control - ref).abs().max() / scale).item()
+        results["control_siblings_rel_err"] = control_err
+        if control_err <= tol:
+            failures.append(f"control: answers seeing their siblings differ by only {control_err:.2e}: the check is blind")
+    base = results.get("padded_sdpa", {}).get("examples_per_s")
+    dupr = results.get("dup_packed", {}).get("examples_per_s")
+    print(f"\n{'method':<14}{'examples/s':>12}{'x padded':>10}{'x dup':>8}{'warm s':>9}{'first s':>9}{'peak GiB':>10}"
+          f"{'slots':>9}{'rel err':>10}")
+    for name, _, _ in methods:
+        r = results.get(name, {})
+        if "error" in r:
+            print(f"{name:<14}{r['error']}")
+            continue
+        eps = r["examples_per_s"]
+        print(f"{name:<14}{eps:>12.2f}{eps / base if base else float('nan'):>10.2f}"
+              f"{eps / dupr if dupr else float('nan'):>8.2f}{r['warm_step_s']:>9.3f}{r['first_call_s']:>9.3f}"
+              f"{r['peak_memory_gib']:>10.2f}{r['slots']:>9}{r.get('logp_sums_rel_err_vs_alone', float('nan')):>10.1e}")
+    print(f"control (answers see their siblings) rel err {results.get('control_siblings_rel_err', float('nan')):.1e}")
+    env = dict(script="benchmarks/vlm_preference.py",
+               device=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+               torch=torch.__version__, transformers=transformers.__version__, packmask=packmask.__version__,
+               dtype=str(dtype).replace("torch.", ""), date=datetime.date.today().isoformat(), tiny=args.tiny,
+               row=row, rows=int(tree["input_ids"].shape[0]), examples=len(examples), images=images, steps=args.steps)
+    finish("vlm_preference", dict(env=env, results=results, failures=failures), failures, out=args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""benchmarks/vlm_preference.py runs end to end at its tiny size on a CPU: three methods, a JSON report,
+the per-answer log-prob check passed and its control failed."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_vlm_preference_benchmark_tiny(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # it imports benchmarks/vlm.py's data builders
+    spec = importlib.util.spec_from_file_location("vlm_preference_benchmark", ROOT / "benchmarks" / "vlm_preference.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)  # in-process: no interpreter start-up on a loaded CI machine
+    bench.main(["--tiny", "--device", "cpu", "--row", "256", "--rows", "1", "--steps", "2", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "vlm_preference.json").read_text())
+    assert not report["failures"]
+    results = report["results"]
+    assert {"tree", "dup_packed", "padded_sdpa"} <= set(results)
+    assert results["tree"]["logp_sums_rel_err_vs_alone"] <= 1e-4
+    assert results["tree"]["slots"] < results["dup_packed"]["slots"]  # prompts and images stored once
+    assert results["control_siblings_rel_err"] > 1e-4
+    assert report["env"]["script"] == "benchmarks/vlm_preference.py"
+    sys.modules.pop("vlm", None)
