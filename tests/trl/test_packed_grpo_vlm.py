@@ -16,7 +16,7 @@ import packmask  # noqa: E402,F401
 from packmask.errors import PackmaskError  # noqa: E402
 from packmask.multimodal.tiny import IMG, tiny_vlm  # noqa: E402
 from packmask.multimodal.tiny_processor import tiny_image, tiny_processor  # noqa: E402
-from packmask.multimodal.tree import model_inputs  # noqa: E402
+from packmask.multimodal.tree import MultimodalTreeCollator, model_inputs  # noqa: E402
 from packmask.multimodal.tree_verify import control_batch, path_features  # noqa: E402
 from packmask.multimodal.verify import grad_rel_err, param_grads  # noqa: E402
 from packmask.testing import rel_err  # noqa: E402
@@ -103,13 +103,22 @@ def test_packed_grpo_vlm_equals_trl(family, tmp_path):
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
     mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
     mm = {k: inputs[k] for k in inputs if k not in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")}
-    batches = packed._vlm_tree_batches(packed.model, ids, mask, K, ids.shape[0], mm)
-    assert batches is not None and batches[0]["input_ids"].numel() < ids.numel()  # the tree path, prompts once
+    chunks = packed._vlm_tree_chunks(packed.model, ids, mask, K, ids.shape[0], mm)
+    assert chunks is not None and len(chunks) == 1
+    tree = chunks[0][0](chunks[0][1])
+    assert tree["input_ids"].numel() < ids.numel()  # the tree path: prompts and images once
     with torch.no_grad():
         lp, ent, _ = _logps(packed, packed.model, inputs)
         ref_lp, ref_ent, _ = _logps(plain, plain.model, inputs)
     assert rel_err(lp[valid], ref_lp[valid]) <= 1e-5 and rel_err(ent[valid], ref_ent[valid]) <= 1e-5
     assert (lp[~valid] == 0).all()
+    packed.row_length = 40  # trees over several rows, and TRL's memory chunks of G rows: the same numbers
+    with torch.no_grad():
+        rows_lp, _, _ = packed._get_per_token_logps_and_entropies(packed.model, ids, mask, K, batch_size=G, **mm)
+    assert rel_err(rows_lp[valid], ref_lp[valid]) <= 1e-5
+    assert len(packed._vlm_tree_chunks(packed.model, ids, mask, K, G, mm)) == 3
+    assert MultimodalTreeCollator(packed.model, 40)(chunks[0][1])["input_ids"].shape[0] > 1
+    packed.row_length = None
     loss, grads = _loss_and_grads(packed, packed.model, inputs)
     ref_loss, ref_grads = _loss_and_grads(plain, plain.model, inputs)
     grad, name = grad_rel_err(grads, ref_grads)
@@ -120,10 +129,9 @@ def test_packed_grpo_vlm_equals_trl(family, tmp_path):
     first = packed._tree_collator(packed.model, None).family.first_position
     adv = torch.linspace(-1.0, 1.0, valid.shape[0])[:, None] * valid
     for control in (None, "siblings", "positions"):
-        batch = batches[0] if control is None else control_batch(batches[0], control, first)
+        batch = tree if control is None else control_batch(tree, control, first)
         packed.model.zero_grad(set_to_none=True)
-        lp_batch, _ = packed._branch_logps(packed.model, {k: v for k, v in model_inputs(batch).items()
-                                                          if k != "use_cache"}, batch, K, False)
+        lp_batch, _ = packed._branch_logps(packed.model, model_inputs(batch), batch, K, False)
         (adv * lp_batch).sum().backward()
         if control is None:
             right = param_grads(packed.model)
@@ -172,7 +180,7 @@ def test_packed_grpo_vlm_falls_back_to_trl(tmp_path):
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
     mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
     mm = {k: inputs[k] for k in inputs if k not in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")}
-    assert packed._vlm_tree_batches(packed.model, ids, mask, K, ids.shape[0], mm) is None
+    assert packed._vlm_tree_chunks(packed.model, ids, mask, K, ids.shape[0], mm) is None
     with torch.no_grad():
         lp, _, _ = _logps(packed, packed.model, inputs, False)
         ref, _, _ = _logps(plain, plain.model, inputs, False)
@@ -206,8 +214,8 @@ def test_packed_grpo_vlm_trains_like_trl(tmp_path):
     tree_calls = []
 
     class Spy(PackedGRPOTrainer):
-        def _vlm_tree_batches(self, *args, **kwargs):
-            out = super()._vlm_tree_batches(*args, **kwargs)
+        def _vlm_tree_chunks(self, *args, **kwargs):
+            out = super()._vlm_tree_chunks(*args, **kwargs)
             tree_calls.append(out is not None)
             return out
 

@@ -105,13 +105,14 @@ class PackedGRPOTrainer(GRPOTrainer):
             return None
         return None if collator.family.attention == "prefix" else collator
 
-    def _vlm_tree_batches(self, model, input_ids, attention_mask, logits_to_keep, batch_size, multimodal):
-        """One tree batch per TRL memory chunk, or ``None`` when any chunk is not of tree form."""
+    def _vlm_tree_chunks(self, model, input_ids, attention_mask, logits_to_keep, batch_size, multimodal):
+        """Per TRL memory chunk, ``(collator, examples)`` of its tree rows; ``None`` when any chunk is not
+        of tree form (then TRL's own method runs them all)."""
         vision = vision_rows(input_ids.shape[0], **{k: multimodal.get(k) for k in VISION_KWARGS})
         types = {k: multimodal[k] for k in TOKEN_TYPE_KWARGS if multimodal.get(k) is not None}
         if vision is None:
             return None
-        batches = []
+        chunks = []
         for start in range(0, input_ids.size(0), batch_size):
             end = min(start + batch_size, input_ids.size(0))
             examples = completion_groups(input_ids[start:end], attention_mask[start:end], logits_to_keep,
@@ -119,17 +120,17 @@ class PackedGRPOTrainer(GRPOTrainer):
             if examples is None:
                 return None
             biggest = max(ex["input_ids"].shape[1] + sum(map(len, ex["completion_ids"])) for ex in examples)
-            collator = self._tree_collator(model, max(self.row_length or 0, biggest) if self.row_length else None)
+            collator = self._tree_collator(model, max(self.row_length, biggest) if self.row_length else None)
             if collator is None:
                 return None
-            batches.append(collator(examples))
-        return batches
+            chunks.append((collator, examples))
+        return chunks
 
     def _branch_logps(self, model, inputs: dict, batch: dict, logits_to_keep: int, compute_entropy: bool):
         """Per-token log-probs (and entropies) of the tree ``batch``, in TRL's ``[B, logits_to_keep]``
         layout; ``inputs``: the model's arguments."""
         with self.accelerator.autocast():
-            logits = model(**inputs, use_cache=False, logits_to_keep=batch["logits_to_keep"]).logits
+            logits = model(**dict(inputs, use_cache=False, logits_to_keep=batch["logits_to_keep"])).logits
         out = branch_logps(logits, batch, temperature=self.temperature, with_stats=compute_entropy)
         ent = per_branch_padded(out.entropy, batch, logits_to_keep) if compute_entropy else None
         return per_branch_padded(out.per_token, batch, logits_to_keep), ent
@@ -137,18 +138,25 @@ class PackedGRPOTrainer(GRPOTrainer):
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **multimodal):
         batch_size = batch_size or input_ids.size(0)
-        unchanged = lambda: super(PackedGRPOTrainer, self)._get_per_token_logps_and_entropies(  # noqa: E731
-            model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss, **multimodal)
+
+        def unchanged():
+            return super(PackedGRPOTrainer, self)._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
+                **multimodal)
+
         if compute_aux_loss:
             return unchanged()
         if any(multimodal.get(k) is not None for k in _MULTIMODAL):
-            batches = self._vlm_tree_batches(model, input_ids, attention_mask, logits_to_keep, batch_size, multimodal)
-            if batches is None:
+            chunks = self._vlm_tree_chunks(model, input_ids, attention_mask, logits_to_keep, batch_size, multimodal)
+            if chunks is None:
                 return unchanged()
-            pairs = [self._branch_logps(model, {k: v for k, v in model_inputs(b).items() if k != "use_cache"}, b,
-                                        logits_to_keep, compute_entropy) for b in batches]
-            return (torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]) if compute_entropy else None,
-                    None)
+            logps, entropies = [], []
+            for collator, examples in chunks:   # collated one at a time: one chunk's tree masks in memory
+                batch = collator(examples)
+                lp, ent = self._branch_logps(model, model_inputs(batch), batch, logits_to_keep, compute_entropy)
+                logps.append(lp)
+                entropies.append(ent)
+            return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
         logps, entropies = [], []
         for start in range(0, input_ids.size(0), batch_size):   # TRL's memory chunks
             end = min(start + batch_size, input_ids.size(0))
