@@ -90,6 +90,7 @@ class PackedGRPOTrainer(GRPOTrainer):
         args = packmask_model_init_kwargs(model, args, "PackedGRPOTrainer")  # a name / path loads with packmask
         super().__init__(model, reward_funcs, args, *rest, **kwargs)
         self.row_length = row_length
+        self._tree_collators = {}   # (id(model), row_length) -> MultimodalTreeCollator or None
         impl = getattr(self.model.config, "_attn_implementation", None)
         if impl != "packmask":
             raise PackmaskError(f"PackedGRPOTrainer: the model uses attn_implementation={impl!r}; tree rows need a "
@@ -99,11 +100,16 @@ class PackedGRPOTrainer(GRPOTrainer):
     def _tree_collator(self, model, row_length: int) -> MultimodalTreeCollator | None:
         """The vision-language tree collator of ``model``; ``None`` where its rows stay TRL's (no packing
         rule, or a prefix-LM whose completions TRL types as prefix)."""
-        try:
-            collator = MultimodalTreeCollator(self.accelerator.unwrap_model(model), row_length)
-        except UnsupportedModelError:
-            return None
-        return None if collator.family.attention == "prefix" else collator
+        model = self.accelerator.unwrap_model(model)
+        key = (id(model), row_length)   # built once per model (policy, reference) and row length
+        cache = self._tree_collators
+        if key not in cache:
+            try:
+                collator = MultimodalTreeCollator(model, row_length)
+                cache[key] = None if collator.family.attention == "prefix" else collator
+            except UnsupportedModelError:
+                cache[key] = None
+        return cache[key]
 
     def _vlm_tree_chunks(self, model, input_ids, attention_mask, logits_to_keep, batch_size, multimodal):
         """Per TRL memory chunk, ``(collator, examples)`` of its tree rows; ``None`` when any chunk is not
