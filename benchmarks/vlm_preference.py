@@ -110,7 +110,7 @@ def padded_batch(all_paths, pad_id=0):
 
 
 def run_method(model, step, steps, device):
-    """``steps`` DPO steps of ``step()`` (returns the policy's per-answer sums); (first s, warm s, peak, sums)."""
+    """``steps`` steps (DPO or GRPO) of ``step()`` (returns the policy's per-answer sums); (first s, warm s, peak, sums)."""
     times, sums = [], None
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -144,8 +144,10 @@ def main(argv=None):
     config = make_config(args.tiny)
     g = torch.Generator().manual_seed(0)
     pool = make_examples(config, 64, args.tiny, args.device, dtype, g, args.group)
-    size = lambda ex: ex["input_ids"].shape[1] + sum(len(a) for a in (ex["completion_ids"] if args.group else  # noqa: E731
-                                                                       (ex["chosen_ids"], ex["rejected_ids"])))
+    def size(ex):
+        answers = ex["completion_ids"] if args.group else (ex["chosen_ids"], ex["rejected_ids"])
+        return ex["input_ids"].shape[1] + sum(len(a) for a in answers)
+
     loss_fn = grpo_loss if args.group else dpo_loss
     examples, used = [], 0
     for ex in pool:  # fill about rows x row tokens of trees (best fit packs them)
@@ -243,7 +245,8 @@ def main(argv=None):
                dtype=str(dtype).replace("torch.", ""), date=datetime.date.today().isoformat(), tiny=args.tiny,
                row=row, rows=int(tree["input_ids"].shape[0]), examples=len(examples), images=images, steps=args.steps,
                workload=f"grpo G={args.group}" if args.group else "dpo")
-    finish("vlm_grpo" if args.group else "vlm_preference", dict(env=env, results=results, failures=failures), failures, out=args.out)
+    finish("vlm_grpo" if args.group else "vlm_preference", dict(env=env, results=results, failures=failures), failures,
+           out=args.out)
 
 
 if __name__ == "__main__":

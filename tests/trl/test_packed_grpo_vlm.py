@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("trl")
 
-import packmask  # noqa: E402,F401
+import packmask  # noqa: E402,F401  (registers attn_implementation='packmask')
 from packmask.errors import PackmaskError  # noqa: E402
 from packmask.multimodal.tiny import IMG, tiny_vlm  # noqa: E402
 from packmask.multimodal.tiny_processor import tiny_image, tiny_processor  # noqa: E402

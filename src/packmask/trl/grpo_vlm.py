@@ -43,8 +43,10 @@ def vision_rows(num_rows: int, num_images, pixel_values=None, image_grid_thw=Non
 
     >>> rows = vision_rows(3, [1, 0, 2], pixel_values=torch.arange(7.)[:, None],
     ...                    image_grid_thw=torch.tensor([[1, 1, 2], [1, 1, 1], [1, 2, 2]]))
-    >>> [{k: v.flatten().tolist() for k, v in r.items()} for r in rows]
-    [{'pixel_values': [0.0, 1.0], 'image_grid_thw': [1, 1, 2]}, {}, {'pixel_values': [2.0, 3.0, 4.0, 5.0, 6.0], 'image_grid_thw': [1, 1, 1, 1, 2, 2]}]
+    >>> [{k: tuple(v.shape) for k, v in r.items()} for r in rows]    # patch rows 0-1 | none | 2-6
+    [{'pixel_values': (2, 1), 'image_grid_thw': (1, 3)}, {}, {'pixel_values': (5, 1), 'image_grid_thw': (2, 3)}]
+    >>> rows[2]["pixel_values"].flatten().tolist()
+    [2.0, 3.0, 4.0, 5.0, 6.0]
     """
     if any(others.get(k) is not None for k in _NOT_CUT):
         return None
