@@ -23,7 +23,7 @@ from packmask.testing import rel_err  # noqa: E402
 from packmask.trl.grpo_vlm import completion_groups, vision_rows  # noqa: E402
 
 G, K, TEMPERATURE = 3, 5, 0.7
-IMAGE = {"qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>", "gemma3": "<start_of_image>"}
+IMAGE = {"qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>", "gemma3": "<start_of_image>", "llava": "<image>"}
 
 
 def _model(family, impl="packmask"):
@@ -89,7 +89,7 @@ def _loss_and_grads(trainer, model, inputs):
     return loss.detach(), param_grads(model)
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3", "llava"])
 def test_packed_grpo_vlm_equals_trl(family, tmp_path):
     from trl import GRPOTrainer
 
@@ -112,12 +112,13 @@ def test_packed_grpo_vlm_equals_trl(family, tmp_path):
         ref_lp, ref_ent, _ = _logps(plain, plain.model, inputs)
     assert rel_err(lp[valid], ref_lp[valid]) <= 1e-5 and rel_err(ent[valid], ref_ent[valid]) <= 1e-5
     assert (lp[~valid] == 0).all()
-    packed.row_length = 40  # trees over several rows, and TRL's memory chunks of G rows: the same numbers
+    row = max(ex["input_ids"].shape[1] + sum(map(len, ex["completion_ids"])) for ex in chunks[0][1])
+    packed.row_length = row  # trees over several rows, and TRL's memory chunks of G rows: the same numbers
     with torch.no_grad():
         rows_lp, _, _ = packed._get_per_token_logps_and_entropies(packed.model, ids, mask, K, batch_size=G, **mm)
     assert rel_err(rows_lp[valid], ref_lp[valid]) <= 1e-5
     assert len(packed._vlm_tree_chunks(packed.model, ids, mask, K, G, mm)) == 3
-    assert MultimodalTreeCollator(packed.model, 40)(chunks[0][1])["input_ids"].shape[0] > 1
+    assert MultimodalTreeCollator(packed.model, row)(chunks[0][1])["input_ids"].shape[0] > 1
     packed.row_length = None
     loss, grads = _loss_and_grads(packed, packed.model, inputs)
     ref_loss, ref_grads = _loss_and_grads(plain, plain.model, inputs)
