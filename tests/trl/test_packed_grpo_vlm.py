@@ -4,7 +4,8 @@ real tiny processor gives (prompts with 1, 2 and 0 images, each repeated G times
 right-padded completions. Per-token log-probs and entropies of every completion token, the GRPO loss and
 every parameter gradient (vision tower included) agree at 1e-5 (fp32 CPU); Qwen2.5-VL also against each
 prompt + completion run alone. Controls: completions that see their siblings, or positions restarting
-at 0, differ by > 1e-2. Rows that cannot be trees (image tokens in a completion, PaliGemma) take TRL's path."""
+at 0, differ by > 1e-2. Rows that cannot be trees (image tokens in a completion, PaliGemma) take TRL's path;
+two GRPO steps end to end give TRL's losses and weights."""
 from __future__ import annotations
 
 import pytest
@@ -106,6 +107,7 @@ def test_packed_grpo_vlm_equals_trl(family, tmp_path):
     chunks = packed._vlm_tree_chunks(packed.model, ids, mask, K, ids.shape[0], mm)
     assert chunks is not None and len(chunks) == 1
     tree = chunks[0][0](chunks[0][1])
+    assert chunks[0][2] == list(range(ids.shape[0]))
     assert tree["input_ids"].numel() < ids.numel()  # the tree path: prompts and images once
     with torch.no_grad():
         lp, ent, _ = _logps(packed, packed.model, inputs)
@@ -165,10 +167,11 @@ def _each_alone(model, inputs, want):
             assert rel_err(got, want[r, :c]) <= 1e-5, r
 
 
-def test_packed_grpo_vlm_falls_back_to_trl(tmp_path):
-    """Rows that cannot be trees run TRL's own (unshared, exact) method: a completion masked out whole
-    (``mask_truncated_completions``); no trees either for image tokens in a completion (a tool's image) or
-    for a prefix-LM, whose completions TRL types as prefix."""
+def test_packed_grpo_vlm_masked_and_fallback_rows(tmp_path):
+    """A completion masked out whole (``mask_truncated_completions``) is no branch and keeps TRL's zeros;
+    rows that cannot be trees run TRL's own (unshared, exact) method: a completion mask with a hole; no
+    trees either for image tokens in a completion (a tool's image) or a prefix-LM (PaliGemma), whose
+    completions TRL types as prefix."""
     from trl import GRPOTrainer
 
     from packmask.trl import PackedGRPOTrainer
@@ -178,17 +181,23 @@ def test_packed_grpo_vlm_falls_back_to_trl(tmp_path):
     plain = _trainer(GRPOTrainer, _model("gemma3", "eager"), processor, tmp_path)
     inputs = _trl_batch("gemma3", processor, seed=1)
     inputs["completion_mask"][1] = 0
-    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
-    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
-    mm = {k: inputs[k] for k in inputs if k not in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")}
-    assert packed._vlm_tree_chunks(packed.model, ids, mask, K, ids.shape[0], mm) is None
-    with torch.no_grad():
-        lp, _, _ = _logps(packed, packed.model, inputs, False)
-        ref, _, _ = _logps(plain, plain.model, inputs, False)
-    valid = inputs["completion_mask"].bool()
-    assert rel_err(lp[valid], ref[valid]) <= 1e-5
+    for hole in (False, True):
+        if hole:
+            inputs["completion_mask"][4, :3] = torch.tensor([1, 0, 1])
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+        mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+        mm = {k: inputs[k] for k in inputs if k not in ("prompt_ids", "prompt_mask", "completion_ids",
+                                                        "completion_mask")}
+        chunks = packed._vlm_tree_chunks(packed.model, ids, mask, K, ids.shape[0], mm)
+        assert chunks is None if hole else 1 not in chunks[0][2]
+        with torch.no_grad():
+            lp, ent, _ = _logps(packed, packed.model, inputs)
+            ref, ref_ent, _ = _logps(plain, plain.model, inputs)
+        valid = inputs["completion_mask"].bool()
+        assert rel_err(lp[valid], ref[valid]) <= 1e-5 and rel_err(ent[valid], ref_ent[valid]) <= 1e-5
+        assert (lp[1] == 0).all() and (ref[1] == 0).all()
     assert packed._tree_collator(tiny_vlm("paligemma"), None) is None
-    rows = slice(3, 3 + G)  # the second prompt's group, a tree as it is; a tool's image in a completion: none
+    rows = slice(6, 6 + G)  # the third prompt's group, a tree as it is; a tool's image in a completion: none
     vision = vision_rows(ids.shape[0], inputs["num_images"], inputs["pixel_values"])[rows]
     types = inputs["token_type_ids"][rows].clone()
     assert completion_groups(ids[rows], mask[rows], K, vision, {"token_type_ids": types}) is not None

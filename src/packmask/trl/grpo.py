@@ -112,8 +112,9 @@ class PackedGRPOTrainer(GRPOTrainer):
         return cache[key]
 
     def _vlm_tree_chunks(self, model, input_ids, attention_mask, logits_to_keep, batch_size, multimodal):
-        """Per TRL memory chunk, ``(collator, examples)`` of its tree rows; ``None`` when any chunk is not
-        of tree form (then TRL's own method runs them all)."""
+        """Per TRL memory chunk, ``(collator, examples, rows)``: its trees and which of its rows are their
+        branches (:func:`~packmask.trl.grpo_vlm.completion_groups`); ``None`` when any chunk is not of tree
+        form (then TRL's own method runs them all)."""
         vision = vision_rows(input_ids.shape[0], **{k: multimodal.get(k) for k in VISION_KWARGS})
         types = {k: multimodal[k] for k in TOKEN_TYPE_KWARGS if multimodal.get(k) is not None}
         if vision is None:
@@ -121,15 +122,19 @@ class PackedGRPOTrainer(GRPOTrainer):
         chunks = []
         for start in range(0, input_ids.size(0), batch_size):
             end = min(start + batch_size, input_ids.size(0))
-            examples = completion_groups(input_ids[start:end], attention_mask[start:end], logits_to_keep,
-                                         vision[start:end], {k: t[start:end] for k, t in types.items()})
-            if examples is None:
+            groups = completion_groups(input_ids[start:end], attention_mask[start:end], logits_to_keep,
+                                       vision[start:end], {k: t[start:end] for k, t in types.items()})
+            if groups is None:
                 return None
+            examples, rows = groups
+            if not examples:   # every completion masked out: nothing to score
+                chunks.append((None, examples, end - start))
+                continue
             biggest = max(ex["input_ids"].shape[1] + sum(map(len, ex["completion_ids"])) for ex in examples)
             collator = self._tree_collator(model, max(self.row_length, biggest) if self.row_length else None)
             if collator is None:
                 return None
-            chunks.append((collator, examples))
+            chunks.append((collator, examples, [start + r for r in rows]))
         return chunks
 
     def _branch_logps(self, model, inputs: dict, batch: dict, logits_to_keep: int, compute_entropy: bool):
@@ -156,13 +161,21 @@ class PackedGRPOTrainer(GRPOTrainer):
             chunks = self._vlm_tree_chunks(model, input_ids, attention_mask, logits_to_keep, batch_size, multimodal)
             if chunks is None:
                 return unchanged()
-            logps, entropies = [], []
-            for collator, examples in chunks:   # collated one at a time: one chunk's tree masks in memory
-                batch = collator(examples)
-                lp, ent = self._branch_logps(model, model_inputs(batch), batch, logits_to_keep, compute_entropy)
-                logps.append(lp)
-                entropies.append(ent)
-            return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
+            parts = []
+            for collator, examples, rows in chunks:   # collated one at a time: one chunk's tree masks in memory
+                if collator is not None:
+                    batch = collator(examples)
+                    parts.append((rows, *self._branch_logps(model, model_inputs(batch), batch, logits_to_keep,
+                                                            compute_entropy)))
+            if not parts:   # every completion masked out
+                return unchanged()
+            logps = parts[0][1].new_zeros(input_ids.shape[0], logits_to_keep)   # empty completions: TRL's zeros
+            entropies = logps.clone() if compute_entropy else None
+            for rows, lp, ent in parts:
+                rows = torch.tensor(rows, device=lp.device)
+                logps = logps.index_put((rows,), lp)
+                entropies = entropies.index_put((rows,), ent) if compute_entropy else None
+            return logps, entropies, None
         logps, entropies = [], []
         for start in range(0, input_ids.size(0), batch_size):   # TRL's memory chunks
             end = min(start + batch_size, input_ids.size(0))

@@ -6,7 +6,9 @@ TRL's GRPO log-prob pass gets ``B`` rows (left-padded prompts, right-padded comp
 of every row concatenated (``num_images`` per row; Qwen's ``pixel_values`` are patch rows,
 ``image_grid_thw.prod(-1)`` per image) and per-token ``token_type_ids`` / ``mm_token_type_ids`` over
 the whole row. :func:`vision_rows` cuts the vision inputs back per row, :func:`completion_groups`
-makes one example per run of consecutive rows with the same prompt (tokens, token types, images)::
+makes one example per run of consecutive rows with the same prompt (tokens, token types, images); a
+row whose completion is masked out whole (``mask_truncated_completions``) is no branch, its log-probs
+stay 0 as TRL's::
 
     row 0   pad  p0 <img> I I   c0 c1 pad     num_images 1  ->  example 0: prompt p0 <img> I I, its image,
     row 1   pad  p0 <img> I I   d0 pad pad    num_images 1                 completion_ids [[c0, c1], [d0]]
@@ -14,12 +16,14 @@ makes one example per run of consecutive rows with the same prompt (tokens, toke
 
 >>> ids = torch.tensor([[0, 5, 6, 7, 8, 0], [0, 5, 6, 9, 0, 0], [4, 3, 2, 7, 7, 7]])
 >>> mask = (ids != 0).long()
->>> groups = completion_groups(ids, mask, 3, [{}, {}, {}], {})
->>> [(g["input_ids"].tolist(), g["completion_ids"]) for g in groups]
-[([[5, 6]], [[7, 8], [9]]), ([[4, 3, 2]], [[7, 7, 7]])]
+>>> groups, rows = completion_groups(ids, mask, 3, [{}, {}, {}], {})
+>>> [(g["input_ids"].tolist(), g["completion_ids"]) for g in groups], rows
+([([[5, 6]], [[7, 8], [9]]), ([[4, 3, 2]], [[7, 7, 7]])], [0, 1, 2])
+>>> mask[1, 3:] = 0                                        # row 1's completion masked out
+>>> [g["completion_ids"] for g in completion_groups(ids, mask, 3, [{}, {}, {}], {})[0]]
+[[[7, 8]], [[7, 7, 7]]]
 
-Rows that are not of that form -- a completion mask that is not a prefix, an empty prompt or
-completion, image tokens in a completion (tool images), a vision layout not cut here (tiles,
+Rows that are not of that form -- a completion mask that is not a prefix, an empty prompt, image tokens in a completion (tool images), a vision layout not cut here (tiles,
 ``image_sizes``, ``pixel_attention_mask``) -- give ``None``: the trainer then runs TRL's own
 (unshared) method on them.
 """
@@ -74,11 +78,12 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def completion_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int, vision: list[dict],
-                      token_types: dict, answer_type: int = 0) -> list[dict] | None:
+                      token_types: dict, answer_type: int = 0) -> tuple[list[dict], list[int]] | None:
     """One :class:`~packmask.multimodal.tree.MultimodalTreeCollator` example per run of consecutive rows
     with the same prompt: the prompt unpadded (``[1, p]`` ids and token types) with its row's vision
-    inputs, and ``completion_ids``, each row's completion unpadded. ``None`` when the rows are not of
-    that form (module docstring). The examples' completions, in turn, are the rows in order."""
+    inputs, and ``completion_ids``, each row's completion unpadded; and the rows that are branches (the
+    examples' completions in turn), rows with an empty completion left out. ``None`` when the rows are
+    not of that form (module docstring)."""
     K = logits_to_keep
     mask = attention_mask.bool()
     p_mask, c_mask = mask[:, :-K], mask[:, -K:]
@@ -88,13 +93,15 @@ def completion_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, log
         return None   # completion tokens are not a prefix of the completion block
     if not torch.equal(p_mask, torch.arange(P, device=mask.device)[None] >= (P - p_len)[:, None]):
         return None   # prompt is not left-padded
-    if bool((c_len == 0).any()) or bool((p_len == 0).any()):
+    if bool((p_len == 0).any()):
         return None
     for t in token_types.values():  # image tokens in a completion (tool images) are not a text branch
         if bool(((t[:, -K:] != answer_type) & c_mask).any()):
             return None
-    examples, previous = [], None
+    examples, rows, previous = [], [], None
     for r in range(input_ids.shape[0]):   # one loop per row (the batch), none per token
+        if int(c_len[r]) == 0:
+            continue
         keep = slice(P - int(p_len[r]), P)
         prompt = dict(vision[r], input_ids=input_ids[r:r + 1, keep])
         prompt.update({k: t[r:r + 1, keep] for k, t in token_types.items()})
@@ -104,4 +111,5 @@ def completion_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, log
         else:
             examples.append(dict(prompt, completion_ids=[completion]))
             previous = prompt
-    return examples
+        rows.append(r)
+    return examples, rows
