@@ -1,11 +1,14 @@
-"""Vision-language DPO step: shared-prefix trees (the prompt and its images once) beside the prompt
-duplicated per answer (packed) and TRL's padded layout, one run, same examples.
+"""Vision-language DPO step (or, with ``--group G``, a GRPO log-prob step over G completions per prompt):
+shared-prefix trees (the prompt and its images once) beside the prompt duplicated per answer (packed)
+and TRL's padded layout, one run, same examples.
 
 Model: the Qwen2.5-VL shape of benchmarks/vlm.py (a small windowed vision tower, an 8-layer
 2048-hidden mRoPE text decoder). Data: prompts with 0-4 images of 64-1024 image tokens and text of
 median ~300 tokens (benchmarks/vlm.py's samples), each with a chosen and a rejected answer of median
 ~250 tokens. A DPO step = reference forward (no grad) + policy forward + backward of the sigmoid loss
-(one model plays both: the timing is the same). Methods:
+(one model plays both: the timing is the same). With ``--group G`` (GRPO, what PackedGRPOTrainer runs):
+each prompt has G completions of median ~250 tokens, and a step = old-policy forward (no grad) + policy
+forward + backward of an advantage-weighted ratio loss. Methods:
 
   tree          MultimodalTreeCollator rows on attn_implementation="packmask": prompt + images once,
                 each answer a branch (a [B, N, N] tree mask, the tree kernels); vision tower varlen
@@ -19,6 +22,8 @@ seeing their siblings (the control) do not. Exits 1 on a failed check.
 
     python benchmarks/vlm_preference.py --out results/                 # GPU (bf16): 2 rows x 8192 tokens
     python benchmarks/vlm_preference.py --tiny --device cpu            # seconds on a CPU (fp32, tiny)
+    python benchmarks/vlm_preference.py --group 8 --out results/       # GRPO, G = 8 (vlm_grpo.json)
+    python benchmarks/vlm_preference.py --group 8 --tiny --device cpu
 """
 import argparse
 import datetime
@@ -41,8 +46,9 @@ from _report import finish  # noqa: E402
 from vlm import make_config, make_samples, sync  # noqa: E402
 
 
-def make_examples(config, n, tiny, device, dtype, g):
-    """Prompts (benchmarks/vlm.py's samples, no labels) with a chosen and a rejected answer each."""
+def make_examples(config, n, tiny, device, dtype, g, group=None):
+    """Prompts (benchmarks/vlm.py's samples, no labels) with a chosen and a rejected answer each, or
+    ``group`` completions each (``completion_ids``)."""
     median = 20 if tiny else 250
     vocab = 90 if tiny else 30000
     out = []
@@ -51,13 +57,22 @@ def make_examples(config, n, tiny, device, dtype, g):
         answer = lambda: torch.randint(10, vocab, (int(min(max(math.exp(torch.randn(1, generator=g).item() * 0.5  # noqa: E731
                                                                         + math.log(median)), 4), 4 * median)),),
                                        generator=g).tolist()
-        out.append(dict(s, chosen_ids=answer(), rejected_ids=answer()))
+        out.append(dict(s, completion_ids=[answer() for _ in range(group)]) if group
+                   else dict(s, chosen_ids=answer(), rejected_ids=answer()))
     return out
 
 
+def answer_lists(examples):
+    """Every answer in the trees' branch order: chosen of every example, then rejected; or every
+    example's completions in turn."""
+    if "completion_ids" in examples[0]:
+        return [(ex, c) for ex in examples for c in ex["completion_ids"]]
+    return [(ex, ex[key]) for key in ("chosen_ids", "rejected_ids") for ex in examples]
+
+
 def paths(examples):
-    """Every prompt + answer path alone (chosen of every example, then rejected: the trees' branch order)."""
-    return [(ex, path_features(ex, ex[key])) for key in ("chosen_ids", "rejected_ids") for ex in examples]
+    """Every prompt + answer path alone, in the trees' branch order."""
+    return [(ex, path_features(ex, answer)) for ex, answer in answer_lists(examples)]
 
 
 def answer_logps(logits, spans, answers):
@@ -72,6 +87,12 @@ def answer_logps(logits, spans, answers):
 def dpo_loss(sums, ref_sums, beta=0.1):
     E = sums.shape[0] // 2
     return -F.logsigmoid(beta * ((sums[:E] - ref_sums[:E]) - (sums[E:] - ref_sums[E:]))).mean()
+
+
+def grpo_loss(sums, old_sums):
+    """An advantage-weighted sequence-ratio loss (fixed advantages): GRPO's shape for timing."""
+    adv = torch.linspace(-1.0, 1.0, sums.shape[0], device=sums.device)
+    return -(adv * torch.exp(sums - old_sums)).mean()
 
 
 def padded_batch(all_paths, pad_id=0):
@@ -89,7 +110,7 @@ def padded_batch(all_paths, pad_id=0):
 
 
 def run_method(model, step, steps, device):
-    """``steps`` DPO steps of ``step()`` (returns the policy's per-answer sums); (first s, warm s, peak, sums)."""
+    """``steps`` steps (DPO or GRPO) of ``step()`` (returns the policy's per-answer sums); (first s, warm s, peak, sums)."""
     times, sums = [], None
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -114,15 +135,20 @@ def main(argv=None):
     p.add_argument("--row", type=int, default=None, help="tokens per tree row (default 8192; --tiny: 512)")
     p.add_argument("--rows", type=int, default=2)
     p.add_argument("--steps", type=int, default=6, help="timed steps per method, the first reported apart")
-    p.add_argument("--out", default=None, help="folder for vlm_preference.json (default: $OUT)")
+    p.add_argument("--group", type=int, default=None, help="GRPO: completions per prompt (e.g. 8); default DPO pairs")
+    p.add_argument("--out", default=None, help="folder for vlm_preference.json / vlm_grpo.json (default: $OUT)")
     args = p.parse_args(argv)
     row = args.row or (512 if args.tiny else 8192)
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     config = make_config(args.tiny)
     g = torch.Generator().manual_seed(0)
-    pool = make_examples(config, 64, args.tiny, args.device, dtype, g)
-    size = lambda ex: ex["input_ids"].shape[1] + len(ex["chosen_ids"]) + len(ex["rejected_ids"])  # noqa: E731
+    pool = make_examples(config, 64, args.tiny, args.device, dtype, g, args.group)
+    def size(ex):
+        answers = ex["completion_ids"] if args.group else (ex["chosen_ids"], ex["rejected_ids"])
+        return ex["input_ids"].shape[1] + sum(len(a) for a in answers)
+
+    loss_fn = grpo_loss if args.group else dpo_loss
     examples, used = [], 0
     for ex in pool:  # fill about rows x row tokens of trees (best fit packs them)
         if size(ex) <= row and used + size(ex) <= 0.97 * args.rows * row:
@@ -133,7 +159,7 @@ def main(argv=None):
     packmask.enable(model)
     tree = MultimodalTreeCollator(model, row)(examples)
     all_paths = paths(examples)
-    answers = [ex[k] for k in ("chosen_ids", "rejected_ids") for ex in examples]
+    answers = [a for _, a in answer_lists(examples)]
     dup_collator = MultimodalCollator(model, max_length=max(row, max(q["input_ids"].shape[1] for _, q in all_paths)))
     dup_rows = dup_collator.rows([q for _, q in all_paths])
     dup = dup_collator.collate_rows(dup_rows)
@@ -157,14 +183,14 @@ def main(argv=None):
         with torch.no_grad():
             ref = packmask.branch_logps(model(**model_inputs(batch)).logits, batch).sums
         sums = packmask.branch_logps(model(**model_inputs(batch)).logits, batch).sums
-        dpo_loss(sums, ref).backward()
+        loss_fn(sums, ref).backward()
         return sums.detach()
 
     def spans_step(batch, spans):
         with torch.no_grad():
             ref = answer_logps(model(**batch).logits, spans, answers)
         sums = answer_logps(model(**batch).logits, spans, answers)
-        dpo_loss(sums, ref).backward()
+        loss_fn(sums, ref).backward()
         return sums.detach()
 
     methods = [("tree", "packmask", tree_step), ("dup_packed", "packmask", lambda: spans_step(dup, dup_spans)),
@@ -217,8 +243,10 @@ def main(argv=None):
                device=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                torch=torch.__version__, transformers=transformers.__version__, packmask=packmask.__version__,
                dtype=str(dtype).replace("torch.", ""), date=datetime.date.today().isoformat(), tiny=args.tiny,
-               row=row, rows=int(tree["input_ids"].shape[0]), examples=len(examples), images=images, steps=args.steps)
-    finish("vlm_preference", dict(env=env, results=results, failures=failures), failures, out=args.out)
+               row=row, rows=int(tree["input_ids"].shape[0]), examples=len(examples), images=images, steps=args.steps,
+               workload=f"grpo G={args.group}" if args.group else "dpo")
+    finish("vlm_grpo" if args.group else "vlm_preference", dict(env=env, results=results, failures=failures), failures,
+           out=args.out)
 
 
 if __name__ == "__main__":

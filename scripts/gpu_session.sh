@@ -56,7 +56,8 @@ for m in ("cudnn", "datasets", "trl", "fla"): print(m, "importable" if u.find_sp
     model-trees)  # shared-prefix trees on hybrids (issue 24, item 5) and on VLMs (issue 25, stretch)
         step model-trees hybrid_tree_dpo 150 python3 benchmarks/hybrid_tree.py --model all --shape dpo --steps 3 --out "$OUT/model-trees/dpo"
         step model-trees hybrid_tree_grpo 150 python3 benchmarks/hybrid_tree.py --model all --shape grpo --steps 3 --out "$OUT/model-trees/grpo"
-        step model-trees vlm_preference 150 python3 benchmarks/vlm_preference.py --steps 4 ;;
+        step model-trees vlm_preference 150 python3 benchmarks/vlm_preference.py --steps 4
+        step model-trees vlm_grpo 200 python3 benchmarks/vlm_preference.py --group 8 --steps 4 ;;
     hybrid-fast)  # issue 24: the varlen fast path. fla-core takes cu_seqlens; the per-instance kernel functions
         # it swaps need transformers >= 5.25 with kernels >= 0.19.1 (the image has 5.17), both carried in
         # .whl/fast; fla apart in .whl/fla, since once importable transformers routes every method to it

@@ -23,3 +23,20 @@ def test_vlm_preference_benchmark_tiny(tmp_path, monkeypatch):
     assert results["control_siblings_rel_err"] > 1e-4
     assert report["env"]["script"] == "benchmarks/vlm_preference.py"
     sys.modules.pop("vlm", None)
+
+
+def test_vlm_grpo_benchmark_tiny(tmp_path, monkeypatch):
+    """--group G: GRPO groups as trees (the prompt and its images once for G completions), same checks."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("vlm_grpo_benchmark", ROOT / "benchmarks" / "vlm_preference.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--tiny", "--device", "cpu", "--group", "3", "--row", "256", "--rows", "1", "--steps", "2",
+                "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "vlm_grpo.json").read_text())
+    assert not report["failures"] and report["env"]["workload"] == "grpo G=3"
+    results = report["results"]
+    assert results["tree"]["logp_sums_rel_err_vs_alone"] <= 1e-4
+    assert results["tree"]["slots"] < results["dup_packed"]["slots"]
+    assert results["control_siblings_rel_err"] > 1e-4
+    sys.modules.pop("vlm", None)

@@ -7,8 +7,13 @@ computed G times. This subclass overrides the one method those passes go through
 prompt once, each completion a branch), packed into rows, and the per-token log-probs (and entropies)
 are scattered back into TRL's ``[B, logits_to_keep]`` layout. Generation, rewards and the loss are TRL's.
 
-Rows TRL cannot lay out as trees here -- multimodal inputs, the MoE aux loss, a completion mask that is
-not a prefix -- go through TRL's own method unchanged.
+Vision-language rows (``pixel_values``, ``image_grid_thw``, token types, ...) become
+:class:`~packmask.multimodal.tree.MultimodalTreeCollator` trees: the prompt, its image tokens and its
+images once per group, positions from the model's own ``get_rope_index`` per path
+(:mod:`packmask.trl.grpo_vlm`). Rows TRL cannot lay out as trees here -- the MoE aux loss, a completion
+mask that is not a prefix, image tokens in a completion, a vision layout not cut per row (tiles,
+``image_sizes``), a prefix-LM (PaliGemma: TRL types its completions as prefix) or a model without a
+multimodal packing rule -- go through TRL's own method unchanged.
 
 Recipe::
 
@@ -28,13 +33,14 @@ from ..data.branch_forest import TreePackingStats, prompt_branch_forest
 from ..data.spans import offsets_from_lengths, run_lengths, run_starts
 from ..data.tree import pack_forest
 from ..data.tree_collator import collate_forest
-from ..errors import PackmaskError
+from ..errors import PackmaskError, UnsupportedModelError
+from ..multimodal.tree import MultimodalTreeCollator, model_inputs
+from .grpo_vlm import TOKEN_TYPE_KWARGS, VISION_KWARGS, completion_groups, vision_rows
 from .model_init import packmask_model_init_kwargs
 
 __all__ = ["PackedGRPOTrainer", "group_rows"]
 
-_MULTIMODAL = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
-               "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+_MULTIMODAL = VISION_KWARGS + TOKEN_TYPE_KWARGS
 
 
 def group_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int, row_length: int | None = None,
@@ -84,18 +90,92 @@ class PackedGRPOTrainer(GRPOTrainer):
         args = packmask_model_init_kwargs(model, args, "PackedGRPOTrainer")  # a name / path loads with packmask
         super().__init__(model, reward_funcs, args, *rest, **kwargs)
         self.row_length = row_length
+        self._tree_collators = {}   # (id(model), row_length) -> MultimodalTreeCollator or None
         impl = getattr(self.model.config, "_attn_implementation", None)
         if impl != "packmask":
             raise PackmaskError(f"PackedGRPOTrainer: the model uses attn_implementation={impl!r}; tree rows need a "
                                 "[B, N, N] mask: load it with attn_implementation='packmask' (after import packmask), "
                                 "or pass the model's name or path and the trainer loads it so.")
 
+    def _tree_collator(self, model, row_length: int) -> MultimodalTreeCollator | None:
+        """The vision-language tree collator of ``model``; ``None`` where its rows stay TRL's (no packing
+        rule, or a prefix-LM whose completions TRL types as prefix)."""
+        model = self.accelerator.unwrap_model(model)
+        key = (id(model), row_length)   # built once per model (policy, reference) and row length
+        cache = self._tree_collators
+        if key not in cache:
+            try:
+                collator = MultimodalTreeCollator(model, row_length)
+                cache[key] = None if collator.family.attention == "prefix" else collator
+            except UnsupportedModelError:
+                cache[key] = None
+        return cache[key]
+
+    def _vlm_tree_chunks(self, model, input_ids, attention_mask, logits_to_keep, batch_size, multimodal):
+        """Per TRL memory chunk, ``(collator, examples, rows)``: its trees and which of its rows are their
+        branches (:func:`~packmask.trl.grpo_vlm.completion_groups`); ``None`` when any chunk is not of tree
+        form (then TRL's own method runs them all)."""
+        vision = vision_rows(input_ids.shape[0], **{k: multimodal.get(k) for k in VISION_KWARGS})
+        types = {k: multimodal[k] for k in TOKEN_TYPE_KWARGS if multimodal.get(k) is not None}
+        if vision is None:
+            return None
+        chunks = []
+        for start in range(0, input_ids.size(0), batch_size):
+            end = min(start + batch_size, input_ids.size(0))
+            groups = completion_groups(input_ids[start:end], attention_mask[start:end], logits_to_keep,
+                                       vision[start:end], {k: t[start:end] for k, t in types.items()})
+            if groups is None:
+                return None
+            examples, rows = groups
+            if not examples:   # every completion masked out: nothing to score
+                chunks.append((None, examples, end - start))
+                continue
+            biggest = max(ex["input_ids"].shape[1] + sum(map(len, ex["completion_ids"])) for ex in examples)
+            collator = self._tree_collator(model, max(self.row_length, biggest) if self.row_length else None)
+            if collator is None:
+                return None
+            chunks.append((collator, examples, [start + r for r in rows]))
+        return chunks
+
+    def _branch_logps(self, model, inputs: dict, batch: dict, logits_to_keep: int, compute_entropy: bool):
+        """Per-token log-probs (and entropies) of the tree ``batch``, in TRL's ``[B, logits_to_keep]``
+        layout; ``inputs``: the model's arguments."""
+        with self.accelerator.autocast():
+            logits = model(**dict(inputs, use_cache=False, logits_to_keep=batch["logits_to_keep"])).logits
+        out = branch_logps(logits, batch, temperature=self.temperature, with_stats=compute_entropy)
+        ent = per_branch_padded(out.entropy, batch, logits_to_keep) if compute_entropy else None
+        return per_branch_padded(out.per_token, batch, logits_to_keep), ent
+
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **multimodal):
-        if compute_aux_loss or any(multimodal.get(k) is not None for k in _MULTIMODAL):
-            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
-                                                              batch_size, compute_entropy, compute_aux_loss, **multimodal)
         batch_size = batch_size or input_ids.size(0)
+
+        def unchanged():
+            return super(PackedGRPOTrainer, self)._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
+                **multimodal)
+
+        if compute_aux_loss:
+            return unchanged()
+        if any(multimodal.get(k) is not None for k in _MULTIMODAL):
+            chunks = self._vlm_tree_chunks(model, input_ids, attention_mask, logits_to_keep, batch_size, multimodal)
+            if chunks is None:
+                return unchanged()
+            parts = []
+            for collator, examples, rows in chunks:   # collated one at a time: one chunk's tree masks in memory
+                if collator is not None:
+                    batch = collator(examples)
+                    parts.append((rows, *self._branch_logps(model, model_inputs(batch), batch, logits_to_keep,
+                                                            compute_entropy)))
+            if not parts:   # every completion masked out
+                return unchanged()
+            logps = parts[0][1].new_zeros(input_ids.shape[0], logits_to_keep)   # empty completions: TRL's zeros
+            entropies = logps.clone() if compute_entropy else None
+            for rows, lp, ent in parts:
+                rows = torch.tensor(rows, device=lp.device)
+                logps = logps.index_put((rows,), lp)
+                entropies = entropies.index_put((rows,), ent) if compute_entropy else None
+            return logps, entropies, None
         logps, entropies = [], []
         for start in range(0, input_ids.size(0), batch_size):   # TRL's memory chunks
             end = min(start + batch_size, input_ids.size(0))
@@ -104,13 +184,8 @@ class PackedGRPOTrainer(GRPOTrainer):
                 lp, ent, _ = super()._get_per_token_logps_and_entropies(
                     model, input_ids[start:end], attention_mask[start:end], logits_to_keep, None, compute_entropy)
             else:
-                with self.accelerator.autocast():
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   position_ids=batch["position_ids"], use_cache=False,
-                                   logits_to_keep=batch["logits_to_keep"]).logits
-                out = branch_logps(logits, batch, temperature=self.temperature, with_stats=compute_entropy)
-                lp = per_branch_padded(out.per_token, batch, logits_to_keep)
-                ent = per_branch_padded(out.entropy, batch, logits_to_keep) if compute_entropy else None
+                inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+                lp, ent = self._branch_logps(model, inputs, batch, logits_to_keep, compute_entropy)
             logps.append(lp)
             entropies.append(ent)
         return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
