@@ -138,7 +138,11 @@ def _process(loaded, processor, args, base_dir, console, images_by_place=None) -
 
     fld, bad = loaded.field, loaded.bad
     places = bad.kept_places or [f"row {i}" for i in range(loaded.table.num_rows)]
-    columns = [fld.name] + ([args.images_column] if args.images_column in loaded.table.column_names else [])
+    from ..multimodal.records import takes_suffix
+
+    present = loaded.table.column_names
+    columns = [fld.name] + [c for c in (args.images_column, "suffix") if c in present
+                            and (c != "suffix" or takes_suffix(processor))]  # PaliGemma's answer: "suffix"
     records = loaded.table.select(columns).to_pylist()
     if images_by_place is not None:
         for record, place in zip(records, places):
