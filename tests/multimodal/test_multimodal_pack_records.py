@@ -3,6 +3,7 @@ read back as rows and trained on: each sample exact against itself alone (logits
 the same batch as packing the directly processed samples on the fly, and every bad record one problem
 naming its field."""
 import base64
+import inspect
 import io
 
 import pytest
@@ -253,3 +254,30 @@ def test_paligemma_prompt_and_suffix_train_exactly(tmp_path):
         assert info.value.field == field and "record 0" in str(info.value), str(info.value)
     with pytest.raises(Exception, match="no 'suffixes' column"):
         PackedImageText(pack_image_text([{"text": "w3 w4"}], tiny_processor("llava"), 8), processor)
+
+
+@pytest.mark.parametrize("form", ["strict signature", "kwargs that refuse it"])
+def test_a_processor_without_return_mm_token_type_ids_packs_the_same(tmp_path, form):
+    """A processor whose call does not take ``return_mm_token_type_ids`` (a strict signature, or ``**kwargs``
+    that raise on it) is called without it: the same rows as the processor that takes it, read back alike."""
+    processor = tiny_processor("gemma3")
+    base = type(processor)
+
+    class Strict(base):
+        def __call__(self, images=None, text=None, return_tensors=None, **rest):
+            if form == "strict signature" and rest:
+                raise AssertionError(f"called with {sorted(rest)}")
+            if rest:
+                raise TypeError(f"__call__() got an unexpected keyword argument {next(iter(rest))!r}")
+            return base.__call__(self, images=images, text=text, return_tensors=return_tensors)
+
+    if form == "strict signature":
+        Strict.__call__.__signature__ = inspect.signature(lambda self, images=None, text=None, return_tensors=None: 0)
+    strict = tiny_processor("gemma3")
+    strict.__class__ = Strict  # this one test object only
+    recs = records(tmp_path, "gemma3")
+    want = pack_image_text(recs, processor, 40, base_dir=tmp_path)
+    got = pack_image_text(recs, strict, 40, base_dir=tmp_path)
+    assert got.to_dict() == want.to_dict()
+    for a, b in zip(PackedImageText(got, strict)[0], PackedImageText(want, processor)[0]):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

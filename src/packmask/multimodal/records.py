@@ -60,19 +60,32 @@ def check_processor(processor) -> None:
                             f"give the model's AutoProcessor, or pack text with a tokenizer instead.")
 
 
+def _call_takes(processor, name: str) -> bool:
+    """Whether ``processor(...)`` takes keyword ``name`` (named, or through ``**kwargs``): by feature, not version."""
+    try:
+        params = inspect.signature(processor.__call__).parameters
+    except (TypeError, ValueError):  # no signature to read: assume the common form, ``**kwargs``
+        return True
+    return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
 def takes_suffix(processor) -> bool:
     """Whether ``processor`` trains on a prompt and its answer given apart (``suffix=``, PaliGemma): a
     sample is a prefix (images + prompt, which see each other) and a suffix (scored, causal), told apart
-    by its ``token_type_ids`` (0 prefix, 1 suffix). Read from the call's signature, by feature.
+    by its ``token_type_ids`` (0 prefix, 1 suffix). Read by feature: a named parameter of the call, or
+    a key of the text options its ``**kwargs`` declare (``valid_processor_kwargs``, as older versions do).
 
     >>> from packmask.multimodal.tiny_processor import tiny_processor
     >>> takes_suffix(tiny_processor("paligemma")), takes_suffix(tiny_processor("gemma3"))
     (True, False)
     """
     try:
-        return "suffix" in inspect.signature(processor.__call__).parameters
+        if "suffix" in inspect.signature(processor.__call__).parameters:
+            return True
     except (TypeError, ValueError):
-        return False
+        pass
+    options = getattr(getattr(processor, "valid_processor_kwargs", None), "__annotations__", {})
+    return "suffix" in getattr(options.get("text_kwargs"), "__annotations__", {})
 
 
 def _kind(value) -> str:
@@ -168,11 +181,12 @@ def processor_call(processor, text: str, images: list, field: str, suffix: str |
     kwargs = dict(text=[text], images=images or None, return_tensors="pt")
     if suffix is not None:
         kwargs["suffix"] = [suffix]
-    try:
+    option = dict(return_mm_token_type_ids=True) if _call_takes(processor, "return_mm_token_type_ids") else {}
+    try:  # a strict signature predating the option: without it; **kwargs that refuse it: again without it
         try:
-            out = processor(**kwargs, return_mm_token_type_ids=True)
-        except TypeError as error:  # a processor whose call predates the option (a strict signature)
-            if "return_mm_token_type_ids" not in str(error):
+            out = processor(**kwargs, **option)
+        except TypeError as error:
+            if not option or "return_mm_token_type_ids" not in str(error):
                 raise
             out = processor(**kwargs)
     except (ValueError, TypeError, KeyError, IndexError, OSError) as error:

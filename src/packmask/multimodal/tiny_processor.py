@@ -70,13 +70,7 @@ def tiny_tokenizer(family: str):
     return tokenizer
 
 
-def processor_unavailable(family: str) -> str | None:
-    """Why :func:`tiny_processor` cannot build ``family``'s processor here (a missing optional package
-    its transformers processor needs), or None.
-
-    >>> processor_unavailable("gemma3") is None
-    True
-    """
+def _missing_package(family: str) -> str | None:
     if family not in _NEEDS:
         return None
     import transformers.utils as tu
@@ -87,6 +81,23 @@ def processor_unavailable(family: str) -> str | None:
         return None
     owner = {"smolvlm": "SmolVLMProcessor", "mistral3": "PixtralProcessor"}[family]
     return f"transformers' {owner} ({family}) needs {package}, which is not installed (pip install {package})"
+
+
+def processor_unavailable(family: str) -> str | None:
+    """Why :func:`tiny_processor` cannot build ``family``'s processor here (a missing optional package
+    its transformers processor needs), or None.
+
+    >>> processor_unavailable("gemma3") is None
+    True
+    """
+    missing = _missing_package(family)
+    if missing is not None:
+        return missing
+    try:  # some versions gate a PIL image processor behind torchvision too (Idefics3 on transformers 5.17)
+        tiny_processor(family)
+    except PackmaskError as error:
+        return str(error)
+    return None
 
 
 def tiny_processor(family: str):
@@ -103,9 +114,18 @@ def tiny_processor(family: str):
 
     if family not in _SPECIAL:
         raise ValueError(f"no tiny processor for {family!r}; choose from {', '.join(PROCESSOR_FAMILIES)}")
-    missing = processor_unavailable(family)
+    missing = _missing_package(family)
     if missing is not None:
         raise PackmaskError(f"cannot build the tiny {family} processor: {missing}.")
+    try:
+        return _build(tf, family)
+    except ImportError as error:  # transformers' own backend gate (a placeholder class): its first line names it
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0]
+        raise PackmaskError(f"cannot build the tiny {family} processor with transformers {tf.__version__}: "
+                            f"{first.rstrip('.')}.") from None
+
+
+def _build(tf, family: str):
     tokenizer = tiny_tokenizer(family)
     template = _template(_SPECIAL[family][2])
     if family == "gemma3":
