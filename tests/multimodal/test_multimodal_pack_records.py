@@ -281,3 +281,23 @@ def test_a_processor_without_return_mm_token_type_ids_packs_the_same(tmp_path, f
     assert got.to_dict() == want.to_dict()
     for a, b in zip(PackedImageText(got, strict)[0], PackedImageText(want, processor)[0]):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_num_proc_packs_the_same_rows_and_reports_the_same_records(tmp_path):
+    """``num_proc=2`` (three chunks of records over two worker processes) packs the same rows as one process and
+    reports the same bad records, by index, in order."""
+    processor = tiny_processor("gemma3")
+    recs = [records(tmp_path, "gemma3")[i % 5] for i in range(150)]
+    recs[70] = {"text": "w5", "images": [7]}
+    recs[140] = {"text": None}
+    found = {}
+    for procs in (1, 2):
+        problems = []
+        packed = pack_image_text(recs, processor, 40, base_dir=tmp_path, num_proc=procs,
+                                 on_problem=lambda i, p: problems.append((i, p.field, str(p))))
+        found[procs] = (packed.to_dict(), problems)
+    assert found[1] == found[2]
+    assert [p[:2] for p in found[1][1]] == [(70, "images[0]"), (140, "text")]
+    assert len(found[1][0]["input_ids"]) >= 2
+    with pytest.raises(RecordProblem, match="record 70: field 'images"):
+        pack_image_text(recs, processor, 40, base_dir=tmp_path, num_proc=2)

@@ -49,8 +49,8 @@ from typing import Callable, Iterable
 import numpy as np
 
 from ..errors import PackmaskError
-from .records import (RecordProblem, check_processor, open_image, process_record, processor_call,
-                      takes_suffix)
+from .parallel import process_records
+from .records import RecordProblem, check_processor, open_image, processor_call, takes_suffix
 
 __all__ = ["pack_image_text", "pack_processed", "PackedImageText", "load_packed_image_text", "IMAGE_TEXT_COLUMNS"]
 
@@ -112,7 +112,8 @@ def pack_image_text(records: Iterable[dict], processor, max_length: int, *, stra
                     overflow: str = "error", text_field: str = "text", messages_field: str = "messages",
                     images_field: str = "images", suffix_field: str = "suffix", base_dir=".",
                     train_on: str = "assistant",
-                    on_problem: Callable[[int, RecordProblem], None] | None = None, return_stats: bool = False):
+                    on_problem: Callable[[int, RecordProblem], None] | None = None, return_stats: bool = False,
+                    num_proc: int = 1):
     """Pack image-text records through ``processor`` into rows of at most ``max_length`` tokens.
 
     Args:
@@ -129,24 +130,29 @@ def pack_image_text(records: Iterable[dict], processor, max_length: int, *, stra
         on_problem: ``on_problem(index, problem)`` for a bad record, which is then skipped; ``None``
             (default) raises the :class:`~packmask.multimodal.records.RecordProblem`, with
             ``record <index>:`` in front.
+        num_proc: worker processes for the processor calls (chunks of 64 records, as ``packmask pack
+            --num-proc``; :mod:`packmask.multimodal.parallel`); the rows are the same for any number.
 
     Returns:
         The packed ``datasets.Dataset`` (columns in the module docstring); with ``return_stats``,
         ``(dataset, PackingStats)``. Read it for training with :class:`PackedImageText`.
     """
     check_processor(processor)
+    def with_field(record):  # each record with its field: text, or a conversation
+        chat = record.get(text_field) is None and messages_field in record
+        return record, dict(field=messages_field, kind="chat") if chat else dict(field=text_field, kind="text")
+
+    items = map(with_field, records)  # lazily: num_proc=1 holds one chunk of records at a time
+    options = dict(images_field=images_field, base_dir=base_dir, train_on=train_on, suffix_field=suffix_field)
     samples, type_key = [], None
-    for index, record in enumerate(records):
-        kind, field = ("chat", messages_field) if record.get(text_field) is None and messages_field in record \
-            else ("text", text_field)
-        try:
-            sample = process_record(record, processor, field=field, kind=kind, images_field=images_field,
-                                    base_dir=base_dir, train_on=train_on, suffix_field=suffix_field)
-        except RecordProblem as problem:
+    for index, result in enumerate(process_records(items, processor, options, num_proc)):
+        if result[0] == "bad":
+            problem = RecordProblem(*result[1:])
             if on_problem is None:
-                raise RecordProblem(problem.field, f"record {index}: {problem.problem}", problem.fix) from None
+                raise RecordProblem(problem.field, f"record {index}: {problem.problem}", problem.fix)
             on_problem(index, problem)
             continue
+        sample = result[1]
         type_key = sample.get("token_type_key", type_key)
         samples.append(sample)
     if not samples:
