@@ -172,8 +172,9 @@ def _pil(tf, name: str):
 
 
 def _without_video(cls, images, tokenizer, template, **kwargs):
-    """``cls`` (a processor with a video slot) for images: with its video processor where transformers
-    can build one, else with the slot empty (its class needs torchvision), checked by the subclass below."""
+    """``cls`` (a processor with a video slot) for images, its video slot empty: ``cls`` itself where it
+    accepts that, else the subclass below, which skips only that slot's class check (the video
+    processor classes need torchvision)."""
     try:
         return cls(image_processor=images, tokenizer=tokenizer, chat_template=template, **kwargs)
     except (AttributeError, ValueError, TypeError, ImportError):  # no torchvision: no video processor class
