@@ -95,6 +95,29 @@ def test_parquet_input_with_datasets_image_feature(tmp_path, capsys, processor_d
     assert "1 images in 1 of 2 samples" in out
 
 
+def test_paligemma_records_pack_with_their_suffix(tmp_path, capsys):
+    """PaliGemma's processor takes the answer apart (``suffix``): the rows keep it, and a record without one is
+    an error naming its line and field."""
+    from transformers import AutoProcessor
+
+    from packmask.multimodal.packed import load_packed_image_text
+    from packmask.multimodal.tiny_processor import tiny_processor
+
+    folder = tmp_path / "paligemma"
+    tiny_processor("paligemma").save_pretrained(folder)
+    good = [{"text": "w5 w6", "suffix": "w7 w8", "images": ["imgs/a.png"]},
+            {"text": "w9", "suffix": "w3", "images": ["imgs/b.png"]}]
+    code, out, err = run(capsys, "pack", write(tmp_path, good), "--processor", folder, "--max-length", 24, "-o",
+                         tmp_path / "out.parquet")
+    assert code == 0, err
+    rows = load_packed_image_text(tmp_path / "out.parquet", AutoProcessor.from_pretrained(folder))
+    samples = [s for i in range(len(rows)) for s in rows[i]]
+    assert sorted(s["input_ids"][0][s["labels"][0] != -100].tolist() for s in samples) == [[3, 2], [7, 8, 2]]
+    bad = good + [{"text": "w5", "images": ["imgs/a.png"]}]
+    assert_error(run(capsys, "pack", write(tmp_path, bad, "bad.jsonl"), "--processor", folder, "--max-length", 24,
+                     "-o", tmp_path / "bad.parquet"), "bad.jsonl, line 3", "'suffix'", "is missing")
+
+
 BAD = {  # the bad record (written as line 3), fragments of the error
     "missing image file": ({"text": f"w5 {PH}", "images": ["imgs/nope.png"]},
                            ["in.jsonl, line 3", "'images[0]'", "no such image file", "--image-root"]),

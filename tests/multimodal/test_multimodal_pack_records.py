@@ -3,6 +3,7 @@ read back as rows and trained on: each sample exact against itself alone (logits
 the same batch as packing the directly processed samples on the fly, and every bad record one problem
 naming its field."""
 import base64
+import inspect
 import io
 
 import pytest
@@ -12,13 +13,21 @@ from packmask.multimodal import MultimodalCollator, pack_samples
 from packmask.multimodal.packed import PackedImageText, load_packed_image_text, pack_image_text
 from packmask.multimodal.records import RecordProblem, process_record
 from packmask.multimodal.tiny import tiny_vlm
-from packmask.multimodal.tiny_processor import tiny_image, tiny_processor
+from packmask.multimodal.tiny_processor import processor_unavailable, tiny_image, tiny_processor
 from packmask.multimodal.verify import compare_packed
 
 TOL = 1e-5
-PLACEHOLDER = {"qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>", "gemma3": "<start_of_image>",
-               "llava": "<image>"}
-TYPE_KEY = {"qwen2_5_vl": "mm_token_type_ids", "gemma3": "token_type_ids", "llava": "mm_token_type_ids"}
+QWEN = "<|vision_start|><|image_pad|><|vision_end|>"
+PLACEHOLDER = {"qwen2_vl": QWEN, "qwen2_5_vl": QWEN, "qwen3_vl": QWEN, "gemma3": "<start_of_image>", "llava": "<image>",
+               "llava_next": "<image>", "idefics3": "<image>", "smolvlm": "<image>", "mistral3": "[IMG]"}
+TYPE_KEY = {"gemma3": "token_type_ids"}  # the others: mm_token_type_ids
+MAX_LENGTH = {"llava": 64, "llava_next": 160, "idefics3": 64, "smolvlm": 64}  # the others: 40 (>= 2 rows each)
+
+
+def family_param(family):
+    """``family``, skipped (with the reason) only where its processor needs a missing optional package."""
+    missing = processor_unavailable(family)
+    return pytest.param(family, marks=pytest.mark.skipif(missing is not None, reason=missing or ""))
 
 
 def encoded(h, w, seed, fmt="PNG"):
@@ -58,11 +67,11 @@ def direct(processor, record, folder):
     return {k: v for k, v in out.items() if k != "attention_mask"}
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3", "llava"])
+@pytest.mark.parametrize("family", [family_param(f) for f in PLACEHOLDER])
 def test_packed_file_trains_exactly_per_sample(tmp_path, family):
     model, processor = tiny_vlm(family), tiny_processor(family)
     recs = records(tmp_path, family)
-    max_length = 64 if family == "llava" else 40  # LLaVA: 16 tokens per image
+    max_length = MAX_LENGTH.get(family, 40)  # LLaVA: 16 tokens per image; LLaVA-NeXT, Idefics3: tiles / crops
     packed = pack_image_text(recs, processor, max_length, base_dir=tmp_path)
     packed.to_parquet(str(tmp_path / "packed.parquet"))
     rows = load_packed_image_text(tmp_path / "packed.parquet", processor)
@@ -76,8 +85,10 @@ def test_packed_file_trains_exactly_per_sample(tmp_path, family):
         ref = by_text[sample["input_ids"][0].tolist().__repr__()]
         for key, value in ref.items():
             assert torch.equal(sample[key], value), key
-        image_tokens = sample[TYPE_KEY[family]][0] != 0
-        assert (sample["labels"][0][image_tokens] == -100).all()
+        types = sample.get(TYPE_KEY.get(family, "mm_token_type_ids"))  # Idefics3: none for text-only samples
+        assert types is not None or "pixel_values" not in sample
+        if types is not None:
+            assert (sample["labels"][0][types[0] != 0] == -100).all()
     chat = next(s for row in read for s in row if s["input_ids"].shape[1] == alone[2]["input_ids"].shape[1]
                 and torch.equal(s["input_ids"], alone[2]["input_ids"]))
     scored = chat["input_ids"][0][chat["labels"][0] != -100].tolist()
@@ -202,16 +213,91 @@ def test_a_datasets_dataset_with_an_image_feature_packs(tmp_path):
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-def test_processors_the_records_cannot_drive_are_refused(tmp_path):
-    import transformers
-
+def test_processors_the_records_cannot_drive_are_refused():
     from packmask.errors import PackmaskError
     from packmask.multimodal.tiny_processor import tiny_tokenizer
 
     with pytest.raises(PackmaskError, match="not a vision-language processor"):
         pack_image_text([{"text": "w3"}], tiny_tokenizer("llava"), 8)
-    image_processor = tiny_processor("gemma3").image_processor
-    tokenizer = tiny_tokenizer("llava")
-    paligemma = transformers.PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    with pytest.raises(PackmaskError, match="prefix and a suffix"):
-        pack_image_text([{"text": "w3"}], paligemma, 8)
+
+
+def test_paligemma_prompt_and_suffix_train_exactly(tmp_path):
+    """PaliGemma: the record's text is the prompt (prefix: images + prompt, seeing each other), its
+    ``suffix`` the answer (scored, causal); packed, written, read back and trained exactly per sample."""
+    model, processor = tiny_vlm("paligemma"), tiny_processor("paligemma")
+    recs = [{"text": "w5 w6", "suffix": "w7 w8", "images": [encoded(20, 24, 0)]},
+            {"text": "<image> w9", "suffix": "w3 w4 w5 w6", "images": [encoded(16, 16, 1)]},
+            {"text": "w5", "suffix": "w7", "images": [encoded(30, 16, 2)]}]
+    pack_image_text(recs, processor, 48).to_parquet(str(tmp_path / "p.parquet"))
+    rows = load_packed_image_text(tmp_path / "p.parquet", processor)
+    read = [rows[i] for i in range(len(rows))]
+    assert sorted(len(r) for r in read) == [1, 2]
+    from PIL import Image
+
+    for record in recs:  # each sample is the processor's own output for its prompt and suffix
+        ref = processor(text=[record["text"]], images=[Image.open(io.BytesIO(record["images"][0]))],
+                        suffix=[record["suffix"]], return_tensors="pt", return_mm_token_type_ids=True)
+        sample = by_text_label(read, ref)
+        for key in ("input_ids", "token_type_ids", "mm_token_type_ids", "pixel_values"):
+            assert torch.equal(sample[key], ref[key]), key
+        answer = processor.tokenizer(record["suffix"])["input_ids"] + [processor.tokenizer.eos_token_id]
+        assert sample["input_ids"][0][sample["labels"][0] != -100].tolist() == answer  # the answer only
+    result = compare_packed(model, read, control=True)
+    assert result["logits"] <= TOL and result["loss"] <= TOL and result["grad"] <= TOL, result
+    assert result["control"] > 1e-2, result
+
+    cases = {"suffix": {"text": "w5", "images": [encoded(16, 16, 0)]},  # field named -> record
+             "messages": {"messages": [{"role": "user", "content": "w5"}], "suffix": "w7", "images": []}}
+    for field, record in cases.items():
+        with pytest.raises(RecordProblem) as info:
+            pack_image_text([record], processor, 48)
+        assert info.value.field == field and "record 0" in str(info.value), str(info.value)
+    with pytest.raises(Exception, match="no 'suffixes' column"):
+        PackedImageText(pack_image_text([{"text": "w3 w4"}], tiny_processor("llava"), 8), processor)
+
+
+@pytest.mark.parametrize("form", ["strict signature", "kwargs that refuse it"])
+def test_a_processor_without_return_mm_token_type_ids_packs_the_same(tmp_path, form):
+    """A processor whose call does not take ``return_mm_token_type_ids`` (a strict signature, or ``**kwargs``
+    that raise on it) is called without it: the same rows as the processor that takes it, read back alike."""
+    processor = tiny_processor("gemma3")
+    base = type(processor)
+
+    class Strict(base):
+        def __call__(self, images=None, text=None, return_tensors=None, **rest):
+            if form == "strict signature" and rest:
+                raise AssertionError(f"called with {sorted(rest)}")
+            if rest:
+                raise TypeError(f"__call__() got an unexpected keyword argument {next(iter(rest))!r}")
+            return base.__call__(self, images=images, text=text, return_tensors=return_tensors)
+
+    if form == "strict signature":
+        Strict.__call__.__signature__ = inspect.signature(lambda self, images=None, text=None, return_tensors=None: 0)
+    strict = tiny_processor("gemma3")
+    strict.__class__ = Strict  # this one test object only
+    recs = records(tmp_path, "gemma3")
+    want = pack_image_text(recs, processor, 40, base_dir=tmp_path)
+    got = pack_image_text(recs, strict, 40, base_dir=tmp_path)
+    assert got.to_dict() == want.to_dict()
+    for a, b in zip(PackedImageText(got, strict)[0], PackedImageText(want, processor)[0]):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_num_proc_packs_the_same_rows_and_reports_the_same_records(tmp_path):
+    """``num_proc=2`` (three chunks of records over two worker processes) packs the same rows as one process and
+    reports the same bad records, by index, in order."""
+    processor = tiny_processor("gemma3")
+    recs = [records(tmp_path, "gemma3")[i % 5] for i in range(150)]
+    recs[70] = {"text": "w5", "images": [7]}
+    recs[140] = {"text": None}
+    found = {}
+    for procs in (1, 2):
+        problems = []
+        packed = pack_image_text(recs, processor, 40, base_dir=tmp_path, num_proc=procs,
+                                 on_problem=lambda i, p: problems.append((i, p.field, str(p))))
+        found[procs] = (packed.to_dict(), problems)
+    assert found[1] == found[2]
+    assert [p[:2] for p in found[1][1]] == [(70, "images[0]"), (140, "text")]
+    assert len(found[1][0]["input_ids"]) >= 2
+    with pytest.raises(RecordProblem, match="record 70: field 'images"):
+        pack_image_text(recs, processor, 40, base_dir=tmp_path, num_proc=2)

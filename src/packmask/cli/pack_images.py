@@ -22,7 +22,7 @@ from .inputs import load_input, looks_like_a_model_name, suffix_of
 from .output import AtomicOutputs, write_packed
 from .report import input_table, print_warning
 
-__all__ = ["pack_image_report", "resolve_processor"]
+__all__ = ["pack_image_report", "resolve_processor", "load_processor"]
 
 _PROCESSOR_FIX = ("pass --processor a folder written by processor.save_pretrained, or a model name already "
                   "downloaded (hf download NAME)")
@@ -91,45 +91,9 @@ def _images_by_place(path: Path, name: str) -> dict:
     return found
 
 
-_WORKER: dict = {}  # a --num-proc worker's processor and options (set once per worker process)
-
-
-def _start_worker(spec: str, options: dict) -> None:
-    _WORKER["processor"] = resolve_processor(spec)[0]
-    _WORKER["options"] = options
-
-
-def _process_chunk(records: list) -> list:
-    """Records through the processor: ``("ok", sample)`` or ``("bad", problem, fix)`` each, in order."""
-    from ..multimodal.records import RecordProblem, process_record
-
-    results = []
-    for record in records:
-        try:
-            results.append(("ok", process_record(record, _WORKER["processor"], **_WORKER["options"])))
-        except RecordProblem as problem:
-            results.append(("bad", problem.problem, problem.fix))
-    return results
-
-
-def _results(records, args, processor, options):
-    """Each record's result, in order: in this process, or in ``--num-proc`` worker processes (chunks of
-    64 records, each worker loading ``--processor`` once)."""
-    chunks = [records[i:i + 64] for i in range(0, len(records), 64)]
-    if args.num_proc <= 1 or len(chunks) <= 1:
-        _WORKER.update(processor=processor, options=options)
-        for chunk in chunks:
-            yield from _process_chunk(chunk)
-        return
-    from concurrent.futures import ProcessPoolExecutor
-
-    executor = ProcessPoolExecutor(max_workers=args.num_proc, initializer=_start_worker,
-                                   initargs=(args.processor, options))
-    try:
-        for results in executor.map(_process_chunk, chunks):
-            yield from results
-    finally:  # a bad record stops the command: the chunks not started are dropped
-        executor.shutdown(wait=True, cancel_futures=True)
+def load_processor(spec: str):
+    """The processor of ``--processor spec`` (what each ``--num-proc`` worker loads once)."""
+    return resolve_processor(spec)[0]
 
 
 def _process(loaded, processor, args, base_dir, console, images_by_place=None) -> tuple[list, list]:
@@ -138,7 +102,12 @@ def _process(loaded, processor, args, base_dir, console, images_by_place=None) -
 
     fld, bad = loaded.field, loaded.bad
     places = bad.kept_places or [f"row {i}" for i in range(loaded.table.num_rows)]
-    columns = [fld.name] + ([args.images_column] if args.images_column in loaded.table.column_names else [])
+    from ..multimodal.parallel import process_records
+    from ..multimodal.records import takes_suffix
+
+    present = loaded.table.column_names
+    columns = [fld.name] + [c for c in (args.images_column, "suffix") if c in present
+                            and (c != "suffix" or takes_suffix(processor))]  # PaliGemma's answer: "suffix"
     records = loaded.table.select(columns).to_pylist()
     if images_by_place is not None:
         for record, place in zip(records, places):
@@ -149,12 +118,14 @@ def _process(loaded, processor, args, base_dir, console, images_by_place=None) -
     with Progress(TextColumn("processing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task("process", total=len(records))
-        for result, place in zip(_results(records, args, processor, options), places):
+        results = process_records(records, processor, options, args.num_proc, load=load_processor,
+                                  source=args.processor)  # chunks of 64 records; each worker loads --processor once
+        for result, place in zip(results, places):
             if result[0] == "ok":
                 samples.append(result[1])
                 kept.append(place)
             else:
-                bad.add(place, result[1], "type", fix=result[2])
+                bad.add(place, result[2], "type", fix=result[3])
             progress.advance(task)
     return samples, kept
 

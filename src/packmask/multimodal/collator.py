@@ -190,9 +190,11 @@ class MultimodalCollator:
         batch = {}
         pads = dict(input_ids=self.pad_token_id, labels=-100, token_type_ids=0, mm_token_type_ids=0)
         for key in present:
-            filled = torch.full((len(rows), N), pads[key], dtype=samples[0][key].dtype)
-            for b, row in enumerate(rows):
-                filled[b, :sum(lengths[b])] = torch.cat([s[key][0].cpu() for s in row])
+            filled = torch.full((len(rows), N), pads[key], dtype=next(s[key] for s in samples if key in s).dtype)
+            for b, row in enumerate(rows):  # a sample without type ids (text only, Idefics3) is all text: 0
+                filled[b, :sum(lengths[b])] = torch.cat([s[key][0].cpu() if key in s else
+                                                         torch.zeros(n, dtype=filled.dtype)
+                                                         for s, n in zip(row, lengths[b])])
             batch[key] = filled
         if with_labels:  # logits[t] predict labels[t + 1]: no sample learns to predict the next one's first token
             batch["labels"] = batch["labels"].masked_fill(starts, -100)

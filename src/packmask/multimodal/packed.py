@@ -14,6 +14,7 @@ seq_lengths       tokens of each sample (sums to the row length), as text packin
 image_counts      images of each sample
 images            the row's images, in reading order, as their **encoded bytes** (PNG, JPEG, ...)
 texts             each sample's text as given to the processor (chat: the rendered template)
+suffixes          PaliGemma: each sample's answer (the processor's ``suffix=``), beside its prompt
 ================  =========================================================================
 
 Images are stored encoded, not as pixel tensors: one Qwen2.5-VL image of 1,024 tokens is ~19 MB of
@@ -48,7 +49,8 @@ from typing import Callable, Iterable
 import numpy as np
 
 from ..errors import PackmaskError
-from .records import RecordProblem, check_processor, open_image, process_record, processor_call
+from .parallel import process_records
+from .records import RecordProblem, check_processor, open_image, processor_call, takes_suffix
 
 __all__ = ["pack_image_text", "pack_processed", "PackedImageText", "load_packed_image_text", "IMAGE_TEXT_COLUMNS"]
 
@@ -87,12 +89,14 @@ def pack_processed(samples: list[dict], max_length: int, *, strategy: str = "bfd
             for key in ("input_ids", "labels")}
     columns = {key: rows(flat[key], per_row_tokens) for key in flat}
     if type_key is not None:
-        columns[type_key] = rows(pa.array([t for i in order for t in samples[i]["token_types"]], pa.int64()),
-                                 per_row_tokens)
+        types = [t for i in order for t in samples[i].get("token_types", [0] * len(samples[i]["input_ids"]))]
+        columns[type_key] = rows(pa.array(types, pa.int64()), per_row_tokens)  # none returned (text only): 0
     columns["seq_lengths"] = rows(pa.array(per_sample.astype(np.int32)), samples_per_row)
     columns["image_counts"] = rows(pa.array(image_counts, pa.int32()), samples_per_row)
     columns["images"] = rows(pa.array([d for i in order for d in samples[i]["images"]], pa.binary()), images_per_row)
     columns["texts"] = rows(pa.array([samples[i]["text"] for i in order], pa.string()), samples_per_row)
+    if any("suffix" in s for s in samples):  # PaliGemma: each sample's answer, given to the processor apart
+        columns["suffixes"] = rows(pa.array([samples[i].get("suffix") for i in order], pa.string()), samples_per_row)
     from datasets import Dataset
 
     return Dataset(_in_memory(pa.table(columns))), assignment.stats
@@ -106,8 +110,10 @@ def _in_memory(table):
 
 def pack_image_text(records: Iterable[dict], processor, max_length: int, *, strategy: str = "bfd",
                     overflow: str = "error", text_field: str = "text", messages_field: str = "messages",
-                    images_field: str = "images", base_dir=".", train_on: str = "assistant",
-                    on_problem: Callable[[int, RecordProblem], None] | None = None, return_stats: bool = False):
+                    images_field: str = "images", suffix_field: str = "suffix", base_dir=".",
+                    train_on: str = "assistant",
+                    on_problem: Callable[[int, RecordProblem], None] | None = None, return_stats: bool = False,
+                    num_proc: int = 1):
     """Pack image-text records through ``processor`` into rows of at most ``max_length`` tokens.
 
     Args:
@@ -119,27 +125,34 @@ def pack_image_text(records: Iterable[dict], processor, max_length: int, *, stra
         overflow: ``"error"`` or ``"drop"`` for a sample longer than ``max_length``.
         base_dir: folder that relative image paths are read from.
         train_on: conversations: ``"assistant"`` (labels on assistant turns) or ``"all"``.
+        suffix_field: PaliGemma (a processor taking ``suffix=``): the answer, scored; ``text_field``
+            holds the prompt (prefix).
         on_problem: ``on_problem(index, problem)`` for a bad record, which is then skipped; ``None``
             (default) raises the :class:`~packmask.multimodal.records.RecordProblem`, with
             ``record <index>:`` in front.
+        num_proc: worker processes for the processor calls (chunks of 64 records, as ``packmask pack
+            --num-proc``; :mod:`packmask.multimodal.parallel`); the rows are the same for any number.
 
     Returns:
         The packed ``datasets.Dataset`` (columns in the module docstring); with ``return_stats``,
         ``(dataset, PackingStats)``. Read it for training with :class:`PackedImageText`.
     """
     check_processor(processor)
+    def with_field(record):  # each record with its field: text, or a conversation
+        chat = record.get(text_field) is None and messages_field in record
+        return record, dict(field=messages_field, kind="chat") if chat else dict(field=text_field, kind="text")
+
+    items = map(with_field, records)  # lazily: num_proc=1 holds one chunk of records at a time
+    options = dict(images_field=images_field, base_dir=base_dir, train_on=train_on, suffix_field=suffix_field)
     samples, type_key = [], None
-    for index, record in enumerate(records):
-        kind, field = ("chat", messages_field) if record.get(text_field) is None and messages_field in record \
-            else ("text", text_field)
-        try:
-            sample = process_record(record, processor, field=field, kind=kind, images_field=images_field,
-                                    base_dir=base_dir, train_on=train_on)
-        except RecordProblem as problem:
+    for index, result in enumerate(process_records(items, processor, options, num_proc)):
+        if result[0] == "bad":
+            problem = RecordProblem(*result[1:])
             if on_problem is None:
-                raise RecordProblem(problem.field, f"record {index}: {problem.problem}", problem.fix) from None
+                raise RecordProblem(problem.field, f"record {index}: {problem.problem}", problem.fix)
             on_problem(index, problem)
             continue
+        sample = result[1]
         type_key = sample.get("token_type_key", type_key)
         samples.append(sample)
     if not samples:
@@ -169,6 +182,9 @@ class PackedImageText:
         if missing:
             raise PackmaskError(f"this dataset lacks {missing}: it was not written by packmask pack --processor / "
                                 f"pack_image_text; pack the image-text records with it first.")
+        if takes_suffix(processor) and "suffixes" not in dataset.column_names:
+            raise PackmaskError(f"{type(processor).__name__} trains on a prompt and a suffix, but this dataset has no "
+                                f"'suffixes' column: pack the records with this processor (pack_image_text).")
         self.dataset = dataset.with_format(None)
         self.processor = processor
 
@@ -180,10 +196,11 @@ class PackedImageText:
 
         row = self.dataset[int(index)]
         samples, token_start, image_start = [], 0, 0
+        suffixes = row.get("suffixes") or [None] * len(row["texts"])
         for k, (n, count, text) in enumerate(zip(row["seq_lengths"], row["image_counts"], row["texts"])):
             pil = [open_image(data, f"images[{image_start + i}]")
                    for i, data in enumerate(row["images"][image_start:image_start + count])]
-            out = processor_call(self.processor, text, pil, "texts")
+            out = processor_call(self.processor, text, pil, "texts", suffixes[k])
             ids = row["input_ids"][token_start:token_start + n]
             if out["input_ids"][0].tolist() != ids:
                 raise PackmaskError(

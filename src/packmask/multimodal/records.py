@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import inspect
 import io
 from pathlib import Path
 
 from ..errors import PackmaskError
 
 __all__ = ["RecordProblem", "image_bytes", "open_image", "record_images", "process_record", "processor_call",
-           "check_processor", "IMAGE_FIX", "TRAIN_ON"]
+           "check_processor", "takes_suffix", "IMAGE_FIX", "TRAIN_ON"]
 
 IMAGE_FIX = 'give a path, bytes, or {"bytes": ...} like datasets\' Image feature'
 TRAIN_ON = ("assistant", "all")
@@ -53,16 +54,38 @@ class RecordProblem(PackmaskError):
 
 
 def check_processor(processor) -> None:
-    """Refuse a processor these records cannot drive: none with an image processor, or PaliGemma's, which
-    trains on a prefix (image + prompt, bidirectional) and a ``suffix=`` argument that plain records lack
-    (its text alone would be all prefix: every token seeing every other, labels meaningless)."""
+    """Refuse a processor these records cannot drive: none with an image processor."""
     if getattr(processor, "image_processor", None) is None or not callable(processor):
         raise PackmaskError(f"{type(processor).__name__} is not a vision-language processor (no image_processor): "
                             f"give the model's AutoProcessor, or pack text with a tokenizer instead.")
-    if type(processor).__name__.startswith("PaliGemma"):
-        raise PackmaskError("PaliGemma samples are a prefix and a suffix (processor(text=prompt, images=..., "
-                            "suffix=answer)), which image-text records do not give: process them yourself and pack "
-                            "them with MultimodalCollator / pack_samples.")
+
+
+def _call_takes(processor, name: str) -> bool:
+    """Whether ``processor(...)`` takes keyword ``name`` (named, or through ``**kwargs``): by feature, not version."""
+    try:
+        params = inspect.signature(processor.__call__).parameters
+    except (TypeError, ValueError):  # no signature to read: assume the common form, ``**kwargs``
+        return True
+    return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
+def takes_suffix(processor) -> bool:
+    """Whether ``processor`` trains on a prompt and its answer given apart (``suffix=``, PaliGemma): a
+    sample is a prefix (images + prompt, which see each other) and a suffix (scored, causal), told apart
+    by its ``token_type_ids`` (0 prefix, 1 suffix). Read by feature: a named parameter of the call, or
+    a key of the text options its ``**kwargs`` declare (``valid_processor_kwargs``, as older versions do).
+
+    >>> from packmask.multimodal.tiny_processor import tiny_processor
+    >>> takes_suffix(tiny_processor("paligemma")), takes_suffix(tiny_processor("gemma3"))
+    (True, False)
+    """
+    try:
+        if "suffix" in inspect.signature(processor.__call__).parameters:
+            return True
+    except (TypeError, ValueError):
+        pass
+    options = getattr(getattr(processor, "valid_processor_kwargs", None), "__annotations__", {})
+    return "suffix" in getattr(options.get("text_kwargs"), "__annotations__", {})
 
 
 def _kind(value) -> str:
@@ -151,16 +174,21 @@ def record_images(value, name: str, base_dir) -> list[bytes]:
     return found
 
 
-def processor_call(processor, text: str, images: list, field: str) -> dict:
-    """``processor(text=[text], images=...)`` for ONE sample as tensors, with its token-type ids
-    (``return_mm_token_type_ids``: the Qwen families' positions need them); a refusal is a :class:`RecordProblem`."""
-    try:
+def processor_call(processor, text: str, images: list, field: str, suffix: str | None = None) -> dict:
+    """``processor(text=[text], images=...)`` for ONE sample as tensors (``suffix=[suffix]`` where
+    given), with its token-type ids where the processor takes ``return_mm_token_type_ids`` (the Qwen
+    families' positions need them); a refusal is a :class:`RecordProblem`."""
+    kwargs = dict(text=[text], images=images or None, return_tensors="pt")
+    if suffix is not None:
+        kwargs["suffix"] = [suffix]
+    option = dict(return_mm_token_type_ids=True) if _call_takes(processor, "return_mm_token_type_ids") else {}
+    try:  # a strict signature predating the option: without it; **kwargs that refuse it: again without it
         try:
-            out = processor(text=[text], images=images or None, return_tensors="pt", return_mm_token_type_ids=True)
-        except TypeError as error:  # a processor that predates the option
-            if "return_mm_token_type_ids" not in str(error):
+            out = processor(**kwargs, **option)
+        except TypeError as error:
+            if not option or "return_mm_token_type_ids" not in str(error):
                 raise
-            out = processor(text=[text], images=images or None, return_tensors="pt")
+            out = processor(**kwargs)
     except (ValueError, TypeError, KeyError, IndexError, OSError) as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise RecordProblem(field, f"the processor rejected field {field!r} with its images ({first})",
@@ -188,14 +216,14 @@ def _count_placeholders(processor, text: str, n_images: int, field: str, images_
                              f"write one {token} in the text per image, in order") + ", or make the image list match")
 
 
-def _image_token_mask(processor, out: dict):
+def _image_token_mask(processor, out: dict, type_keys=_TYPE_KEYS):
     """Tokens of images (and videos): type ids != 0 where the processor returns them, and the
     processor's ``image_token_id``."""
     import torch
 
     ids = out["input_ids"][0]
     mask = torch.zeros_like(ids, dtype=torch.bool)
-    for key in _TYPE_KEYS:
+    for key in type_keys:
         if key in out:
             mask |= out[key][0] != 0
     token_id = getattr(processor, "image_token_id", None)
@@ -244,17 +272,41 @@ def _without_null_keys(messages):
             else m for m in messages]
 
 
+def _suffix_of(record: dict, kind: str, field: str, suffix_field: str, processor) -> str:
+    name = type(processor).__name__
+    if kind == "chat":
+        raise RecordProblem(field, f"field {field!r} is a conversation, but {name} trains on a prompt and its answer "
+                                   f"apart", f'give {{"text": prompt, "{suffix_field}": answer, "images": [...]}}')
+    suffix = record.get(suffix_field)
+    if not isinstance(suffix, str):
+        what = "missing" if suffix is None else f"{_kind(suffix)}, not text"
+        raise RecordProblem(suffix_field, f"field {suffix_field!r} is {what}: {name} scores the answer given as "
+                                          f"{suffix_field!r}, after the prompt in 'text'",
+                            f'give every record "{suffix_field}": the answer to train on')
+    return suffix
+
+
 def process_record(record: dict, processor, *, field: str, kind: str, images_field: str = "images",
-                   base_dir=".", train_on: str = "assistant") -> dict:
+                   base_dir=".", train_on: str = "assistant", suffix_field: str = "suffix") -> dict:
     """One record as a stored sample: ``input_ids``, ``labels``, the type ids (``mm_token_type_ids`` or
     ``token_type_ids``, as the processor names them), ``images`` (encoded bytes, in order) and ``text``
     (what the processor was given, to run it again when training).
 
     ``kind``: ``"text"`` (``record[field]`` is text, every text token scored) or ``"chat"``
     (``record[field]`` is messages; ``train_on="assistant"`` scores the assistant turns only).
+
+    A processor that takes ``suffix=`` (PaliGemma, :func:`takes_suffix`) gets ``record[field]`` as the
+    prompt and ``record[suffix_field]`` as the answer: labels on the answer only (``token_type_ids``
+    1), the sample keeps its ``suffix``; images without placeholders go first, PaliGemma's layout::
+
+        {"text": "w5 w6", "suffix": "w7 w8", "images": ["a.png"]}
+        input_ids       <image> x16  <s> w5 w6 | w7 w8 </s>
+        token_type_ids  0 x16        0   0  0  | 1  1  1       (prefix: bidirectional; suffix: causal)
+        labels          -100 x16  -100 -100 -100 | w7 w8 </s>
     """
     images = record_images(record.get(images_field), images_field, base_dir)
     value = record.get(field)
+    suffix = _suffix_of(record, kind, field, suffix_field, processor) if takes_suffix(processor) else None
     if kind == "chat":
         if not getattr(processor, "chat_template", None):  # every record would fail: one error, never skipped
             raise PackmaskError(f"{type(processor).__name__} has no chat template, so conversations ({field!r}) cannot "
@@ -266,16 +318,27 @@ def process_record(record: dict, processor, *, field: str, kind: str, images_fie
     else:
         raise RecordProblem(field, f"field {field!r} is {_kind(value) if value is not None else 'null'}, not text",
                             "give every record its text")
+    token = getattr(processor, "image_token", None)
+    if suffix is not None and images and token and token not in text:
+        text = token * len(images) + text  # what PaliGemma's processor does itself (with a warning per call)
     _count_placeholders(processor, text, len(images), field, images_field)
     pil = [open_image(data, f"{images_field}[{i}]") for i, data in enumerate(images)]
-    out = processor_call(processor, text, pil, field)
+    out = processor_call(processor, text, pil, field, suffix)
     ids = out["input_ids"][0].tolist()
     labels = out["input_ids"][0].clone()
-    if kind == "chat" and train_on == "assistant":
+    type_keys = _TYPE_KEYS if suffix is None else ("mm_token_type_ids",)  # PaliGemma's token_type_ids: the suffix
+    if suffix is not None:
+        if "token_type_ids" not in out:
+            raise PackmaskError(f"{type(processor).__name__} returned no token_type_ids with suffix=, so the answer "
+                                f"cannot be told from the prompt: use a processor that returns them.")
+        labels[out["token_type_ids"][0] == 0] = -100
+    elif kind == "chat" and train_on == "assistant":
         labels[~_assistant_mask(processor, value, pil, ids, field, text)] = -100
-    labels[_image_token_mask(processor, out)] = -100
+    labels[_image_token_mask(processor, out, type_keys)] = -100
     sample = {"input_ids": ids, "labels": labels.tolist(), "images": images, "text": text}
-    for key in _TYPE_KEYS:
+    if suffix is not None:
+        sample["suffix"] = suffix
+    for key in type_keys:
         if key in out:
             sample["token_types"] = out[key][0].tolist()
             sample["token_type_key"] = key
