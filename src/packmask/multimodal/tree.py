@@ -50,7 +50,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..data.spans import lengths_from_offsets, positions_from_lengths
+from ..data.spans import lengths_from_offsets, offsets_from_lengths, positions_from_lengths
 from ..data.tree import Forest, pack_forest
 from ..data.tree_collator import BRANCH_KEYS, collate_forest, segment_starts
 from ..errors import PackmaskError, UnsupportedModelError
@@ -224,8 +224,9 @@ class MultimodalTreeCollator:
             if self.rope_index is not None:
                 ropes += self._rope_rows(prompt, branches, e)
         flat_ids = np.concatenate([np.asarray(s, np.int64) for s in segments])
+        lengths = [len(s) for s in segments]
         # pack a forest of token indices: each packed token says where it came from (ids, types, mRoPE rows)
-        index = Forest.from_segments(np.split(np.arange(flat_ids.shape[0]), np.cumsum([len(s) for s in segments])[:-1]),
+        index = Forest.from_segments(np.split(np.arange(flat_ids.shape[0]), offsets_from_lengths(lengths)[1:-1]),
                                      parents, example, kind, [k != 0 for k in kind])
         sizes = index.example_sizes()[1]
         row_length = self.row_length if self.row_length is not None else int(sizes.sum())
@@ -237,7 +238,6 @@ class MultimodalTreeCollator:
         R, N = batch["input_ids"].shape
         flat = np.repeat(np.arange(R), packed.row_lengths()) * N + positions_from_lengths(packed.row_lengths())
         starts = torch.from_numpy(segment_starts(packed, N))
-        lengths = [len(s) for s in segments]
         for key in sorted({k for p in prompts for k in p if k in _TYPE_KEYS}):
             per_segment, prompt_iter = [], iter(prompts)
             for k, n in zip(kind, lengths):  # a prompt's own types; answers: the family's answer type

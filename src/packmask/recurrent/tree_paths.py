@@ -92,8 +92,8 @@ def tree_paths(layout: TreeLayout) -> TreePaths:
     path_of_segment = torch.arange(len(leaves), device=start.device)[:, None].expand_as(chains)[chains >= 0]
     segments_on_paths = chains[chains >= 0]
     tokens = span_indices(start[segments_on_paths], length[segments_on_paths])
-    path_of_token = torch.repeat_interleave(path_of_segment, length[segments_on_paths])
-    path_lengths = torch.bincount(path_of_token, minlength=len(leaves))
+    path_lengths = torch.zeros(len(leaves), dtype=torch.long, device=start.device).index_add_(
+        0, path_of_segment, length[segments_on_paths].long())  # summed per segment, not per token
     # every token takes its output from the first path that holds it: its first slot in ``tokens``
     slot = torch.arange(tokens.numel(), device=start.device)
     source = torch.full((layout.batch_size * layout.seq_len,), tokens.numel(), dtype=torch.long, device=start.device)
