@@ -84,6 +84,19 @@ def is_vlm_tree_dataset(dataset) -> bool:
     return isinstance(first, dict) and "input_ids" in first and any(k in first for k in ANSWER_KEYS)
 
 
+def _as_tensor(value):
+    """A prompt field as a tensor: a dataset read without ``with_format("torch")`` (or one TRL extended with
+    precomputed reference log-probs, which drops the format) gives nested lists and numpy arrays."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    if isinstance(value, (list, tuple)):
+        try:
+            return torch.tensor(value)
+        except (TypeError, ValueError):
+            return value  # not numbers: the checks below name the field
+    return value
+
+
 def _token_list(value, where: str) -> list[int]:
     if isinstance(value, torch.Tensor):
         if value.dim() == 2 and value.shape[0] == 1:
@@ -151,7 +164,7 @@ class MultimodalTreeCollator:
 
     # ---- one example ----------------------------------------------------------------------
     def _prompt(self, example: dict, e: int) -> tuple[dict, list[int]]:
-        prompt = {k: v for k, v in example.items() if k not in ANSWER_KEYS and k not in TREE_BOOKKEEPING
+        prompt = {k: _as_tensor(v) for k, v in example.items() if k not in ANSWER_KEYS and k not in TREE_BOOKKEEPING
                   and k != "labels"}
         ids = prompt.get("input_ids")
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:

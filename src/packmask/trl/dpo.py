@@ -155,6 +155,10 @@ class PackedDPOTrainer(DPOTrainer):
                                 "TRL) are not packed; process each prompt with its images first and train on those "
                                 "examples (docs/preference.md, 'Vision-language models'), or use trl.DPOTrainer.")
         vlm = train_dataset is not None and is_vlm_tree_dataset(train_dataset)
+        if vlm and getattr(args, "max_length", None) is not None and getattr(args, "truncation_mode", None) == "keep_end":
+            raise PackmaskError("PackedDPOTrainer: truncation_mode='keep_end' would cut a vision-language prompt "
+                                "(its image tokens) as TRL refuses too; MultimodalTreeCollator cuts answers at their "
+                                "end: use truncation_mode='keep_start' or max_length=None.")
         if vlm and data_collator is None:  # processed vision-language examples: the prompt + images once per tree
             if isinstance(model, str):
                 raise PackmaskError("PackedDPOTrainer: vision-language examples need data_collator="
