@@ -31,7 +31,7 @@ every token once. Paths of similar length share one right-padded call (:mod:`.ba
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -60,17 +60,22 @@ class TreePaths:
     tokens: torch.Tensor
     offsets: torch.Tensor
     source: torch.Tensor
+    group_indices: dict = field(default_factory=dict, repr=False)  # group_index's results, by (members, length)
 
     def group_index(self, members, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(index [G, L], valid [G, L])`` of paths ``members`` right-padded to ``length`` (padding
-        slots repeat the path's last token; :func:`.batched.gather_tokens` zeroes them)."""
-        device = self.tokens.device
-        members_t = torch.tensor(members, device=device)
-        lengths = self.offsets[members_t + 1] - self.offsets[members_t]
-        slot = torch.arange(length, device=device)
-        valid = slot[None, :] < lengths[:, None]
-        index = self.tokens[self.offsets[members_t][:, None] + torch.minimum(slot[None, :], lengths[:, None] - 1)]
-        return index, valid
+        slots repeat the path's last token; :func:`.batched.gather_tokens` zeroes them). Built once
+        per forward (the plan is cached on the layout), not once per mixer layer."""
+        key = (tuple(members), length)
+        if key not in self.group_indices:
+            device = self.tokens.device
+            members_t = torch.tensor(members, device=device)
+            lengths = self.offsets[members_t + 1] - self.offsets[members_t]
+            slot = torch.arange(length, device=device)
+            valid = slot[None, :] < lengths[:, None]
+            index = self.tokens[self.offsets[members_t][:, None] + torch.minimum(slot[None, :], lengths[:, None] - 1)]
+            self.group_indices[key] = (index, valid)
+        return self.group_indices[key]
 
     def join(self, outputs: list) -> torch.Tensor:
         """Per-path outputs ``[1, path length, ...]`` -> ``[1, B * N, ...]``: each token's output
