@@ -151,6 +151,7 @@ class MixerForward(SegmentedForward):
         self._plan = None
 
     def plan(self):
+        """:func:`kernel_plan` of this mixer, computed on first use (the kernels a process has do not change)."""
         if self._plan is None:
             self._plan = kernel_plan(self.module)
         return self._plan
