@@ -165,6 +165,23 @@ def step(model, batches):
     return time.perf_counter() - t, total
 
 
+#: answer tokens whose logits the exactness check compares (a [K, vocab] float tensor per method)
+CHECKED_TOKENS = 512
+
+
+def answer_logits(model, batches, k=CHECKED_TOKENS):
+    """Float CPU logits predicting the first ``k`` answer tokens (every method lists them in the same order:
+    example by example, answer by answer), forward only."""
+    out = []
+    with torch.no_grad():
+        for kwargs, ids, parent, answer in batches:
+            b, t = torch.nonzero(answer, as_tuple=True)
+            out.append(model(**kwargs, use_cache=False).logits[b, parent[b, t]][:k].float().cpu())
+            if sum(len(o) for o in out) >= k:
+                break
+    return torch.cat(out)[:k]
+
+
 def run_model(name, args, failures):
     tiny = args.tiny or DEV == "cpu"
     dtype = torch.bfloat16 if DEV == "cuda" else torch.float32
@@ -173,7 +190,7 @@ def run_model(name, args, failures):
     config = model_config(name, tiny, vocab)
     exs = examples(args.shape, tiny, row_len, nrows, vocab, torch.Generator().manual_seed(0))
     tol = 1e-4 if dtype == torch.float32 else 5e-2
-    results, losses = [], {}
+    results, losses, logits = [], {}, {}
     for method in args.methods:
         res = dict(model=name, method=method)
         results.append(res)
@@ -187,6 +204,7 @@ def run_model(name, args, failures):
             res.update(first_s=first, step_s=warm, examples_per_s=len(exs) / warm, loss=losses[method],
                        row_tokens=sum(b[1].numel() for b in batches),
                        peak_gib=torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else None)
+            logits[method] = answer_logits(model, batches)
             del model
         except Exception as error:  # noqa: BLE001 - reported and failing, never hidden
             res["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
@@ -194,13 +212,33 @@ def run_model(name, args, failures):
             traceback.print_exc()
         if DEV == "cuda":
             torch.cuda.empty_cache()
-    ref = losses.get("duplicated")
+    ref, ref_logits = losses.get("duplicated"), logits.get("duplicated")
     for r in results:
         if ref is not None and "loss" in r:
             r["loss_rel_err"] = abs(r["loss"] - ref) / abs(ref)
             if r["loss_rel_err"] > tol:
                 failures.append(f"{name}/{r['method']}: loss differs from the duplicated rows "
                                 f"({r['loss_rel_err']:.1e})")
+        if ref_logits is not None and r["method"] in logits:
+            # logits, not only the summed loss: a random-init model's loss is ~log(vocab) per token whatever
+            # the context, so the loss alone could not see a branch that continues its sibling's state
+            r["logits_rel_err"] = ((logits[r["method"]] - ref_logits).norm() / ref_logits.norm()).item()
+            if r["logits_rel_err"] > tol:
+                failures.append(f"{name}/{r['method']}: answer logits differ from the duplicated rows "
+                                f"({r['logits_rel_err']:.1e})")
+    if ref_logits is not None and "tree" in logits:  # control: the tree rows as plain causal rows (no tree mask)
+        try:
+            model = build(config, "sdpa", dtype)
+            plain = [(dict(input_ids=kw["input_ids"]), ids, parent, answer)
+                     for kw, ids, parent, answer in batches_for("tree", exs, row_len)]
+            control = ((answer_logits(model, plain) - ref_logits).norm() / ref_logits.norm()).item()
+            del model
+            results.append(dict(model=name, method="control_plain_causal", logits_rel_err=control))
+            if control <= tol:
+                failures.append(f"{name}: control (tree rows without the tree mask) differs by only {control:.1e}: "
+                                f"the check is blind")
+        except Exception as error:  # noqa: BLE001 - reported and failing, never hidden
+            failures.append(f"{name}/control: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
     by = {r["method"]: r for r in results if "step_s" in r}
     for r in by.values():
         r["vs_duplicated"] = by["duplicated"]["step_s"] / r["step_s"] if "duplicated" in by else None
@@ -213,7 +251,7 @@ def run_model(name, args, failures):
 
 def table(records):
     lines = [f"{'model':<11} {'shape':<5} {'method':<11} {'ex/s':>9} {'vs dup':>7} {'vs pad':>7} {'warm s':>8} "
-             f"{'first s':>8} {'peak GiB':>8} {'row tok':>8} {'loss err':>9}  note"]
+             f"{'first s':>8} {'peak GiB':>8} {'row tok':>8} {'loss err':>9} {'logit err':>9}  note"]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for rec in records:
         for r in rec["results"]:
@@ -221,7 +259,8 @@ def table(records):
                          f"{fmt(r.get('examples_per_s'), '9.2f')} {fmt(r.get('vs_duplicated'), '7.2f')} "
                          f"{fmt(r.get('vs_padding'), '7.2f')} {fmt(r.get('step_s'), '8.3f')} "
                          f"{fmt(r.get('first_s'), '8.3f')} {fmt(r.get('peak_gib'), '8.2f')} "
-                         f"{fmt(r.get('row_tokens'), '8d')} {fmt(r.get('loss_rel_err'), '9.1e')}  {r.get('error', '')}")
+                         f"{fmt(r.get('row_tokens'), '8d')} {fmt(r.get('loss_rel_err'), '9.1e')} "
+                         f"{fmt(r.get('logits_rel_err'), '9.1e')}  {r.get('error', '')}")
     return "\n".join(lines)
 
 

@@ -84,6 +84,12 @@ def answer_logps(logits, spans, answers):
     return torch.stack(sums)
 
 
+def scoring_logits(logits, spans, answers):
+    """``[T, V]`` float CPU logits predicting every answer token, path after path (the tree's branch order)."""
+    return torch.cat([logits[b, start + P - 1:start + P - 1 + len(answer)]
+                      for (b, start, P), answer in zip(spans, answers)]).float().cpu()
+
+
 def dpo_loss(sums, ref_sums, beta=0.1):
     E = sums.shape[0] // 2
     return -F.logsigmoid(beta * ((sums[:E] - ref_sums[:E]) - (sums[E:] - ref_sums[E:]))).mean()
@@ -208,10 +214,30 @@ def main(argv=None):
         results[name] = dict(first_call_s=first, warm_step_s=warm, examples_per_s=len(examples) / warm,
                              peak_memory_gib=peak / 2 ** 30, slots=tokens[name])
     varlen_vision(model, enable=False)
-    model.set_attn_implementation("packmask")
-    with torch.no_grad():  # the control: answers that see their siblings
-        wrong = control_batch(tree, "siblings")
-        control = packmask.branch_logps(model(**model_inputs(wrong)).logits, wrong).sums.float().cpu()
+    try:
+        with torch.no_grad():  # logits predicting every answer token: each path alone, the tree, the control
+            model.set_attn_implementation("sdpa")
+            alone = scoring_logits(model(**padded).logits, pad_spans, answers)
+            model.set_attn_implementation("packmask")
+            tree_logits = model(**model_inputs(tree)).logits
+            tree_logits = tree_logits.reshape(-1, tree_logits.shape[-1])[tree["logp_source"]].float().cpu()
+            wrong = control_batch(tree, "siblings")  # the control: answers that see their siblings
+            control = model(**model_inputs(wrong)).logits
+            control = control.reshape(-1, control.shape[-1])[wrong["logp_source"]].float().cpu()
+    except torch.cuda.OutOfMemoryError as error:
+        failures.append(f"logits check: out of memory ({str(error).splitlines()[0]})")
+    else:
+        # logits, not log-prob sums: a random-init model's log-probs are all about -log(vocab), so their sums
+        # barely move when an answer sees its siblings, and a check on them could not tell
+        err = ((tree_logits - alone).norm() / alone.norm()).item()
+        results.setdefault("tree", {})["logits_rel_err_vs_alone"] = err
+        if err > tol:
+            failures.append(f"tree: logits of the answer tokens differ from each path alone by {err:.2e}")
+        control_err = ((control - alone).norm() / alone.norm()).item()
+        results["control_siblings_rel_err"] = control_err
+        if control_err <= tol:
+            failures.append(f"control: answers seeing their siblings differ by only {control_err:.2e}: the check is "
+                            f"blind")
     ref = sums.get("padded_sdpa")
     if ref is not None:
         scale = ref.abs().mean()  # sums of O(100) log-probs: errors relative to their size
@@ -221,10 +247,6 @@ def main(argv=None):
                 results[name]["logp_sums_rel_err_vs_alone"] = err
                 if err > tol:
                     failures.append(f"{name}: per-answer log-prob sums differ from each path alone by {err:.2e}")
-        control_err = ((control - ref).abs().max() / scale).item()
-        results["control_siblings_rel_err"] = control_err
-        if control_err <= tol:
-            failures.append(f"control: answers seeing their siblings differ by only {control_err:.2e}: the check is blind")
     base = results.get("padded_sdpa", {}).get("examples_per_s")
     dupr = results.get("dup_packed", {}).get("examples_per_s")
     print(f"\n{'method':<14}{'examples/s':>12}{'x padded':>10}{'x dup':>8}{'warm s':>9}{'first s':>9}{'peak GiB':>10}"
@@ -238,7 +260,8 @@ def main(argv=None):
         print(f"{name:<14}{eps:>12.2f}{eps / base if base else float('nan'):>10.2f}"
               f"{eps / dupr if dupr else float('nan'):>8.2f}{r['warm_step_s']:>9.3f}{r['first_call_s']:>9.3f}"
               f"{r['peak_memory_gib']:>10.2f}{r['slots']:>9}{r.get('logp_sums_rel_err_vs_alone', float('nan')):>10.1e}")
-    print(f"control (answers see their siblings) rel err {results.get('control_siblings_rel_err', float('nan')):.1e}")
+    print(f"answer logits rel err vs each path alone: tree {results.get('tree', {}).get('logits_rel_err_vs_alone', float('nan')):.1e}, "
+          f"control (answers see their siblings) {results.get('control_siblings_rel_err', float('nan')):.1e}")
     env = dict(script="benchmarks/vlm_preference.py",
                device=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                torch=torch.__version__, transformers=transformers.__version__, packmask=packmask.__version__,

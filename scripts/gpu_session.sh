@@ -61,8 +61,11 @@ for m in ("cudnn", "datasets", "trl", "fla"): print(m, "importable" if u.find_sp
     hybrid-fast)  # issue 24: the varlen fast path. fla-core takes cu_seqlens; the per-instance kernel functions
         # it swaps need transformers >= 5.25 with kernels >= 0.19.1 (the image has 5.17), both carried in
         # .whl/fast; fla apart in .whl/fla, since once importable transformers routes every method to it
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-fast .whl/fast/*.whl
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-fla .whl/fla/*.whl
+        # a missing or broken wheel folder is a failed step (the steps below would then test the image's versions)
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-fast .whl/fast/*.whl \
+            || failed+=("hybrid-fast/install .whl/fast")
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-fla .whl/fla/*.whl \
+            || failed+=("hybrid-fast/install .whl/fla")
         fast="/tmp/site-fast:$PYTHONPATH" fla="/tmp/site-fast:/tmp/site-fla:$PYTHONPATH"
         step hybrid-fast cuda 200 env PYTHONPATH="$fla" python3 -m pytest -q -p no:cacheprovider -m cuda -rs \
             tests/recurrent/test_recurrent_varlen_cuda.py --junitxml="$OUT/hybrid-fast/cuda.xml"

@@ -165,3 +165,29 @@ def test_tree_rows_never_take_the_varlen_path(settings, monkeypatch):
     assert len(reached) > 0
     configure(path="generic")
     assert torch.equal(tree, model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits)
+
+
+def test_forced_varlen_refuses_tree_rows(settings):
+    """``configure(path="varlen")`` is a promise that the kernels run: a tree row (which they cannot
+    express) raises instead of quietly taking the per-path route. Control: path="auto" runs it."""
+    model = tiny_model("qwen3_5_text")
+    ids = torch.randint(3, 100, (1, 9))
+    mask, pos = packmask.tree_mask_from_segments([[(0, 3, -1), (3, 2, 0), (5, 4, 0)]], 9)
+    configure(path="varlen")
+    with pytest.raises(packmask.PackmaskError, match="shared-prefix tree rows.*path='auto'"):
+        model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
+    configure(path="auto")
+    assert model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.shape == (1, 9, 128)
+
+
+def test_describe_paths_reads_the_models_dtype(settings, monkeypatch):
+    """describe_paths without dtype= says what a forward of the model would do: a float64 model's mixers
+    cannot take the kernels. Control: the same model asked about float32 gets the varlen path."""
+    import packmask.recurrent.varlen as varlen
+
+    monkeypatch.setattr(varlen, "kernels_available", lambda package: True)  # as if fla imported
+    configure(cpu_kernels=True)
+    model = tiny_model("qwen3_5_text").double()
+    assert [i["path"] for i in describe_paths(model, dtype=torch.float32).values()] == ["varlen"]
+    info = list(describe_paths(model).values())
+    assert [i["path"] for i in info] == ["generic"] and "float64" in info[0]["why"], info

@@ -4,6 +4,8 @@ on each prompt+answer path run alone (policy and reference), fp32 CPU; a control
 siblings) differs; a training run steps."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -35,9 +37,10 @@ def _model(family, seed=0):
 def _args(tmp_path, **extra):
     from trl import DPOConfig
 
+    extra = {"max_length": None, **extra}
     return DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=3, learning_rate=0.1, optim="sgd",
                      report_to=[], use_cpu=True, save_strategy="no", bf16=False, gradient_checkpointing=False,
-                     loss_type=["sigmoid"], beta=BETA, seed=0, max_length=None, dataloader_num_workers=0,
+                     loss_type=["sigmoid"], beta=BETA, seed=0, dataloader_num_workers=0,
                      disable_tqdm=True, remove_unused_columns=False, **extra)
 
 
@@ -197,3 +200,39 @@ def test_packed_dpo_vlm_matches_trl_dpo_trainer(tmp_path):
     weights = lambda m: {n: p.detach() for n, p in m.named_parameters()}  # noqa: E731
     assert grad_rel_err(weights(model), weights(trl_model))[0] < 1e-5   # (floored like gradients: zero-init norms)
     assert grad_rel_err(weights(model), weights(tiny_vlm("gemma3")))[0] > 1e-3  # training moved them
+
+
+def test_packed_dpo_vlm_precomputed_reference_and_plain_lists(tmp_path):
+    """precompute_ref_log_probs=True (TRL adds the columns, which drops the dataset's torch format: the
+    collator then reads nested lists) gives the loss of the reference run on the fly; so does a dataset
+    stored without with_format("torch"). Control: the reference differs from the policy (loss != ln 2)."""
+    from datasets import Dataset
+
+    from packmask.trl import PackedDPOTrainer
+
+    examples = random_preference_examples(_model("qwen2_5_vl"), 3)
+    losses = []
+    for extra, data in (({}, _dataset(examples)), ({"precompute_ref_log_probs": True}, _dataset(examples)),
+                        ({}, Dataset.from_list(examples))):
+        trainer = PackedDPOTrainer(model=_model("qwen2_5_vl"), ref_model=_model("qwen2_5_vl", seed=1),
+                                   args=_args(tmp_path, max_steps=1, logging_steps=1, **extra), train_dataset=data,
+                                   processing_class=tiny_tokenizer())
+        trainer.train()
+        losses.append(next(h["loss"] for h in trainer.state.log_history if "loss" in h))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5) and losses[2] == pytest.approx(losses[0], rel=1e-5), losses
+    assert abs(losses[0] - math.log(2)) > 1e-4
+
+
+def test_packed_dpo_vlm_refuses_keep_end(tmp_path):
+    """TRL refuses keep_end on vision-language data (it would cut the prompt's image tokens); so does
+    PackedDPOTrainer, whose tree collator only cuts answers at their end. Control: keep_start is taken."""
+    from packmask.trl import PackedDPOTrainer
+
+    model = _model("qwen2_5_vl")
+    data = _dataset(random_preference_examples(model, 2))
+    with pytest.raises(PackmaskError, match="keep_end"):
+        PackedDPOTrainer(model=model, ref_model=_model("qwen2_5_vl", seed=1), train_dataset=data,
+                         args=_args(tmp_path, max_length=64, truncation_mode="keep_end"),
+                         processing_class=tiny_tokenizer())
+    PackedDPOTrainer(model=model, ref_model=_model("qwen2_5_vl", seed=1), train_dataset=data,
+                     args=_args(tmp_path, max_length=64, truncation_mode="keep_start"), processing_class=tiny_tokenizer())

@@ -50,7 +50,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..data.spans import lengths_from_offsets, positions_from_lengths
+from ..data.spans import lengths_from_offsets, offsets_from_lengths, positions_from_lengths
 from ..data.tree import Forest, pack_forest
 from ..data.tree_collator import BRANCH_KEYS, collate_forest, segment_starts
 from ..errors import PackmaskError, UnsupportedModelError
@@ -82,6 +82,19 @@ def is_vlm_tree_dataset(dataset) -> bool:
     except (StopIteration, TypeError):
         return False
     return isinstance(first, dict) and "input_ids" in first and any(k in first for k in ANSWER_KEYS)
+
+
+def _as_tensor(value):
+    """A prompt field as a tensor: a dataset read without ``with_format("torch")`` (or one TRL extended with
+    precomputed reference log-probs, which drops the format) gives nested lists and numpy arrays."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    if isinstance(value, (list, tuple)):
+        try:
+            return torch.tensor(value)
+        except (TypeError, ValueError):
+            return value  # not numbers: the checks below name the field
+    return value
 
 
 def _token_list(value, where: str) -> list[int]:
@@ -151,7 +164,7 @@ class MultimodalTreeCollator:
 
     # ---- one example ----------------------------------------------------------------------
     def _prompt(self, example: dict, e: int) -> tuple[dict, list[int]]:
-        prompt = {k: v for k, v in example.items() if k not in ANSWER_KEYS and k not in TREE_BOOKKEEPING
+        prompt = {k: _as_tensor(v) for k, v in example.items() if k not in ANSWER_KEYS and k not in TREE_BOOKKEEPING
                   and k != "labels"}
         ids = prompt.get("input_ids")
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
@@ -224,8 +237,9 @@ class MultimodalTreeCollator:
             if self.rope_index is not None:
                 ropes += self._rope_rows(prompt, branches, e)
         flat_ids = np.concatenate([np.asarray(s, np.int64) for s in segments])
+        lengths = [len(s) for s in segments]
         # pack a forest of token indices: each packed token says where it came from (ids, types, mRoPE rows)
-        index = Forest.from_segments(np.split(np.arange(flat_ids.shape[0]), np.cumsum([len(s) for s in segments])[:-1]),
+        index = Forest.from_segments(np.split(np.arange(flat_ids.shape[0]), offsets_from_lengths(lengths)[1:-1]),
                                      parents, example, kind, [k != 0 for k in kind])
         sizes = index.example_sizes()[1]
         row_length = self.row_length if self.row_length is not None else int(sizes.sum())
@@ -237,7 +251,6 @@ class MultimodalTreeCollator:
         R, N = batch["input_ids"].shape
         flat = np.repeat(np.arange(R), packed.row_lengths()) * N + positions_from_lengths(packed.row_lengths())
         starts = torch.from_numpy(segment_starts(packed, N))
-        lengths = [len(s) for s in segments]
         for key in sorted({k for p in prompts for k in p if k in _TYPE_KEYS}):
             per_segment, prompt_iter = [], iter(prompts)
             for k, n in zip(kind, lengths):  # a prompt's own types; answers: the family's answer type

@@ -128,11 +128,13 @@ def ensure_installed(model) -> None:
         install(model)
 
 
-def describe_paths(model, *, device=None, dtype=torch.float32) -> dict:
+def describe_paths(model, *, device=None, dtype=None) -> dict:
     """``{mixer name: {"path": ..., "why": ...}}`` for every mixer of ``model`` (installs packmask's
-    mixers when needed) on tensors of ``device`` / ``dtype`` (default: the model's)."""
+    mixers when needed) on tensors of ``device`` / ``dtype`` (default: the model's parameters')."""
     install(model)
-    device = device if device is not None else next(model.parameters()).device
+    parameter = next(model.parameters())
+    device = device if device is not None else parameter.device
+    dtype = dtype if dtype is not None else parameter.dtype
     out = {}
     for module in model.modules():
         wrapper = module.__dict__.get("forward")

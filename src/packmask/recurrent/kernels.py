@@ -84,6 +84,7 @@ class Boundaries:
 
     @classmethod
     def of(cls, layout) -> "Boundaries":
+        """The boundaries of ``layout``, built by the first mixer of a forward and reused by the others."""
         memo = layout._memo
         if "varlen_boundaries" not in memo:
             memo["varlen_boundaries"] = cls(layout)
@@ -102,6 +103,7 @@ class Boundaries:
         return x.reshape(1, self.batch_size * self.seq_len, *x.shape[2:])
 
     def unflat(self, x: torch.Tensor) -> torch.Tensor:
+        """``[1, B * N, ...]`` -> ``[B, N, ...]`` (the kernel's output back in the layer's shape)."""
         return x.reshape(self.batch_size, self.seq_len, *x.shape[2:])
 
 

@@ -98,7 +98,10 @@ class _Group:
         self.B, self.N, self.length = layout.batch_size, layout.seq_len, length
         self.index, self.valid = (group_index(layout, spans, members, length) if paths is None else
                                   paths.group_index(members, length))  # a tree: its root-to-leaf paths
-        self.row_index = torch.tensor([spans[i][0] for i in members], device=self.index.device)
+        key = ("group_rows", tuple(members))  # once per forward (the layout's memo), not once per mixer layer
+        if key not in layout._memo:
+            layout._memo[key] = torch.tensor([spans[i][0] for i in members], device=self.index.device)
+        self.row_index = layout._memo[key]
 
     def tokens(self, value, name):
         return gather_tokens(value, self.index, self.valid, self.B, self.N, continue_positions=name == "position_ids")

@@ -31,7 +31,7 @@ every token once. Paths of similar length share one right-padded call (:mod:`.ba
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -60,17 +60,22 @@ class TreePaths:
     tokens: torch.Tensor
     offsets: torch.Tensor
     source: torch.Tensor
+    group_indices: dict = field(default_factory=dict, repr=False)  # group_index's results, by (members, length)
 
     def group_index(self, members, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(index [G, L], valid [G, L])`` of paths ``members`` right-padded to ``length`` (padding
-        slots repeat the path's last token; :func:`.batched.gather_tokens` zeroes them)."""
-        device = self.tokens.device
-        members_t = torch.tensor(members, device=device)
-        lengths = self.offsets[members_t + 1] - self.offsets[members_t]
-        slot = torch.arange(length, device=device)
-        valid = slot[None, :] < lengths[:, None]
-        index = self.tokens[self.offsets[members_t][:, None] + torch.minimum(slot[None, :], lengths[:, None] - 1)]
-        return index, valid
+        slots repeat the path's last token; :func:`.batched.gather_tokens` zeroes them). Built once
+        per forward (the plan is cached on the layout), not once per mixer layer."""
+        key = (tuple(members), length)
+        if key not in self.group_indices:
+            device = self.tokens.device
+            members_t = torch.tensor(members, device=device)
+            lengths = self.offsets[members_t + 1] - self.offsets[members_t]
+            slot = torch.arange(length, device=device)
+            valid = slot[None, :] < lengths[:, None]
+            index = self.tokens[self.offsets[members_t][:, None] + torch.minimum(slot[None, :], lengths[:, None] - 1)]
+            self.group_indices[key] = (index, valid)
+        return self.group_indices[key]
 
     def join(self, outputs: list) -> torch.Tensor:
         """Per-path outputs ``[1, path length, ...]`` -> ``[1, B * N, ...]``: each token's output
@@ -92,8 +97,8 @@ def tree_paths(layout: TreeLayout) -> TreePaths:
     path_of_segment = torch.arange(len(leaves), device=start.device)[:, None].expand_as(chains)[chains >= 0]
     segments_on_paths = chains[chains >= 0]
     tokens = span_indices(start[segments_on_paths], length[segments_on_paths])
-    path_of_token = torch.repeat_interleave(path_of_segment, length[segments_on_paths])
-    path_lengths = torch.bincount(path_of_token, minlength=len(leaves))
+    path_lengths = torch.zeros(len(leaves), dtype=torch.long, device=start.device).index_add_(
+        0, path_of_segment, length[segments_on_paths].long())  # summed per segment, not per token
     # every token takes its output from the first path that holds it: its first slot in ``tokens``
     slot = torch.arange(tokens.numel(), device=start.device)
     source = torch.full((layout.batch_size * layout.seq_len,), tokens.numel(), dtype=torch.long, device=start.device)

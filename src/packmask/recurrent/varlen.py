@@ -151,6 +151,7 @@ class MixerForward(SegmentedForward):
         self._plan = None
 
     def plan(self):
+        """:func:`kernel_plan` of this mixer, computed on first use (the kernels a process has do not change)."""
         if self._plan is None:
             self._plan = kernel_plan(self.module)
         return self._plan
@@ -163,8 +164,12 @@ class MixerForward(SegmentedForward):
         where = f"the recurrent layer {self.name} ({self.module_class})"
         # a shared-prefix tree is no set of documents: a branch starts from its prompt's state, which the
         # kernels' cu_seqlens / seq_idx cannot say; trees take the per-path generic route (tree_paths)
-        if (hidden is not None and not isinstance(layout, TreeLayout)
-                and choose_path(self.plan(), hidden, where) == "varlen"):
+        if isinstance(layout, TreeLayout):
+            if SETTINGS["path"] == "varlen":
+                raise PackmaskError(f"the recurrent path 'varlen' cannot run {where} on shared-prefix tree rows: a "
+                                    f"branch starts from its prompt's state, which the kernels' boundaries cannot "
+                                    f"say. Use packmask.recurrent.configure(path='auto') (trees then run per path).")
+        elif hidden is not None and choose_path(self.plan(), hidden, where) == "varlen":
             return self._varlen(layout, args, kwargs)
         return self._per_sequence(layout, args, kwargs)
 

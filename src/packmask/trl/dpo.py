@@ -33,16 +33,15 @@ from trl.trainer.utils import use_adapter
 
 from ..data.logps import branch_logps
 from ..data.tree import Forest, pack_forest
-from ..data.tree_collator import BRANCH_KEYS, collate_forest
+from ..data.tree_collator import collate_forest
 from ..errors import PackmaskError
-from ..multimodal.tree import MultimodalTreeCollator, is_vlm_tree_dataset
+from ..multimodal.tree import TREE_BOOKKEEPING, MultimodalTreeCollator, is_vlm_tree_dataset
 from .dpo_losses import SUPPORTED_DPO_LOSSES, dpo_per_sequence_loss, f_divergence_scores
 from .model_init import packmask_model_init_kwargs
 
 __all__ = ["PackedDPOTrainer", "PackedPreferenceCollator"]
 
-_NON_MODEL = set(BRANCH_KEYS) | {"ref_chosen_logps", "ref_rejected_logps", "num_examples", "branch_tokens",
-                                 "unpacked_tokens"}
+_NON_MODEL = frozenset(TREE_BOOKKEEPING)  # a tree batch's bookkeeping (text or vision-language): not model arguments
 
 
 def _truncate(prompt: list, answer: list, max_length: int | None, mode: str) -> tuple[list, list]:
@@ -155,6 +154,10 @@ class PackedDPOTrainer(DPOTrainer):
                                 "TRL) are not packed; process each prompt with its images first and train on those "
                                 "examples (docs/preference.md, 'Vision-language models'), or use trl.DPOTrainer.")
         vlm = train_dataset is not None and is_vlm_tree_dataset(train_dataset)
+        if vlm and getattr(args, "max_length", None) is not None and getattr(args, "truncation_mode", None) == "keep_end":
+            raise PackmaskError("PackedDPOTrainer: truncation_mode='keep_end' would cut a vision-language prompt "
+                                "(its image tokens) as TRL refuses too; MultimodalTreeCollator cuts answers at their "
+                                "end: use truncation_mode='keep_start' or max_length=None.")
         if vlm and data_collator is None:  # processed vision-language examples: the prompt + images once per tree
             if isinstance(model, str):
                 raise PackmaskError("PackedDPOTrainer: vision-language examples need data_collator="
