@@ -6,6 +6,9 @@ computed G times. This subclass overrides the one method those passes go through
 ``_get_per_token_logps_and_entropies``: consecutive rows with the same prompt become one tree (the
 prompt once, each completion a branch), packed into rows, and the per-token log-probs (and entropies)
 are scattered back into TRL's ``[B, logits_to_keep]`` layout. Generation, rewards and the loss are TRL's.
+A completion masked out whole (``mask_truncated_completions=True`` on a truncated one) is left out of the
+trees and scored 0, as TRL's fused head scores every masked position; the rest of its chunk stays on trees.
+With ``cast_lm_head_to_fp32=True`` the LM head runs in fp32 outside autocast, as in TRL's fused head.
 
 Vision-language rows (``pixel_values``, ``image_grid_thw``, token types, ...) become
 :class:`~packmask.multimodal.tree.MultimodalTreeCollator` trees: the prompt, its image tokens and its
@@ -24,6 +27,8 @@ Recipe::
 """
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
+
 import numpy as np
 import torch
 from trl import GRPOTrainer
@@ -38,32 +43,46 @@ from ..multimodal.tree import MultimodalTreeCollator, model_inputs
 from .grpo_vlm import TOKEN_TYPE_KWARGS, VISION_KWARGS, completion_groups, vision_rows
 from .model_init import packmask_model_init_kwargs
 
-__all__ = ["PackedGRPOTrainer", "group_rows"]
+__all__ = ["PackedGRPOTrainer", "group_rows", "rows_scattered", "lm_head_in_fp32"]
 
 _MULTIMODAL = VISION_KWARGS + TOKEN_TYPE_KWARGS
 
 
 def group_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int, row_length: int | None = None,
                pad_token_id: int = 0):
-    """TRL's padded ``[prompt | completion]`` rows -> a packed tree batch, or ``None`` when the rows do
-    not have that form (a completion mask that is not a prefix, an empty prompt or completion).
+    """TRL's padded ``[prompt | completion]`` rows -> ``(batch, rows)``: a packed tree batch of the rows
+    with a completion and those rows' indices (the branches in turn; ``batch`` is ``None`` when no row has
+    one), or ``None`` when the rows do not have that form (a completion mask that is not a prefix, an empty
+    prompt). Rows ``i`` and ``j`` share a tree when their prompts (tokens and padding) are identical and no
+    row between them has another prompt. A row whose completion is masked out whole
+    (``mask_truncated_completions``) is no branch; TRL scores it 0 everywhere::
 
-    Rows ``i`` and ``i + 1`` share a tree when their prompts (tokens and padding) are identical.
+        row 0   pad p0 p1   c0 c1 pad      ->  tree: p0 p1 ┬ c0 c1      rows [0, 2]
+        row 1   pad p0 p1   d0 d1 d2 (masked)           └ e0
+        row 2   pad p0 p1   e0 pad pad
+
+    >>> ids = torch.tensor([[0, 5, 6, 7, 8, 0], [0, 5, 6, 9, 9, 9], [0, 5, 6, 4, 0, 0]])
+    >>> mask = torch.tensor([[0, 1, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0], [0, 1, 1, 1, 0, 0]])
+    >>> batch, rows = group_rows(ids, mask, 3)
+    >>> batch["input_ids"].tolist(), rows.tolist()
+    ([[5, 6, 7, 8, 4]], [0, 2])
     """
     K = logits_to_keep
     ids = input_ids.detach().cpu().numpy()
     mask = attention_mask.detach().cpu().numpy().astype(bool)
-    p_ids, p_mask = ids[:, :-K], mask[:, :-K]
-    c_ids, c_mask = ids[:, -K:], mask[:, -K:]
-    c_len = c_mask.sum(1)
-    p_len = p_mask.sum(1)
-    if not np.array_equal(c_mask, np.arange(K)[None] < c_len[:, None]):
+    c_len = mask[:, -K:].sum(1)
+    p_len = mask[:, :-K].sum(1)
+    if not np.array_equal(mask[:, -K:], np.arange(K)[None] < c_len[:, None]):
         return None   # completion tokens are not a prefix of the completion block
-    if not np.array_equal(p_mask, np.arange(p_mask.shape[1])[None] >= (p_mask.shape[1] - p_len)[:, None]):
+    if not np.array_equal(mask[:, :-K], np.arange(ids.shape[1] - K)[None] >= (ids.shape[1] - K - p_len)[:, None]):
         return None   # prompt is not left-padded
-    if (c_len == 0).any() or (p_len == 0).any():
+    if (p_len == 0).any():
         return None
-    B = ids.shape[0]
+    rows = np.flatnonzero(c_len > 0)   # a completion masked out whole is scored by nobody
+    if rows.size == 0:
+        return None, torch.as_tensor(rows, device=input_ids.device)
+    ids, mask, c_len, p_len = ids[rows], mask[rows], c_len[rows], p_len[rows]
+    p_ids, p_mask, c_ids, c_mask = ids[:, :-K], mask[:, :-K], ids[:, -K:], mask[:, -K:]
     new_group = run_starts(np.concatenate([p_ids, p_mask], 1))   # a new prompt (tokens or padding) starts a tree
     firsts = np.flatnonzero(new_group)
     sizes = run_lengths(new_group)
@@ -73,10 +92,55 @@ def group_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_
     big = int(p_len[firsts].max() + np.add.reduceat(c_len, firsts).max())
     stats = TreePackingStats(max_length=big, overflow="error", truncation_mode="keep_start")
     forest = prompt_branch_forest(np.concatenate([p_vals, c_vals]), p_starts, p_len[firsts], c_starts, c_len, sizes,
-                                  np.ones(B, np.int64), big, "error", "keep_start", stats, "completion")
+                                  np.ones(rows.size, np.int64), big, "error", "keep_start", stats, "completion")
     total = int(forest.tokens.shape[0])
     packed = pack_forest(forest, max(row_length or total, big))
-    return collate_forest(packed, pad_token_id=pad_token_id, device=input_ids.device)
+    batch = collate_forest(packed, pad_token_id=pad_token_id, device=input_ids.device)
+    return batch, torch.as_tensor(rows, device=input_ids.device)
+
+
+def rows_scattered(parts: list, num_rows: int, logits_to_keep: int, compute_entropy: bool):
+    """``(rows, logps, entropies)`` per scored chunk -> TRL's ``[num_rows, logits_to_keep]`` log-probs (and
+    entropies); rows in no chunk (completion masked out whole) get 0, as TRL's fused head gives them.
+
+    >>> lp, ent = rows_scattered([(torch.tensor([0, 2]), torch.ones(2, 2), None)], 3, 2, False)
+    >>> lp.tolist(), ent
+    ([[1.0, 1.0], [0.0, 0.0], [1.0, 1.0]], None)
+    """
+    logps = parts[0][1].new_zeros(num_rows, logits_to_keep)
+    entropies = logps.clone() if compute_entropy else None
+    for rows, lp, ent in parts:
+        rows = torch.as_tensor(rows, device=lp.device)
+        logps = logps.index_put((rows,), lp)
+        entropies = entropies.index_put((rows,), ent) if compute_entropy else None
+    return logps, entropies
+
+
+@contextmanager
+def lm_head_in_fp32(model):
+    """Within the block, ``model``'s output embedding runs outside autocast on fp32 inputs -- what TRL's
+    fused head does with ``cast_lm_head_to_fp32=True`` (TRL has already made its weight fp32). Hooks on
+    that one module of this one instance, removed on exit."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise PackmaskError(f"PackedGRPOTrainer: cast_lm_head_to_fp32=True but {type(model).__name__} has no output "
+                            "embedding; set cast_lm_head_to_fp32=False.")
+    pending = []   # autocast contexts opened by the pre-hook, closed by the forward hook
+
+    def enter(module, args):
+        pending.append(torch.autocast(args[0].device.type, enabled=False))
+        pending[-1].__enter__()
+        return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+    def leave(module, args, output):
+        pending.pop().__exit__(None, None, None)
+
+    handles = [head.register_forward_pre_hook(enter), head.register_forward_hook(leave, always_call=True)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class PackedGRPOTrainer(GRPOTrainer):
@@ -140,7 +204,9 @@ class PackedGRPOTrainer(GRPOTrainer):
     def _branch_logps(self, model, inputs: dict, batch: dict, logits_to_keep: int, compute_entropy: bool):
         """Per-token log-probs (and entropies) of the tree ``batch``, in TRL's ``[B, logits_to_keep]``
         layout; ``inputs``: the model's arguments."""
-        with self.accelerator.autocast():
+        fp32_head = lm_head_in_fp32(self.accelerator.unwrap_model(model)) if self.args.cast_lm_head_to_fp32 \
+            else nullcontext()
+        with self.accelerator.autocast(), fp32_head:
             logits = model(**dict(inputs, use_cache=False, logits_to_keep=batch["logits_to_keep"])).logits
         out = branch_logps(logits, batch, temperature=self.temperature, with_stats=compute_entropy)
         ent = per_branch_padded(out.entropy, batch, logits_to_keep) if compute_entropy else None
@@ -157,35 +223,29 @@ class PackedGRPOTrainer(GRPOTrainer):
 
         if compute_aux_loss:
             return unchanged()
+        parts = []   # (rows, logps, entropies) per scored chunk
         if any(multimodal.get(k) is not None for k in _MULTIMODAL):
             chunks = self._vlm_tree_chunks(model, input_ids, attention_mask, logits_to_keep, batch_size, multimodal)
             if chunks is None:
                 return unchanged()
-            parts = []
             for collator, examples, rows in chunks:   # collated one at a time: one chunk's tree masks in memory
                 if collator is not None:
                     batch = collator(examples)
                     parts.append((rows, *self._branch_logps(model, model_inputs(batch), batch, logits_to_keep,
                                                             compute_entropy)))
-            if not parts:   # every completion masked out
-                return unchanged()
-            logps = parts[0][1].new_zeros(input_ids.shape[0], logits_to_keep)   # empty completions: TRL's zeros
-            entropies = logps.clone() if compute_entropy else None
-            for rows, lp, ent in parts:
-                rows = torch.tensor(rows, device=lp.device)
-                logps = logps.index_put((rows,), lp)
-                entropies = entropies.index_put((rows,), ent) if compute_entropy else None
-            return logps, entropies, None
-        logps, entropies = [], []
-        for start in range(0, input_ids.size(0), batch_size):   # TRL's memory chunks
-            end = min(start + batch_size, input_ids.size(0))
-            batch = group_rows(input_ids[start:end], attention_mask[start:end], logits_to_keep, self.row_length)
-            if batch is None:
-                lp, ent, _ = super()._get_per_token_logps_and_entropies(
-                    model, input_ids[start:end], attention_mask[start:end], logits_to_keep, None, compute_entropy)
-            else:
-                inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
-                lp, ent = self._branch_logps(model, inputs, batch, logits_to_keep, compute_entropy)
-            logps.append(lp)
-            entropies.append(ent)
-        return torch.cat(logps), (torch.cat(entropies) if compute_entropy else None), None
+        else:
+            for start in range(0, input_ids.size(0), batch_size):   # TRL's memory chunks
+                end = min(start + batch_size, input_ids.size(0))
+                grouped = group_rows(input_ids[start:end], attention_mask[start:end], logits_to_keep, self.row_length)
+                if grouped is None:
+                    lp, ent, _ = super()._get_per_token_logps_and_entropies(
+                        model, input_ids[start:end], attention_mask[start:end], logits_to_keep, None, compute_entropy)
+                    parts.append((torch.arange(start, end, device=lp.device), lp, ent))
+                elif grouped[0] is not None:
+                    batch, rows = grouped
+                    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+                    parts.append((rows + start, *self._branch_logps(model, inputs, batch, logits_to_keep,
+                                                                    compute_entropy)))
+        if not parts:   # every completion masked out: TRL's zeros, still connected to the model for backward()
+            return unchanged()
+        return (*rows_scattered(parts, input_ids.shape[0], logits_to_keep, compute_entropy), None)
