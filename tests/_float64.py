@@ -21,7 +21,10 @@ def float64_everywhere(monkeypatch) -> None:
         target = args[0] if args else kwargs.get("dtype")
         return self if self.dtype == torch.float64 and target is torch.float32 else to(self, *args, **kwargs)
     monkeypatch.setattr(torch.Tensor, "to", keep_to)
+    # integer tensors cast with .float() (rotary positions in transformers 5.17) become float64 too, so they
+    # meet float64 buffers such as inv_freq in a float64 product
     monkeypatch.setattr(torch.Tensor, "float", lambda self, *a, **k: self if self.dtype == torch.float64
+                        else to(self, torch.float64) if not self.is_floating_point() and not self.is_complex()
                         else to_float(self, *a, **k))
     monkeypatch.setattr(F, "softmax", lambda x, dim=None, _stacklevel=3, dtype=None: softmax(
         x, dim=dim, dtype=None if x.dtype == torch.float64 else dtype))

@@ -65,10 +65,12 @@ def kernel_plan(module) -> tuple[dict | None, str | None]:
     ``module`` has a varlen version (or only serves a cache) and its package imports here, else
     ``(None, why)``.
 
-    >>> from packmask.testing import tiny_model
-    >>> plan, why = kernel_plan(tiny_model("mamba").backbone.layers[0].mixer)
-    >>> plan, why
-    (None, "its kernel function 'mamba_inner_fn' has no varlen version in packmask")
+    >>> plan, why = kernel_plan(torch.nn.Linear(2, 2))   # a layer transformers gives no kernel functions
+    >>> plan, why.split(";")[0]
+    (None, "transformers gives this layer no per-instance kernel functions (transformers' `kernels` hooks)")
+
+    (Mamba's mixer, on a transformers with per-instance hooks: ``(None, "its kernel function
+    'mamba_inner_fn' has no varlen version in packmask")``.)
     """
     if not kernel_hooks_available(module):
         return None, (f"transformers gives this layer no per-instance kernel functions (transformers' `kernels` "
