@@ -122,7 +122,10 @@ BAD = {  # the bad record (written as line 3), fragments of the error
     "missing image file": ({"text": f"w5 {PH}", "images": ["imgs/nope.png"]},
                            ["in.jsonl, line 3", "'images[0]'", "no such image file", "--image-root"]),
     "corrupt image": ({"text": f"w5 {PH}", "images": ["imgs/broken.png"]},
-                      ["line 3", "'images[0]'", "not an image PIL can read", "re-save"]),
+                      ["line 3", "'images[0]' (file 'imgs/broken.png') is not an image PIL can read", "re-save"]),
+    "not an image": ({"text": f"w5 {PH}", "images": [{"bytes": "aGVsbG8="}]},  # base64 of b"hello"
+                     ["line 3", "'images[0]' (5 bytes given) is not an image PIL can read (cannot identify image "
+                      "file) (fix: re-save"]),
     "count mismatch": ({"text": f"w5 {PH} {PH}", "images": ["imgs/a.png"]},
                        ["line 3", "'images' holds 1 image but field 'text' has 2 image placeholders"]),
     "images not a list": ({"text": f"w5 {PH}", "images": "imgs/a.png"}, ["line 3", "not a list of images"]),
