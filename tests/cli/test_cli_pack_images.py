@@ -250,3 +250,19 @@ def test_num_proc_writes_the_same_rows_and_names_the_same_bad_line(tmp_path, cap
     source = write(tmp_path, many)
     assert_error(run(capsys, "pack", source, "--processor", processor_dir, "--max-length", 64, "-o",
                      tmp_path / "bad.parquet", "--num-proc", 2), "line 131", "2 image placeholders")
+
+
+def test_a_column_of_mixed_kinds_is_kept_by_place_from_the_one_read(tmp_path):
+    """Image values of kinds Arrow cannot hold in one column (a list here, a string there) stay out of the
+    table but come back by place from the same read of the file, for each record to be checked alone."""
+    from types import SimpleNamespace
+
+    from packmask.cli.inputs import load_input
+
+    source = write(tmp_path, [GOOD[0], {"text": "w5", "images": "imgs/a.png"}, {"text": "w3"}, GOOD[2]])
+    args = SimpleNamespace(column="input_ids", text_column="text", messages_column="messages", skip_invalid=False,
+                           split=None)
+    loaded = load_input(source, args, keep_places=True)
+    assert loaded.mixed_columns == ["images"] and "images" not in loaded.table.column_names
+    assert loaded.mixed_values == {"images": {"line 1": ["imgs/a.png"], "line 2": "imgs/a.png", "line 3": None,
+                                              "line 4": ["imgs/b.png", "imgs/a.png"]}}
