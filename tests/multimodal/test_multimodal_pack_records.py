@@ -303,3 +303,10 @@ def test_num_proc_packs_the_same_rows_and_reports_the_same_records(tmp_path):
     assert len(found[1][0]["input_ids"]) >= 2
     with pytest.raises(RecordProblem, match="record 70: field 'images"):
         pack_image_text(recs, processor, 40, base_dir=tmp_path, num_proc=2)
+
+
+def test_an_unknown_tiny_processor_family_is_a_packmask_error():
+    from packmask import PackmaskError
+
+    with pytest.raises(PackmaskError, match=r"no tiny processor for family 'nope': pass one of qwen2_vl, "):
+        tiny_processor("nope")
