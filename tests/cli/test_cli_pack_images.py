@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from packmask.cli.main import main
+from _cli_run import assert_error, run  # tests/cli/_cli_run.py
 
 PH = "<start_of_image>"
 
@@ -21,20 +21,6 @@ def processor_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("processor")
     tiny_processor("gemma3").save_pretrained(folder)
     return folder
-
-
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, [line for line in captured.err.splitlines() if line.strip()]
-
-
-def assert_error(result, *fragments):
-    code, out, err = result
-    assert code == 2, (code, out, err)
-    assert len(err) == 1 and err[0].startswith("error: ") and "fix:" in err[0], err
-    for fragment in fragments:
-        assert fragment in err[0], (fragment, err[0])
 
 
 def png(seed=0, h=16, w=20):
