@@ -4,6 +4,7 @@ hide a wrong result)."""
 import json
 import os
 import sys
+import traceback
 
 
 def write_json(path: str, record: dict) -> None:
@@ -22,3 +23,20 @@ def finish(name: str, record: dict, failures: list[str], out: str | None = None)
     if failures:
         print("FAILED:\n  " + "\n  ".join(failures))
         sys.exit(1)
+
+
+def record_error(result: dict, failures: list[str], label: str, error: BaseException) -> None:
+    """A method that raised: its one-line error into ``result["error"]`` and ``failures`` (``label: error``),
+    the traceback printed; reported and failing, never hidden."""
+    result["error"] = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
+    failures.append(f"{label}: {result['error']}")
+    traceback.print_exc()
+
+
+def chosen_methods(text: str, known) -> list[str]:
+    """The comma-separated ``--methods`` in ``text``, each one of ``known`` (else exit naming them)."""
+    methods = [m for m in text.split(",") if m]
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {known}")
+    return methods

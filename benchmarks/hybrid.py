@@ -48,7 +48,6 @@ import math
 import os
 import sys
 import time
-import traceback
 
 import torch
 import transformers
@@ -56,7 +55,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import packmask  # noqa: E402
-from _report import finish  # noqa: E402
+from _report import chosen_methods, finish, record_error  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 METHODS = ("packmask_varlen", "packmask", "packmask_strict", "padding", "contaminated", "hf_seq_idx")
@@ -262,9 +261,7 @@ def run_model(name, args, failures):
                 packmask.recurrent.configure(**previous)
             del model
         except Exception as error:  # noqa: BLE001 - reported and failing, never hidden
-            res["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-            failures.append(f"{name}/{method}: {res['error']}")
-            traceback.print_exc()
+            record_error(res, failures, f"{name}/{method}", error)
         if DEV == "cuda":
             torch.cuda.empty_cache()
     base = next((r for r in results if r["method"] == "contaminated" and "tokens_per_s" in r), None)
@@ -311,10 +308,7 @@ def main(argv=None):
                     help="time fwd+bwd (default) or the forward only (no_grad)")
     ap.add_argument("--out", default=None, help="folder for hybrid.json (default $OUT)")
     args = ap.parse_args(argv)
-    args.methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in args.methods if m not in METHODS]
-    if unknown:
-        raise SystemExit(f"unknown methods {unknown}; choose from {METHODS}")
+    args.methods = chosen_methods(args.methods, METHODS)
     FORWARD_ONLY["on"] = args.passes == "fwd"
     names = ("qwen35", "nemotron_h") if args.model == "all" else (args.model,)
     failures = []

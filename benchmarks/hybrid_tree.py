@@ -24,7 +24,6 @@ import math
 import os
 import sys
 import time
-import traceback
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +31,7 @@ import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import packmask  # noqa: E402
-from _report import finish  # noqa: E402
+from _report import chosen_methods, finish, record_error  # noqa: E402
 from hybrid import DEV, build, model_config  # noqa: E402
 from packmask.layout_tree import TreeLayout  # noqa: E402
 
@@ -207,9 +206,7 @@ def run_model(name, args, failures):
             logits[method] = answer_logits(model, batches)
             del model
         except Exception as error:  # noqa: BLE001 - reported and failing, never hidden
-            res["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-            failures.append(f"{name}/{method}: {res['error']}")
-            traceback.print_exc()
+            record_error(res, failures, f"{name}/{method}", error)
         if DEV == "cuda":
             torch.cuda.empty_cache()
     ref, ref_logits = losses.get("duplicated"), logits.get("duplicated")
@@ -275,10 +272,7 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="tiny sizes (CPU smoke test)")
     ap.add_argument("--out", default=None, help="folder for hybrid_tree.json (default $OUT)")
     args = ap.parse_args(argv)
-    args.methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in args.methods if m not in METHODS]
-    if unknown:
-        raise SystemExit(f"unknown methods {unknown}; choose from {METHODS}")
+    args.methods = chosen_methods(args.methods, METHODS)
     names = ("qwen35", "nemotron_h") if args.model == "all" else (args.model,)
     failures = []
     records = [run_model(n, args, failures) for n in names]

@@ -106,27 +106,55 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run_method(model, batch, steps, device, keep):
-    """Forward + backward ``steps`` times; returns (first-call seconds, warm step seconds, peak bytes, the
-    first step's logits of the ``keep(logits)`` tokens, on the host). Peak memory is over all steps."""
-    times = []
+def timed_steps(model, step, steps, device, keep=None):
+    """``step()`` (a training step that returns a tensor) ``steps`` times; returns (first-call seconds, warm
+    step seconds, peak bytes, the first step's tensor, through ``keep`` where given, on the host). Peak
+    memory is over all steps. Shared with benchmarks/vlm_preference.py."""
+    times, kept = [], None
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    kept = None
     for i in range(steps):
         model.zero_grad(set_to_none=True)
         sync(device)
         t = time.perf_counter()
-        out = model(**batch)
-        out.loss.backward()
+        out = step()
         sync(device)
         times.append(time.perf_counter() - t)
         if i == 0:
-            kept = keep(out.logits.detach()).float().cpu()
+            kept = (keep(out) if keep is not None else out).float().cpu()
         del out
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else float("nan")
     return times[0], statistics.median(times[1:]) if len(times) > 1 else times[0], peak, kept
+
+
+def run_method(model, batch, steps, device, keep):
+    """Forward + backward ``steps`` times (:func:`timed_steps`), keeping the first step's logits of the
+    ``keep(logits)`` tokens."""
+    def step():
+        out = model(**batch)
+        out.loss.backward()
+        return out.logits.detach()
+
+    return timed_steps(model, step, steps, device, keep)
+
+
+def common_args(p, tokens_per: str, outputs: str) -> None:
+    """The options benchmarks/vlm.py and benchmarks/vlm_preference.py share (``--out``: ``outputs``)."""
+    p.add_argument("--tiny", action="store_true", help="tiny model and rows (CPU smoke test)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--row", type=int, default=None, help=f"tokens per {tokens_per} (default 8192; --tiny: 512)")
+    p.add_argument("--rows", type=int, default=2)
+    p.add_argument("--steps", type=int, default=6, help="timed steps per method, the first reported apart")
+    p.add_argument("--out", default=None, help=f"folder for {outputs} (default: $OUT)")
+
+
+def settings(args):
+    """``(row, dtype, tol, config, generator)`` of the parsed :func:`common_args`."""
+    row = args.row or (512 if args.tiny else 8192)
+    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    return row, dtype, tol, make_config(args.tiny), torch.Generator().manual_seed(0)
 
 
 def per_sample(logits, spans):
@@ -135,18 +163,9 @@ def per_sample(logits, spans):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tiny", action="store_true", help="tiny model and rows (CPU smoke test)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--row", type=int, default=None, help="tokens per row (default 8192; --tiny: 512)")
-    p.add_argument("--rows", type=int, default=2)
-    p.add_argument("--steps", type=int, default=6, help="timed steps per method, the first reported apart")
-    p.add_argument("--out", default=None, help="folder for vlm.json (default: $OUT)")
+    common_args(p, "row", "vlm.json")
     args = p.parse_args(argv)
-    row = args.row or (512 if args.tiny else 8192)
-    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-    tol = 1e-4 if dtype == torch.float32 else 5e-2
-    config = make_config(args.tiny)
-    g = torch.Generator().manual_seed(0)
+    row, dtype, tol, config, g = settings(args)
     pool = make_samples(config, 64, args.tiny, args.device, dtype, g)
     torch.manual_seed(0)
     model = transformers.Qwen2_5_VLForConditionalGeneration(config).to(args.device, dtype).train()

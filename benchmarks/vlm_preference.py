@@ -29,9 +29,7 @@ import argparse
 import datetime
 import math
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +41,7 @@ from packmask.multimodal import MultimodalCollator, MultimodalTreeCollator, varl
 from packmask.multimodal.tree import model_inputs  # noqa: E402
 from packmask.multimodal.tree_verify import control_batch, path_features  # noqa: E402
 from _report import finish  # noqa: E402
-from vlm import make_config, make_samples, sync  # noqa: E402
+from vlm import common_args, make_samples, settings, timed_steps  # noqa: E402
 
 
 def make_examples(config, n, tiny, device, dtype, g, group=None):
@@ -115,40 +113,12 @@ def padded_batch(all_paths, pad_id=0):
     return dict(out, use_cache=False)
 
 
-def run_method(model, step, steps, device):
-    """``steps`` steps (DPO or GRPO) of ``step()`` (returns the policy's per-answer sums); (first s, warm s, peak, sums)."""
-    times, sums = [], None
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    for i in range(steps):
-        model.zero_grad(set_to_none=True)
-        sync(device)
-        t = time.perf_counter()
-        out = step()
-        sync(device)
-        times.append(time.perf_counter() - t)
-        if i == 0:
-            sums = out.float().cpu()
-    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else float("nan")
-    return times[0], statistics.median(times[1:]) if len(times) > 1 else times[0], peak, sums
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tiny", action="store_true", help="tiny model and rows (CPU smoke test)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--row", type=int, default=None, help="tokens per tree row (default 8192; --tiny: 512)")
-    p.add_argument("--rows", type=int, default=2)
-    p.add_argument("--steps", type=int, default=6, help="timed steps per method, the first reported apart")
+    common_args(p, "tree row", "vlm_preference.json / vlm_grpo.json")
     p.add_argument("--group", type=int, default=None, help="GRPO: completions per prompt (e.g. 8); default DPO pairs")
-    p.add_argument("--out", default=None, help="folder for vlm_preference.json / vlm_grpo.json (default: $OUT)")
     args = p.parse_args(argv)
-    row = args.row or (512 if args.tiny else 8192)
-    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-    tol = 1e-4 if dtype == torch.float32 else 5e-2
-    config = make_config(args.tiny)
-    g = torch.Generator().manual_seed(0)
+    row, dtype, tol, config, g = settings(args)
     pool = make_examples(config, 64, args.tiny, args.device, dtype, g, args.group)
     def size(ex):
         answers = ex["completion_ids"] if args.group else (ex["chosen_ids"], ex["rejected_ids"])
@@ -206,7 +176,7 @@ def main(argv=None):
         model.set_attn_implementation(impl)
         varlen_vision(model, enable=impl == "packmask")
         try:
-            first, warm, peak, sums[name] = run_method(model, step, args.steps, args.device)
+            first, warm, peak, sums[name] = timed_steps(model, step, args.steps, args.device)
         except torch.cuda.OutOfMemoryError as error:  # reported as a row, never hidden
             results[name] = dict(error=f"OOM: {str(error).splitlines()[0]}")
             failures.append(f"{name}: out of memory")

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from packmask.cli.main import main
+from _cli_run import assert_error, run  # tests/cli/_cli_run.py
 
 PH = "<start_of_image>"
 
@@ -21,20 +21,6 @@ def processor_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("processor")
     tiny_processor("gemma3").save_pretrained(folder)
     return folder
-
-
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, [line for line in captured.err.splitlines() if line.strip()]
-
-
-def assert_error(result, *fragments):
-    code, out, err = result
-    assert code == 2, (code, out, err)
-    assert len(err) == 1 and err[0].startswith("error: ") and "fix:" in err[0], err
-    for fragment in fragments:
-        assert fragment in err[0], (fragment, err[0])
 
 
 def png(seed=0, h=16, w=20):
@@ -122,7 +108,10 @@ BAD = {  # the bad record (written as line 3), fragments of the error
     "missing image file": ({"text": f"w5 {PH}", "images": ["imgs/nope.png"]},
                            ["in.jsonl, line 3", "'images[0]'", "no such image file", "--image-root"]),
     "corrupt image": ({"text": f"w5 {PH}", "images": ["imgs/broken.png"]},
-                      ["line 3", "'images[0]'", "not an image PIL can read", "re-save"]),
+                      ["line 3", "'images[0]' (file 'imgs/broken.png') is not an image PIL can read", "re-save"]),
+    "not an image": ({"text": f"w5 {PH}", "images": [{"bytes": "aGVsbG8="}]},  # base64 of b"hello"
+                     ["line 3", "'images[0]' (5 bytes given) is not an image PIL can read (cannot identify image "
+                      "file) (fix: re-save"]),
     "count mismatch": ({"text": f"w5 {PH} {PH}", "images": ["imgs/a.png"]},
                        ["line 3", "'images' holds 1 image but field 'text' has 2 image placeholders"]),
     "images not a list": ({"text": f"w5 {PH}", "images": "imgs/a.png"}, ["line 3", "not a list of images"]),
@@ -247,3 +236,19 @@ def test_num_proc_writes_the_same_rows_and_names_the_same_bad_line(tmp_path, cap
     source = write(tmp_path, many)
     assert_error(run(capsys, "pack", source, "--processor", processor_dir, "--max-length", 64, "-o",
                      tmp_path / "bad.parquet", "--num-proc", 2), "line 131", "2 image placeholders")
+
+
+def test_a_column_of_mixed_kinds_is_kept_by_place_from_the_one_read(tmp_path):
+    """Image values of kinds Arrow cannot hold in one column (a list here, a string there) stay out of the
+    table but come back by place from the same read of the file, for each record to be checked alone."""
+    from types import SimpleNamespace
+
+    from packmask.cli.inputs import load_input
+
+    source = write(tmp_path, [GOOD[0], {"text": "w5", "images": "imgs/a.png"}, {"text": "w3"}, GOOD[2]])
+    args = SimpleNamespace(column="input_ids", text_column="text", messages_column="messages", skip_invalid=False,
+                           split=None)
+    loaded = load_input(source, args, keep_places=True)
+    assert loaded.mixed_columns == ["images"] and "images" not in loaded.table.column_names
+    assert loaded.mixed_values == {"images": {"line 1": ["imgs/a.png"], "line 2": "imgs/a.png", "line 3": None,
+                                              "line 4": ["imgs/b.png", "imgs/a.png"]}}

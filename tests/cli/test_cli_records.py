@@ -9,23 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from packmask.cli.main import main
+from _cli_run import assert_error, run  # tests/cli/_cli_run.py
 from packmask.cli.output import AtomicOutputs
-
-
-def run(capsys, *args):
-    """``(exit status, stdout, stderr lines)`` of ``packmask ARGS`` run in this process."""
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, [line for line in captured.err.splitlines() if line.strip()]
-
-
-def assert_error(result, *fragments):
-    code, out, err = result
-    assert code == 2, (code, out, err)
-    assert len(err) == 1 and err[0].startswith("error: ") and "fix:" in err[0], err
-    for fragment in fragments:
-        assert fragment in err[0], (fragment, err[0])
 
 
 GOOD = [{"input_ids": [1, 2, 3], "text": "a"}, {"input_ids": [4, 5], "text": "b"}]

@@ -141,8 +141,10 @@ def corrupt(tmp_path):
 
 BAD = {  # record -> (field named, fragment of the problem)
     "missing file": (lambda p, ph: {"text": f"w5 {ph}", "images": ["nope.png"]}, "images[0]", "no such image file"),
-    "corrupt image": (lambda p, ph: {"text": f"w5 {ph}", "images": [corrupt(p)]}, "images[0]", "not an image PIL"),
-    "not an image": (lambda p, ph: {"text": f"w5 {ph}", "images": [b"hello"]}, "images[0]", "not an image PIL"),
+    "corrupt image": (lambda p, ph: {"text": f"w5 {ph}", "images": [corrupt(p)]}, "images[0]",
+                      "'images[0]' (file 'broken.png') is not an image PIL"),
+    "not an image": (lambda p, ph: {"text": f"w5 {ph}", "images": [b"hello"]}, "images[0]",
+                     "'images[0]' (5 bytes given) is not an image PIL"),
     "too few placeholders": (lambda p, ph: {"text": "w5 w6", "images": [encoded(16, 16, 0)]}, "images",
                              "holds 1 image but field 'text' has 0 image placeholders"),
     "too many placeholders": (lambda p, ph: {"text": f"{ph} w5 {ph}", "images": [encoded(16, 16, 0)]}, "images",
@@ -163,7 +165,7 @@ def test_each_bad_record_names_its_field(tmp_path, case):
     with pytest.raises(RecordProblem) as info:
         process_record(record, processor, field="text", kind="text", base_dir=tmp_path)
     assert info.value.field == field and fragment in info.value.problem, str(info.value)
-    assert "\n" not in str(info.value) and "(fix: " in str(info.value)
+    assert "\n" not in str(info.value) and "(fix: " in str(info.value) and " object at 0x" not in str(info.value)
     skipped = []
     good = {"text": "w3 w4"}
     packed = pack_image_text([good, record], processor, 32, base_dir=tmp_path,
@@ -301,3 +303,10 @@ def test_num_proc_packs_the_same_rows_and_reports_the_same_records(tmp_path):
     assert len(found[1][0]["input_ids"]) >= 2
     with pytest.raises(RecordProblem, match="record 70: field 'images"):
         pack_image_text(recs, processor, 40, base_dir=tmp_path, num_proc=2)
+
+
+def test_an_unknown_tiny_processor_family_is_a_packmask_error():
+    from packmask import PackmaskError
+
+    with pytest.raises(PackmaskError, match=r"no tiny processor for family 'nope': pass one of qwen2_vl, "):
+        tiny_processor("nope")

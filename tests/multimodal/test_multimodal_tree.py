@@ -108,9 +108,9 @@ def test_model_inputs_run_and_refusals():
     with torch.no_grad():
         model(**model_inputs(collator(examples)))
     bad = dict(examples[0], rejected_ids=[IMG, 5])
-    with pytest.raises(PackmaskError, match="image/video tokens"):
-        collator([bad])
-    with pytest.raises(PackmaskError, match="empty"):
+    with pytest.raises(PackmaskError, match="example 1 of the batch, answer 1 holds image/video tokens"):
+        collator([examples[1], bad])
+    with pytest.raises(PackmaskError, match="example 0 of the batch: chosen_ids is empty"):
         collator([dict(examples[0], chosen_ids=[])])
     with pytest.raises(PackmaskError, match="lacks"):
         collator([{k: v for k, v in examples[0].items() if k != "rejected_ids"}])

@@ -17,7 +17,7 @@ from packmask.errors import PackmaskError  # noqa: E402
 from packmask.multimodal.tiny import tiny_vlm  # noqa: E402
 from packmask.multimodal.tree import MultimodalTreeCollator  # noqa: E402
 from packmask.multimodal.tree_verify import control_batch, path_features, random_preference_examples  # noqa: E402
-from packmask.multimodal.verify import grad_rel_err, param_grads  # noqa: E402
+from packmask.multimodal.verify import grad_dict_rel_err, param_grads  # noqa: E402
 from packmask.testing import rel_err  # noqa: E402
 
 from _trl_data import tiny_tokenizer  # noqa: E402  (tests/_trl_data.py)
@@ -94,12 +94,12 @@ def test_packed_dpo_trainer_vlm_loss_and_grads(family, tmp_path):
     model.zero_grad(set_to_none=True)
     loss = trainer.compute_loss(model, batch)
     loss.backward()
-    grad, name = grad_rel_err(param_grads(model), want_grads)
+    grad, name = grad_dict_rel_err(param_grads(model), want_grads)
     assert rel_err(loss.detach(), want_loss) <= 1e-5 and grad <= 1e-5, (float(loss), float(want_loss), grad, name)
     assert any("visual" in n or "vision" in n for n in want_grads)
     model.zero_grad(set_to_none=True)  # the control: answers that see their siblings give other gradients
     trainer.compute_loss(model, control_batch(batch, "siblings")).backward()
-    assert grad_rel_err(param_grads(model), want_grads)[0] > 1e-2
+    assert grad_dict_rel_err(param_grads(model), want_grads)[0] > 1e-2
 
 
 def test_packed_dpo_trainer_vlm_trains(tmp_path):
@@ -198,8 +198,8 @@ def test_packed_dpo_vlm_matches_trl_dpo_trainer(tmp_path):
         for key in ("loss", "logps/chosen", "logps/rejected", "num_tokens"):
             assert a[key] == pytest.approx(b[key], rel=1e-5), (key, a[key], b[key])
     weights = lambda m: {n: p.detach() for n, p in m.named_parameters()}  # noqa: E731
-    assert grad_rel_err(weights(model), weights(trl_model))[0] < 1e-5   # (floored like gradients: zero-init norms)
-    assert grad_rel_err(weights(model), weights(tiny_vlm("gemma3")))[0] > 1e-3  # training moved them
+    assert grad_dict_rel_err(weights(model), weights(trl_model))[0] < 1e-5   # (floored like gradients: zero-init norms)
+    assert grad_dict_rel_err(weights(model), weights(tiny_vlm("gemma3")))[0] > 1e-3  # training moved them
 
 
 def test_packed_dpo_vlm_precomputed_reference_and_plain_lists(tmp_path):

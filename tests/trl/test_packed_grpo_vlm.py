@@ -19,7 +19,7 @@ from packmask.multimodal.tiny import IMG, tiny_vlm  # noqa: E402
 from packmask.multimodal.tiny_processor import tiny_image, tiny_processor  # noqa: E402
 from packmask.multimodal.tree import MultimodalTreeCollator, model_inputs  # noqa: E402
 from packmask.multimodal.tree_verify import control_batch, path_features  # noqa: E402
-from packmask.multimodal.verify import grad_rel_err, param_grads  # noqa: E402
+from packmask.multimodal.verify import grad_dict_rel_err, param_grads  # noqa: E402
 from packmask.testing import rel_err  # noqa: E402
 from packmask.trl.grpo_vlm import completion_groups, vision_rows  # noqa: E402
 
@@ -124,7 +124,7 @@ def test_packed_grpo_vlm_equals_trl(family, tmp_path):
     packed.row_length = None
     loss, grads = _loss_and_grads(packed, packed.model, inputs)
     ref_loss, ref_grads = _loss_and_grads(plain, plain.model, inputs)
-    grad, name = grad_rel_err(grads, ref_grads)
+    grad, name = grad_dict_rel_err(grads, ref_grads)
     assert rel_err(loss, ref_loss) <= 1e-5 and grad <= 1e-5, (float(loss), float(ref_loss), grad, name)
     assert any(("visual" in n or "vision" in n) and g.abs().sum() > 0 for n, g in grads.items())
     # the controls: the same tree rows made wrong on purpose give other gradients (log-probs of a random
@@ -139,7 +139,7 @@ def test_packed_grpo_vlm_equals_trl(family, tmp_path):
         if control is None:
             right = param_grads(packed.model)
         else:
-            assert grad_rel_err(param_grads(packed.model), right)[0] > 1e-2, control
+            assert grad_dict_rel_err(param_grads(packed.model), right)[0] > 1e-2, control
     if family == "qwen2_5_vl":  # and each prompt + completion run alone (eager, the model's own positions)
         _each_alone(plain.model, inputs, ref_lp)
 
@@ -247,6 +247,6 @@ def test_packed_grpo_vlm_trains_like_trl(tmp_path):
     (ours, our_losses), (theirs, their_losses) = runs
     assert len(our_losses) == 2 and our_losses == pytest.approx(their_losses, rel=1e-5, abs=1e-7)
     weights = lambda m: {n: p.detach() for n, p in m.named_parameters()}  # noqa: E731
-    assert grad_rel_err(weights(ours.model), weights(theirs.model))[0] < 1e-5  # (floored: k-bias norms ~1e-13)
-    assert grad_rel_err(weights(ours.model), weights(_model("gemma3")))[0] > 1e-3  # training moved them
+    assert grad_dict_rel_err(weights(ours.model), weights(theirs.model))[0] < 1e-5  # (floored: k-bias norms ~1e-13)
+    assert grad_dict_rel_err(weights(ours.model), weights(_model("gemma3")))[0] > 1e-3  # training moved them
     assert tree_calls and all(tree_calls)

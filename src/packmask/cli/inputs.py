@@ -37,6 +37,7 @@ class Loaded:
     field: Field
     bad: BadRecords
     mixed_columns: list = field(default_factory=list)  # columns whose values disagree in type
+    mixed_values: dict = field(default_factory=dict)  # {column: {place ("line 3"): value}} of those columns
 
 
 def suffix_of(path: Path) -> str:
@@ -158,7 +159,7 @@ def _load_json(path: Path, choose, bad: BadRecords) -> Loaded:
         table, fld, mixed = read_json_lines(path, choose, check_column_type, bad)
     if not table.num_rows:
         raise CLIError(f"{path} has no valid records ({bad.count:,} skipped)", "fix the input records")
-    return Loaded(table, fld, bad, mixed)
+    return Loaded(table, fld, bad, list(mixed), mixed)
 
 
 # --------------------------------------------------------------------------- tokenizers

@@ -68,29 +68,6 @@ def _check_args(args, output: Path | None) -> None:
                        "end -o with .parquet, or give a folder name (save_to_disk)")
 
 
-def _images_by_place(path: Path, name: str) -> dict:
-    """``{"line N": value}`` of field ``name`` in a JSON lines file (``record N`` in a JSON array): the
-    values of a field whose kinds differ between records, which Arrow cannot hold in one column (so each
-    record is still checked, and named, on its own)."""
-    import gzip
-    import json
-
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8", errors="replace") as handle:
-        text = handle.read()
-    if text.lstrip().startswith("["):
-        return {f"record {i}": r.get(name) for i, r in enumerate(json.loads(text), 1) if isinstance(r, dict)}
-    found = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        try:
-            record = json.loads(line) if line.strip() else None
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            found[f"line {number}"] = record.get(name)
-    return found
-
-
 def load_processor(spec: str):
     """The processor of ``--processor spec`` (what each ``--num-proc`` worker loads once)."""
     return resolve_processor(spec)[0]
@@ -173,7 +150,7 @@ def pack_image_report(args, console, input_path: Path, output: Path | None, plot
     if loaded.field.kind == "tokens" or "seq_lengths" in loaded.table.column_names:
         raise CLIError(f"{input_path} holds token ids or packed rows, not image-text records",
                        "give records with \"text\" or \"messages\" and \"images\"")
-    odd = _images_by_place(input_path, args.images_column) if args.images_column in loaded.mixed_columns else None
+    odd = loaded.mixed_values.get(args.images_column)  # values of kinds Arrow cannot hold in one column, by place
     if loaded.field.kind == "chat" and not getattr(processor, "chat_template", None):
         raise CLIError(f"{input_path}: column {loaded.field.name!r} holds chat messages, but the processor "
                        f"{processor_name} has no chat template", "pass --processor a chat/instruct model's processor, "

@@ -60,30 +60,33 @@ def _first_other_kind(values: list) -> int:
 
 
 def _table_from_records(records: list[dict], fld: Field | None, path=None, where=None):
-    """Arrow table of parsed records; a column whose values disagree in type (other than the
-    checked field) is left out and named in the returned list. ``where(rows)`` names records for
-    the one-line error when the checked field itself disagrees."""
+    """Arrow table of parsed records, and ``{column: {place: value}}`` of each column whose values
+    disagree in type (other than the checked field): left out of the table, kept by place (``where(rows)``
+    names records: ``line 3``), so a caller checks each record's value on its own without reading the
+    file again. ``where`` also names the record in the one-line error when the checked field disagrees."""
     import pyarrow as pa
 
     try:
-        return pa.Table.from_pylist(records), []
+        return pa.Table.from_pylist(records), {}
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         pass
     names = list(dict.fromkeys(key for record in records for key in record))
-    arrays, kept, mixed = [], [], []
+    arrays, kept, mixed = [], [], {}
     for name in names:
+        values = [record.get(name) for record in records]
         try:
-            arrays.append(pa.array([record.get(name) for record in records]))
+            arrays.append(pa.array(values))
             kept.append(name)
         except (pa.ArrowInvalid, pa.ArrowTypeError):
             if fld is not None and name == fld.name:
                 place = ""
                 if where is not None:
-                    place = f"{path}, {where([_first_other_kind([record.get(name) for record in records])])[0]}: "
+                    place = f"{path}, {where([_first_other_kind(values)])[0]}: "
                 raise CLIError(f"{place}field {name!r} holds a different kind of value than the records before it",
                                "give every record the same kind of value in this field (chat: every content a "
                                "string, or every content a list of parts)") from None
-            mixed.append(name)
+            places = where(range(len(records))) if where is not None else [f"row {r}" for r in range(len(records))]
+            mixed[name] = dict(zip(places, values))
     return pa.table(dict(zip(kept, arrays))), mixed
 
 
@@ -138,7 +141,8 @@ def _choose(records: list[dict], choose, check_type) -> Field:
 
 
 def read_json_lines(path: Path, choose, check_type, bad: BadRecords):
-    """Read JSON lines into ``(table, field, mixed_columns)`` with bad records handled.
+    """Read JSON lines into ``(table, field, mixed)`` with bad records handled (``mixed``: the values of
+    the columns whose kinds differ between records, by place, as :func:`_table_from_records` gives them).
 
     ``choose(columns) -> Field`` picks the field to check from the column names;
     ``check_type(arrow_type, field)`` raises for a column-level mistake (one error, not N records).
@@ -163,7 +167,7 @@ def read_json_lines(path: Path, choose, check_type, bad: BadRecords):
                 return [f"line {lines[r]}" for r in rows]
 
             check_one_kind(present_in_table(table, _candidates(choose)), fld, path, where)
-            return check_table(table, fld, bad, where), fld, []
+            return check_table(table, fld, bad, where), fld, {}
     records, lines, problems = _parse_lines(path)
     if not records:
         if problems:
@@ -199,7 +203,8 @@ def _report_in_order(problems, bad: BadRecords, unit: str) -> None:
 
 
 def read_json_array(path: Path, records: list, choose, check_type, bad: BadRecords):
-    """A parsed JSON array of objects as ``(table, field, mixed_columns)``; records named ``record N``."""
+    """A parsed JSON array of objects as ``(table, field, mixed)`` (as :func:`read_json_lines`); records
+    named ``record N``."""
     objects, numbers, problems = [], [], []
     for number, record in enumerate(records, 1):
         if isinstance(record, dict):

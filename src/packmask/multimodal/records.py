@@ -32,6 +32,7 @@ import base64
 import binascii
 import inspect
 import io
+import re
 from pathlib import Path
 
 from ..errors import PackmaskError
@@ -145,8 +146,14 @@ def _base64(text: str, field: str) -> bytes:
                             "give raw bytes (Parquet binary), base64 of the file, or a path") from None
 
 
-def open_image(data: bytes, field: str):
-    """A decoded ``PIL.Image`` (pixels loaded, so a truncated file fails here, not in the processor)."""
+def open_image(data: bytes, field: str, path: str | None = None):
+    """A decoded ``PIL.Image`` (pixels loaded, so a truncated file fails here, not in the processor); a
+    failure names the image by ``path`` where it came from a file, else by its size, never by an object:
+
+    >>> open_image(b"hello", "images[1]")
+    Traceback (most recent call last):
+    packmask.multimodal.records.RecordProblem: field 'images[1]' (5 bytes given) is not an image PIL can read (cannot identify image file) (fix: re-save the image as PNG or JPEG, or remove it from the record)
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -154,9 +161,23 @@ def open_image(data: bytes, field: str):
         image.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise RecordProblem(field, f"field {field!r} is not an image PIL can read ({first})",
+        first = _OBJECT_REPR.sub("", first).strip() or type(error).__name__  # PIL names the buffer: <_io.BytesIO ...>
+        what = f"file {path!r}" if path is not None else f"{len(data):,} bytes given"
+        raise RecordProblem(field, f"field {field!r} ({what}) is not an image PIL can read ({first})",
                             "re-save the image as PNG or JPEG, or remove it from the record") from None
     return image
+
+
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* object at 0x[0-9a-fA-F]+>")
+
+
+def _image_path(value) -> str | None:
+    """The file an image value is read from (``"a.png"``, ``{"path": "a.png"}``), or None for bytes."""
+    if isinstance(value, str) and not value.startswith("data:"):
+        return value
+    if isinstance(value, dict) and value.get("bytes") is None and isinstance(value.get("path"), str):
+        return value["path"]
+    return None
 
 
 def record_images(value, name: str, base_dir) -> list[bytes]:
@@ -169,7 +190,7 @@ def record_images(value, name: str, base_dir) -> list[bytes]:
     found = []
     for i, item in enumerate(value):
         data = image_bytes(item, f"{name}[{i}]", base_dir)
-        open_image(data, f"{name}[{i}]")
+        open_image(data, f"{name}[{i}]", _image_path(item))
         found.append(data)
     return found
 

@@ -113,7 +113,7 @@ def tiny_processor(family: str):
     import transformers as tf
 
     if family not in _SPECIAL:
-        raise ValueError(f"no tiny processor for {family!r}; choose from {', '.join(PROCESSOR_FAMILIES)}")
+        raise PackmaskError(f"no tiny processor for family {family!r}: pass one of {', '.join(PROCESSOR_FAMILIES)}.")
     missing = _missing_package(family)
     if missing is not None:
         raise PackmaskError(f"cannot build the tiny {family} processor: {missing}.")

@@ -112,20 +112,20 @@ def _token_list(value, where: str) -> list[int]:
     return [int(t) for t in value]
 
 
-def _answers(example: dict, e: int) -> tuple[list[list[int]], list[int]]:
+def _answers(example: dict, at: str) -> tuple[list[list[int]], list[int]]:
     """``(branches, kinds)`` of one example: chosen (1) and rejected (2), or G completions (1)."""
     if "completion_ids" in example:
         group = example["completion_ids"]
         if isinstance(group, torch.Tensor):
             group = list(group)
         if not isinstance(group, (list, tuple)) or not group:
-            raise PackmaskError(f"example {e}: completion_ids must be a non-empty list of completions (token lists).")
-        return [_token_list(c, f"example {e}: completion_ids[{g}]") for g, c in enumerate(group)], [1] * len(group)
+            raise PackmaskError(f"{at}: completion_ids must be a non-empty list of completions (token lists).")
+        return [_token_list(c, f"{at}: completion_ids[{g}]") for g, c in enumerate(group)], [1] * len(group)
     missing = [k for k in ("chosen_ids", "rejected_ids") if k not in example]
     if missing:
-        raise PackmaskError(f"example {e} lacks {missing}: give chosen_ids and rejected_ids (DPO) or completion_ids "
+        raise PackmaskError(f"{at} lacks {missing}: give chosen_ids and rejected_ids (DPO) or completion_ids "
                             f"(a list of completions, GRPO) beside the prompt's processor output.")
-    return [_token_list(example[k], f"example {e}: {k}") for k in ("chosen_ids", "rejected_ids")], [1, 2]
+    return [_token_list(example[k], f"{at}: {k}") for k in ("chosen_ids", "rejected_ids")], [1, 2]
 
 
 class MultimodalTreeCollator:
@@ -163,29 +163,29 @@ class MultimodalTreeCollator:
         self.text_row = self.rope_index is None or takes_text_row(model)
 
     # ---- one example ----------------------------------------------------------------------
-    def _prompt(self, example: dict, e: int) -> tuple[dict, list[int]]:
+    def _prompt(self, example: dict, at: str) -> tuple[dict, list[int]]:
         prompt = {k: _as_tensor(v) for k, v in example.items() if k not in ANSWER_KEYS and k not in TREE_BOOKKEEPING
                   and k != "labels"}
         ids = prompt.get("input_ids")
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
-            raise PackmaskError(f"example {e}: input_ids must be the prompt's non-empty [1, tokens] tensor (the "
+            raise PackmaskError(f"{at}: input_ids must be the prompt's non-empty [1, tokens] tensor (the "
                                 f"processor's output for one prompt, return_tensors='pt').")
         mask = prompt.pop("attention_mask", None)
         if isinstance(mask, torch.Tensor) and not bool(mask.bool().all()):
-            raise PackmaskError(f"example {e}: the prompt's attention_mask has padding; process each prompt alone "
+            raise PackmaskError(f"{at}: the prompt's attention_mask has padding; process each prompt alone "
                                 f"(padding=False).")
         n = ids.shape[1]
         for key in _TYPE_KEYS:
             t = prompt.get(key)
             if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != (1, n)):
-                raise PackmaskError(f"example {e}: {key} must be a [1, {n}] tensor like input_ids.")
+                raise PackmaskError(f"{at}: {key} must be a [1, {n}] tensor like input_ids.")
         if self.family.attention == "prefix" and prompt.get("token_type_ids") is not None \
                 and bool((prompt["token_type_ids"] != 0).any()):
-            raise PackmaskError(f"example {e}: the prompt holds suffix tokens (token_type_ids == 1); on a prefix-LM "
+            raise PackmaskError(f"{at}: the prompt holds suffix tokens (token_type_ids == 1); on a prefix-LM "
                                 f"the prompt is the prefix and the answers are the suffix: process the prompt alone.")
         return prompt, ids[0].tolist()
 
-    def _rope_rows(self, prompt: dict, branches: list[list[int]], e: int) -> list[torch.Tensor]:
+    def _rope_rows(self, prompt: dict, branches: list[list[int]], at: str) -> list[torch.Tensor]:
         """``[3, len]`` mRoPE rows of the prompt, then of each branch: the model's ``get_rope_index`` on
         each ``prompt + branch`` path, the branch part taken."""
         ids = prompt["input_ids"].cpu()
@@ -200,7 +200,7 @@ class MultimodalTreeCollator:
             if not out:
                 out.append(rope[:, :P])
             elif not torch.equal(out[0], rope[:, :P]):
-                raise UnsupportedModelError(f"example {e}: the model's get_rope_index gives the prompt different "
+                raise UnsupportedModelError(f"{at}: the model's get_rope_index gives the prompt different "
                                             f"positions depending on the answer, so the prompt cannot be shared; "
                                             f"train this model on unshared (one sequence per answer) rows.")
             out.append(rope[:, P:])
@@ -215,18 +215,19 @@ class MultimodalTreeCollator:
             raise PackmaskError("some examples hold completion_ids and some chosen_ids/rejected_ids: one kind per batch.")
         prompts, segments, parents, example, kind, ropes, unpacked = [], [], [], [], [], [], 0
         for e, ex in enumerate(examples):   # one loop per example (the batch), none per token
-            prompt, prompt_ids = self._prompt(ex, e)
-            branches, kinds = _answers(ex, e)
+            at = f"example {e} of the batch"  # the position in this call, not in the dataset
+            prompt, prompt_ids = self._prompt(ex, at)
+            branches, kinds = _answers(ex, at)
             if self.max_length is not None:
                 room = self.max_length - len(prompt_ids)
                 if room < 1:
-                    raise PackmaskError(f"example {e}: the prompt has {len(prompt_ids)} tokens, max_length="
+                    raise PackmaskError(f"{at}: the prompt has {len(prompt_ids)} tokens, max_length="
                                         f"{self.max_length} leaves no answer token (a prompt's image tokens are never "
                                         f"cut); raise max_length or drop the example.")
                 branches = [b[:room] for b in branches]
             for g, b in enumerate(branches):
                 if self.media_tokens.intersection(b):
-                    raise PackmaskError(f"example {e}, answer {g} holds image/video tokens; answers are text: put the "
+                    raise PackmaskError(f"{at}, answer {g} holds image/video tokens; answers are text: put the "
                                         f"images in the prompt.")
             prompts.append(prompt)
             segments += [prompt_ids] + branches
@@ -235,7 +236,7 @@ class MultimodalTreeCollator:
             example += [e] * (len(branches) + 1)
             unpacked += len(prompt_ids) * len(branches) + sum(map(len, branches))
             if self.rope_index is not None:
-                ropes += self._rope_rows(prompt, branches, e)
+                ropes += self._rope_rows(prompt, branches, at)
         flat_ids = np.concatenate([np.asarray(s, np.int64) for s in segments])
         lengths = [len(s) for s in segments]
         # pack a forest of token indices: each packed token says where it came from (ids, types, mRoPE rows)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..data.logps import branch_logps
 from ..reference import rel_err
 from .tree import ANSWER_KEYS, MultimodalTreeCollator, model_inputs
-from .verify import grad_rel_err, param_grads
+from .verify import grad_dict_rel_err, param_grads
 
 __all__ = ["path_features", "random_preference_examples", "compare_tree", "control_batch", "CONTROLS"]
 
@@ -157,7 +157,7 @@ def compare_tree(model, examples, *, row_length: int | None = None, reference_im
                       rows=int(batch["input_ids"].shape[0]), tokens=int(batch["input_ids"].numel()),
                       unpacked_tokens=int(batch["unpacked_tokens"]), grad_params=len(ref[3]),
                       vision_grads=sum(1 for n in ref[3] if "visual" in n or "vision" in n))
-        result["grad"], result["grad_param"] = grad_rel_err(got[3], ref[3])
+        result["grad"], result["grad_param"] = grad_dict_rel_err(got[3], ref[3])
         with torch.no_grad():
             for control in controls:
                 wrong = control_batch(batch, control, collator.family.first_position)

@@ -19,7 +19,7 @@ from ..reference import rel_err
 from .collator import MultimodalCollator, pad_cat
 from .families import TOKEN_KEYS, family_of
 
-__all__ = ["compare_packed", "verify_multimodal", "random_samples", "naive_batch", "grad_rel_err", "param_grads"]
+__all__ = ["compare_packed", "verify_multimodal", "random_samples", "naive_batch", "grad_dict_rel_err", "param_grads"]
 
 
 def random_samples(model, count: int = 4, seed: int = 0, max_images: int = 2) -> list[dict]:
@@ -74,9 +74,10 @@ def _spans(collator, samples):
     return spans
 
 
-def grad_rel_err(got: dict, ref: dict, floor: float = 1e-4) -> tuple[float, str]:
+def grad_dict_rel_err(got: dict, ref: dict, floor: float = 1e-4) -> tuple[float, str]:
     """Worst per-parameter relative gradient error (denominator floored at ``floor`` x the largest
-    reference gradient norm: exactly-zero gradients are rounding noise)."""
+    reference gradient norm: exactly-zero gradients are rounding noise), over two ``{name: tensor}``
+    dicts (:func:`param_grads`); :func:`packmask.reference.grad_rel_err` compares two models' ``.grad``."""
     if set(got) != set(ref):
         return float("inf"), sorted(set(got) ^ set(ref))[0]
     scale = floor * max((float(r.double().norm()) for r in ref.values()), default=0.0)
@@ -124,7 +125,7 @@ def compare_packed(model, samples, *, max_length: int | None = None, reference_i
         got = _packed(model, batch, spans)
         result = dict(logits=rel_err(torch.cat(got[0]), torch.cat(ref[0])), loss=rel_err(got[1], ref[1]),
                       max_abs=float((torch.cat(got[0]) - torch.cat(ref[0])).abs().max()))
-        result["grad"], result["grad_param"] = grad_rel_err(got[2], ref[2])
+        result["grad"], result["grad_param"] = grad_dict_rel_err(got[2], ref[2])
         if control:
             with torch.no_grad():
                 naive = model(**naive_batch(model, samples)).logits[0]
