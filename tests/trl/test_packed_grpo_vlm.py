@@ -3,9 +3,11 @@ completions) against trl.GRPOTrainer on the same batch, in TRL's own layout: the
 real tiny processor gives (prompts with 1, 2 and 0 images, each repeated G times, left-padded) and
 right-padded completions. Per-token log-probs and entropies of every completion token, the GRPO loss and
 every parameter gradient (vision tower included) agree at 1e-5 (fp32 CPU); Qwen2.5-VL also against each
-prompt + completion run alone. Controls: completions that see their siblings, or positions restarting
-at 0, differ by > 1e-2. Rows that cannot be trees (image tokens in a completion, PaliGemma) take TRL's path;
-two GRPO steps end to end give TRL's losses and weights."""
+prompt + completion run alone. LLaVA-NeXT, Mistral 3 (``image_sizes``) and Idefics3 / SmolVLM (tiles,
+``pixel_attention_mask``) take the tree path too (Mistral 3's batch built by hand). Controls: completions
+that see their siblings, or positions restarting at 0, differ by > 1e-2. Rows that cannot be trees (image
+tokens in a completion, PaliGemma, LFM2-VL / InternVL tiles) take TRL's path; two GRPO steps end to end give
+TRL's losses and weights."""
 from __future__ import annotations
 
 import pytest
@@ -33,7 +35,8 @@ def _model(family, impl="packmask"):
     model = tiny_vlm(family, impl)
     with torch.no_grad():  # attention that matters, so the controls differ clearly (as test_packed_dpo_vlm.py)
         for name, p in model.named_parameters():
-            if ("language_model" in name or "text_model" in name) and any(k in name for k in ("q_proj", "k_proj", "o_proj")):
+            text = "language_model" in name or "text_model" in name  # Idefics3 / SmolVLM: text_model
+            if text and any(k in name for k in ("q_proj", "k_proj", "o_proj")):
                 p.mul_(4)
             if name.endswith("mm_input_projection_weight"):  # Gemma 3 initializes it to 0: no vision gradients
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.1)
@@ -232,6 +235,15 @@ def test_packed_grpo_vlm_masked_and_fallback_rows(tmp_path):
     assert completion_groups(ids[rows], mask[rows], K, vision, {"token_type_ids": types}) is not None
     types[0, -K] = 1
     assert completion_groups(ids[rows], mask[rows], K, vision, {"token_type_ids": types}) is None
+    # layouts still not cut per row give None (TRL's method): tile-indexed LFM2-VL / InternVL, and
+    # inputs that do not go with the family's image_dim
+    pixels, one = torch.zeros(3, 2, 4), torch.ones(3, 2)
+    assert vision_rows(3, [1, 1, 1], pixels) is not None
+    for image_dim, extra in ((0, dict(spatial_shapes=one)), (0, dict(num_tiles=[1, 1, 1])),
+                             (0, dict(pixel_attention_mask=pixels)), (1, dict(image_sizes=one)), (2, {})):
+        assert vision_rows(3, [1, 1, 1], pixels, image_dim=image_dim, **extra) is None, (image_dim, extra)
+    assert vision_rows(3, [1, 1, 1], pixels[:2], image_dim=1) is None  # not one entry per row
+    assert vision_rows(3, [1, 1], pixels, image_dim=1) is None
 
 
 def test_packed_grpo_vlm_refuses_a_model_off_packmask(tmp_path):
