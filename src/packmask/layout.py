@@ -248,7 +248,9 @@ def _as_bool_mask(mask: torch.Tensor, batch_size: int | None, seq_len: int | Non
     if mask.dtype == torch.bool:
         return mask
     if mask.is_floating_point():
-        if bool((mask < 0).any()):
+        # all zero reads as additive (everything visible: Pixtral's mask of one image); as 0/1 it would
+        # let no query attend
+        if bool((mask < 0).any()) or not bool(mask.any()):
             # additive convention (0 = attend, very negative = blocked), as transformers' eager uses
             blocked = mask <= torch.finfo(mask.dtype).min / 2
             if not bool((blocked | (mask == 0)).all()):

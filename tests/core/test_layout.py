@@ -111,6 +111,16 @@ def test_additive_float_and_integer_masks_are_understood():
         assert layout.cu_seqlens.tolist() == [0, 3, 7]
 
 
+def test_all_zero_float_mask_is_additive_all_visible():
+    """Pixtral (Mistral 3) gives its vision attention an additive block mask: for one image it is all
+    zero, which lets every patch see every patch (read as 0/1 it would let none attend: never valid)."""
+    layout = packmask.analyse_mask(torch.zeros(1, 1, 5, 5))
+    assert isinstance(layout, packmask.DocumentLayout) and not layout.causal
+    assert layout.cu_seqlens.tolist() == [0, 5]
+    with pytest.raises(PackmaskError, match="attend to no key"):  # control: the same mask as bool sees nothing
+        packmask.analyse_mask(torch.zeros(1, 1, 5, 5, dtype=torch.bool))
+
+
 def test_general_layout_for_prefix_lm():
     mask = packmask.prefix_lm_mask([[5, 3]], [[2, 0]])
     layout = analyse_mask(mask)

@@ -3,9 +3,11 @@ completions) against trl.GRPOTrainer on the same batch, in TRL's own layout: the
 real tiny processor gives (prompts with 1, 2 and 0 images, each repeated G times, left-padded) and
 right-padded completions. Per-token log-probs and entropies of every completion token, the GRPO loss and
 every parameter gradient (vision tower included) agree at 1e-5 (fp32 CPU); Qwen2.5-VL also against each
-prompt + completion run alone. Controls: completions that see their siblings, or positions restarting
-at 0, differ by > 1e-2. Rows that cannot be trees (image tokens in a completion, PaliGemma) take TRL's path;
-two GRPO steps end to end give TRL's losses and weights."""
+prompt + completion run alone. LLaVA-NeXT, Mistral 3 (``image_sizes``) and Idefics3 / SmolVLM (tiles,
+``pixel_attention_mask``) take the tree path too (Mistral 3's batch built by hand). Controls: completions
+that see their siblings, or positions restarting at 0, differ by > 1e-2. Rows that cannot be trees (image
+tokens in a completion, PaliGemma, LFM2-VL / InternVL tiles) take TRL's path; two GRPO steps end to end give
+TRL's losses and weights."""
 from __future__ import annotations
 
 import pytest
@@ -15,8 +17,9 @@ pytest.importorskip("trl")
 
 import packmask  # noqa: E402,F401  (registers attn_implementation='packmask')
 from packmask.errors import PackmaskError  # noqa: E402
-from packmask.multimodal.tiny import IMG, tiny_vlm  # noqa: E402
-from packmask.multimodal.tiny_processor import tiny_image, tiny_processor  # noqa: E402
+from packmask.multimodal.collator import pad_cat  # noqa: E402
+from packmask.multimodal.tiny import IMG, tiny_sample, tiny_vlm  # noqa: E402
+from packmask.multimodal.tiny_processor import tiny_image, tiny_processor, tiny_tokenizer  # noqa: E402
 from packmask.multimodal.tree import MultimodalTreeCollator, model_inputs  # noqa: E402
 from packmask.multimodal.tree_verify import control_batch, path_features  # noqa: E402
 from packmask.multimodal.verify import grad_dict_rel_err, param_grads  # noqa: E402
@@ -24,14 +27,16 @@ from packmask.testing import rel_err  # noqa: E402
 from packmask.trl.grpo_vlm import completion_groups, vision_rows  # noqa: E402
 
 G, K, TEMPERATURE = 3, 5, 0.7
-IMAGE = {"qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>", "gemma3": "<start_of_image>", "llava": "<image>"}
+IMAGE = {"qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>", "gemma3": "<start_of_image>", "llava": "<image>",
+         "llava_next": "<image>", "idefics3": "<image>", "smolvlm": "<image>"}
 
 
 def _model(family, impl="packmask"):
     model = tiny_vlm(family, impl)
     with torch.no_grad():  # attention that matters, so the controls differ clearly (as test_packed_dpo_vlm.py)
         for name, p in model.named_parameters():
-            if "language_model" in name and any(k in name for k in ("q_proj", "k_proj", "o_proj")):
+            text = "language_model" in name or "text_model" in name  # Idefics3 / SmolVLM: text_model
+            if text and any(k in name for k in ("q_proj", "k_proj", "o_proj")):
                 p.mul_(4)
             if name.endswith("mm_input_projection_weight"):  # Gemma 3 initializes it to 0: no vision gradients
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.1)
@@ -59,11 +64,7 @@ def _trl_batch(family, processor, seed=0):
     images = [[tiny_image(20, 28, 1)], [tiny_image(16, 16, 2), tiny_image(28, 20, 3)], []]
     out = processor(images=[i for i in images for _ in range(G)], text=[t for t in texts for _ in range(G)],
                     padding=True, return_tensors="pt")
-    B = 3 * G
-    lengths = torch.randint(1, K + 1, (B,), generator=g)
-    completion_ids = torch.randint(3, 96, (B, K), generator=g)
-    completion_mask = (torch.arange(K)[None] < lengths[:, None]).long()
-    completion_ids = completion_ids * completion_mask
+    completion_ids, completion_mask = _completions(g)
     extra = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask")}
     for key in ("token_type_ids", "mm_token_type_ids"):
         if key in extra:
@@ -71,6 +72,34 @@ def _trl_batch(family, processor, seed=0):
     extra["num_images"] = [len(i) for i in images for _ in range(G)]
     return dict(prompt_ids=out["input_ids"], prompt_mask=out["attention_mask"], completion_ids=completion_ids,
                 completion_mask=completion_mask, **extra)
+
+
+def _completions(g):
+    """3 * G right-padded completions of 1..K tokens: ``(completion_ids, completion_mask)``."""
+    B = 3 * G
+    lengths = torch.randint(1, K + 1, (B,), generator=g)
+    completion_ids = torch.randint(3, 96, (B, K), generator=g)
+    completion_mask = (torch.arange(K)[None] < lengths[:, None]).long()
+    return completion_ids * completion_mask, completion_mask
+
+
+def _hand_batch(model, seed=0):
+    """TRL's log-prob inputs built by hand where the family's processor cannot run here (Mistral 3's needs
+    torchvision): 3 prompts (1, 2, 0 images of different sizes, :func:`tiny_sample`) x G, left-padded; the
+    images of every row on dim 0, padded to the largest (``image_sizes`` crops them), as the processor
+    batches them."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [tiny_sample(model, 4, n, g) for n in (1, 2, 0)]
+    rows = [p for p in prompts for _ in range(G)]
+    P = max(p["input_ids"].shape[1] for p in prompts)
+    pad = [P - p["input_ids"].shape[1] for p in rows]
+    prompt_ids = torch.stack([torch.nn.functional.pad(p["input_ids"][0], (n, 0)) for p, n in zip(rows, pad)])
+    prompt_mask = torch.stack([(torch.arange(P) >= n).long() for n in pad])
+    vision = {k: pad_cat([p[k] for p in rows if k in p]) for k in ("pixel_values", "image_sizes")}
+    completion_ids, completion_mask = _completions(g)
+    return dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                completion_mask=completion_mask, num_images=[len(p.get("image_sizes", ())) for p in rows],
+                **vision)
 
 
 def _logps(trainer, model, inputs, compute_entropy=True):
@@ -90,16 +119,19 @@ def _loss_and_grads(trainer, model, inputs):
     return loss.detach(), param_grads(model)
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3", "llava"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3", "llava", "llava_next", "idefics3", "smolvlm", "mistral3"])
 def test_packed_grpo_vlm_equals_trl(family, tmp_path):
+    """LLaVA-NeXT (anyres patches, ``image_sizes``), Mistral 3 (images padded to the largest, ``image_sizes``;
+    its batch built by hand) and Idefics3 / SmolVLM (tiles, ``pixel_attention_mask``, ``[rows, images, ...]``)
+    take the tree path too: their vision inputs are cut per row by the family's ``image_dim``."""
     from trl import GRPOTrainer
 
     from packmask.trl import PackedGRPOTrainer
 
-    processor = tiny_processor(family)
+    processor = tiny_tokenizer(family) if family == "mistral3" else tiny_processor(family)
     packed = _trainer(PackedGRPOTrainer, _model(family), processor, tmp_path)
     plain = _trainer(GRPOTrainer, _model(family, "eager"), processor, tmp_path)
-    inputs = _trl_batch(family, processor)
+    inputs = _hand_batch(plain.model) if family == "mistral3" else _trl_batch(family, processor)
     valid = inputs["completion_mask"].bool()
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
     mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
@@ -203,6 +235,15 @@ def test_packed_grpo_vlm_masked_and_fallback_rows(tmp_path):
     assert completion_groups(ids[rows], mask[rows], K, vision, {"token_type_ids": types}) is not None
     types[0, -K] = 1
     assert completion_groups(ids[rows], mask[rows], K, vision, {"token_type_ids": types}) is None
+    # layouts still not cut per row give None (TRL's method): tile-indexed LFM2-VL / InternVL, and
+    # inputs that do not go with the family's image_dim
+    pixels, one = torch.zeros(3, 2, 4), torch.ones(3, 2)
+    assert vision_rows(3, [1, 1, 1], pixels) is not None
+    for image_dim, extra in ((0, dict(spatial_shapes=one)), (0, dict(num_tiles=[1, 1, 1])),
+                             (0, dict(pixel_attention_mask=pixels)), (1, dict(image_sizes=one)), (2, {})):
+        assert vision_rows(3, [1, 1, 1], pixels, image_dim=image_dim, **extra) is None, (image_dim, extra)
+    assert vision_rows(3, [1, 1, 1], pixels[:2], image_dim=1) is None  # not one entry per row
+    assert vision_rows(3, [1, 1], pixels, image_dim=1) is None
 
 
 def test_packed_grpo_vlm_refuses_a_model_off_packmask(tmp_path):

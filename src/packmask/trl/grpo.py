@@ -13,10 +13,11 @@ With ``cast_lm_head_to_fp32=True`` the LM head runs in fp32 outside autocast, as
 Vision-language rows (``pixel_values``, ``image_grid_thw``, token types, ...) become
 :class:`~packmask.multimodal.tree.MultimodalTreeCollator` trees: the prompt, its image tokens and its
 images once per group, positions from the model's own ``get_rope_index`` per path
-(:mod:`packmask.trl.grpo_vlm`). Rows TRL cannot lay out as trees here -- the MoE aux loss, a completion
-mask that is not a prefix, image tokens in a completion, a vision layout not cut per row (tiles,
-``image_sizes``), a prefix-LM (PaliGemma: TRL types its completions as prefix) or a model without a
-multimodal packing rule -- go through TRL's own method unchanged.
+(:mod:`packmask.trl.grpo_vlm`; every family with a packing rule but PaliGemma: Qwen, Gemma 3, LLaVA,
+LLaVA-NeXT and Mistral 3 with ``image_sizes``, Idefics3 / SmolVLM tiles). Rows TRL cannot lay out as
+trees here -- the MoE aux loss, a completion mask that is not a prefix, image tokens in a completion, a
+vision layout not cut per row (``spatial_shapes``, ``num_tiles``), a prefix-LM (PaliGemma: TRL types its
+completions as prefix) or a model without a multimodal packing rule -- go through TRL's own method unchanged.
 
 Recipe::
 
@@ -179,7 +180,11 @@ class PackedGRPOTrainer(GRPOTrainer):
         """Per TRL memory chunk, ``(collator, examples, rows)``: its trees and which of its rows are their
         branches (:func:`~packmask.trl.grpo_vlm.completion_groups`); ``None`` when any chunk is not of tree
         form (then TRL's own method runs them all)."""
-        vision = vision_rows(input_ids.shape[0], **{k: multimodal.get(k) for k in VISION_KWARGS})
+        family_collator = self._tree_collator(model, None)   # its family says how vision inputs concatenate
+        if family_collator is None:
+            return None
+        vision = vision_rows(input_ids.shape[0], **{k: multimodal.get(k) for k in VISION_KWARGS},
+                             image_dim=family_collator.family.image_dim)
         types = {k: multimodal[k] for k in TOKEN_TYPE_KWARGS if multimodal.get(k) is not None}
         if vision is None:
             return None

@@ -23,27 +23,36 @@ stay 0 as TRL's::
 >>> [g["completion_ids"] for g in completion_groups(ids, mask, 3, [{}, {}, {}], {})[0]]
 [[[7, 8]], [[7, 7, 7]]]
 
-Rows that are not of that form -- a completion mask that is not a prefix, an empty prompt, image tokens in a completion (tool images), a vision layout not cut here (tiles,
-``image_sizes``, ``pixel_attention_mask``) -- give ``None``: the trainer then runs TRL's own
-(unshared) method on them.
+Rows that are not of that form -- a completion mask that is not a prefix, an empty prompt, image tokens
+in a completion (tool images), a vision layout not cut here (LFM2's ``spatial_shapes``, InternVL's
+``num_tiles``, ``image_position_ids``) -- give ``None``: the trainer then runs TRL's own (unshared)
+method on them.
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["VISION_KWARGS", "TOKEN_TYPE_KWARGS", "vision_rows", "completion_groups"]
+__all__ = ["VISION_KWARGS", "TOKEN_TYPE_KWARGS", "CUT_WITH_PIXELS", "vision_rows", "completion_groups"]
 
 #: TRL's per-token multimodal arguments (whole rows, like input_ids)
 TOKEN_TYPE_KWARGS = ("token_type_ids", "mm_token_type_ids")
 #: TRL's multimodal arguments of ``_get_per_token_logps_and_entropies`` (besides the token types)
 VISION_KWARGS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
                  "image_sizes", "image_position_ids")
-_NOT_CUT = ("pixel_attention_mask", "spatial_shapes", "num_tiles", "image_sizes", "image_position_ids")
+#: vision inputs cut beside ``pixel_values``, by the family's ``image_dim``
+#: (:class:`~packmask.multimodal.families.VisionFamily`, the dimension
+#: :meth:`~packmask.multimodal.MultimodalCollator.vision_inputs` concatenates on): one entry per image
+#: (dim 0: LLaVA-NeXT / Mistral 3 ``image_sizes``) or one per row (dim 1: Idefics3 / SmolVLM tiles)
+CUT_WITH_PIXELS = {0: ("image_sizes",), 1: ("pixel_attention_mask",)}
 
 
-def vision_rows(num_rows: int, num_images, pixel_values=None, image_grid_thw=None, **others) -> list[dict] | None:
+def vision_rows(num_rows: int, num_images, pixel_values=None, image_grid_thw=None, *, image_dim: int = 0,
+                **others) -> list[dict] | None:
     """The vision inputs of each of ``num_rows`` rows (``{}`` for a row without images), cut as TRL's own
-    chunking cuts them; ``None`` for a layout not cut here.
+    chunking cuts them; ``None`` for a layout not cut here. ``image_dim``: the family's
+    (:class:`~packmask.multimodal.families.VisionFamily`): 0, every tensor has one entry per image (Qwen's
+    ``pixel_values``: ``image_grid_thw.prod(-1)`` patch rows per image); 1, ``[rows, images, ...]``, each
+    row its own (Idefics3 / SmolVLM tiles, padded with blank images the model drops).
 
     >>> rows = vision_rows(3, [1, 0, 2], pixel_values=torch.arange(7.)[:, None],
     ...                    image_grid_thw=torch.tensor([[1, 1, 2], [1, 1, 1], [1, 2, 2]]))
@@ -51,26 +60,41 @@ def vision_rows(num_rows: int, num_images, pixel_values=None, image_grid_thw=Non
     [{'pixel_values': (2, 1), 'image_grid_thw': (1, 3)}, {}, {'pixel_values': (5, 1), 'image_grid_thw': (2, 3)}]
     >>> rows[2]["pixel_values"].flatten().tolist()
     [2.0, 3.0, 4.0, 5.0, 6.0]
+    >>> rows = vision_rows(2, [2, 1], pixel_values=torch.zeros(3, 5, 4), image_sizes=torch.ones(3, 2))
+    >>> [{k: tuple(v.shape) for k, v in r.items()} for r in rows]    # LLaVA-NeXT: images 0-1 | 2
+    [{'pixel_values': (2, 5, 4), 'image_sizes': (2, 2)}, {'pixel_values': (1, 5, 4), 'image_sizes': (1, 2)}]
+    >>> rows = vision_rows(3, [1, 0, 2], pixel_values=torch.zeros(3, 4, 8), image_dim=1,
+    ...                    pixel_attention_mask=torch.ones(3, 4, 8))
+    >>> [sorted(r) for r in rows], rows[2]["pixel_values"].shape      # Idefics3: row r's tiles
+    ([['pixel_attention_mask', 'pixel_values'], [], ['pixel_attention_mask', 'pixel_values']], torch.Size([1, 4, 8]))
     """
-    if any(others.get(k) is not None for k in _NOT_CUT):
-        return None
+    others = {k: v for k, v in others.items() if v is not None}
     if pixel_values is None:
-        return [{} for _ in range(num_rows)] if image_grid_thw is None else None
-    if num_images is None or len(num_images) != num_rows:
+        return [{} for _ in range(num_rows)] if image_grid_thw is None and not others else None
+    if set(others) - set(CUT_WITH_PIXELS.get(image_dim, ())) or num_images is None or len(num_images) != num_rows:
+        return None
+    if image_dim == 1:  # each row its own images (and blank padding images, which the model drops)
+        per_row = dict(pixel_values=pixel_values, **others)
+        if image_grid_thw is not None or any(t.shape[0] != num_rows for t in per_row.values()):
+            return None
+        return [{k: t[r:r + 1] for k, t in per_row.items()} if int(n) else {} for r, n in enumerate(num_images)]
+    if image_dim != 0:
         return None
     image_starts = [0]
     for n in num_images:
         image_starts.append(image_starts[-1] + int(n))
     if image_grid_thw is not None:  # Qwen: patch rows, grid.prod(-1) per image
         patch_starts = [0] + image_grid_thw.prod(-1).cumsum(0).tolist()
-        if len(patch_starts) != image_starts[-1] + 1 or patch_starts[-1] != pixel_values.shape[0]:
+        if others or len(patch_starts) != image_starts[-1] + 1 or patch_starts[-1] != pixel_values.shape[0]:
             return None
         return [{} if a == b else dict(pixel_values=pixel_values[patch_starts[a]:patch_starts[b]],
                                        image_grid_thw=image_grid_thw[a:b])
                 for a, b in zip(image_starts[:-1], image_starts[1:])]
-    if pixel_values.shape[0] != image_starts[-1]:  # one entry per image (Gemma 3, LLaVA)
+    per_image = dict(pixel_values=pixel_values, **others)  # one entry per image (Gemma 3, LLaVA, LLaVA-NeXT, ...)
+    if any(t.shape[0] != image_starts[-1] for t in per_image.values()):
         return None
-    return [{} if a == b else dict(pixel_values=pixel_values[a:b]) for a, b in zip(image_starts[:-1], image_starts[1:])]
+    return [{} if a == b else {k: t[a:b] for k, t in per_image.items()}
+            for a, b in zip(image_starts[:-1], image_starts[1:])]
 
 
 def _same(a: dict, b: dict) -> bool:
