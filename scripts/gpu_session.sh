@@ -2,9 +2,10 @@
 # Every GPU check and benchmark the open issues (21, 23, 24, 25) wait for, in stages that each fit one
 # device call (< 10 min). Run from the repository root on the GPU machine:
 #
-#   bash scripts/gpu_session.sh STAGE [STAGE ...]   # stages: env tests trees models calibrate model-trees hybrid-fast
+#   bash scripts/gpu_session.sh STAGE [STAGE ...]   # stages: env tests tests-models trees models calibrate
+#                                                   model-trees hybrid-fast
 #
-# A session has 30 min of device time: in order of what the issues' done-when need, env+tests (21),
+# A session has 30 min of device time: in order of what the issues' done-when need, env+tests, tests-models (21),
 # models (24, 25), trees (23), calibrate (23), model-trees (24, 25 stretch), hybrid-fast (24).
 #
 # Results land under $OUT/<stage>/ (logs, JUnit XML, each benchmark's JSON). Missing packages
@@ -41,9 +42,13 @@ for stage in "$@"; do
 print("torch", torch.__version__, "| transformers", transformers.__version__, "| triton", triton.__version__)
 print("device", torch.cuda.get_device_name(), "| cudnn", torch.backends.cudnn.version())
 for m in ("cudnn", "datasets", "trl", "fla"): print(m, "importable" if u.find_spec(m) else "absent")' ;;
-    tests)  # issue 21: every cuda-marked test on one GPU; the count goes into the closing note
-        step tests cuda 560 python3 -m pytest -q -p no:cacheprovider -m cuda tests -rs \
-            --junitxml="$OUT/tests/cuda.xml" ;;
+    tests)  # issue 21: every cuda-marked test on one GPU (kernels and data here, models in tests-models); the
+        # counts of both go into the closing note
+        step tests cuda 560 python3 -m pytest -q -p no:cacheprovider -m cuda -rs --junitxml="$OUT/tests/cuda.xml" \
+            tests/backends tests/core tests/data tests/distributed tests/trl ;;
+    tests-models)  # the cuda-marked tests of hybrid and vision-language models
+        step tests-models cuda 560 python3 -m pytest -q -p no:cacheprovider -m cuda -rs \
+            --junitxml="$OUT/tests-models/cuda.xml" tests/multimodal tests/recurrent tests/models tests/cli ;;
     trees)  # issue 23: one-launch tree kernels, GRPO/DPO/agentic, draft-tree verification
         step trees tree_kernels 150 env HEAD_DIMS=64,128 python3 benchmarks/tree_kernels.py
         step trees tree_attention 120 env STEPS=4 python3 benchmarks/tree_attention.py
@@ -76,7 +81,7 @@ for m in ("cudnn", "datasets", "trl", "fla"): print(m, "importable" if u.find_sp
     calibrate)  # issue 23: the H200 cost table the dispatcher's `auto` reads, then auto against forced
         step calibrate table 420 python3 -m packmask.backends.calibrate --out "$OUT/calibrate/kernel_costs.json"
         step calibrate train_step 150 python3 benchmarks/train_step.py --dist sft --steps 4 --out "$OUT/calibrate" ;;
-    *) echo "unknown stage $stage (env tests trees models calibrate model-trees hybrid-fast)"; exit 2 ;;
+    *) echo "unknown stage $stage (env tests tests-models trees models calibrate model-trees hybrid-fast)"; exit 2 ;;
     esac
 done
 
