@@ -166,13 +166,19 @@ def enter_forward(model, args, kwargs):
     return args, kwargs
 
 
-def exit_forward(model, args, output):
-    """Reset the layout set by :func:`enter_forward` (a forward hook with ``always_call=True``)."""
-    tokens = model.__dict__.get(_TOKENS)
+def _reset_last(module, key: str) -> None:
+    """Pop the ContextVar token an enter hook pushed under ``module.__dict__[key]`` and reset the layout to
+    what it was before (``None`` tokens: the enter hook set nothing)."""
+    tokens = module.__dict__.get(key)
     if tokens:
         token = tokens.pop()
         if token is not None:
             _LAYOUT.reset(token)
+
+
+def exit_forward(model, args, output):
+    """Reset the layout set by :func:`enter_forward` (a forward hook with ``always_call=True``)."""
+    _reset_last(model, _TOKENS)
 
 
 class _WithLayout:
@@ -242,8 +248,5 @@ def replay_pre_hook(module, args, kwargs):
 
 
 def replay_exit_hook(module, args, output):
-    tokens = module.__dict__.get(_REPLAY_TOKENS)
-    if tokens:
-        token = tokens.pop()
-        if token is not None:
-            _LAYOUT.reset(token)
+    """Reset the layout a checkpoint recompute's pre-hook replayed (``always_call=True``)."""
+    _reset_last(module, _REPLAY_TOKENS)
