@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import torch
 
+from ..data.spans import offsets_from_lengths
+
 __all__ = ["VISION_KWARGS", "TOKEN_TYPE_KWARGS", "CUT_WITH_PIXELS", "vision_rows", "completion_groups"]
 
 #: TRL's per-token multimodal arguments (whole rows, like input_ids)
@@ -80,11 +82,9 @@ def vision_rows(num_rows: int, num_images, pixel_values=None, image_grid_thw=Non
         return [{k: t[r:r + 1] for k, t in per_row.items()} if int(n) else {} for r, n in enumerate(num_images)]
     if image_dim != 0:
         return None
-    image_starts = [0]
-    for n in num_images:
-        image_starts.append(image_starts[-1] + int(n))
+    image_starts = offsets_from_lengths([int(n) for n in num_images]).tolist()
     if image_grid_thw is not None:  # Qwen: patch rows, grid.prod(-1) per image
-        patch_starts = [0] + image_grid_thw.prod(-1).cumsum(0).tolist()
+        patch_starts = offsets_from_lengths(image_grid_thw.prod(-1).cpu().numpy()).tolist()
         if others or len(patch_starts) != image_starts[-1] + 1 or patch_starts[-1] != pixel_values.shape[0]:
             return None
         return [{} if a == b else dict(pixel_values=pixel_values[patch_starts[a]:patch_starts[b]],
