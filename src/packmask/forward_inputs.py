@@ -33,6 +33,7 @@ from .inputs import (LAYOUT_KWARG, ForwardLayout, enter_forward, exit_forward, i
                      layout_from_seq_lengths, refresh_traced_state, resolve_layout)
 from .kvcache import CACHE_NAMES, cache_keyword, check_mask_against_cache
 from .layout import DocumentLayout, TreeLayout
+from .recurrent.context import HOOKED as RECURRENT_HOOKED
 from .support import check_packed_input, position_offset
 
 __all__ = ["NAME", "LAYOUT_KWARG", "uses_packmask", "derive_inputs_hook", "close_forward_hook", "forward_params"]
@@ -70,7 +71,7 @@ def derive_inputs_hook(model, args, kwargs):
 
 
 def _enter_recurrent(model, derived, args, kwargs):  # recurrent: this forward's layout for packmask.recurrent
-    if not model.__dict__.get("_packmask_recurrent_hooked"):
+    if not model.__dict__.get(RECURRENT_HOOKED):
         return derived
     from .recurrent import enter_forward
     return enter_forward(model, *(derived if derived is not None else (args, kwargs)))
@@ -148,7 +149,7 @@ def _derive_inputs_outside_graph(model, args, kwargs):
             from .backends.tree_triton import NAME as TREE_KERNEL, TREE_KWARG, compiled_model_inputs
             forced = requested_backend(model) == TREE_KERNEL  # opt-in until measured on a GPU (backends.costs)
             # recurrent: the mixers read the tree from the mask (packmask.recurrent.tree_paths): keep it
-            forced = forced and not model.__dict__.get("_packmask_recurrent_hooked")
+            forced = forced and not model.__dict__.get(RECURRENT_HOOKED)
             tree = compiled_model_inputs(model, layout, ref.device, model.training) if forced else None
             if tree is None:
                 return args, kwargs  # the mask itself goes to the layers
@@ -210,7 +211,7 @@ def _derive_inputs(model, args, kwargs):
                        batch_size=ref.shape[0] if ref is not None else None)
     seq_lengths = kwargs.pop("seq_lengths", None)
     if not takes_positions:
-        if seq_lengths is not None and model.__dict__.get("_packmask_recurrent_hooked"):  # recurrent: read by
+        if seq_lengths is not None and model.__dict__.get(RECURRENT_HOOKED):  # recurrent: read by
             kwargs["seq_lengths"] = seq_lengths  # packmask.recurrent.enter_forward (an attention-free model)
             return args, kwargs
         if seq_lengths is not None:  # it would flow on through **kwargs unread: the row would run as one sequence
