@@ -2,7 +2,7 @@
 # Every GPU check and benchmark the open issues (21, 23, 24, 25) wait for, in stages that each fit one
 # device call (< 10 min). Run from the repository root on the GPU machine:
 #
-#   bash scripts/gpu_session.sh STAGE [STAGE ...]   # stages: env tests tests-models trees models calibrate
+#   bash scripts/gpu_session.sh STAGE [STAGE ...]   # stages: env tests tests-all tests-models trees models calibrate
 #                                                   model-trees hybrid-fast
 #
 # A session has 30 min of device time: in order of what the issues' done-when need, env+tests, tests-models (21),
@@ -23,10 +23,22 @@ if compgen -G ".whl/*.whl" >/dev/null; then
         && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 failed=()
+# DEADLINE (seconds from the start, e.g. 560 inside a 600 s device call): a step's limit is cut to what is
+# left, a step with under 30 s left is skipped and reported, and the results are always packed at the end
+: "${DEADLINE:=100000}"
+# the image carries pytest-xdist and pytest-timeout: cuda tests spread over workers (compiles are CPU-bound),
+# and one hung test fails alone instead of eating the step and its JUnit report
+pytest_fast=()
+python3 -c 'import xdist, pytest_timeout' 2>/dev/null && pytest_fast=(-n "${WORKERS:-8}" --timeout 240)
 
 step() {  # step STAGE NAME SECONDS COMMAND... : run with a timeout, log to $OUT/STAGE/NAME.log
     local stage=$1 name=$2 limit=$3; shift 3
     mkdir -p "$OUT/$stage"
+    local left=$((DEADLINE - SECONDS - 10))
+    if [ "$left" -lt 30 ]; then
+        echo "== $stage/$name skipped: ${left}s left before DEADLINE"; failed+=("$stage/$name (skipped: no time)"); return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
     local start=$SECONDS
     echo "== $stage/$name (limit ${limit}s): $*"
     OUT="$OUT/$stage" timeout "$limit" "$@" > "$OUT/$stage/$name.log" 2>&1
@@ -44,10 +56,13 @@ print("device", torch.cuda.get_device_name(), "| cudnn", torch.backends.cudnn.ve
 for m in ("cudnn", "datasets", "trl", "fla"): print(m, "importable" if u.find_spec(m) else "absent")' ;;
     tests)  # issue 21: every cuda-marked test on one GPU (kernels and data here, models in tests-models); the
         # counts of both go into the closing note
-        step tests cuda 560 python3 -m pytest -q -p no:cacheprovider -m cuda -rs --junitxml="$OUT/tests/cuda.xml" \
-            tests/backends tests/core tests/data tests/distributed tests/trl ;;
+        step tests cuda 560 python3 -m pytest -q -p no:cacheprovider -m cuda -rs "${pytest_fast[@]}" \
+            --junitxml="$OUT/tests/cuda.xml" tests/backends tests/core tests/data tests/distributed tests/trl ;;
+    tests-all)  # both of the above in one pytest run (needs the image's pytest-xdist to fit one call)
+        step tests cuda-all 330 python3 -m pytest -q -p no:cacheprovider -m cuda -rs "${pytest_fast[@]}" \
+            --junitxml="$OUT/tests/cuda-all.xml" tests ;;
     tests-models)  # the cuda-marked tests of hybrid and vision-language models
-        step tests-models cuda 560 python3 -m pytest -q -p no:cacheprovider -m cuda -rs \
+        step tests-models cuda 560 python3 -m pytest -q -p no:cacheprovider -m cuda -rs "${pytest_fast[@]}" \
             --junitxml="$OUT/tests-models/cuda.xml" tests/multimodal tests/recurrent tests/models tests/cli ;;
     trees)  # issue 23: one-launch tree kernels, GRPO/DPO/agentic, draft-tree verification
         step trees tree_kernels 150 env HEAD_DIMS=64,128 python3 benchmarks/tree_kernels.py
@@ -81,9 +96,14 @@ for m in ("cudnn", "datasets", "trl", "fla"): print(m, "importable" if u.find_sp
     calibrate)  # issue 23: the H200 cost table the dispatcher's `auto` reads, then auto against forced
         step calibrate table 420 python3 -m packmask.backends.calibrate --out "$OUT/calibrate/kernel_costs.json"
         step calibrate train_step 150 python3 benchmarks/train_step.py --dist sft --steps 4 --out "$OUT/calibrate" ;;
-    *) echo "unknown stage $stage (env tests tests-models trees models calibrate model-trees hybrid-fast)"; exit 2 ;;
+    *) echo "unknown stage $stage (env tests tests-all tests-models trees models calibrate model-trees hybrid-fast)"; exit 2 ;;
     esac
 done
+
+# the device returns at most 8 files from $OUT: everything travels back as one archive (logs, JUnit, JSON)
+archive="results-$(IFS=-; echo "$*").tgz"
+tar czf "/tmp/$archive" -C "$OUT" . && rm -rf "${OUT:?}"/* && mv "/tmp/$archive" "$OUT/$archive" \
+    && echo "packed: \$OUT/$archive"
 
 if [ ${#failed[@]} -gt 0 ]; then
     printf 'FAILED: %s\n' "${failed[@]}"
