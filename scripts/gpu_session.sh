@@ -2,7 +2,7 @@
 # Every GPU check and benchmark the open issues (21, 23, 24, 25) wait for, in stages that each fit one
 # device call (< 10 min). Run from the repository root on the GPU machine:
 #
-#   bash scripts/gpu_session.sh STAGE [STAGE ...]   # stages: env tests tests-all tests-models trees models calibrate
+#   bash scripts/gpu_session.sh STAGE [STAGE ...]   # stages: env tests tests-all tests-models trees models hybrid-quick calibrate
 #                                                   model-trees hybrid-fast
 #
 # A session has 30 min of device time: in order of what the issues' done-when need, env+tests, tests-models (21),
@@ -59,16 +59,20 @@ for m in ("cudnn", "datasets", "trl", "fla"): print(m, "importable" if u.find_sp
         step tests cuda 560 python3 -m pytest -q -p no:cacheprovider -m cuda -rs "${pytest_fast[@]}" \
             --junitxml="$OUT/tests/cuda.xml" tests/backends tests/core tests/data tests/distributed tests/trl ;;
     tests-all)  # both of the above in one pytest run (needs the image's pytest-xdist to fit one call)
-        step tests cuda-all 330 python3 -m pytest -q -p no:cacheprovider -m cuda -rs "${pytest_fast[@]}" \
+        step tests cuda-all 180 python3 -m pytest -q -p no:cacheprovider -m cuda -rs "${pytest_fast[@]}" \
             --junitxml="$OUT/tests/cuda-all.xml" tests ;;
     tests-models)  # the cuda-marked tests of hybrid and vision-language models
         step tests-models cuda 560 python3 -m pytest -q -p no:cacheprovider -m cuda -rs "${pytest_fast[@]}" \
             --junitxml="$OUT/tests-models/cuda.xml" tests/multimodal tests/recurrent tests/models tests/cli ;;
     trees)  # issue 23: one-launch tree kernels, GRPO/DPO/agentic, draft-tree verification
-        step trees tree_kernels 150 env HEAD_DIMS=64,128 python3 benchmarks/tree_kernels.py
-        step trees tree_attention 120 env STEPS=4 python3 benchmarks/tree_attention.py
+        # in the order of the issue's table: preference (DPO, GRPO), draft trees, tree steps, kernels alone
         step trees preference 200 python3 benchmarks/preference.py --steps 3
-        step trees spec_decode 100 env ITERS=10 python3 benchmarks/spec_decode.py ;;
+        step trees spec_decode 100 env ITERS=10 python3 benchmarks/spec_decode.py
+        step trees tree_attention 120 env STEPS=4 python3 benchmarks/tree_attention.py
+        step trees tree_kernels 150 env HEAD_DIMS=64,128 python3 benchmarks/tree_kernels.py ;;
+    hybrid-quick)  # issue 24's table in one short step: one 8192-token row, 2 warm steps, each method printed as it ends
+        step models hybrid_sft 200 python3 benchmarks/hybrid.py --model all --dist sft --rows 1 --steps 2 \
+            --out "$OUT/models/sft" ;;
     models)  # issues 24 and 25: hybrids (both length distributions) and the Qwen2.5-VL-shaped VLM
         step models hybrid_sft 180 python3 benchmarks/hybrid.py --model all --dist sft --steps 3 --out "$OUT/models/sft"
         step models hybrid_long 150 python3 benchmarks/hybrid.py --model all --dist long --steps 3 --out "$OUT/models/long"
@@ -96,7 +100,7 @@ for m in ("cudnn", "datasets", "trl", "fla"): print(m, "importable" if u.find_sp
     calibrate)  # issue 23: the H200 cost table the dispatcher's `auto` reads, then auto against forced
         step calibrate table 420 python3 -m packmask.backends.calibrate --out "$OUT/calibrate/kernel_costs.json"
         step calibrate train_step 150 python3 benchmarks/train_step.py --dist sft --steps 4 --out "$OUT/calibrate" ;;
-    *) echo "unknown stage $stage (env tests tests-all tests-models trees models calibrate model-trees hybrid-fast)"; exit 2 ;;
+    *) echo "unknown stage $stage (env tests tests-all tests-models trees models hybrid-quick calibrate model-trees hybrid-fast)"; exit 2 ;;
     esac
 done
 

@@ -191,6 +191,10 @@ def _derive_inputs(model, args, kwargs):
     bound = dict(zip(names, args), **kwargs)
     mask = bound.get("attention_mask")
     ref = _tokens(bound)
+    if isinstance(mask, torch.Tensor) and ref is not None and mask.device != ref.device:
+        # a mask built on the host beside tokens on the GPU: the layers (and the recurrent plans) would mix devices
+        mask = mask.to(ref.device)
+        args, kwargs = _set(names, args, kwargs, "attention_mask", mask)
     if isinstance(mask, torch.Tensor) and mask.dim() == 3:
         # pass a [B, N, N] mask on as its [B, 1, N, N] view: transformers forwards 4D masks untouched, while
         # some models reshape anything below 4D as a 2D padding mask (ctrl: mask.view(B, -1))

@@ -164,14 +164,15 @@ def _documents_of_positions(pos, padding, causal):
 
 def resolve_layout(batch_size: int | None, seq_len: int | None, *, attention_mask=None, position_ids=None,
                    cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, seq_lengths=None,
-                   causal: bool = True, packed_only: bool = True, **_ignored) -> Layout | None:
+                   causal: bool = True, packed_only: bool = True, device=None, **_ignored) -> Layout | None:
     """The packed layout of a forward's inputs, or None when nothing is packed (see the module docstring).
 
     ``attention_mask`` may be a ``[B, N, N]`` / ``[B, 1, N, N]`` mask, a layout already analysed, or
     a 2D padding mask (read together with ``position_ids``). ``causal`` applies to the boundary forms
     (a mask says itself whether it is causal). ``packed_only=False`` returns the layout of
     ``seq_lengths`` / ``cu_seq_lens`` even with one sequence per row (its positions). Other keywords of a forward are ignored, so
-    ``resolve_layout(B, N, **model_kwargs)`` works.
+    ``resolve_layout(B, N, **model_kwargs)`` works. ``device``: where a layout built from host
+    ``seq_lengths`` lives (the tokens' device; the tensor forms keep their own).
     """
     mask = attention_mask
     if isinstance(mask, LAYOUT_TYPES):
@@ -179,7 +180,7 @@ def resolve_layout(batch_size: int | None, seq_len: int | None, *, attention_mas
     if isinstance(mask, torch.Tensor) and mask.dim() in (3, 4):
         return layout_from_mask(mask, batch_size, seq_len)
     if seq_lengths is not None:
-        layout = layout_from_seq_lengths(seq_lengths, seq_len, causal=causal)
+        layout = layout_from_seq_lengths(seq_lengths, seq_len, device=device, causal=causal)
         return layout if is_packed(layout) or not packed_only else None
     if cu_seq_lens_q is not None:
         layout = layout_from_cu_seq_lens(cu_seq_lens_q, batch_size, seq_len, cu_seq_lens_k=cu_seq_lens_k,

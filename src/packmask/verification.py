@@ -155,7 +155,7 @@ def _compare_grads(packed: dict, alone: dict, floor: float = 1e-4) -> tuple[floa
 def _inputs(form, ids, labels, pos, seq_lengths, N, causal):
     """Keyword arguments of the packed forward for one form; the first element says if it is flattened."""
     B = ids.shape[0]
-    mask = block_diagonal_mask(seq_lengths, N, causal_within=causal)
+    mask = block_diagonal_mask(seq_lengths, N, causal_within=causal).to(ids.device)
     if form == "mask3d":
         return False, dict(input_ids=ids, attention_mask=mask)
     if form == "mask4d":
@@ -169,7 +169,7 @@ def _inputs(form, ids, labels, pos, seq_lengths, N, causal):
     if form == "position_ids":
         return False, dict(input_ids=ids, position_ids=pos)
     if form == "position_ids_ones_2d":
-        return False, dict(input_ids=ids, position_ids=pos, attention_mask=torch.ones(B, N, dtype=torch.long))
+        return False, dict(input_ids=ids, position_ids=pos, attention_mask=torch.ones(B, N, dtype=torch.long, device=ids.device))
     if form == "seq_lengths":
         return False, dict(input_ids=ids, seq_lengths=seq_lengths)
     raise PackmaskError(f"unknown verify form {form!r}; choose from {FORMS}.")

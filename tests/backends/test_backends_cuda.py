@@ -76,7 +76,7 @@ def test_cuda_backends_equal_each_sequence_alone(family, batch):
 # the backends a general mask's layout runs on; the others must refuse it with a PackmaskError (flex
 # refuses trees: inductor finds no kernel config for a tree BlockMask on torch 2.11; varlen refuses
 # general, non-tree masks)
-GENERAL_BACKENDS = {"prefix_lm": {"runs": ["auto", "flex", "sdpa"], "refuses": {"varlen": "block-diagonal or tree"}},
+GENERAL_BACKENDS = {"prefix_lm": {"runs": ["auto", "flex", "sdpa"], "refuses": {"varlen": "block-diagonal, tree or pieces"}},
                     "tree": {"runs": ["auto", "varlen", "sdpa"], "refuses": {"flex": "tree BlockMasks"}}}
 
 

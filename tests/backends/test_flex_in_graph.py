@@ -82,11 +82,18 @@ def test_flex_with_a_block_mask_built_in_the_graph_equals_eager_flex_on_gpu():
     for split in SPLITS:
         layout = DocumentLayout.from_seq_lengths(split, N, device="cuda")
         eager = flex_attention_call(q, k, v, layout, spec).float()
-        out = compiled(q, k, v, layout.cu_seqlens.to(torch.int32)).float()
         dense = torch.nn.functional.scaled_dot_product_attention(
             q.float(), k.float().repeat_interleave(2, 1), v.float().repeat_interleave(2, 1),
             attn_mask=layout.dense_mask(), scale=0.125).transpose(1, 2)
         assert ((eager - dense).norm() / dense.norm()).item() <= 2e-2
+        try:
+            out = compiled(q, k, v, layout.cu_seqlens.to(torch.int32)).float()
+        except torch._inductor.exc.InductorError as error:
+            # torch 2.11 on an H200 (2026-12-05): "LoweringException: convert FlexibleLayout to FixedLayout
+            # first" -- a loud compile error, never a wrong result; it is why packmask refuses flex under
+            # torch.compile (backends/flex.py, tests/core/test_compile.py). A torch that compiles it is held
+            # to the comparison below.
+            pytest.xfail(f"this torch cannot compile flex with an in-graph BlockMask: {str(error).splitlines()[0]}")
         assert ((out - eager).norm() / eager.norm()).item() <= 2e-2, split
         plain = torch.nn.functional.scaled_dot_product_attention(  # control: no document boundaries
             q.float(), k.float().repeat_interleave(2, 1), v.float().repeat_interleave(2, 1), is_causal=True,

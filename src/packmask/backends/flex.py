@@ -243,14 +243,29 @@ def tree_block_mask(layout: TreeLayout, kv_len: int | None, sliding_window: int 
     return bm
 
 
-def _flex_softcap(q, k, v, block_mask, scale, cap, enable_gqa):
+def self_attention_kernel_options(q, k) -> dict | None:
+    """flex's kernel options for a call: a row attending to itself (queries = keys: training, prefill)
+    always takes flex's main kernel. Below 128 queries inductor would otherwise pick its decoding
+    kernel, which is built for a few queries over a long cache; on torch 2.11 + H200 its autotuning
+    found no valid config for short packed rows (NoValidChoicesError; tiny VLM rows, issue 21's GPU
+    run). Cached decoding (few queries, more keys) keeps inductor's choice.
+
+    >>> q = torch.zeros(1, 2, 64, 16)
+    >>> self_attention_kernel_options(q, q), self_attention_kernel_options(q[:, :, :1], q)
+    ({'FORCE_USE_FLEX_ATTENTION': True}, None)
+    """
+    return {"FORCE_USE_FLEX_ATTENTION": True} if q.shape[2] == k.shape[2] else None
+
+
+def _flex_softcap(q, k, v, block_mask, scale, cap, enable_gqa, kernel_options=None):
     from torch.nn.attention.flex_attention import flex_attention
 
     # score_mod is created inside the compiled region (a closure made outside and passed in
     # trips torch 2.11's flex backward tracing when the mask_mod also captures tensors)
     def score_mod(score, b, h, q_idx, kv_idx):
         return torch.tanh(score / cap) * cap
-    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
+                          kernel_options=kernel_options)
 
 
 def _flex_softcap_fn():
@@ -265,10 +280,12 @@ def flex_attention_call(q, k, v, layout: Layout, spec: AttentionSpec) -> torch.T
     else:
         block_mask = flex_block_mask(layout, spec.sliding_window, q.device, spec.bidirectional_window)
     gqa = k.shape[1] != q.shape[1]
+    options = self_attention_kernel_options(q, k)
     if spec.softcap is not None:
-        out = _flex_softcap_fn()(q, k, v, block_mask, spec.scale, float(spec.softcap), gqa)
+        out = _flex_softcap_fn()(q, k, v, block_mask, spec.scale, float(spec.softcap), gqa, options)
     else:
-        out = compiled_flex_attention()(q, k, v, block_mask=block_mask, scale=spec.scale, enable_gqa=gqa)
+        out = compiled_flex_attention()(q, k, v, block_mask=block_mask, scale=spec.scale, enable_gqa=gqa,
+                                        kernel_options=options)
     return out.transpose(1, 2)
 
 

@@ -137,7 +137,8 @@ def _image(model, size, g):
         n = image_size_to_num_patches((h, w), model.config.image_grid_pinpoints, s)
         pixels = dict(pixel_values=torch.randn(1, n, 3, s, s, generator=g), image_sizes=torch.tensor([[h, w]]))
         with torch.no_grad():  # the token count of anyres tiling (unpadding, newlines): ask the model itself
-            out = model.model.get_image_features(**pixels)
+            device = next(model.parameters()).device
+            out = model.model.get_image_features(**{k: v.to(device) for k, v in pixels.items()})
         feats = getattr(out, "pooler_output", out)
         feats = feats[0] if isinstance(feats, (tuple, list)) and isinstance(feats[0], (tuple, list)) else feats
         return pixels, sum(int(f.shape[0]) for f in feats)

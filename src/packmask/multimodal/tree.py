@@ -190,7 +190,9 @@ class MultimodalTreeCollator:
         each ``prompt + branch`` path, the branch part taken."""
         ids = prompt["input_ids"].cpu()
         types = prompt.get("mm_token_type_ids")
-        grids = {k: prompt.get(k) for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")}
+        # on the host with the ids: a prompt moved to the GPU would mix devices inside get_rope_index
+        grids = {k: v.cpu() if isinstance(v, torch.Tensor) else v
+                 for k, v in ((k, prompt.get(k)) for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts"))}
         out, P = [], ids.shape[1]
         for b in branches:
             path = torch.cat([ids, torch.tensor([b], dtype=ids.dtype)], 1)

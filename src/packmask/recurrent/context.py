@@ -113,7 +113,8 @@ def packed_layout(model, args, kwargs) -> DocumentLayout | TreeLayout | None:
         _refuse(f"an attention_mask with {mask.shape[-1]} key columns for {N} tokens (a mask over a cache).")
     padding = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()) else None
     # the one resolver of every input form (packmask.inputs), as the attention layers read it
-    layout = resolve_layout(B, N, **{k: bound[k] for k in _BOUNDARY_KEYS if bound.get(k) is not None})
+    layout = resolve_layout(B, N, **{k: bound[k] for k in _BOUNDARY_KEYS if bound.get(k) is not None},
+                            device=ref.device)  # seq_lengths come as host lists: the plans index GPU states
     if layout is None:
         return None
     if isinstance(layout, DocumentLayout):
