@@ -262,9 +262,9 @@ def run_model(name, args, failures):
             del model
         except Exception as error:  # noqa: BLE001 - reported and failing, never hidden
             record_error(res, failures, f"{name}/{method}", error)
-        # each method as it ends: a run cut short by a time limit still shows what it measured
-        print(f"  {name}/{method}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                               for k, v in res.items() if k not in ("model", "method")), flush=True)
+        finally:  # each method as it ends (skipped ones too): a run cut short by a time limit still shows it
+            print(f"  {name}/{method}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                   for k, v in res.items() if k not in ("model", "method")), flush=True)
         if DEV == "cuda":
             torch.cuda.empty_cache()
     base = next((r for r in results if r["method"] == "contaminated" and "tokens_per_s" in r), None)

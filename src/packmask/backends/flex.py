@@ -37,10 +37,12 @@ def refusal(layout, spec: AttentionSpec, q: torch.Tensor, training: bool) -> str
         return "flex has no pieces (context-parallel) path"
     if torch.compiler.is_compiling():
         # issue 21: inside torch.compile(model) on an H200 (torch 2.11) flex gave logits 0.59 away from eager,
-        # silently. The suspected cause (an int8 argsort lowered to a Triton sort) is gone (block_indices), but
-        # the fix has not yet run on a GPU: until tests/core/test_compile.py passes there, compiled layers use
-        # the other kernels (sdpa with the dense mask for general layouts), which are exact
-        return "flex inside torch.compile is not yet verified exact on a GPU (packmask issue 21)"
+        # silently. The sort behind that is gone (block_indices: the in-graph BlockMask now equals the eager one
+        # on an H200, tests/backends/test_flex_in_graph.py), but on the same H200 (torch 2.11, 2026-12-05)
+        # inductor cannot lower flex with that in-graph BlockMask ("convert FlexibleLayout to FixedLayout
+        # first"). Compiled layers therefore use the other kernels (sdpa with the dense mask for general
+        # layouts), which are exact; the flex-in-graph test says when a torch compiles it
+        return "flex inside torch.compile: torch 2.11's inductor cannot lower flex with an in-graph BlockMask"
     if isinstance(layout, TreeLayout):
         # measured on one H100 with torch 2.11 (tests/backends/test_tree_cuda.py, 2026-11-25): inductor finds no
         # kernel config for the tree BlockMask (triton shared memory over the limit), so trees go to
