@@ -65,11 +65,14 @@ for m in ("cudnn", "datasets", "trl", "fla"): print(m, "importable" if u.find_sp
         step tests-models cuda 560 python3 -m pytest -q -p no:cacheprovider -m cuda -rs "${pytest_fast[@]}" \
             --junitxml="$OUT/tests-models/cuda.xml" tests/multimodal tests/recurrent tests/models tests/cli ;;
     trees)  # issue 23: one-launch tree kernels, GRPO/DPO/agentic, draft-tree verification
-        # in the order of the issue's table: preference (DPO, GRPO), draft trees, tree steps, kernels alone
-        step trees preference 200 python3 benchmarks/preference.py --steps 3
-        step trees spec_decode 100 env ITERS=10 python3 benchmarks/spec_decode.py
+        # what the H200 run of 2026-12-05 left unmeasured first (GRPO, agentic, tree steps, kernels alone), then
+        # draft trees and DPO again (docs/benchmarks.md has them); each preference part in its own folder
+        step trees preference_grpo 200 python3 benchmarks/preference.py --steps 3 --cases grpo,agentic --out "$OUT/trees/grpo"
         step trees tree_attention 120 env STEPS=4 python3 benchmarks/tree_attention.py
-        step trees tree_kernels 150 env HEAD_DIMS=64,128 python3 benchmarks/tree_kernels.py ;;
+        step trees tree_kernels 150 env HEAD_DIMS=64,128 python3 benchmarks/tree_kernels.py
+        step trees spec_decode 100 env ITERS=10 python3 benchmarks/spec_decode.py
+        step trees preference_dpo 150 python3 benchmarks/preference.py --steps 3 --cases ultrafeedback,long_prompt \
+            --out "$OUT/trees/dpo" ;;
     hybrid-quick)  # issue 24's table in one short step: one 8192-token row, 2 warm steps, each method printed as it ends
         step models hybrid_sft 200 python3 benchmarks/hybrid.py --model all --dist sft --rows 1 --steps 2 \
             --out "$OUT/models/sft" ;;
