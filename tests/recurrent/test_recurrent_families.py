@@ -64,3 +64,25 @@ def test_refused_families_raise_on_packed_input(family):
     ids = torch.randint(3, 100, (2, 18))
     with pytest.raises(packmask.UnsupportedModelError, match=REFUSED[family]):
         model(input_ids=ids, attention_mask=packmask.block_diagonal_mask([[5, 9, 4], [11, 6]], 18), use_cache=False)
+
+
+def test_softmax_attention_named_like_a_mixer_is_left_to_the_mask():
+    """Kimi Linear's MLA layer (``KimiLinearAttention``) dispatches through transformers' attention interface:
+    packmask's mask isolates it, so it is not wrapped as a recurrent mixer; its delta-attention layer is.
+    Control: without the interface check (a class of the same name whose forward does not dispatch) it
+    would be wrapped."""
+    from packmask.recurrent.detect import calls_attention_interface
+
+    model = tiny_model("kimi_linear")
+    wrapped = {type(m).__name__ for _, m in find_mixers(model)}
+    assert wrapped == {"KimiLinearDeltaAttention"}
+    assert any(type(m).__name__ == "KimiLinearAttention" for m in model.modules())
+
+    class KimiLinearAttention(torch.nn.Module):  # the name alone: no attention interface in its forward
+        def forward(self, x):
+            return torch.cumsum(x, dim=1)
+
+    assert not calls_attention_interface(KimiLinearAttention)
+    holder = torch.nn.Module()
+    holder.mixer = KimiLinearAttention()
+    assert [name for name, _ in find_mixers(holder)] == ["mixer"]

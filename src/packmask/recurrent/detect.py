@@ -27,7 +27,9 @@ unit stays as small as the model allows)::
 """
 from __future__ import annotations
 
+import inspect
 import re
+from functools import lru_cache
 
 import torch
 
@@ -46,9 +48,24 @@ def is_sequence_conv(module) -> bool:
     return isinstance(module, torch.nn.Conv1d) and module.kernel_size[0] > 1
 
 
+@lru_cache(maxsize=None)
+def calls_attention_interface(cls) -> bool:
+    """Whether ``cls.forward`` dispatches through transformers' attention interface
+    (``ALL_ATTENTION_FUNCTIONS``): softmax attention that packmask's mask already isolates, whatever
+    its name. Kimi Linear's MLA layer is ``KimiLinearAttention``: named like a linear-attention mixer,
+    it was run once per packed sequence (exact, but a wasted split) until this check. Read from the
+    source, by feature, as transformers releases differ."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in source
+
+
 def _named_like_mixer(module) -> bool:
     name = type(module).__name__
-    return bool(RECURRENT_MODULE_PATTERN.search(name)) and not _NOT_A_MIXER.search(name)
+    return (bool(RECURRENT_MODULE_PATTERN.search(name)) and not _NOT_A_MIXER.search(name)
+            and not calls_attention_interface(type(module)))
 
 
 def recurrent_module_names(model) -> list[str]:
@@ -56,7 +73,8 @@ def recurrent_module_names(model) -> list[str]:
     found = []
     for module in model.modules():
         name = type(module).__name__
-        if RECURRENT_MODULE_PATTERN.search(name) and not name.endswith(("Config", "Cache", "Output")):
+        if (RECURRENT_MODULE_PATTERN.search(name) and not name.endswith(("Config", "Cache", "Output"))
+                and not calls_attention_interface(type(module))):
             found.append(name)
         elif is_sequence_conv(module):
             found.append(f"{name} (convolution over the sequence)")
