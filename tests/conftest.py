@@ -36,3 +36,28 @@ def fake_varlen_kernel(monkeypatch):
         fresh = functools.lru_cache(maxsize=None)(varlen_backend.varlen_params.__wrapped__)
         monkeypatch.setattr(varlen_backend, "varlen_params", fresh)
     return install
+
+
+@pytest.fixture
+def load_benchmark(monkeypatch):
+    """``load_benchmark("vlm")`` imports ``benchmarks/vlm.py`` in-process (no interpreter start-up on a
+    loaded CI machine) with ``benchmarks/`` on ``sys.path`` (the scripts import ``_report`` and each
+    other's data builders); the modules it imported from there are dropped afterwards."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(folder))
+    before = set(sys.modules)
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"{name}_benchmark", folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    yield load
+    for name in set(sys.modules) - before:
+        if str(folder) in str(getattr(sys.modules[name], "__file__", "") or ""):
+            del sys.modules[name]

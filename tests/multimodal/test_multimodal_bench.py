@@ -1,15 +1,9 @@
 """benchmarks/vlm.py runs end to end at its tiny size on a CPU: three methods, a JSON report, checks passed."""
-import importlib.util
 import json
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_vlm_benchmark_tiny(tmp_path):
-    spec = importlib.util.spec_from_file_location("vlm_benchmark", ROOT / "benchmarks" / "vlm.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)  # in-process: no interpreter start-up on a loaded CI machine
+def test_vlm_benchmark_tiny(tmp_path, load_benchmark):
+    bench = load_benchmark("vlm")
     bench.main(["--tiny", "--device", "cpu", "--row", "256", "--rows", "1", "--steps", "2", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "vlm.json").read_text())
     assert not report["failures"]

@@ -1,18 +1,10 @@
 """benchmarks/vlm_preference.py runs end to end at its tiny size on a CPU: three methods, a JSON report,
 the per-answer log-prob and answer-logit checks passed and the logits' control failed."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_vlm_preference_benchmark_tiny(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # it imports benchmarks/vlm.py's data builders
-    spec = importlib.util.spec_from_file_location("vlm_preference_benchmark", ROOT / "benchmarks" / "vlm_preference.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)  # in-process: no interpreter start-up on a loaded CI machine
+def test_vlm_preference_benchmark_tiny(tmp_path, load_benchmark):
+    bench = load_benchmark("vlm_preference")  # it imports benchmarks/vlm.py's data builders
     bench.main(["--tiny", "--device", "cpu", "--row", "256", "--rows", "1", "--steps", "2", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "vlm_preference.json").read_text())
     assert not report["failures"]
@@ -23,15 +15,11 @@ def test_vlm_preference_benchmark_tiny(tmp_path, monkeypatch):
     assert results["tree"]["logits_rel_err_vs_alone"] <= 1e-4
     assert results["control_siblings_rel_err"] > 1e-2  # answer logits of a tree whose answers see their siblings
     assert report["env"]["script"] == "benchmarks/vlm_preference.py"
-    sys.modules.pop("vlm", None)
 
 
-def test_vlm_grpo_benchmark_tiny(tmp_path, monkeypatch):
+def test_vlm_grpo_benchmark_tiny(tmp_path, load_benchmark):
     """--group G: GRPO groups as trees (the prompt and its images once for G completions), same checks."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("vlm_grpo_benchmark", ROOT / "benchmarks" / "vlm_preference.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("vlm_preference")
     bench.main(["--tiny", "--device", "cpu", "--group", "3", "--row", "256", "--rows", "1", "--steps", "2",
                 "--out", str(tmp_path)])
     report = json.loads((tmp_path / "vlm_grpo.json").read_text())
@@ -40,4 +28,3 @@ def test_vlm_grpo_benchmark_tiny(tmp_path, monkeypatch):
     assert results["tree"]["logp_sums_rel_err_vs_alone"] <= 1e-4
     assert results["tree"]["slots"] < results["dup_packed"]["slots"]
     assert results["control_siblings_rel_err"] > 1e-4
-    sys.modules.pop("vlm", None)
