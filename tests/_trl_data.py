@@ -28,3 +28,15 @@ def preference_data(n=8, seed=0):
         rows.append({"prompt": text(rng, rng.randint(2, 9)), "chosen": " " + text(rng, rng.randint(1, 8)),
                      "rejected": " " + text(rng, rng.randint(1, 8))})
     return rows
+
+
+def counting_tree_calls(cls):
+    """``cls`` (a packmask TRL trainer) counting its tree forwards (``_branch_logps``): the check that a
+    comparison ran the tree path, not a fallback to TRL's own."""
+    class Counting(cls):
+        tree_calls = 0
+
+        def _branch_logps(self, *args, **kwargs):
+            type(self).tree_calls += 1
+            return super()._branch_logps(*args, **kwargs)
+    return Counting

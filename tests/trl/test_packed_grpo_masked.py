@@ -10,7 +10,7 @@ pytest.importorskip("trl")
 import packmask  # noqa: E402,F401  (registers the "packmask" attention)
 from packmask.testing import grad_rel_err, rel_err, tiny_model  # noqa: E402
 
-from _trl_data import VOCAB, tiny_tokenizer  # noqa: E402  (tests/_trl_data.py)
+from _trl_data import VOCAB, counting_tree_calls, tiny_tokenizer  # noqa: E402  (tests/_trl_data.py)
 
 K = 7   # completion block (logits_to_keep)
 
@@ -25,17 +25,6 @@ def _trainer(cls, tmp_path, **config):
     return cls(model=tiny_model("llama", attn_implementation="packmask"),
                reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
                train_dataset=Dataset.from_dict({"prompt": ["t5 t6", "t7"]}), processing_class=tiny_tokenizer())
-
-
-def _counting(cls):
-    """``cls`` counting its tree forwards (``_branch_logps``): the control that the tree path ran."""
-    class Counting(cls):
-        tree_calls = 0
-
-        def _branch_logps(self, *args, **kwargs):
-            type(self).tree_calls += 1
-            return super()._branch_logps(*args, **kwargs)
-    return Counting
 
 
 def _batch(masked_out=(0, 5)):
@@ -67,7 +56,7 @@ def test_fully_masked_completion_stays_on_trees(tmp_path):
 
     from packmask.trl import PackedGRPOTrainer
 
-    packed, plain = _trainer(_counting(PackedGRPOTrainer), tmp_path), _trainer(GRPOTrainer, tmp_path)
+    packed, plain = _trainer(counting_tree_calls(PackedGRPOTrainer), tmp_path), _trainer(GRPOTrainer, tmp_path)
     ids, p_mask, c_mask = _batch()
     mask = torch.cat([p_mask, c_mask], 1)
     lp, ent, _ = packed._get_per_token_logps_and_entropies(packed.model, ids, mask, K, compute_entropy=True)
@@ -114,7 +103,7 @@ def test_fp32_lm_head_honoured(tmp_path):
     ids, p_mask, c_mask = _batch()
     mask, valid = torch.cat([p_mask, c_mask], 1), c_mask.bool()
     # fp32: equal to TRL's fused fp32 head, on trees
-    packed = _trainer(_counting(PackedGRPOTrainer), tmp_path, cast_lm_head_to_fp32=True)
+    packed = _trainer(counting_tree_calls(PackedGRPOTrainer), tmp_path, cast_lm_head_to_fp32=True)
     plain = _trainer(GRPOTrainer, tmp_path, cast_lm_head_to_fp32=True)
     with torch.no_grad():
         lp = packed._get_per_token_logps_and_entropies(packed.model, ids, mask, K)[0]

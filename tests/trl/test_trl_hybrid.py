@@ -9,11 +9,12 @@ import torch
 pytest.importorskip("trl")
 
 import packmask  # noqa: E402,F401  (registers the "packmask" attention)
-from packmask.recurrent import installed  # noqa: E402
+from packmask import support  # noqa: E402
+from packmask.recurrent import installed, uninstall  # noqa: E402
 from packmask.testing import grad_rel_err, rel_err, tiny_model  # noqa: E402
 
 from _float64 import GATE_PARAMETERS, double, float64_everywhere  # noqa: E402  (tests/_float64.py)
-from _trl_data import VOCAB, preference_data, tiny_tokenizer  # noqa: E402  (tests/_trl_data.py)
+from _trl_data import VOCAB, counting_tree_calls, preference_data, tiny_tokenizer  # noqa: E402  (tests/_trl_data.py)
 
 FAMILY = "qwen3_5_text"
 
@@ -75,20 +76,21 @@ def _grpo_rows():
     return torch.tensor(rows), torch.tensor(masks)
 
 
-def test_packed_grpo_logps_on_a_hybrid_equal_trl(tmp_path):
+def test_packed_grpo_logps_on_a_hybrid_equal_trl(tmp_path, monkeypatch):
     """GRPO's log-prob pass: 2 prompts x 4 completions as 2 trees (TRL: 8 left/right-padded rows); log-probs,
-    entropies and the gradient of their sum."""
+    entropies and the gradient of their sum. Control: the same trees through the mixers' original forwards
+    (a completion continues its sibling's recurrent state) differ."""
     from trl import GRPOTrainer
 
     from packmask.trl import PackedGRPOTrainer
 
     input_ids, attention_mask = _grpo_rows()
-    packed, plain = _grpo(PackedGRPOTrainer, tmp_path), _grpo(GRPOTrainer, tmp_path)
+    packed, plain = _grpo(counting_tree_calls(PackedGRPOTrainer), tmp_path), _grpo(GRPOTrainer, tmp_path)
     lp, ent, _ = packed._get_per_token_logps_and_entropies(packed.model, input_ids, attention_mask, 7,
                                                            compute_entropy=True)
     ref_lp, ref_ent, _ = plain._get_per_token_logps_and_entropies(plain.model, input_ids, attention_mask, 7,
                                                                   compute_entropy=True)
-    assert installed(packed.model)
+    assert installed(packed.model) and type(packed).tree_calls > 0  # the tree path ran, not TRL's own
     valid = attention_mask[:, -7:].bool()
     assert rel_err(lp[valid], ref_lp[valid]) < 1e-5 and rel_err(ent[valid], ref_ent[valid]) < 1e-5
     packed._get_per_token_logps_and_entropies(packed.model, input_ids, attention_mask, 7)[0].sum().backward()
@@ -98,6 +100,13 @@ def test_packed_grpo_logps_on_a_hybrid_equal_trl(tmp_path):
     # the gates' fp32 gradients are ill-conditioned sums (tests/_float64.py): checked in float64 below
     worst = max((e, n) for n, e in errors.items() if not n.endswith(GATE_PARAMETERS))
     assert worst[0] < 1e-5, worst
+
+    with torch.no_grad():  # control: the mixers' original forwards over the tree rows
+        assert uninstall(packed.model) > 0
+        monkeypatch.setattr(support, "_runs_per_sequence", lambda m: True)  # let the packed input through
+        wrong = packed._get_per_token_logps_and_entropies(packed.model, input_ids, attention_mask, 7)[0]
+    assert rel_err(wrong[valid], ref_lp[valid]) > 1e-3  # 100x the bound above (2.5e-3 here: random-init log-probs
+    # sit near -log(vocab) whatever the context, so contamination moves them little)
 
 
 def test_packed_grpo_gradients_on_a_hybrid_in_float64(tmp_path, monkeypatch):
