@@ -41,6 +41,7 @@ __all__ = ["NAME", "LAYOUT_KWARG", "uses_packmask", "derive_inputs_hook", "close
 NAME = "packmask"
 
 _BOUNDARY_KEYS = ("attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q")
+_BOUNDARY_TENSORS = _BOUNDARY_KEYS[:4]  # the ones that live beside the tokens (max_length_q is a host number)
 _OPEN = "_packmask_open_forwards"  # per model: the tokens of the forwards its pre-hook opened
 
 
@@ -189,12 +190,15 @@ def _derive_inputs(model, args, kwargs):
             raise PackmaskError("got both cache= and past_key_values=; pass the cache once.")
         kwargs["past_key_values"] = kwargs.pop("cache")
     bound = dict(zip(names, args), **kwargs)
-    mask = bound.get("attention_mask")
     ref = _tokens(bound)
-    if isinstance(mask, torch.Tensor) and ref is not None and mask.device != ref.device:
-        # a mask built on the host beside tokens on the GPU: the layers (and the recurrent plans) would mix devices
-        mask = mask.to(ref.device)
-        args, kwargs = _set(names, args, kwargs, "attention_mask", mask)
+    for name in _BOUNDARY_TENSORS if ref is not None else ():
+        # boundaries built on the host beside tokens on the GPU (a mask, cu_seq_lens): the layers and the
+        # recurrent plans would mix devices and fail deep in a kernel
+        value = bound.get(name)
+        if isinstance(value, torch.Tensor) and value.device != ref.device:
+            bound[name] = value.to(ref.device)
+            args, kwargs = _set(names, args, kwargs, name, bound[name])
+    mask = bound.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 3:
         # pass a [B, N, N] mask on as its [B, 1, N, N] view: transformers forwards 4D masks untouched, while
         # some models reshape anything below 4D as a 2D padding mask (ctrl: mask.view(B, -1))

@@ -35,7 +35,6 @@ from functools import lru_cache
 import torch
 
 from ..errors import PackmaskError
-from ..segments import doc_ids_and_positions_from_cu_seqlens
 
 __all__ = ["EXTRAS", "kernels_available", "kernel_hooks_available", "Boundaries", "VARLEN_FUNCTIONS",
            "CACHE_ONLY_FUNCTIONS", "ROUTING_FUNCTIONS", "NoFusion", "CacheOnly"]
@@ -93,9 +92,8 @@ class Boundaries:
     def seq_idx(self) -> torch.Tensor:
         """``[B, N]`` int32 document index of every token (mamba-ssm's ``seq_idx``)."""
         memo = self._layout._memo
-        if "varlen_seq_idx" not in memo:
-            doc, _ = doc_ids_and_positions_from_cu_seqlens(self.cu_seqlens, self.batch_size, self.seq_len)
-            memo["varlen_seq_idx"] = doc.to(torch.int32)
+        if "varlen_seq_idx" not in memo:  # the layout's document ids (derived once), as the kernel's int32
+            memo["varlen_seq_idx"] = self._layout.doc_ids.to(torch.int32)
         return memo["varlen_seq_idx"]
 
     def flat(self, x: torch.Tensor) -> torch.Tensor:

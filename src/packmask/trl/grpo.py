@@ -197,7 +197,6 @@ class PackedGRPOTrainer(GRPOTrainer):
                 return None
             examples, rows = groups
             if not examples:   # every completion masked out: nothing to score
-                chunks.append((None, examples, end - start))
                 continue
             biggest = max(ex["input_ids"].shape[1] + sum(map(len, ex["completion_ids"])) for ex in examples)
             collator = self._tree_collator(model, max(self.row_length, biggest) if self.row_length else None)
@@ -234,10 +233,9 @@ class PackedGRPOTrainer(GRPOTrainer):
             if chunks is None:
                 return unchanged()
             for collator, examples, rows in chunks:   # collated one at a time: one chunk's tree masks in memory
-                if collator is not None:
-                    batch = collator(examples)
-                    parts.append((rows, *self._branch_logps(model, model_inputs(batch), batch, logits_to_keep,
-                                                            compute_entropy)))
+                batch = collator(examples)
+                parts.append((rows, *self._branch_logps(model, model_inputs(batch), batch, logits_to_keep,
+                                                        compute_entropy)))
         else:
             for start in range(0, input_ids.size(0), batch_size):   # TRL's memory chunks
                 end = min(start + batch_size, input_ids.size(0))
