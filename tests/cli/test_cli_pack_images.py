@@ -252,3 +252,16 @@ def test_a_column_of_mixed_kinds_is_kept_by_place_from_the_one_read(tmp_path):
     assert loaded.mixed_columns == ["images"] and "images" not in loaded.table.column_names
     assert loaded.mixed_values == {"images": {"line 1": ["imgs/a.png"], "line 2": "imgs/a.png", "line 3": None,
                                               "line 4": ["imgs/b.png", "imgs/a.png"]}}
+
+
+def test_image_flags_without_processor_are_refused(tmp_path, capsys):
+    """--images-column / --image-root / --num-proc only drive image-text records: with text (no --processor)
+    they would be ignored silently, so the command refuses them and writes nothing."""
+    source = tmp_path / "docs.jsonl"
+    source.write_text('{"text": "t5 t6 t7"}\n{"text": "t8 t9"}\n')
+    out = tmp_path / "o.parquet"
+    assert_error(run(capsys, "pack", source, "--tokenizer", "demo", "--max-length", 8, "-o", out, "--num-proc", 2,
+                     "--image-root", tmp_path), "--image-root, --num-proc", "--processor")
+    assert not out.exists()
+    code, _, _ = run(capsys, "pack", source, "--tokenizer", "demo", "--max-length", 8, "-o", out)  # control
+    assert code == 0 and out.exists()

@@ -118,6 +118,11 @@ def _pack_report(args, console, write: bool) -> int:
         check_plot_path(plot, input_path)
     command = "pack" if write else "stats"
     refuse_packed_input(input_path, packed_metadata(input_path), command=command)
+    image_only = [flag for flag, name in (("--images-column", "images_column"), ("--image-root", "image_root"),
+                                          ("--num-proc", "num_proc")) if getattr(args, name, None) is not None]
+    if image_only and getattr(args, "processor", None) is None:  # they would be ignored, silently
+        raise CLIError(f"{', '.join(image_only)} apply to image-text records only, and no --processor was given",
+                       "add --processor DIR|NAME for image-text records, or leave them out for text")
     if getattr(args, "processor", None) is not None:  # image-text records, through the model's processor
         from .pack_images import pack_image_report
 

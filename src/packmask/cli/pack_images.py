@@ -60,6 +60,8 @@ def resolve_processor(spec: str):
 
 
 def _check_args(args, output: Path | None) -> None:
+    args.images_column = args.images_column or "images"  # the defaults (None in the parser: pack.py refuses
+    args.num_proc = args.num_proc or 1                    # these flags without --processor)
     if args.tokenizer is not None:
         raise CLIError("--tokenizer and --processor were both given", "image-text records need only --processor "
                        "(the tokenizer is inside it)")

@@ -67,12 +67,12 @@ def _data_options(p: argparse.ArgumentParser) -> None:
                    help="image-text records: the model's processor (AutoProcessor; a local folder or a model name "
                         "already in the Hugging Face cache). Rows then hold token ids, labels and image bytes, "
                         "read for training by packmask.multimodal.load_packed_image_text")
-    p.add_argument("--images-column", default="images",
+    p.add_argument("--images-column",
                    help="with --processor: column of each record's images (paths, bytes or {\"bytes\": ...}; "
                         "default images)")
     p.add_argument("--image-root", metavar="DIR",
                    help="with --processor: folder relative image paths are read from (default: INPUT's folder)")
-    p.add_argument("--num-proc", type=_positive_int, default=1, metavar="N",
+    p.add_argument("--num-proc", type=_positive_int, metavar="N",
                    help="with --processor: processes that run the processor (each loads it once; default 1)")
     p.add_argument("--train-on", choices=TRAIN_ON, default="assistant",
                    help="chat input: which tokens get labels (default assistant turns only)")
