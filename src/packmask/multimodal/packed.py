@@ -177,8 +177,7 @@ class PackedImageText:
     """
 
     def __init__(self, dataset, processor):
-        missing = [c for c in ("input_ids", "labels", "seq_lengths", "image_counts", "images", "texts")
-                   if c not in dataset.column_names]
+        missing = [c for c in IMAGE_TEXT_COLUMNS if c not in dataset.column_names]
         if missing:
             raise PackmaskError(f"this dataset lacks {missing}: it was not written by packmask pack --processor / "
                                 f"pack_image_text; pack the image-text records with it first.")
