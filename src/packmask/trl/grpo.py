@@ -41,6 +41,7 @@ from ..data.tree import pack_forest
 from ..data.tree_collator import collate_forest
 from ..errors import PackmaskError, UnsupportedModelError
 from ..multimodal.tree import MultimodalTreeCollator, model_inputs
+from .grpo_layout import prompt_completion_lengths
 from .grpo_vlm import TOKEN_TYPE_KWARGS, VISION_KWARGS, completion_groups, vision_rows
 from .model_init import packmask_model_init_kwargs
 
@@ -69,16 +70,12 @@ def group_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_
     ([[5, 6, 7, 8, 4]], [0, 2])
     """
     K = logits_to_keep
+    lengths = prompt_completion_lengths(attention_mask, K)
+    if lengths is None:
+        return None
+    p_len, c_len = lengths
     ids = input_ids.detach().cpu().numpy()
     mask = attention_mask.detach().cpu().numpy().astype(bool)
-    c_len = mask[:, -K:].sum(1)
-    p_len = mask[:, :-K].sum(1)
-    if not np.array_equal(mask[:, -K:], np.arange(K)[None] < c_len[:, None]):
-        return None   # completion tokens are not a prefix of the completion block
-    if not np.array_equal(mask[:, :-K], np.arange(ids.shape[1] - K)[None] >= (ids.shape[1] - K - p_len)[:, None]):
-        return None   # prompt is not left-padded
-    if (p_len == 0).any():
-        return None
     rows = np.flatnonzero(c_len > 0)   # a completion masked out whole is scored by nobody
     if rows.size == 0:
         return None, torch.as_tensor(rows, device=input_ids.device)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from ..data.spans import offsets_from_lengths
+from .grpo_layout import prompt_completion_lengths
 
 __all__ = ["VISION_KWARGS", "TOKEN_TYPE_KWARGS", "CUT_WITH_PIXELS", "vision_rows", "completion_groups"]
 
@@ -109,27 +110,23 @@ def completion_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, log
     examples' completions in turn), rows with an empty completion left out. ``None`` when the rows are
     not of that form (module docstring)."""
     K = logits_to_keep
-    mask = attention_mask.bool()
-    p_mask, c_mask = mask[:, :-K], mask[:, -K:]
-    c_len, p_len = c_mask.sum(1), p_mask.sum(1)
-    P = p_mask.shape[1]
-    if not torch.equal(c_mask, torch.arange(K, device=mask.device)[None] < c_len[:, None]):
-        return None   # completion tokens are not a prefix of the completion block
-    if not torch.equal(p_mask, torch.arange(P, device=mask.device)[None] >= (P - p_len)[:, None]):
-        return None   # prompt is not left-padded
-    if bool((p_len == 0).any()):
+    lengths = prompt_completion_lengths(attention_mask, K)
+    if lengths is None:
         return None
+    p_len, c_len = (a.tolist() for a in lengths)   # host ints: no device sync per row below
+    c_mask = attention_mask[:, -K:].bool()
+    P = attention_mask.shape[1] - K
     for t in token_types.values():  # image tokens in a completion (tool images) are not a text branch
         if bool(((t[:, -K:] != answer_type) & c_mask).any()):
             return None
     examples, rows, previous = [], [], None
     for r in range(input_ids.shape[0]):   # one loop per row (the batch), none per token
-        if int(c_len[r]) == 0:
+        if c_len[r] == 0:
             continue
-        keep = slice(P - int(p_len[r]), P)
+        keep = slice(P - p_len[r], P)
         prompt = dict(vision[r], input_ids=input_ids[r:r + 1, keep])
         prompt.update({k: t[r:r + 1, keep] for k, t in token_types.items()})
-        completion = input_ids[r, P:P + int(c_len[r])].tolist()
+        completion = input_ids[r, P:P + c_len[r]].tolist()
         if previous is not None and _same(prompt, previous):
             examples[-1]["completion_ids"].append(completion)
         else:
