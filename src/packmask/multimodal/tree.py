@@ -97,19 +97,21 @@ def _as_tensor(value):
     return value
 
 
-def _token_list(value, where: str) -> list[int]:
+def _token_list(value, where: str) -> np.ndarray:
+    """An answer's token ids as an int64 array (checked as a whole: no Python loop per token)."""
     if isinstance(value, torch.Tensor):
         if value.dim() == 2 and value.shape[0] == 1:
             value = value[0]
         if value.dim() != 1:
             raise PackmaskError(f"{where} must be a list of token ids or a [n] / [1, n] tensor, got shape "
                                 f"{tuple(value.shape)}.")
-        value = value.tolist()
-    if not isinstance(value, (list, tuple)) or not all(isinstance(t, (int, np.integer)) for t in value):
-        raise PackmaskError(f"{where} must be a list of token ids, got {type(value).__name__}.")
-    if not value:
+        value = value.cpu().numpy()
+    array = np.asarray(value) if isinstance(value, (list, tuple, np.ndarray)) else None
+    if array is not None and array.size == 0:
         raise PackmaskError(f"{where} is empty: an answer needs at least one token to score; filter the example.")
-    return [int(t) for t in value]
+    if array is None or array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+        raise PackmaskError(f"{where} must be a list of token ids, got {type(value).__name__}.")
+    return array.astype(np.int64, copy=False)
 
 
 def _answers(example: dict, at: str) -> tuple[list[list[int]], list[int]]:
@@ -157,6 +159,7 @@ class MultimodalTreeCollator:
         config = model.config
         self.media_tokens = {int(v) for a in _IMAGE_TOKEN_ATTRS for v in [getattr(config, a, None)]
                              if isinstance(v, int) and not isinstance(v, bool)}
+        self._media_ids = np.array(sorted(self.media_tokens), dtype=np.int64)
         # PaliGemma: the prompt is the prefix (type 0), the answer its suffix (type 1); elsewhere answers are text (0)
         self.answer_type = 1 if self.family.attention == "prefix" else 0
         self.rope_index = rope_index_function(model) if self.family.positions == "mrope" else None
@@ -185,7 +188,7 @@ class MultimodalTreeCollator:
                                 f"the prompt is the prefix and the answers are the suffix: process the prompt alone.")
         return prompt, ids[0].tolist()
 
-    def _rope_rows(self, prompt: dict, branches: list[list[int]], at: str) -> list[torch.Tensor]:
+    def _rope_rows(self, prompt: dict, branches: list[np.ndarray], at: str) -> list[torch.Tensor]:
         """``[3, len]`` mRoPE rows of the prompt, then of each branch: the model's ``get_rope_index`` on
         each ``prompt + branch`` path, the branch part taken."""
         ids = prompt["input_ids"].cpu()
@@ -195,7 +198,7 @@ class MultimodalTreeCollator:
                  for k, v in ((k, prompt.get(k)) for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts"))}
         out, P = [], ids.shape[1]
         for b in branches:
-            path = torch.cat([ids, torch.tensor([b], dtype=ids.dtype)], 1)
+            path = torch.cat([ids, torch.as_tensor(b, dtype=ids.dtype)[None]], 1)
             path_types = None if types is None else torch.cat([types.cpu(), torch.zeros(1, len(b), dtype=types.dtype)], 1)
             rope = call_rope_index(self.rope_index, input_ids=path, mm_token_type_ids=path_types,
                                    attention_mask=torch.ones_like(path), **grids)[:, 0].to(torch.long).cpu()
@@ -228,7 +231,7 @@ class MultimodalTreeCollator:
                                         f"cut); raise max_length or drop the example.")
                 branches = [b[:room] for b in branches]
             for g, b in enumerate(branches):
-                if self.media_tokens.intersection(b):
+                if np.isin(b, self._media_ids).any():
                     raise PackmaskError(f"{at}, answer {g} holds image/video tokens; answers are text: put the "
                                         f"images in the prompt.")
             prompts.append(prompt)
