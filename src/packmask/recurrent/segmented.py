@@ -38,10 +38,10 @@ On input that is not packed (no layout active) the wrapper calls the original fo
 On shared-prefix tree rows the "sequences" are the tree's root-to-leaf paths, gathered token by token,
 and each token's output comes from the first path that holds it (:mod:`.tree_paths`).
 
-By default sequences of similar length share one call, right-padded (:mod:`packmask.recurrent.batched`:
-exact because the mixers are causal); ``configure(batched=False)`` makes one call per sequence (padded
-only where its length equals a size in the layer's parameters, or is 1, so the token axis of every
-output is unambiguous).
+By default sequences are grouped into few right-padded calls, at the least price per device
+(:mod:`packmask.recurrent.batched`: exact because the mixers are causal); ``configure(batched=False)``
+makes one call per sequence (padded only where its length equals a size in the layer's parameters, or
+is 1, so the token axis of every output is unambiguous).
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ import torch
 from ..errors import UnsupportedModelError
 from ..layout_tree import TreeLayout
 from ..segments import row_spans_from_cu_seqlens
-from .batched import gather_tokens, group_index, length_groups, padded_length
+from .batched import call_overhead_rows_for, gather_tokens, group_index, length_groups, padded_length
 from .context import current_layout
 from .settings import SETTINGS, configure
 from .tree_paths import tree_paths
@@ -85,6 +85,18 @@ def _row_spans(layout) -> list[tuple[int, int, int]]:
     if "row_spans" not in memo:
         memo["row_spans"] = row_spans_from_cu_seqlens(layout.cu_seqlens, layout.seq_len)
     return memo["row_spans"]
+
+
+def _groups(layout, spans, device) -> list[tuple[list[int], int]]:
+    """The calls for ``spans`` on ``device``: grouped by :func:`.batched.length_groups` (once per
+    forward, spans and price, on the layout's memo), or one per sequence with ``batched=False``."""
+    if not SETTINGS["batched"]:
+        return [([i], e - s) for i, (_, s, e) in enumerate(spans)]
+    overhead = call_overhead_rows_for(device, SETTINGS["call_overhead_rows"])
+    key = ("length_groups", overhead, tuple(spans))  # the spans too: a tree layout's paths, or its rows
+    if key not in layout._memo:
+        layout._memo[key] = length_groups(spans, overhead)
+    return layout._memo[key]
 
 
 def _is_mask_object(value) -> bool:
@@ -150,10 +162,7 @@ class SegmentedForward:
             arguments, extra = self._bind(layout, args, kwargs)
             paths = tree_paths(layout) if isinstance(layout, TreeLayout) else None  # shared-prefix rows
             spans = _row_spans(layout) if paths is None else paths.spans
-            if SETTINGS["batched"]:
-                groups = length_groups(spans)
-            else:  # one call per sequence
-                groups = [([i], e - s) for i, (_, s, e) in enumerate(spans)]
+            groups = _groups(layout, spans, next(iter(arguments.values())).device)
             return self._batched(layout, spans, groups, arguments, extra, paths)
         except _Refuse as why:
             raise UnsupportedModelError(

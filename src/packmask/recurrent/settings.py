@@ -3,7 +3,8 @@
 Two paths run a mixer on a packed row (see :mod:`packmask.recurrent.varlen` for the dispatcher):
 
 * ``generic`` — the mixer's own forward once per packed sequence (grouped into right-padded calls by
-  default, ``batched=False``: one call per sequence). Exact by construction, every family, any device.
+  default, priced by ``call_overhead_rows`` (:mod:`.batched`); ``batched=False``: one call per
+  sequence). Exact by construction, every family, any device.
 * ``varlen`` — the mixer's forward *once* over the whole packed row, its kernel functions given the
   layout's boundaries (``cu_seqlens`` for flash-linear-attention, ``seq_idx`` for mamba-ssm). Needs
   the kernels (``pip install 'packmask[fla]'`` / ``'packmask[mamba]'``) and CUDA tensors.
@@ -23,23 +24,29 @@ returns the previous ones so a caller can put them back.
 """
 from __future__ import annotations
 
+import math
+
 from ..errors import PackmaskError
 
-__all__ = ["SETTINGS", "PATHS", "configure"]
+__all__ = ["SETTINGS", "PATHS", "configure", "checked_call_overhead"]
 
 #: the recurrent paths a caller can ask for
 PATHS = ("auto", "generic", "varlen")
 
 #: the current settings (read by :mod:`.segmented` and :mod:`.varlen`; change them with :func:`configure`)
-SETTINGS = {"batched": True, "path": "auto", "cpu_kernels": False}
+SETTINGS = {"batched": True, "path": "auto", "cpu_kernels": False, "call_overhead_rows": "auto"}
 
 
-def configure(*, batched: bool | None = None, path: str | None = None, cpu_kernels: bool | None = None) -> dict:
+def configure(*, batched: bool | None = None, path: str | None = None, cpu_kernels: bool | None = None,
+              call_overhead_rows: float | str | None = None) -> dict:
     """Set how packed forwards run the mixers; returns the previous settings (see the module doc).
 
     ``batched``: the generic path groups sequences of similar length into one right-padded call
     (True, default) or makes one call per sequence (False). ``path``: one of :data:`PATHS`.
     ``cpu_kernels``: let the kernel path run on CPU tensors (tests under ``TRITON_INTERPRET=1``).
+    ``call_overhead_rows``: what one grouped call costs, in extra padded rows of its length (a number
+    >= 0 for every device; ``"auto"``: the device's :data:`.batched.CALL_OVERHEAD_ROWS`). Larger
+    makes fewer, more padded calls.
 
     >>> configure(batched=False)["batched"], configure(batched=True)["batched"]
     (True, False)
@@ -47,6 +54,10 @@ def configure(*, batched: bool | None = None, path: str | None = None, cpu_kerne
     Traceback (most recent call last):
     ...
     packmask.errors.PackmaskError: configure(path=...) takes one of ('auto', 'generic', 'varlen'), got 'fast'.
+    >>> configure(call_overhead_rows=-1)
+    Traceback (most recent call last):
+    ...
+    packmask.errors.PackmaskError: configure(call_overhead_rows=...) takes a number >= 0 (extra padded rows per mixer call) or "auto", got -1.
     """
     previous = dict(SETTINGS)
     for name, value in (("batched", batched), ("cpu_kernels", cpu_kernels)):
@@ -58,4 +69,15 @@ def configure(*, batched: bool | None = None, path: str | None = None, cpu_kerne
         if path not in PATHS:
             raise PackmaskError(f"configure(path=...) takes one of {PATHS}, got {path!r}.")
         SETTINGS["path"] = path
+    if call_overhead_rows is not None:
+        SETTINGS["call_overhead_rows"] = checked_call_overhead(call_overhead_rows)
     return previous
+
+
+def checked_call_overhead(value):
+    """``value`` if it is ``"auto"`` or a finite number >= 0, else a one-line :class:`PackmaskError`."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if value == "auto" or (number and math.isfinite(value) and value >= 0):
+        return value
+    raise PackmaskError(f"configure(call_overhead_rows=...) takes a number >= 0 (extra padded rows per mixer call) "
+                        f"or \"auto\", got {value!r}.")
