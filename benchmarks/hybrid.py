@@ -28,8 +28,10 @@ Methods (``--methods``, all by default):
 
 Per method: real (non-pad) tokens/s of fwd+bwd (``--pass fwd``: forward only, under no_grad: for
 machines where a kernel's backward refuses, e.g. fla's gated-delta-rule backward on Hopper with
-Triton < 3.7.1) (bf16 on GPU, fp32 on CPU), the first step's time beside
-the warm median, peak memory, and a check of the first packed row against each document run alone
+Triton < 3.7.1) (bf16 on GPU, fp32 on CPU), the first step's time beside the warm median, peak
+memory, the calls each recurrent layer makes per step and the tokens they run, padding included
+(``calls``, ``mixer tok``: packmask's generic path groups the documents into right-padded calls priced
+per device), and a check of the first packed row against each document run alone
 (packmask must match, contaminated must not). Table on stdout, JSON under --out / $OUT. Exits 1 when a
 check fails.
 
@@ -195,6 +197,26 @@ def inputs_for(method, docs, rows, row_len, config):
     raise ValueError(method)
 
 
+def mixer_calls(method, batches, docs, rows):
+    """(calls per recurrent layer per step, tokens those calls run, padding included) of ``method``:
+    packmask's generic path groups every packed document of the step (packmask.recurrent.batched, the
+    price of a call on this device), packmask_strict calls once per document, the others once per batch."""
+    from packmask.recurrent.batched import call_overhead_rows_for, length_groups
+    from packmask.recurrent.settings import SETTINGS
+    spans = []
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            spans.append((r, at, at + len(docs[i])))
+            at += len(docs[i])
+    if method == "packmask":
+        groups = length_groups(spans, call_overhead_rows_for(DEV, SETTINGS["call_overhead_rows"]))
+        return len(groups), sum(len(members) * longest for members, longest in groups)
+    if method == "packmask_strict":
+        return len(spans), sum(e - s for _, s, e in spans)
+    return len(batches), sum(b["input_ids"].numel() for b in batches)
+
+
 def check_row(model, kwargs, docs, row, tol):
     """Relative error of the first packed row's logits against each of its documents alone."""
     with torch.no_grad():
@@ -243,6 +265,7 @@ def run_model(name, args, failures):
                         res["skipped"] = f"varlen path refused: {next(iter(refused.values()))}"
                         continue
                 batches, real = inputs_for(method, docs, rows, row_len, config)
+                res["mixer_calls"], res["mixer_tokens"] = mixer_calls(method, batches, docs, rows)
                 if DEV == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 first = step(model, batches)
@@ -279,7 +302,7 @@ def run_model(name, args, failures):
 
 def table(records):
     lines = [f"{'model':<11} {'method':<16} {'tok/s':>10} {'vs contam':>9} {'vs pad':>7} {'warm s':>8} "
-             f"{'first s':>8} {'peak GiB':>8} {'row0 err':>9}  note"]
+             f"{'first s':>8} {'peak GiB':>8} {'row0 err':>9} {'calls':>5} {'mixer tok':>9}  note"]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for rec in records:
         for r in rec["results"]:
@@ -287,7 +310,8 @@ def table(records):
             lines.append(f"{rec['model']:<11} {r['method']:<16} {fmt(r.get('tokens_per_s'), '10.0f')} "
                          f"{fmt(r.get('vs_contaminated'), '9.2f')} {fmt(r.get('vs_padding'), '7.2f')} "
                          f"{fmt(r.get('step_s'), '8.3f')} {fmt(r.get('first_s'), '8.3f')} "
-                         f"{fmt(r.get('peak_gib'), '8.2f')} {fmt(r.get('row0_rel_err'), '9.1e')}  {note}")
+                         f"{fmt(r.get('peak_gib'), '8.2f')} {fmt(r.get('row0_rel_err'), '9.1e')} "
+                         f"{fmt(r.get('mixer_calls'), '5d')} {fmt(r.get('mixer_tokens'), '9d')}  {note}")
     return "\n".join(lines)
 
 
