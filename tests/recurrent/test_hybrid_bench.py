@@ -12,6 +12,7 @@ def test_hybrid_benchmark_tiny(tmp_path, load_benchmark):
         assert by["packmask"]["row0_rel_err"] <= 1e-4 and by["packmask_strict"]["row0_rel_err"] <= 1e-4
         assert by["contaminated"]["row0_rel_err"] > 1e-2, record["model"]  # the control: documents see each other
         assert "skipped" in by["packmask_varlen"] or "tokens_per_s" in by["packmask_varlen"]
+        assert 1 <= by["packmask"]["mixer_calls"] <= by["packmask_strict"]["mixer_calls"] == sum(record["docs_per_row"])
 
 
 def test_hybrid_tree_benchmark_tiny(tmp_path, load_benchmark):
