@@ -57,7 +57,7 @@ def configure(*, batched: bool | None = None, path: str | None = None, cpu_kerne
     >>> configure(call_overhead_rows=-1)
     Traceback (most recent call last):
     ...
-    packmask.errors.PackmaskError: configure(call_overhead_rows=...) takes a number >= 0 (extra padded rows per mixer call) or "auto", got -1.
+    packmask.errors.PackmaskError: configure(call_overhead_rows=...) takes "auto" or a number >= 0, got -1.
     """
     previous = dict(SETTINGS)
     for name, value in (("batched", batched), ("cpu_kernels", cpu_kernels)):
@@ -79,5 +79,4 @@ def checked_call_overhead(value):
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if value == "auto" or (number and math.isfinite(value) and value >= 0):
         return value
-    raise PackmaskError(f"configure(call_overhead_rows=...) takes a number >= 0 (extra padded rows per mixer call) "
-                        f"or \"auto\", got {value!r}.")
+    raise PackmaskError(f"configure(call_overhead_rows=...) takes \"auto\" or a number >= 0, got {value!r}.")
