@@ -41,8 +41,8 @@ def configure(*, batched: bool | None = None, path: str | None = None, cpu_kerne
               call_overhead_rows: float | str | None = None) -> dict:
     """Set how packed forwards run the mixers; returns the previous settings (see the module doc).
 
-    ``batched``: the generic path groups sequences of similar length into one right-padded call
-    (True, default) or makes one call per sequence (False). ``path``: one of :data:`PATHS`.
+    ``batched``: the generic path groups sequences into a few right-padded calls (True, default;
+    priced by ``call_overhead_rows``) or makes one call per sequence (False). ``path``: one of :data:`PATHS`.
     ``cpu_kernels``: let the kernel path run on CPU tensors (tests under ``TRITON_INTERPRET=1``).
     ``call_overhead_rows``: what one grouped call costs, in extra padded rows of its length (a number
     >= 0 for every device; ``"auto"``: the device's :data:`.batched.CALL_OVERHEAD_ROWS`). Larger

@@ -18,7 +18,7 @@ hidden states get gradient from every branch: the sum over paths of each path ru
 
 The cost: a mixer layer runs ``sum over leaves of the path length`` tokens (the prompt once per
 branch), as many as the unpacked rows; attention layers, MLPs, embeddings and the LM head still run
-every token once. Paths of similar length share one right-padded call (:mod:`.batched`).
+every token once. Paths are grouped into right-padded calls as documents are (:mod:`.batched`).
 
 >>> from packmask.layout_tree import TreeLayout
 >>> plan = tree_paths(TreeLayout.from_segments([[(0, 3, -1), (3, 2, 0), (5, 3, 0)]], 8))
