@@ -46,11 +46,12 @@ __all__ = ["CALL_OVERHEAD_ROWS", "call_overhead_rows_for", "cheapest_groups", "g
 
 #: the price of one mixer call, in extra padded rows of the call's length, by device type. CUDA is
 #: launch-bound: transformers' torch kernels loop over 64-token chunks in Python, a few small launches
-#: per chunk whatever the batch, so on an H200 (bf16, hidden 2048; benchmarks/hybrid.py) a call of
-#: length L costs roughly what 10-20 padded rows of L cost in projections; 8 leaves a margin for
-#: kernels with less per-call work (fla). On CPU padded compute dominates: half a row keeps groups
-#: tight (close to the former rule, each member at least 0.75 of its group's longest). Devices not
-#: listed take the "cuda" value.
+#: per chunk whatever the batch. Estimated from benchmarks/hybrid.py on an H200 (bf16, Qwen3.5-shaped,
+#: hidden 2048, 2026-12-05): ~0.5 ms per chunk step and layer (fwd + bwd) against ~0.3 us per padded
+#: token of projections, i.e. a call of length L costs about 25 padded rows of L; 8 leaves a margin for
+#: kernels with less work per call (fla) and for memory. On CPU padded compute dominates: half a row
+#: keeps groups tight (close to the former rule, each member at least 0.75 of its group's longest).
+#: Devices not listed take the "cuda" value.
 CALL_OVERHEAD_ROWS = {"cpu": 0.5, "cuda": 8.0}
 
 
