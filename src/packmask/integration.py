@@ -242,7 +242,9 @@ def packmask_attention(module, query, key, value, attention_mask, scaling=None, 
         standard = attention_mask.standard_mask()
         if standard is not None and standard.dim() == 4 and standard.shape[-1] != kv_len:
             standard = standard[..., :kv_len]
-    out = attend(query, key, value, layout, spec, training=module.training, standard_mask=standard, module=module)
+    source = attention_mask if isinstance(attention_mask, torch.Tensor) else None  # the caller's own 4D mask
+    out = attend(query, key, value, layout, spec, training=module.training, standard_mask=standard, module=module,
+                 source_mask=source)
     return out, None
 
 

@@ -1,0 +1,153 @@
+"""Host overhead of packmask on draft-tree verification, against transformers' sdpa (CPU, same run).
+
+    python benchmarks/decode_overhead.py          # OUT=dir to write $OUT/decode_overhead.json
+
+Draft-tree verification of a small model is host-bound (spec_decode.py: the dense-mask forward takes
+the same time at batch 1 and 8), so what packmask adds on the host is what it costs. Tiny tensors
+(hidden 64, head dim 16), so the kernels are cheap and the Python around them shows:
+
+  per layer     one attention call with the forward's layout already analysed (what layers 2..L pay):
+                transformers' "sdpa" function vs packmask_attention (auto) with the same mask; also the
+                dispatcher's choice alone, uncached (what every layer paid before it was remembered)
+  per forward   analysing a new [B, 1, N, past + N] mask (once per forward), and host syncs counted by
+                packmask.host_syncs (per forward, and per layer: must be 0)
+  forward       the whole tiny model (LAYERS layers), a new mask every call as in a decoding loop
+
+Checks (exit 1): packmask's logits equal sdpa's (fp32, rel err <= 1e-5); no host sync per layer.
+"""
+import os
+import statistics
+import sys
+import time
+
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+import packmask
+from _report import finish
+from packmask.backends import AttentionSpec, choose_backend
+from packmask.host_syncs import count_host_syncs
+from packmask.inputs import layout_from_mask
+from packmask.integration import packmask_attention
+
+LAYERS = int(os.environ.get("LAYERS", 22))
+PAST = int(os.environ.get("PAST", 256))
+DRAFT = 64
+BATCH = int(os.environ.get("BATCH", 1))
+REPS = int(os.environ.get("REPS", 300))
+
+
+def draft_parents(n=DRAFT, seed=0):  # as benchmarks/spec_decode.py
+    g = torch.Generator().manual_seed(seed)
+    parents = [-1, -1, -1, -1]
+    while len(parents) < n:
+        i = len(parents)
+        parents.append(int(torch.randint(max(0, i - 6), i, (1,), generator=g)))
+    return torch.tensor(parents)
+
+
+def per_call_us(fn, reps=REPS, rounds=5):
+    """Median over ``rounds`` of the mean µs per call (after a warm-up)."""
+    for _ in range(20):
+        fn()
+    means = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        means.append((time.perf_counter() - t0) / reps * 1e6)
+    return statistics.median(means)
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@torch.no_grad()
+def main():
+    torch.set_num_threads(1)  # host overhead, not CPU kernels racing over cores
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=PAST + 2 * DRAFT,
+                      attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    mask, pos = packmask.tree_mask(draft_parents().expand(BATCH, -1), PAST)
+    mask4 = mask[:, None]
+    failures, rows = [], {}
+
+    # ---- per layer ------------------------------------------------------------------------------
+    attn = model.model.layers[0].self_attn
+    D = cfg.hidden_size // cfg.num_attention_heads
+    q = torch.randn(BATCH, cfg.num_attention_heads, DRAFT, D)
+    k = torch.randn(BATCH, cfg.num_key_value_heads, PAST + DRAFT, D)
+    v = torch.randn_like(k)
+    sdpa_fn = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    plain = lambda: sdpa_fn(attn, q, k, v, mask4, scaling=D ** -0.5)  # noqa: E731
+    mine = lambda: packmask_attention(attn, q, k, v, mask4, scaling=D ** -0.5)  # noqa: E731
+    err = rel_err(mine()[0], plain()[0])
+    if err > 1e-5:
+        failures.append(f"packmask_attention differs from transformers' sdpa by {err:.1e}")
+    layout = layout_from_mask(mask4, BATCH, DRAFT)
+    spec = AttentionSpec(scale=D ** -0.5)
+    choice = lambda: choose_backend(layout, spec, q, False, "auto", LAYERS)  # noqa: E731
+    sdpa_us, pm_us = per_call_us(plain), per_call_us(mine)
+    sdpa_us, pm_us = min(sdpa_us, per_call_us(plain)), min(pm_us, per_call_us(mine))  # interleaved, best of two
+    with count_host_syncs() as layer_syncs:
+        mine()
+    rows["per_layer"] = dict(sdpa_us=sdpa_us, packmask_us=pm_us, overhead_us=pm_us - sdpa_us, ratio=pm_us / sdpa_us,
+                             uncached_choice_us=per_call_us(choice), host_syncs=sum(layer_syncs.values()),
+                             rel_err=err)
+    if layer_syncs:
+        failures.append(f"packmask syncs the device {dict(layer_syncs)} in every layer")
+
+    # ---- per forward: a new mask --------------------------------------------------------------------
+    fresh = lambda: mask.clone()[:, None]  # noqa: E731
+    clone_us = per_call_us(fresh, reps=50)
+    analyse_us = per_call_us(lambda: layout_from_mask(fresh(), BATCH, DRAFT), reps=50) - clone_us
+
+    # ---- whole forward -------------------------------------------------------------------------------
+    prefix = torch.randint(1, 1000, (BATCH, PAST))
+    cache = model(input_ids=prefix, use_cache=True, logits_to_keep=1).past_key_values
+    ids = torch.randint(1, 1000, (BATCH, DRAFT))
+    cache_kw = "cache" if "cache" in LlamaForCausalLM.forward.__code__.co_varnames else "past_key_values"
+
+    def verify(impl):
+        model.set_attn_implementation(impl)
+        try:
+            return model(input_ids=ids, attention_mask=fresh(), position_ids=pos, use_cache=True,
+                         **{cache_kw: cache}).logits
+        finally:
+            for layer in cache.layers:
+                if layer.get_seq_length() > PAST:
+                    layer.crop(PAST - layer.get_seq_length())
+
+    ref, got = verify("sdpa"), verify("packmask")
+    err = rel_err(got, ref)
+    if err > 1e-5:
+        failures.append(f"packmask's forward differs from sdpa's by {err:.1e}")
+    with count_host_syncs() as fwd_syncs:
+        verify("packmask")
+    times = {impl: per_call_us(lambda impl=impl: verify(impl), reps=10, rounds=3) / 1e3 for impl in ("sdpa", "packmask")}
+    rows["forward"] = dict(layers=LAYERS, sdpa_ms=times["sdpa"], packmask_ms=times["packmask"],
+                           speed_vs_sdpa=times["sdpa"] / times["packmask"], rel_err=err,
+                           host_syncs=sum(fwd_syncs.values()), syncs_by_call=dict(fwd_syncs),
+                           mask_analysis_us=analyse_us)
+
+    env = dict(device="cpu", torch=torch.__version__, transformers=transformers.__version__,
+               packmask=packmask.__version__, date=time.strftime("%Y-%m-%d", time.gmtime()),
+               batch=BATCH, past=PAST, draft=DRAFT, python=sys.version.split()[0])
+    r, f = rows["per_layer"], rows["forward"]
+    print(f"\ndecode_overhead: {DRAFT}-token draft tree over {PAST} cached tokens, batch {BATCH}; {env}")
+    print(f"per layer   sdpa {r['sdpa_us']:7.1f} us   packmask {r['packmask_us']:7.1f} us   overhead "
+          f"{r['overhead_us']:+6.1f} us ({r['ratio']:.2f}x)   dispatcher choice uncached {r['uncached_choice_us']:.1f} us"
+          f"   host syncs {r['host_syncs']}")
+    print(f"per forward mask analysis {f['mask_analysis_us']:7.1f} us   host syncs {f['host_syncs']} {f['syncs_by_call']}")
+    print(f"forward     {LAYERS} layers: sdpa {f['sdpa_ms']:.2f} ms   packmask {f['packmask_ms']:.2f} ms   "
+          f"{f['speed_vs_sdpa']:.2f}x sdpa   rel err {f['rel_err']:.1e}")
+    finish("decode_overhead", dict(env=env, results=rows, failures=failures), failures)
+
+
+if __name__ == "__main__":
+    main()
