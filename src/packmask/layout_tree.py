@@ -354,8 +354,23 @@ def analyse_tree_mask(m: torch.Tensor, *, strict: bool = False) -> TreeLayout | 
         raise PackmaskError(f"attention_mask has {K} key columns for {N} query tokens; expected past + {N}.")
     new = m[:, :, past:]
     idx = torch.arange(N, device=m.device)
+    # every condition is computed on the device and read back at once: one host sync per mask, not one per check
     later = new & (idx[None, :] > idx[:, None])
-    if bool(later.any()):
+    lower = new & (idx[None, :] < idx[:, None])
+    has_parent = lower.any(-1)
+    last = (N - 1) - lower.flip(-1).to(torch.uint8).argmax(-1)
+    parent = torch.where(has_parent, last, torch.full_like(last, -1))
+    parent_rows = torch.gather(new, 1, parent.clamp(min=0)[:, :, None].expand(B, N, N)) & has_parent[:, :, None]
+    checks = [later.any(), new.diagonal(dim1=1, dim2=2).all(),
+              (parent_rows | torch.eye(N, dtype=torch.bool, device=m.device)[None]).eq(new).all()]
+    cache_start = torch.full((B,), past, dtype=torch.long, device=m.device)
+    if past:
+        first_row = m[:, :1, :past]
+        cache_start = past - first_row[:, 0].sum(-1)
+        expected = torch.arange(past, device=m.device)[None] >= cache_start[:, None]
+        checks += [(m[:, :, :past] == first_row).all(), expected.eq(first_row[:, 0]).all()]
+    sees_later, *tree_checks = torch.stack(checks).tolist()
+    if sees_later:
         if strict:
             b, i, j = torch.nonzero(later)[0].tolist()
             raise PackmaskError(
@@ -363,23 +378,6 @@ def analyse_tree_mask(m: torch.Tensor, *, strict: bool = False) -> TreeLayout | 
                 f"{past + j} = past {past} + {j}); a draft-tree token may see only the cache, its ancestors and "
                 f"itself. Order the tree parents-first and build the mask with packmask.tree_mask(parents, past_length).")
         return None
-    if not bool(new.diagonal(dim1=1, dim2=2).all()):
+    if not all(tree_checks):
         return None
-    lower = new & (idx[None, :] < idx[:, None])
-    has_parent = lower.any(-1)
-    last = (N - 1) - lower.flip(-1).to(torch.uint8).argmax(-1)
-    parent = torch.where(has_parent, last, torch.full_like(last, -1))
-    parent_rows = torch.gather(new, 1, parent.clamp(min=0)[:, :, None].expand(B, N, N)) & has_parent[:, :, None]
-    if not bool(torch.equal(parent_rows | torch.eye(N, dtype=torch.bool, device=m.device)[None], new)):
-        return None
-    cache = m[:, :, :past]
-    cache_start = torch.full((B,), past, dtype=torch.long, device=m.device)
-    if past:
-        first_row = cache[:, :1]
-        if not bool((cache == first_row).all()):
-            return None
-        cache_start = past - first_row[:, 0].sum(-1)
-        expected = torch.arange(past, device=m.device)[None] >= cache_start[:, None]
-        if not bool(torch.equal(expected, first_row[:, 0])):
-            return None
     return TreeLayout(parent, cache_start, past, new.sum(-1) - 1)

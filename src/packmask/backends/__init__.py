@@ -69,7 +69,7 @@ from .spec import AttentionSpec
 
 # The dispatcher's API. Kernels are imported from their modules (packmask.backends.varlen, .flex, ...).
 __all__ = ["AttentionSpec", "BACKENDS", "backend", "requested_backend", "choose_backend", "attend",
-           "available_backends", "describe_choice", "check_backend_name", "refresh_traced_request", "backend_module"]
+           "available_backends", "describe_choice", "check_backend_name", "refresh_traced_request", "backend_module", "current_request"]
 
 # Every backend that can be asked for, fastest first (cudnn is listed even when its optional extra is
 # missing: forcing it then says how to install it; available_backends() lists what runs here).
@@ -101,6 +101,11 @@ def backend(name: str):
     finally:
         _forced.reset(token)
         refresh_traced_request()
+
+
+def current_request() -> str | None:
+    """The backend a ``backend(...)`` block asks for here, None outside one (no model setting, no replay)."""
+    return _forced.get()
 
 
 # torch.compile cannot trace ContextVar.get: compiled layers read this mirror instead, which backend()
@@ -248,20 +253,23 @@ def _chosen(layout, spec, q, training, requested, layers) -> str:
 
 
 def attend(q, k, v, layout: Layout | None, spec: AttentionSpec, *, training: bool = False,
-           standard_mask: torch.Tensor | None = None, module=None, source_mask: torch.Tensor | None = None
-           ) -> torch.Tensor:
+           standard_mask: torch.Tensor | None = None, module=None, source_mask: torch.Tensor | None = None,
+           route: dict | None = None) -> torch.Tensor:
     """Run attention for one layer. ``layout`` None means the ordinary (unpacked) path, where
     ``standard_mask`` is transformers' own 4D bool mask (or None for plain causal). ``source_mask``: the
     caller's own mask the layout was analysed from (a decode call on sdpa runs it as is:
-    :mod:`packmask.backends.decode`)."""
+    :mod:`packmask.backends.decode`); ``route`` (a dict) receives the mask and spec such a call ran with."""
     requested = requested_backend(module, layout)
     name = _chosen(layout, spec, q, training, requested, _layers(module))
     if layout is None:
         run = eager.eager_attention if name == "eager" else sdpa.sdpa_attention
         return run(q, k, v, standard_mask, spec, training)
     if name == "sdpa" and costs.is_decode_layout(layout) and not spec.bidirectional_window:
-        mask = decode.decode_mask(layout, source_mask, k.shape[2], spec.sliding_window)
-        return decode.decode_sdpa_attention(q, k, v, mask.to(q.device), spec, training, module)
+        mask = decode.decode_mask(layout, source_mask, k.shape[2], spec.sliding_window).to(q.device)
+        native_gqa = decode.fused_gqa_with_mask(q, k, v, mask)
+        if route is not None:
+            route["decode_sdpa"] = (mask, spec, native_gqa)
+        return decode.decode_sdpa_attention(q, k, v, mask, spec, training, module, native_gqa)
     if name == "flex" and spec.softcap is not None and requested == "auto":
         try:
             return flex.run(q, k, v, layout, spec, training)

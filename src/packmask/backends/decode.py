@@ -7,9 +7,15 @@ gets with the same ``[B, 1, N, past + N]`` mask. To be never slower than that, p
 * the **mask the caller passed** (a bool ``[B, 1, N, K]`` tensor whose columns are this layer's keys;
   its analysed tree layout equals it exactly), not one rebuilt from the layout — else the layout's
   dense mask, built once per forward and cached on the layout;
-* **transformers' own sdpa function** (``ALL_ATTENTION_FUNCTIONS["sdpa"]``): the same GQA handling
-  (``repeat_kv`` where torch's fused kernels refuse ``enable_gqa`` with a mask, on CUDA), hence the
-  same kernel.
+* shared kv heads **read in place** (``enable_gqa``) where torch's memory-efficient kernel takes
+  them with a mask (asked once per forward, :func:`fused_gqa_with_mask`), else **transformers' own sdpa
+  function** (``ALL_ATTENTION_FUNCTIONS["sdpa"]``: ``repeat_kv``, the same kernel as
+  ``attn_implementation="sdpa"``) — never the math kernel that ``enable_gqa`` with a mask falls back to
+  where the fused kernels refuse it;
+* the **route remembered per forward**: the first layer that takes this path stores its mask and
+  spec on the mask tensor under a key of everything the route depends on (:func:`route_key`); the
+  other layers of the forward find it there (:func:`remembered_route`) and skip the resolver, the
+  checks and the dispatcher (measured in ``benchmarks/decode_overhead.py``).
 
 Worked example: a draft tree ``0 -> 1, 0 -> 2`` over 2 cached tokens; the caller's mask is used as is::
 
@@ -35,7 +41,8 @@ import torch
 from .sdpa import sdpa_attention
 from .spec import AttentionSpec
 
-__all__ = ["decode_mask", "decode_sdpa_attention", "transformers_sdpa"]
+__all__ = ["decode_mask", "decode_sdpa_attention", "fused_gqa_with_mask", "transformers_sdpa", "route_key",
+           "remembered_route", "remember_route"]
 
 
 def decode_mask(layout, source_mask, kv_len: int, sliding_window: int | None) -> torch.Tensor:
@@ -59,9 +66,27 @@ def transformers_sdpa():
         return None
 
 
-def decode_sdpa_attention(q, k, v, mask: torch.Tensor, spec: AttentionSpec, training: bool, module=None):
-    """sdpa over ``mask`` as ``attn_implementation="sdpa"`` runs it for ``module`` (returns ``[B, N, H, D]``).
-    Without a module that says its kv groups, packmask's own sdpa call (``enable_gqa``)."""
+def fused_gqa_with_mask(q, k, v, mask) -> bool:
+    """Whether torch's memory-efficient sdpa kernel takes this masked call with ``enable_gqa`` (shared kv
+    heads read in place). Where it does not (CPU, older torch), ``enable_gqa`` with a mask would run the
+    math kernel, and transformers' ``repeat_kv`` is the faster way."""
+    if not q.is_cuda or k.shape[1] == q.shape[1]:
+        return False
+    try:
+        from torch.backends.cuda import SDPAParams, can_use_efficient_attention
+        return bool(can_use_efficient_attention(SDPAParams(q, k, v, mask, 0.0, False, True), False))
+    except (ImportError, TypeError, RuntimeError):  # a torch whose SDPAParams takes no enable_gqa
+        return False
+
+
+def decode_sdpa_attention(q, k, v, mask: torch.Tensor, spec: AttentionSpec, training: bool, module=None,
+                          native_gqa: bool | None = None):
+    """sdpa over ``mask`` (returns ``[B, N, H, D]``): with ``enable_gqa`` where the fused kernel takes it
+    (:func:`fused_gqa_with_mask`; ``native_gqa`` is that answer, when known), else as
+    ``attn_implementation="sdpa"`` runs it for ``module`` (its kv groups expanded by transformers). Without
+    a module that says its kv groups, packmask's own sdpa call."""
+    if native_gqa if native_gqa is not None else fused_gqa_with_mask(q, k, v, mask):
+        return sdpa_attention(q, k, v, mask, spec, training)
     groups = getattr(module, "num_key_value_groups", None)
     fn = transformers_sdpa() if groups is not None and q.shape[1] == k.shape[1] * groups else None
     if fn is None:
@@ -69,3 +94,40 @@ def decode_sdpa_attention(q, k, v, mask: torch.Tensor, spec: AttentionSpec, trai
     out, _ = fn(module, q, k, v, mask, dropout=spec.dropout if training else 0.0, scaling=spec.scale,
                 is_causal=False)
     return out
+
+
+_ROUTES = "_packmask_decode_routes"  # on the mask tensor the layers receive: {route_key: (mask or None, spec)}
+_UNUSUAL_KWARGS = frozenset({"s_aux", "sinks", "position_bias", "packmask_layout", "packmask_tree_kernel"})
+
+
+def route_key(module, query, key, mask, layer_args: tuple, kwargs: dict, forced: str | None):
+    """What a decode layer's route depends on, besides the mask's values: the mask's version (an in-place
+    edit is a new route), the shapes / dtype / device of the call, the layer's attention arguments and
+    mask-only window / chunk (``layer_args``), its kv groups, causality, training flag, and the backend
+    asked for (``forced``, plus the model's own setting). None where no route is remembered: gradients on
+    (training, or a checkpointed layer's recomputation), ``torch.compile``, sinks / bias / external
+    layouts in ``kwargs``."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or (kwargs and not _UNUSUAL_KWARGS.isdisjoint(kwargs)):
+        return None
+    base = mask if mask._base is None else mask._base
+    own = module.__dict__
+    return (base._version, tuple(query.shape), tuple(key.shape), query.dtype, query.device, layer_args,
+            own.get("num_key_value_groups"), own.get("is_causal", True), own.get("training"),
+            own.get("_packmask_backend"), forced)
+
+
+def remembered_route(mask, route) -> tuple | None:
+    """``(mask for sdpa, spec, native_gqa)`` an earlier layer of this forward stored for ``route``, or None."""
+    routes = mask.__dict__.get(_ROUTES)
+    found = routes.get(route) if routes is not None and route is not None else None
+    if found is None:
+        return None
+    return (mask if found[0] is None else found[0]), found[1], found[2]
+
+
+def remember_route(mask, route, used_mask, spec: AttentionSpec, native_gqa: bool) -> None:
+    """Store the route a layer took (the caller's mask is stored as None: no reference cycle through it)."""
+    routes = mask.__dict__.setdefault(_ROUTES, {})
+    if len(routes) > 8:  # earlier versions of an edited mask
+        routes.clear()
+    routes[route] = (None if used_mask is mask else used_mask, spec, native_gqa)
