@@ -193,10 +193,10 @@ def packmask_attention(module, query, key, value, attention_mask, scaling=None, 
                        sliding_window=_ABSENT, softcap=None, **kwargs):
     """``AttentionInterface`` entry: one call per layer."""
     route = None
-    if isinstance(attention_mask, torch.Tensor) and not external_layout_required():
+    if decode.may_take_a_route(attention_mask, kwargs) and not external_layout_required():
         # a decode call: the route an earlier layer of this forward took (backends.decode)
         route = decode.route_key(module, query, key, attention_mask, (
-            scaling, dropout, sliding_window, softcap, _mask_only_window(module), _chunk_size(module)), kwargs,
+            scaling, dropout, sliding_window, softcap, _mask_only_window(module), _chunk_size(module)),
             current_request())
         found = decode.remembered_route(attention_mask, route)
         if found is not None:

@@ -41,8 +41,8 @@ import torch
 from .sdpa import sdpa_attention
 from .spec import AttentionSpec
 
-__all__ = ["decode_mask", "decode_sdpa_attention", "fused_gqa_with_mask", "transformers_sdpa", "route_key",
-           "remembered_route", "remember_route"]
+__all__ = ["decode_mask", "decode_sdpa_attention", "fused_gqa_with_mask", "transformers_sdpa", "may_take_a_route",
+           "route_key", "remembered_route", "remember_route"]
 
 
 def decode_mask(layout, source_mask, kv_len: int, sliding_window: int | None) -> torch.Tensor:
@@ -100,15 +100,20 @@ _ROUTES = "_packmask_decode_routes"  # on the mask tensor the layers receive: {r
 _UNUSUAL_KWARGS = frozenset({"s_aux", "sinks", "position_bias", "packmask_layout", "packmask_tree_kernel"})
 
 
-def route_key(module, query, key, mask, layer_args: tuple, kwargs: dict, forced: str | None):
-    """What a decode layer's route depends on, besides the mask's values: the mask's version (an in-place
-    edit is a new route), the shapes / dtype / device of the call, the layer's attention arguments and
-    mask-only window / chunk (``layer_args``), its kv groups, causality, training flag, and the backend
-    asked for (``forced``, plus the model's own setting). None where no route is remembered: gradients on
-    (training, or a checkpointed layer's recomputation), ``torch.compile``, sinks / bias / external
-    layouts in ``kwargs``."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling() or (kwargs and not _UNUSUAL_KWARGS.isdisjoint(kwargs)):
-        return None
+def may_take_a_route(mask, kwargs: dict) -> bool:
+    """Whether a layer with this mask may reuse an earlier layer's route: a 4D mask with more key columns
+    than queries (a cache), no gradients (not training, not a checkpointed layer's recomputation), not
+    under ``torch.compile``, no sinks / bias / external layout in ``kwargs``. Cheap: checked first."""
+    return (isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-1] > mask.shape[-2]
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and (not kwargs or _UNUSUAL_KWARGS.isdisjoint(kwargs)))
+
+
+def route_key(module, query, key, mask, layer_args: tuple, forced: str | None) -> tuple:
+    """What a decode layer's route depends on, besides the mask's values (where :func:`may_take_a_route`):
+    the mask's version (an in-place edit is a new route), the shapes / dtype / device of the call, the
+    layer's attention arguments and mask-only window / chunk (``layer_args``), its kv groups, causality,
+    training flag, and the backend asked for (``forced``, plus the model's own setting)."""
     base = mask if mask._base is None else mask._base
     own = module.__dict__
     return (base._version, tuple(query.shape), tuple(key.shape), query.dtype, query.device, layer_args,
