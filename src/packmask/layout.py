@@ -285,7 +285,6 @@ def analyse_mask(mask: torch.Tensor, batch_size: int | None = None, seq_len: int
     """
     m = _as_bool_mask(mask, batch_size, seq_len)
     B, N, K = m.shape
-    idx = torch.arange(N, device=m.device)
     if K != N:  # new tokens over a KV cache: a draft tree (or a plain continuation, a one-branch tree)
         tree = analyse_tree_mask(m, strict=True)  # one host sync; a tree's queries all see themselves
         if tree is None:
@@ -298,6 +297,7 @@ def analyse_mask(mask: torch.Tensor, batch_size: int | None = None, seq_len: int
         return tree
     count = m.sum(-1)  # visible keys per query
     _check_every_query_sees_a_key(count)
+    idx = torch.arange(N, device=m.device)
     m8 = m.to(torch.uint8)
     first = m8.argmax(-1)  # argmax returns the first maximal index
     last = (N - 1) - m8.flip(-1).argmax(-1)
