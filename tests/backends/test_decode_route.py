@@ -161,3 +161,28 @@ def test_decode_on_gpu_runs_a_fused_kernel_and_matches_sdpa():
     assert rel_err(mine.float(), dense.float()) <= 2e-2
     chain, chain_pos = tree_mask(torch.tensor(CHAIN, device="cuda"), past)
     assert rel_err(_verify(model, "sdpa", cache, ids, chain[:, None], chain_pos).float(), dense.float()) > 1e-2
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+def test_fused_gqa_answer_holds_on_gpu():
+    """Where fused_gqa_with_mask says yes, sdpa with enable_gqa and a bool mask runs with the memory-efficient
+    kernel alone and equals the repeat_kv call; where it says no, that kernel refuses the call."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    torch.manual_seed(0)
+    q = torch.randn(2, 32, 64, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 4, 1088, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    mask, _ = tree_mask(torch.tensor(PARENTS * 8, device="cuda").reshape(2, 64), 1024)
+    mask = mask[:, None]
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(8, 1), v.repeat_interleave(8, 1), attn_mask=mask)
+    native = decode.fused_gqa_with_mask(q, k, v, mask)
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+        if native:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            assert rel_err(out.float(), ref.float()) <= 2e-2
+        else:
+            with pytest.raises(RuntimeError):
+                F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)

@@ -72,9 +72,11 @@ def fused_gqa_with_mask(q, k, v, mask) -> bool:
     math kernel, and transformers' ``repeat_kv`` is the faster way."""
     if not q.is_cuda or k.shape[1] == q.shape[1]:
         return False
+    # sdpa turns a bool mask into an additive one of the queries' dtype before it picks a kernel: ask with that
+    additive = mask if mask.dtype == q.dtype else mask.new_empty(mask.shape, dtype=q.dtype)  # no kernel launched
     try:
         from torch.backends.cuda import SDPAParams, can_use_efficient_attention
-        return bool(can_use_efficient_attention(SDPAParams(q, k, v, mask, 0.0, False, True), False))
+        return bool(can_use_efficient_attention(SDPAParams(q, k, v, additive, 0.0, False, True), False))
     except (ImportError, TypeError, RuntimeError):  # a torch whose SDPAParams takes no enable_gqa
         return False
 
