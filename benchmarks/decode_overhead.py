@@ -8,10 +8,12 @@ the same time at batch 1 and 8), so what packmask adds on the host is what it co
 
   per layer     one attention call with the forward's layout already analysed (what layers 2..L pay):
                 transformers' "sdpa" function vs packmask_attention (auto) with the same mask, calls
-                interleaved, medians; and the first layer's (a new mask: analysed, route chosen). Both run
-                the same sdpa call, so the difference is packmask's host time
+                interleaved, medians; packmask's host time (its call minus the bare sdpa call it makes);
+                and the first layer's extra time (a new mask: analysed, route chosen)
   per forward   analysing a new [B, 1, N, past + N] mask (once per forward), and host syncs counted by
                 packmask.host_syncs (per forward, and per layer: must be 0)
+  kernel        sdpa with the kv heads read in place (enable_gqa, what packmask runs on CPU) vs repeat_kv
+                (what transformers' sdpa runs with a mask), TinyLlama's 32 / 4 heads
   forward       the whole tiny model (LAYERS layers), a new mask every call as in a decoding loop
 
 Checks (exit 1): packmask's logits equal sdpa's (fp32, rel err <= 1e-5); no host sync per layer.
@@ -110,16 +112,30 @@ def main():
     fresh = lambda: mask.clone()[:, None]  # noqa: E731 — a new mask, as every step of a decoding loop has
     first = lambda: packmask_attention(attn, q, k, v, fresh(), scaling=D ** -0.5)  # noqa: E731
     plain_fresh = lambda: sdpa_fn(attn, q, k, v, fresh(), scaling=D ** -0.5)  # noqa: E731
-    t = interleaved_us(dict(sdpa=plain, packmask=mine, sdpa_new_mask=plain_fresh, packmask_new_mask=first))
+    import torch.nn.functional as F
+    bare = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask4, scale=D ** -0.5, enable_gqa=True)  # noqa: E731
+    t = interleaved_us(dict(sdpa=plain, packmask=mine, bare_kernel=bare, sdpa_new_mask=plain_fresh,
+                            packmask_new_mask=first))
     sdpa_us, pm_us = t["sdpa"], t["packmask"]
     with count_host_syncs() as layer_syncs:
         mine()
     rows["per_layer"] = dict(sdpa_us=sdpa_us, packmask_us=pm_us, overhead_us=pm_us - sdpa_us, ratio=pm_us / sdpa_us,
+                             host_us=pm_us - t["bare_kernel"], bare_kernel_us=t["bare_kernel"],
                              first_layer_overhead_us=t["packmask_new_mask"] - t["sdpa_new_mask"],
                              uncached_choice_us=per_call_us(choice), host_syncs=sum(layer_syncs.values()),
                              rel_err=err)
     if layer_syncs:
         failures.append(f"packmask syncs the device {dict(layer_syncs)} in every layer")
+
+    # ---- the kernel: shared kv heads read in place vs repeat_kv (TinyLlama's 32 / 4 heads, head dim 64) --------
+    qt = torch.randn(BATCH, 32, DRAFT, 64)
+    kt, vt = torch.randn(BATCH, 4, PAST + DRAFT, 64), torch.randn(BATCH, 4, PAST + DRAFT, 64)
+    in_place = lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask4, enable_gqa=True)  # noqa: E731
+    repeated = lambda: F.scaled_dot_product_attention(  # noqa: E731
+        qt, kt.repeat_interleave(8, 1), vt.repeat_interleave(8, 1), attn_mask=mask4)
+    g = interleaved_us(dict(in_place=in_place, repeat_kv=repeated), reps=max(20, REPS // 10))
+    rows["gqa_kernel"] = dict(heads=32, kv_heads=4, head_dim=64, in_place_us=g["in_place"], repeat_kv_us=g["repeat_kv"],
+                              speed=g["repeat_kv"] / g["in_place"])
 
     # ---- per forward: a new mask --------------------------------------------------------------------
     clone_us = per_call_us(fresh, reps=50)
@@ -159,10 +175,15 @@ def main():
                batch=BATCH, past=PAST, draft=DRAFT, python=sys.version.split()[0])
     r, f = rows["per_layer"], rows["forward"]
     print(f"\ndecode_overhead: {DRAFT}-token draft tree over {PAST} cached tokens, batch {BATCH}; {env}")
-    print(f"per layer   sdpa {r['sdpa_us']:7.1f} us   packmask {r['packmask_us']:7.1f} us   overhead "
+    print(f"per layer   sdpa {r['sdpa_us']:7.1f} us   packmask {r['packmask_us']:7.1f} us   difference "
           f"{r['overhead_us']:+6.1f} us ({r['ratio']:.2f}x)   host syncs {r['host_syncs']}\n"
+          f"            packmask's host time around its sdpa call {r['host_us']:+6.1f} us (the bare call: "
+          f"{r['bare_kernel_us']:.1f} us)\n"
           f"first layer overhead {r['first_layer_overhead_us']:+7.1f} us (a new mask: analysed, route chosen)   "
           f"dispatcher choice alone {r['uncached_choice_us']:.1f} us")
+    g = rows["gqa_kernel"]
+    print(f"kernel      32/4 heads, dim 64: kv heads read in place {g['in_place_us']:.0f} us, repeat_kv "
+          f"{g['repeat_kv_us']:.0f} us ({g['speed']:.2f}x)")
     print(f"per forward mask analysis {f['mask_analysis_us']:7.1f} us   host syncs {f['host_syncs']} {f['syncs_by_call']}")
     print(f"forward     {LAYERS} layers: sdpa {f['sdpa_ms']:.2f} ms   packmask {f['packmask_ms']:.2f} ms   "
           f"{f['speed_vs_sdpa']:.2f}x sdpa   rel err {f['rel_err']:.1e}")

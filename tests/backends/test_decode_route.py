@@ -135,9 +135,11 @@ def test_callers_mask_is_used_unless_a_window_or_other_keys_need_another():
     assert decode.decode_mask(layout, m4.float(), K, None).dtype == torch.bool
 
 
-def test_enable_gqa_only_where_a_fused_kernel_takes_it():
+def test_kv_heads_read_in_place_on_cpu():
     q, k = torch.zeros(1, 4, 8, 16), torch.zeros(1, 2, 20, 16)
-    assert not decode.fused_gqa_with_mask(q, k, k, torch.ones(1, 1, 8, 20, dtype=torch.bool))  # CPU: repeat_kv
+    mask = torch.ones(1, 1, 8, 20, dtype=torch.bool)
+    assert decode.gqa_in_place(q, k, k, mask)  # torch's CPU sdpa takes GQA with a mask
+    assert not decode.gqa_in_place(q, q, q, mask[..., :8])  # control: no shared heads, nothing to decide
 
 
 @pytest.mark.cuda
@@ -166,7 +168,7 @@ def test_decode_on_gpu_runs_a_fused_kernel_and_matches_sdpa():
 @pytest.mark.cuda
 @torch.no_grad()
 def test_fused_gqa_answer_holds_on_gpu():
-    """Where fused_gqa_with_mask says yes, sdpa with enable_gqa and a bool mask runs with the memory-efficient
+    """Where gqa_in_place says yes on a GPU, sdpa with enable_gqa and a bool mask runs with the memory-efficient
     kernel alone and equals the repeat_kv call; where it says no, that kernel refuses the call."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
@@ -178,7 +180,7 @@ def test_fused_gqa_answer_holds_on_gpu():
     mask, _ = tree_mask(torch.tensor(PARENTS * 8, device="cuda").reshape(2, 64), 1024)
     mask = mask[:, None]
     ref = F.scaled_dot_product_attention(q, k.repeat_interleave(8, 1), v.repeat_interleave(8, 1), attn_mask=mask)
-    native = decode.fused_gqa_with_mask(q, k, v, mask)
+    native = decode.gqa_in_place(q, k, v, mask)
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
         if native:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)

@@ -266,7 +266,7 @@ def attend(q, k, v, layout: Layout | None, spec: AttentionSpec, *, training: boo
         return run(q, k, v, standard_mask, spec, training)
     if name == "sdpa" and costs.is_decode_layout(layout) and not spec.bidirectional_window:
         mask = decode.decode_mask(layout, source_mask, k.shape[2], spec.sliding_window).to(q.device)
-        native_gqa = decode.fused_gqa_with_mask(q, k, v, mask)
+        native_gqa = decode.gqa_in_place(q, k, v, mask)
         if route is not None:
             route["decode_sdpa"] = (mask, spec, native_gqa)
         return decode.decode_sdpa_attention(q, k, v, mask, spec, training, module, native_gqa)
