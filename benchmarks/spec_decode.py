@@ -8,7 +8,8 @@ Competitors, same model weights, same cache, same run:
                     one-launch Triton kernel, split-KV over the cache) / varlen (cache part and tree part
                     merged by log-sum-exp) / flex / sdpa (packmask's dense-mask path)
 
-Times one verification forward (cache cropped back after each; a new mask tensor each forward, as in a
+Times one verification forward (the attention implementation switched before the timed loop, not in it;
+cache cropped back after each; a new mask tensor each forward, as in a
 decoding loop, unless FRESH_MASK=0), peak memory above the cache and
 weights, and on a GPU where the time goes (``where_time_goes``: host time to launch the forward,
 GPU busy time, of which attention kernels), and checks: (1) every method's logits against sdpa's, (2) packmask's logits of one
@@ -123,7 +124,8 @@ def main():
         base = torch.cuda.memory_allocated() if DEV == "cuda" else 0
 
         def verify(impl, backend="auto"):
-            model.set_attn_implementation(impl)
+            if model.config._attn_implementation != impl:  # switched outside the timed loops (not free)
+                model.set_attn_implementation(impl)
             try:
                 with forced(backend):
                     return model(input_ids=ids, attention_mask=(mask.clone() if FRESH_MASK else mask)[:, None],
@@ -138,6 +140,7 @@ def main():
         for name, impl, backend in methods:
             row = dict(batch=B, method=name, past=PAST, draft=DRAFT)
             try:
+                model.set_attn_implementation(impl)
                 for _ in range(2 if SMALL else 3):
                     logits = verify(impl, backend)
                 sync()
