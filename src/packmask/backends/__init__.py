@@ -266,6 +266,7 @@ def attend(q, k, v, layout: Layout | None, spec: AttentionSpec, *, training: boo
         return run(q, k, v, standard_mask, spec, training)
     if name == "sdpa" and costs.is_decode_layout(layout) and not spec.bidirectional_window:
         mask = decode.decode_mask(layout, source_mask, k.shape[2], spec.sliding_window).to(q.device)
+        mask = decode.additive_mask(layout, mask, q.dtype, k.shape[2], spec.sliding_window)  # once per forward
         native_gqa = decode.gqa_in_place(q, k, v, mask)
         if route is not None:
             route["decode_sdpa"] = (mask, spec, native_gqa)

@@ -7,6 +7,8 @@ gets with the same ``[B, 1, N, past + N]`` mask. To be never slower than that, p
 * the **mask the caller passed** (a bool ``[B, 1, N, K]`` tensor whose columns are this layer's keys;
   its analysed tree layout equals it exactly), not one rebuilt from the layout — else the layout's
   dense mask, built once per forward and cached on the layout;
+* that mask **in the additive form** sdpa would convert it to in every layer (0 / -inf in the
+  queries' dtype), converted once per forward;
 * shared kv heads **read in place** (``enable_gqa``) where sdpa takes them with a mask without its
   math kernel (CPU; CUDA where the memory-efficient kernel does: asked once per forward,
   :func:`gqa_in_place`), else **transformers' own sdpa function** (``ALL_ATTENTION_FUNCTIONS["sdpa"]``: ``repeat_kv``, the same kernel as
@@ -41,7 +43,7 @@ import torch
 from .sdpa import sdpa_attention
 from .spec import AttentionSpec
 
-__all__ = ["decode_mask", "decode_sdpa_attention", "gqa_in_place", "transformers_sdpa", "may_take_a_route",
+__all__ = ["decode_mask", "additive_mask", "decode_sdpa_attention", "gqa_in_place", "transformers_sdpa", "may_take_a_route",
            "route_key", "remembered_route", "remember_route"]
 
 
@@ -55,6 +57,23 @@ def decode_mask(layout, source_mask, kv_len: int, sliding_window: int | None) ->
             and source_mask.shape[0] == layout.batch_size):
         return source_mask
     return layout.dense_mask(sliding_window, kv_len=kv_len)
+
+
+def additive_mask(layout, mask: torch.Tensor, dtype: torch.dtype, kv_len: int, sliding_window: int | None):
+    """``mask`` (bool, True = attend) as the additive 0 / -inf mask of ``dtype`` that sdpa turns a bool mask
+    into before every call: built once per forward (cached on the layout) instead of once per layer.
+
+    >>> import packmask
+    >>> from packmask.layout import analyse_mask
+    >>> m = packmask.tree_mask(torch.tensor([[-1, 0]]), 1)[0][:, None]
+    >>> additive_mask(analyse_mask(m), m, torch.float32, 3, None)[0, 0].tolist()
+    [[0.0, 0.0, -inf], [0.0, 0.0, 0.0]]
+    """
+    key = ("additive", dtype, kv_len, sliding_window)
+    memo = layout._memo
+    if key not in memo or memo[key].device != mask.device:
+        memo[key] = torch.full(mask.shape, float("-inf"), dtype=dtype, device=mask.device).masked_fill_(mask, 0.0)
+    return memo[key]
 
 
 def transformers_sdpa():
