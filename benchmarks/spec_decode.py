@@ -8,8 +8,11 @@ Competitors, same model weights, same cache, same run:
                     one-launch Triton kernel, split-KV over the cache) / varlen (cache part and tree part
                     merged by log-sum-exp) / flex / sdpa (packmask's dense-mask path)
 
-Times one verification forward (cache cropped back after each), peak memory above the cache and
-weights, and checks: (1) every method's logits against sdpa's, (2) packmask's logits of one
+Times one verification forward (the attention implementation switched before the timed loop, not in it;
+cache cropped back after each; a new mask tensor each forward, as in a
+decoding loop, unless FRESH_MASK=0), peak memory above the cache and
+weights, and on a GPU where the time goes (``where_time_goes``: host time to launch the forward,
+GPU busy time, of which attention kernels), and checks: (1) every method's logits against sdpa's, (2) packmask's logits of one
 root-to-leaf path against that path run alone after the cache (plain causal). Exits 1 when a check
 fails. On CPU it shrinks to a smoke test. Writes a table and $OUT/spec_decode.json.
 """
@@ -34,6 +37,9 @@ PAST = 256 if SMALL else int(os.environ.get("PAST", 8192))
 DRAFT = 64
 BATCHES = [1, 2] if SMALL else [1, 8]
 ITERS = 3 if SMALL else int(os.environ.get("ITERS", 20))
+# a new mask tensor every forward, as in a decoding loop (packmask analyses each new mask once per forward);
+# FRESH_MASK=0 reuses one tensor (its analysis is then cached across forwards)
+FRESH_MASK = os.environ.get("FRESH_MASK", "1") == "1"
 TOL = 1e-4 if SMALL else 5e-2  # bf16 over 22 layers, different kernels
 CACHE_KW = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
@@ -74,6 +80,35 @@ def sync():
         torch.cuda.synchronize()
 
 
+ATTENTION_KERNELS = ("fmha", "attention", "flash", "attn", "tree_")  # kernel-name parts of attention kernels
+
+
+def where_time_goes(call, iters=3) -> dict:
+    """Host vs device time of one forward (GPU only): ``host_ms``, how long ``call`` takes to return with an
+    empty queue (launching everything; no sync); ``gpu_busy_ms``, the sum of its kernels' device time
+    (torch.profiler), of which ``gpu_attention_ms`` in attention kernels. host_ms close to the forward's
+    time and gpu_busy_ms well below it: the forward is bound by the host (Python and launches), not the GPU."""
+    host = []
+    for _ in range(iters):
+        sync()
+        t0 = time.perf_counter()
+        call()
+        host.append(time.perf_counter() - t0)
+        sync()
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        sync()
+    busy = attention = 0.0
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None)
+        us = us if us is not None else getattr(e, "self_cuda_time_total", 0.0)
+        busy += us
+        if any(part in e.key.lower() for part in ATTENTION_KERNELS):
+            attention += us
+    return dict(host_ms=min(host) * 1e3, gpu_busy_ms=busy / 1e3, gpu_attention_ms=attention / 1e3)
+
+
 @torch.no_grad()
 def main():
     model = make_model()
@@ -89,10 +124,12 @@ def main():
         base = torch.cuda.memory_allocated() if DEV == "cuda" else 0
 
         def verify(impl, backend="auto"):
-            model.set_attn_implementation(impl)
+            if model.config._attn_implementation != impl:  # switched outside the timed loops (not free)
+                model.set_attn_implementation(impl)
             try:
                 with forced(backend):
-                    return model(input_ids=ids, attention_mask=mask[:, None], position_ids=pos, use_cache=True,
+                    return model(input_ids=ids, attention_mask=(mask.clone() if FRESH_MASK else mask)[:, None],
+                                 position_ids=pos, use_cache=True,
                                  **{CACHE_KW: cache}).logits
             finally:
                 trim(cache)
@@ -103,6 +140,7 @@ def main():
         for name, impl, backend in methods:
             row = dict(batch=B, method=name, past=PAST, draft=DRAFT)
             try:
+                model.set_attn_implementation(impl)
                 for _ in range(2 if SMALL else 3):
                     logits = verify(impl, backend)
                 sync()
@@ -114,6 +152,8 @@ def main():
                 sync()
                 row["ms"] = (time.perf_counter() - t0) / ITERS * 1e3
                 row["peak_extra_mib"] = ((torch.cuda.max_memory_allocated() - base) / 2**20) if DEV == "cuda" else None
+                if DEV == "cuda":
+                    row.update(where_time_goes(lambda: verify(impl, backend)))
                 if ref_logits is None:
                     ref_logits = logits.float()
                 err = ((logits.float() - ref_logits).norm() / ref_logits.norm()).item()
@@ -153,15 +193,20 @@ def main():
 
     env = dict(device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu", torch=torch.__version__,
                transformers=transformers.__version__, packmask=packmask.__version__,
-               date=time.strftime("%Y-%m-%d", time.gmtime()), model="TinyLlama-shaped 22 layers" if not SMALL else "tiny")
+               date=time.strftime("%Y-%m-%d", time.gmtime()), model="TinyLlama-shaped 22 layers" if not SMALL else "tiny",
+               fresh_mask=FRESH_MASK)
     print(f"\nspec_decode: {DRAFT}-token draft tree over a {PAST}-token cache; {env}")
-    print(f"{'batch':>5} {'method':<22} {'ms':>8} {'x sdpa':>7} {'peak MiB':>9} {'rel err':>9}")
+    print(f"{'batch':>5} {'method':<22} {'ms':>8} {'x sdpa':>7} {'peak MiB':>9} {'rel err':>9} {'host ms':>8} "
+          f"{'GPU busy':>8} {'GPU attn':>8}")
     sdpa_ms = {r["batch"]: r.get("ms") for r in results if r["method"] == "sdpa_dense4d"}
     for r in results:
         if "ms" in r:
             speed = sdpa_ms[r["batch"]] / r["ms"] if sdpa_ms.get(r["batch"]) else float("nan")
             peak = f"{r['peak_extra_mib']:.0f}" if r.get("peak_extra_mib") is not None else "-"
-            print(f"{r['batch']:>5} {r['method']:<22} {r['ms']:>8.2f} {speed:>7.2f} {peak:>9} {r['rel_err_vs_sdpa']:>9.1e}")
+            where = "".join(f" {r[k]:>8.2f}" if k in r else f" {'-':>8}" for k in ("host_ms", "gpu_busy_ms",
+                                                                                     "gpu_attention_ms"))
+            print(f"{r['batch']:>5} {r['method']:<22} {r['ms']:>8.2f} {speed:>7.2f} {peak:>9} {r['rel_err_vs_sdpa']:>9.1e}"
+                  f"{where}")
         elif "rel_err" in r:
             print(f"{r['batch']:>5} {r['method']:<40} {r['rel_err']:>9.1e}")
         else:

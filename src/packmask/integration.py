@@ -23,7 +23,7 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .backends import AttentionSpec, attend, check_backend_name
+from .backends import AttentionSpec, attend, check_backend_name, current_request, decode
 from .errors import PackmaskError, UnsupportedModelError
 from .forward_inputs import NAME, close_forward_hook, derive_inputs_hook, uses_packmask
 from .guards import check_construction
@@ -192,6 +192,15 @@ def _chunked(layout, chunk: int, module):
 def packmask_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                        sliding_window=_ABSENT, softcap=None, **kwargs):
     """``AttentionInterface`` entry: one call per layer."""
+    route = None
+    if decode.may_take_a_route(attention_mask, kwargs) and not external_layout_required():
+        # a decode call: the route an earlier layer of this forward took (backends.decode)
+        route = decode.route_key(module, query, key, attention_mask, (
+            scaling, dropout, sliding_window, softcap, _mask_only_window(module), _chunk_size(module)),
+            current_request())
+        found = decode.remembered_route(attention_mask, route)
+        if found is not None:
+            return decode.decode_sdpa_attention(query, key, value, *found[:2], module.training, module, found[2]), None
     if sliding_window is _ABSENT:
         sliding_window = _mask_only_window(module)
     sinks = next((kwargs[name] for name in _SINK_KWARGS if kwargs.get(name) is not None), None)
@@ -242,7 +251,11 @@ def packmask_attention(module, query, key, value, attention_mask, scaling=None, 
         standard = attention_mask.standard_mask()
         if standard is not None and standard.dim() == 4 and standard.shape[-1] != kv_len:
             standard = standard[..., :kv_len]
-    out = attend(query, key, value, layout, spec, training=module.training, standard_mask=standard, module=module)
+    taken = {} if route is not None else None
+    out = attend(query, key, value, layout, spec, training=module.training, standard_mask=standard, module=module,
+                 source_mask=attention_mask if route is not None else None, route=taken)
+    if taken:  # a decode call on sdpa: the other layers of this forward take the same route
+        decode.remember_route(attention_mask, route, *taken["decode_sdpa"])
     return out, None
 
 

@@ -285,23 +285,19 @@ def analyse_mask(mask: torch.Tensor, batch_size: int | None = None, seq_len: int
     """
     m = _as_bool_mask(mask, batch_size, seq_len)
     B, N, K = m.shape
-    idx = torch.arange(N, device=m.device)
-    count = m.sum(-1)  # visible keys per query
-    if bool((count == 0).any()):
-        b, i = (torch.nonzero(count == 0)[0]).tolist()
-        raise PackmaskError(
-            f"attention_mask[{b}, {i}] lets query {i} of row {b} attend to no key (its softmax would be NaN). "
-            f"Every query needs at least one visible key; for padding tokens let each attend to itself "
-            f"(mask[b, i, i] = True) and give them label -100.")
     if K != N:  # new tokens over a KV cache: a draft tree (or a plain continuation, a one-branch tree)
-        tree = analyse_tree_mask(m, strict=True)
+        tree = analyse_tree_mask(m, strict=True)  # one host sync; a tree's queries all see themselves
         if tree is None:
+            _check_every_query_sees_a_key(m.sum(-1))
             raise PackmaskError(
                 f"attention_mask of shape {tuple(m.shape)} (past {K - N} + {N} new tokens) is not a tree over the "
                 f"cache: with a cache, packmask takes masks where every new token sees one contiguous run of cache "
                 f"columns ending at the last one (the same for the whole row), its ancestors in the tree and itself. "
                 f"Build it with packmask.tree_mask(parents, past_length), or use attn_implementation='sdpa'.")
         return tree
+    count = m.sum(-1)  # visible keys per query
+    _check_every_query_sees_a_key(count)
+    idx = torch.arange(N, device=m.device)
     m8 = m.to(torch.uint8)
     first = m8.argmax(-1)  # argmax returns the first maximal index
     last = (N - 1) - m8.flip(-1).argmax(-1)
@@ -328,6 +324,16 @@ def analyse_mask(mask: torch.Tensor, batch_size: int | None = None, seq_len: int
     # prefix of a shared VLM prompt) keep the forest's depths, which a sliding window is measured in
     lower = m & (idx[None, :] <= idx[:, None])
     return GeneralLayout(m, doc_ids, _forgetful_forest_positions(lower, torch.ones_like(row_lower), positions))
+
+
+def _check_every_query_sees_a_key(count: torch.Tensor) -> None:
+    """Raise naming the first query that may attend to no key (``count``: visible keys per query)."""
+    if bool((count == 0).any()):
+        b, i = (torch.nonzero(count == 0)[0]).tolist()
+        raise PackmaskError(
+            f"attention_mask[{b}, {i}] lets query {i} of row {b} attend to no key (its softmax would be NaN). "
+            f"Every query needs at least one visible key; for padding tokens let each attend to itself "
+            f"(mask[b, i, i] = True) and give them label -100.")
 
 
 def _forgetful_forest_positions(m: torch.Tensor, row_lower: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

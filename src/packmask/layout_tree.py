@@ -353,9 +353,28 @@ def analyse_tree_mask(m: torch.Tensor, *, strict: bool = False) -> TreeLayout | 
     if past < 0:
         raise PackmaskError(f"attention_mask has {K} key columns for {N} query tokens; expected past + {N}.")
     new = m[:, :, past:]
-    idx = torch.arange(N, device=m.device)
-    later = new & (idx[None, :] > idx[:, None])
-    if bool(later.any()):
+    # every condition is computed on the device and read back at once (one host sync per mask), in few
+    # launches: the forward of a small model is bound by the host, and this runs once per forward
+    later = new.triu(1)  # a token seeing a later token
+    lower = new.tril(-1)  # the earlier tokens each token sees: its ancestors, exactly when it is a tree
+    # each token's parent is the last earlier token it sees (-1: none, a root)
+    if N:
+        parent = (lower * torch.arange(1, N + 1, device=m.device)).amax(-1) - 1
+    else:
+        parent = torch.full((B, N), -1, dtype=torch.long, device=m.device)
+    has_parent = parent >= 0
+    parent_rows = torch.gather(new, 1, parent.clamp(min=0)[:, :, None].expand(B, N, N)) & has_parent[:, :, None]
+    # a tree: nothing later, every token sees itself, and its earlier tokens are exactly its parent's row
+    checks = [later.any(), new.diagonal(dim1=1, dim2=2).all(), parent_rows.eq(lower).all()]
+    if past:
+        first_row = m[:, :1, :past]
+        cache_start = past - first_row[:, 0].sum(-1)
+        # every query of a row sees the row's cache columns, and they are one run ending at the last one
+        checks += [(m[:, :, :past] == first_row).all(), (first_row[..., 1:] >= first_row[..., :-1]).all()]
+    else:
+        cache_start = torch.zeros(B, dtype=torch.long, device=m.device)
+    sees_later, *tree_checks = torch.stack(checks).tolist()
+    if sees_later:
         if strict:
             b, i, j = torch.nonzero(later)[0].tolist()
             raise PackmaskError(
@@ -363,23 +382,6 @@ def analyse_tree_mask(m: torch.Tensor, *, strict: bool = False) -> TreeLayout | 
                 f"{past + j} = past {past} + {j}); a draft-tree token may see only the cache, its ancestors and "
                 f"itself. Order the tree parents-first and build the mask with packmask.tree_mask(parents, past_length).")
         return None
-    if not bool(new.diagonal(dim1=1, dim2=2).all()):
+    if not all(tree_checks):
         return None
-    lower = new & (idx[None, :] < idx[:, None])
-    has_parent = lower.any(-1)
-    last = (N - 1) - lower.flip(-1).to(torch.uint8).argmax(-1)
-    parent = torch.where(has_parent, last, torch.full_like(last, -1))
-    parent_rows = torch.gather(new, 1, parent.clamp(min=0)[:, :, None].expand(B, N, N)) & has_parent[:, :, None]
-    if not bool(torch.equal(parent_rows | torch.eye(N, dtype=torch.bool, device=m.device)[None], new)):
-        return None
-    cache = m[:, :, :past]
-    cache_start = torch.full((B,), past, dtype=torch.long, device=m.device)
-    if past:
-        first_row = cache[:, :1]
-        if not bool((cache == first_row).all()):
-            return None
-        cache_start = past - first_row[:, 0].sum(-1)
-        expected = torch.arange(past, device=m.device)[None] >= cache_start[:, None]
-        if not bool(torch.equal(expected, first_row[:, 0])):
-            return None
     return TreeLayout(parent, cache_start, past, new.sum(-1) - 1)

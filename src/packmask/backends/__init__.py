@@ -63,13 +63,13 @@ import torch
 
 from ..errors import PackmaskError
 from ..layout import Layout
-from . import costs, cudnn, eager, flex, sdpa, varlen
+from . import costs, cudnn, decode, eager, flex, sdpa, varlen
 from . import tree_triton  # tree-kernel: the one-launch tree kernel (imports triton lazily)
 from .spec import AttentionSpec
 
 # The dispatcher's API. Kernels are imported from their modules (packmask.backends.varlen, .flex, ...).
 __all__ = ["AttentionSpec", "BACKENDS", "backend", "requested_backend", "choose_backend", "attend",
-           "available_backends", "describe_choice", "check_backend_name", "refresh_traced_request", "backend_module"]
+           "available_backends", "describe_choice", "check_backend_name", "refresh_traced_request", "backend_module", "current_request"]
 
 # Every backend that can be asked for, fastest first (cudnn is listed even when its optional extra is
 # missing: forcing it then says how to install it; available_backends() lists what runs here).
@@ -101,6 +101,11 @@ def backend(name: str):
     finally:
         _forced.reset(token)
         refresh_traced_request()
+
+
+def current_request() -> str | None:
+    """The backend a ``backend(...)`` block asks for here, None outside one (no model setting, no replay)."""
+    return _forced.get()
 
 
 # torch.compile cannot trace ContextVar.get: compiled layers read this mirror instead, which backend()
@@ -234,15 +239,38 @@ def describe_choice(layout: Layout | None, spec: AttentionSpec, q: torch.Tensor,
     return info
 
 
+def _chosen(layout, spec, q, training, requested, layers) -> str:
+    """:func:`choose_backend`, remembered on the forward's layout: every layer of a forward asks the same
+    question (same layout, features, shapes), so only the first pays for the refusals and the pricing."""
+    memo = getattr(layout, "_memo", None)
+    if memo is None or spec.sinks is not None or torch.compiler.is_compiling():
+        return choose_backend(layout, spec, q, training, requested, layers)
+    key = ("backend", requested, layers, training, spec.dropout > 0, spec.softcap is not None, spec.sliding_window,
+           spec.is_causal, q.device, q.dtype, tuple(q.shape[1:]), len(flex.softcap_compile_failure))
+    if key not in memo:
+        memo[key] = choose_backend(layout, spec, q, training, requested, layers)
+    return memo[key]
+
+
 def attend(q, k, v, layout: Layout | None, spec: AttentionSpec, *, training: bool = False,
-           standard_mask: torch.Tensor | None = None, module=None) -> torch.Tensor:
+           standard_mask: torch.Tensor | None = None, module=None, source_mask: torch.Tensor | None = None,
+           route: dict | None = None) -> torch.Tensor:
     """Run attention for one layer. ``layout`` None means the ordinary (unpacked) path, where
-    ``standard_mask`` is transformers' own 4D bool mask (or None for plain causal)."""
+    ``standard_mask`` is transformers' own 4D bool mask (or None for plain causal). ``source_mask``: the
+    caller's own mask the layout was analysed from (a decode call on sdpa runs it as is:
+    :mod:`packmask.backends.decode`); ``route`` (a dict) receives the mask and spec such a call ran with."""
     requested = requested_backend(module, layout)
-    name = choose_backend(layout, spec, q, training, requested, _layers(module))
+    name = _chosen(layout, spec, q, training, requested, _layers(module))
     if layout is None:
         run = eager.eager_attention if name == "eager" else sdpa.sdpa_attention
         return run(q, k, v, standard_mask, spec, training)
+    if name == "sdpa" and costs.is_decode_layout(layout) and not spec.bidirectional_window:
+        mask = decode.decode_mask(layout, source_mask, k.shape[2], spec.sliding_window).to(q.device)
+        mask = decode.additive_mask(layout, mask, q.dtype, k.shape[2], spec.sliding_window)  # once per forward
+        native_gqa = decode.gqa_in_place(q, k, v, mask)
+        if route is not None:
+            route["decode_sdpa"] = (mask, spec, native_gqa)
+        return decode.decode_sdpa_attention(q, k, v, mask, spec, training, module, native_gqa)
     if name == "flex" and spec.softcap is not None and requested == "auto":
         try:
             return flex.run(q, k, v, layout, spec, training)

@@ -23,7 +23,7 @@ from .spec import AttentionSpec
 from .tree import cache_split_pieces, tree_pieces
 
 __all__ = ["NAME", "refusal", "run", "varlen_available", "varlen_flat", "varlen_attention", "varlen_pieces_attention",
-           "tree_varlen_attention", "window_size", "gqa_native_varlen", "varlen_params"]
+           "tree_varlen_attention", "window_size", "gqa_native_varlen", "varlen_params", "merge_partial_attention"]
 
 NAME = "varlen"
 
@@ -201,26 +201,56 @@ def _varlen_lse(qf, kf, vf, cu_q, cu_k, max_q, max_k, causal: bool, scale: float
     return out, lse.float()
 
 
+def merge_partial_attention(out_a, lse_a, out_b, lse_b, dtype):
+    """Two attentions of the same queries over disjoint key sets, each softmax-normalised, merged exactly
+    into the attention over both: weights ``exp(lse_a - lse)`` and ``exp(lse_b - lse)``, ``lse`` their
+    log-sum-exp, i.e. ``w = sigmoid(lse_a - lse_b)`` and ``out = out_b + w (out_a - out_b)`` (one sigmoid and
+    one lerp, in fp32). ``out [T, H, D]``, ``lse [T, H]``; a part with ``lse = -inf`` weighs 0.
+
+    >>> s = torch.tensor([[[0.5, -1.0, 2.0, 0.0]]])            # one query's scores over 4 keys
+    >>> v = torch.arange(4.0).reshape(1, 1, 4, 1)              # the keys' values
+    >>> part = lambda cols: ((s[..., cols].softmax(-1)[..., None] * v[..., cols, :]).sum(-2), s[..., cols].logsumexp(-1))
+    >>> (oa, la), (ob, lb) = part([0, 1]), part([2, 3])
+    >>> whole = (s.softmax(-1)[..., None] * v).sum(-2)
+    >>> torch.allclose(merge_partial_attention(oa, la, ob, lb, torch.float32), whole)
+    True
+    """
+    w = torch.sigmoid(lse_a - lse_b)[..., None]
+    return torch.lerp(out_b.float(), out_a.float(), w).to(dtype)
+
+
+def _split_inputs(layout: TreeLayout, kv: int, device):
+    """The cache-split pieces on ``device`` with each gather as (row, column) indices into the layer's
+    ``[B, kv, Hkv, D]`` keys, and whether some row sees no cache: once per forward (cached on the layout)."""
+    key = ("split_inputs", kv, str(device))
+    if key not in layout._memo:
+        p = cache_split_pieces(layout, kv).to(device)
+        layout._memo[key] = (p, (p.cache_key_index // kv, p.cache_key_index % kv),
+                             (p.tree.key_index // kv, p.tree.key_index % kv), bool(p.no_cache.any()))
+    return layout._memo[key]
+
+
 def _split_cache_attention(q, k, v, layout: TreeLayout, spec) -> torch.Tensor:
     """Every query of a row attends to the row's visible cache (one non-causal piece per row: the
     cache is read once, not once per segment) and, separately, to its tree ancestors (pieces
-    without the cache); the two partial softmaxes are merged exactly by their log-sum-exps."""
+    without the cache); the two partial softmaxes are merged exactly by their log-sum-exps.
+
+    Per layer: four gathers straight from the layer's keys and values (no flattened copy of the whole
+    cache first), the two varlen calls, and the merge (:func:`merge_partial_attention`)."""
     B, H, N, D = q.shape
     kv = k.shape[2]
-    p = cache_split_pieces(layout, kv).to(q.device)
+    p, cache_at, tree_at, some_row_without_cache = _split_inputs(layout, kv, q.device)
     qf = q.transpose(1, 2).reshape(B * N, H, D)
-    kflat = k.transpose(1, 2).reshape(B * kv, k.shape[1], D)
-    vflat = v.transpose(1, 2).reshape(B * kv, v.shape[1], D)
-    out_c, lse_c = _varlen_lse(qf, kflat.index_select(0, p.cache_key_index), vflat.index_select(0, p.cache_key_index),
-                               p.cache_cu_seqlens_q, p.cache_cu_seqlens_k, N, max(p.cache_max_k, 1), False, spec.scale)
+    kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # [B, kv, Hkv, D] views, gathered from in place
+    out_c, lse_c = _varlen_lse(qf, kt[cache_at], vt[cache_at], p.cache_cu_seqlens_q, p.cache_cu_seqlens_k, N,
+                               max(p.cache_max_k, 1), False, spec.scale)
     t = p.tree
-    out_t, lse_t = _varlen_lse(qf, kflat.index_select(0, t.key_index), vflat.index_select(0, t.key_index),
-                               t.cu_seqlens_q, t.cu_seqlens_k, t.max_q, t.max_k, True, spec.scale)
-    lse_c = lse_c.masked_fill(p.no_cache[:, None], float("-inf"))  # a row with no cache: its cache part weighs 0
-    out_c = out_c.masked_fill(p.no_cache[:, None, None], 0.0)
-    lse = torch.logaddexp(lse_c, lse_t)
-    out = out_c.float() * (lse_c - lse).exp()[..., None] + out_t.float() * (lse_t - lse).exp()[..., None]
-    return out.to(q.dtype).view(B, N, H, D)
+    out_t, lse_t = _varlen_lse(qf, kt[tree_at], vt[tree_at], t.cu_seqlens_q, t.cu_seqlens_k, t.max_q, t.max_k, True,
+                               spec.scale)
+    if some_row_without_cache:  # its cache part is empty: it must weigh 0 (whatever the kernel left there)
+        lse_c = lse_c.masked_fill(p.no_cache[:, None], float("-inf"))
+        out_c = out_c.masked_fill(p.no_cache[:, None, None], 0.0)
+    return merge_partial_attention(out_c, lse_c, out_t, lse_t, q.dtype).view(B, N, H, D)
 
 
 def run(q, k, v, layout, spec: AttentionSpec, training: bool) -> torch.Tensor:
