@@ -2,7 +2,7 @@
 # Every GPU check and benchmark the open issues (21, 23, 24, 25) wait for, in stages that each fit one
 # device call (< 10 min). Run from the repository root on the GPU machine:
 #
-#   bash scripts/gpu_session.sh STAGE [STAGE ...]   # stages: env tests tests-all tests-models trees models hybrid-quick calibrate
+#   bash scripts/gpu_session.sh STAGE [STAGE ...]   # stages: env priority tests tests-all tests-models trees trees-again models hybrid-quick calibrate
 #                                                   model-trees hybrid-fast
 #
 # A session has 30 min of device time: in order of what the issues' done-when need, env+tests, tests-models (21),
@@ -64,18 +64,27 @@ for m in ("cudnn", "datasets", "trl", "fla"): print(m, "importable" if u.find_sp
     tests-models)  # the cuda-marked tests of hybrid and vision-language models
         step tests-models cuda 560 python3 -m pytest -q -p no:cacheprovider -m cuda -rs "${pytest_fast[@]}" \
             --junitxml="$OUT/tests-models/cuda.xml" tests/multimodal tests/recurrent tests/models tests/cli ;;
-    trees)  # issue 23: one-launch tree kernels, GRPO/DPO/agentic, draft-tree verification
-        # what the H200 run of 2026-12-05 left unmeasured first (GRPO, agentic, tree steps, kernels alone), then
-        # draft trees and DPO again (docs/benchmarks.md has them); each preference part in its own folder
-        step trees preference_grpo 200 python3 benchmarks/preference.py --steps 3 --cases grpo,agentic --out "$OUT/trees/grpo"
-        step trees tree_attention 120 env STEPS=4 python3 benchmarks/tree_attention.py
-        step trees tree_kernels 150 env HEAD_DIMS=64,128 python3 benchmarks/tree_kernels.py
-        step trees spec_decode 100 env ITERS=10 python3 benchmarks/spec_decode.py
-        step trees preference_dpo 150 python3 benchmarks/preference.py --steps 3 --cases ultrafeedback,long_prompt \
-            --out "$OUT/trees/dpo" ;;
-    hybrid-quick)  # issue 24's table in one short step: one 8192-token row, 2 warm steps, each method printed as it ends
-        step models hybrid_sft 200 python3 benchmarks/hybrid.py --model all --dist sft --rows 1 --steps 2 \
-            --out "$OUT/models/sft" ;;
+    priority)  # one call (~560 s) with what the open issues' done-when still lack, most needed first: the hybrid table
+        # (24), GRPO + agentic trees, the tree step, draft trees after the decode route (23)
+        step priority hybrid_sft 170 python3 benchmarks/hybrid.py --model all --dist sft --rows 1 --steps 2 \
+            --out "$OUT/priority/hybrid_sft"
+        step priority preference_grpo 200 python3 benchmarks/preference.py --steps 2 --cases grpo,agentic \
+            --out "$OUT/priority/grpo"
+        step priority tree_attention 90 env STEPS=3 python3 benchmarks/tree_attention.py
+        step priority spec_decode 90 env ITERS=5 python3 benchmarks/spec_decode.py ;;
+    trees)  # issue 23: what the H200 run of 2026-12-05 left unmeasured (GRPO, agentic, tree steps, kernels alone)
+        step trees preference_grpo 230 python3 benchmarks/preference.py --steps 3 --cases grpo,agentic --out "$OUT/trees/grpo"
+        step trees tree_attention 110 env STEPS=4 python3 benchmarks/tree_attention.py
+        step trees tree_kernels 130 env HEAD_DIMS=64,128 python3 benchmarks/tree_kernels.py ;;
+    trees-again)  # issue 23: draft trees and DPO (measured 2026-12-05; again after a change to auto or the cost table)
+        step trees-again spec_decode 100 env ITERS=10 python3 benchmarks/spec_decode.py
+        step trees-again preference_dpo 150 python3 benchmarks/preference.py --steps 3 --cases ultrafeedback,long_prompt \
+            --out "$OUT/trees-again/dpo" ;;
+    hybrid-quick)  # issue 24's table in one short step: one 8192-token row, 2 warm steps, each method printed as it
+        # ends; HYBRID_MODEL (qwen35, nemotron_h or all) and HYBRID_DIST (sft or long) pick the part
+        step models "hybrid_${HYBRID_MODEL:-all}_${HYBRID_DIST:-sft}" "${HYBRID_LIMIT:-200}" python3 benchmarks/hybrid.py \
+            --model "${HYBRID_MODEL:-all}" --dist "${HYBRID_DIST:-sft}" --rows 1 --steps 2 \
+            --out "$OUT/models/${HYBRID_MODEL:-all}_${HYBRID_DIST:-sft}" ;;
     models)  # issues 24 and 25: hybrids (both length distributions) and the Qwen2.5-VL-shaped VLM
         step models hybrid_sft 180 python3 benchmarks/hybrid.py --model all --dist sft --steps 3 --out "$OUT/models/sft"
         step models hybrid_long 150 python3 benchmarks/hybrid.py --model all --dist long --steps 3 --out "$OUT/models/long"
@@ -103,7 +112,7 @@ for m in ("cudnn", "datasets", "trl", "fla"): print(m, "importable" if u.find_sp
     calibrate)  # issue 23: the H200 cost table the dispatcher's `auto` reads, then auto against forced
         step calibrate table 420 python3 -m packmask.backends.calibrate --out "$OUT/calibrate/kernel_costs.json"
         step calibrate train_step 150 python3 benchmarks/train_step.py --dist sft --steps 4 --out "$OUT/calibrate" ;;
-    *) echo "unknown stage $stage (env tests tests-all tests-models trees models hybrid-quick calibrate model-trees hybrid-fast)"; exit 2 ;;
+    *) echo "unknown stage $stage (env priority tests tests-all tests-models trees trees-again models hybrid-quick calibrate model-trees hybrid-fast)"; exit 2 ;;
     esac
 done
 
