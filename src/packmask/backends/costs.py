@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 __all__ = ["BUCKETS", "KERNELS", "cache_path", "load_table", "estimate_ms", "choose_kernel", "write_table",
-           "choose_tree_kernel", "is_decode_layout", "DECODE_MAX_QUERIES"]
+           "choose_tree_kernel", "is_decode_layout", "DECODE_MAX_QUERIES", "TREE_MARGIN", "DECODE_MARGIN",
+           "margin_choice"]
 
 BUCKETS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 KERNELS = ("cudnn", "varlen", "flex")  # the kernels priced by the table (others are fallbacks)
@@ -139,8 +140,9 @@ def choose_kernel(candidates, layout, q: torch.Tensor, layers: int = 1) -> tuple
         return candidates[0], {"reason": "the cost table prices document layouts; the first candidate wins"}
     name = _device_name(q)
     table = load_table(name) if name else None
-    if table is None:
-        return candidates[0], {"reason": "no cost table for this GPU (python -m packmask.backends.calibrate)"}
+    if table is None or "rates" not in table:  # a table of tree rows only (calibrate --trees-only)
+        return candidates[0], {"reason": "no document rows in the cost table for this GPU "
+                                         "(python -m packmask.backends.calibrate)"}
     memo = layout._memo
     key = ("kernel_choice", tuple(priced), q.shape[1], q.shape[-1], layers)
     if key not in memo:
@@ -155,6 +157,32 @@ def choose_kernel(candidates, layout, q: torch.Tensor, layers: int = 1) -> tuple
 #: a tree layout over a KV cache with at most this many new tokens per row is a *decode* call (draft-tree
 #: verification): dense sdpa over the [B, 1, N, past + N] mask is what a user would write there
 DECODE_MAX_QUERIES = 256
+
+
+#: the table's tree rows time the kernels alone; whole training steps on the H200 (2026-12-05, d = 64) put
+#: tree_triton within 1% of varlen on DPO and the tree step but 5-7% behind on GRPO and agentic trees
+#: (docs/benchmarks.md), so another kernel replaces varlen only when its kernel time is this much faster
+TREE_MARGIN = 1.10
+#: a draft-tree verification forward is host-bound (H200, 2026-12-05: GPU busy 27 of 46 ms at batch 8), so
+#: a kernel's time alone undersells its launch cost: tree_triton, 1.4x faster than sdpa alone at batch 8 over
+#: an 8192-token cache, made the whole forward 0.88x. Dense sdpa stays unless another is this much faster.
+DECODE_MARGIN = 2.0
+
+
+def margin_choice(timed: dict, default: str, margin: float) -> str:
+    """The fastest of ``timed`` (ms), but ``default`` unless the fastest beats it by ``margin``.
+
+    >>> margin_choice({"varlen": 2.0, "tree_triton": 1.9}, "varlen", 1.10)
+    'varlen'
+    >>> margin_choice({"varlen": 2.0, "tree_triton": 1.5}, "varlen", 1.10)
+    'tree_triton'
+    >>> margin_choice({"tree_triton": 1.0, "eager": 3.0}, "varlen", 1.10)   # default not measured
+    'tree_triton'
+    """
+    best = min(timed, key=timed.get)
+    if default in timed and timed[best] * margin > timed[default]:
+        return default
+    return best
 
 
 def is_decode_layout(layout) -> bool:
@@ -173,10 +201,11 @@ def choose_tree_kernel(candidates, layout, q: torch.Tensor) -> tuple[str, dict]:
 
     ``decode`` rows (``python -m packmask.backends.calibrate``): per head dim, measured ms of each
     kernel on draft-tree verification shapes (batch, cache length); the nearest shape's fastest
-    candidate wins. Without them a decode call goes to ``sdpa`` with the dense mask (never slower
-    than the dense mask it replaces). ``tree`` rows: measured fwd+bwd ms on shared-prefix training
-    rows; without them the first candidate other than ``tree_triton``, which ``auto`` takes only once it
-    has been measured on this GPU (force it with ``packmask.backend("tree_triton")``).
+    candidate wins if it beats dense sdpa by :data:`DECODE_MARGIN`. Without them a decode call goes to
+    ``sdpa`` with the dense mask (what a user would write). ``tree`` rows: measured fwd+bwd ms on
+    shared-prefix training rows; another kernel replaces varlen when :data:`TREE_MARGIN` faster. Without
+    them the first candidate other than ``tree_triton``, which ``auto`` takes only once it has been
+    measured on this GPU (force it with ``packmask.backend("tree_triton")``).
 
     >>> from packmask.layout_tree import TreeLayout
     >>> draft = TreeLayout.from_parents(torch.tensor([[-1, 0, 0]]), past_length=100)
@@ -200,7 +229,7 @@ def choose_tree_kernel(candidates, layout, q: torch.Tensor) -> tuple[str, dict]:
         measured = _nearest(rows, layout.batch_size, layout.past)["ms"] if decode else rows
         timed = {c: measured[c] for c in candidates if measured.get(c) is not None}
         if timed:
-            best = min(timed, key=timed.get)
+            best = margin_choice(timed, "sdpa" if decode else "varlen", DECODE_MARGIN if decode else TREE_MARGIN)
             return best, {"reason": f"measured {'decode' if decode else 'tree'} rows of the cost table",
                           "measured_ms": timed, "source": table.get("source")}
     if decode and "sdpa" in candidates:
