@@ -151,7 +151,7 @@ def test_a_group_of_very_different_lengths_is_exact(family):
     alone_loss.backward()
     alone_grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
-    previous = configure(call_overhead_rows=100)
+    previous = configure(call_overhead_rows=100, cap_calls=False)  # 2 x 70 slots > the row's 73: uncapped
     calls = []
     try:
         model.zero_grad(set_to_none=True)
@@ -178,3 +178,31 @@ def test_a_group_of_very_different_lengths_is_exact(family):
     with torch.no_grad():  # control: the same row with no reset carries the long document's state into the short
         contaminated = model(input_ids=ids, use_cache=False).logits
     assert rel_err(contaminated[:, LONG:], alone_logits[:, LONG:]) > 1e-2
+
+
+@settings(max_examples=60, deadline=None)
+@given(LENGTHS, OVERHEADS, st.integers(1, 2000))
+def test_capped_groups_fit_and_cover_every_span_once(lengths, overhead, cap):
+    """No call holds more than ``max_call_tokens`` slots unless it is one sequence; each span once."""
+    groups = length_groups(_spans(lengths), overhead, cap)
+    members = sorted(i for g, _ in groups for i in g)
+    assert members == list(range(len(lengths)))
+    for g, longest in groups:
+        assert longest == max(lengths[i] for i in g)
+        assert len(g) == 1 or len(g) * longest <= cap
+
+
+def test_cap_splits_what_the_price_merges():
+    spans = _spans([100] * 10)
+    assert [len(g) for g, _ in length_groups(spans, 8)] == [10]  # control: uncapped, one call of 1000 slots
+    assert [len(g) for g, _ in length_groups(spans, 8, 300)] == [3, 3, 3, 1]
+
+
+def test_mixer_kinds_price_calls():
+    """Mamba2's state-space duality and short convolutions run every token at once ('vectorized'); gated
+    delta rules and Mamba1 loop ('looped'). On CUDA a looped call costs far more than a vectorized one."""
+    from packmask.recurrent.detect import find_mixers, mixer_kind
+    kinds = {fam: {mixer_kind(m) for _, m in find_mixers(tiny_model(fam))} for fam in ("qwen3_5_text", "mamba2", "mamba")}
+    assert kinds == {"qwen3_5_text": {"looped"}, "mamba2": {"vectorized"}, "mamba": {"looped"}}
+    assert call_overhead_rows_for("cuda", kind="vectorized") < 1 < call_overhead_rows_for("cuda", kind="looped")
+    assert call_overhead_rows_for("cuda", 3, kind="vectorized") == 3  # a number set by configure wins

@@ -44,27 +44,34 @@ import torch
 __all__ = ["CALL_OVERHEAD_ROWS", "call_overhead_rows_for", "cheapest_groups", "groups_cost", "length_groups",
            "group_index", "gather_tokens", "padded_length"]
 
-#: the price of one mixer call, in extra padded rows of the call's length, by device type. CUDA is
-#: launch-bound: transformers' torch kernels loop over 64-token chunks in Python, a few small launches
-#: per chunk whatever the batch. Estimated from benchmarks/hybrid.py on an H200 (bf16, Qwen3.5-shaped,
-#: hidden 2048, 2026-12-05): ~0.5 ms per chunk step and layer (fwd + bwd) against ~0.3 us per padded
-#: token of projections, i.e. a call of length L costs about 25 padded rows of L; 8 leaves a margin for
-#: kernels with less work per call (fla) and for memory. On CPU padded compute dominates: half a row
-#: keeps groups tight (close to the former rule, each member at least 0.75 of its group's longest).
-#: Devices not listed take the "cuda" value.
-CALL_OVERHEAD_ROWS = {"cpu": 0.5, "cuda": 8.0}
+#: the price of one mixer call, in extra padded rows of the call's length, by device type and by how the
+#: mixer's PyTorch code runs (:func:`packmask.recurrent.detect.mixer_kind`). ``looped`` mixers step through
+#: the tokens in Python (transformers' chunked gated delta rule: a few small launches per 64-token chunk,
+#: whatever the batch), so on CUDA a call is launch-bound: on an H200 (bf16, Qwen3.5-shaped, hidden 2048,
+#: 2026-12-05) ~0.5 ms per chunk step and layer (fwd + bwd) against ~0.3 us per padded token of
+#: projections, i.e. a call of length L costs about 25 padded rows of L; 8 leaves a margin for kernels
+#: with less work per call (fla) and for memory. Measured with it: 2 calls per layer instead of 7, 3.9x the
+#: contaminated run's tokens/s. ``vectorized`` mixers (Mamba2's state-space duality: every chunk at once;
+#: short convolutions) pay for padded tokens in compute *and* memory: on the same H200 a Nemotron-H-shaped
+#: model took 2.2 s and 103 GiB grouped into 2 calls, 1.46 s and 27 GiB as 18 calls (one per document),
+#: so a call there is worth a small fraction of a row. On CPU padded compute dominates for both.
+#: Devices not listed take the "cuda" values.
+CALL_OVERHEAD_ROWS = {"cpu": {"looped": 0.5, "vectorized": 0.5}, "cuda": {"looped": 8.0, "vectorized": 0.1}}
 
 
-def call_overhead_rows_for(device: torch.device | str, setting="auto") -> float:
-    """The price of a call on ``device``: ``setting`` if it is a number, else the device's default.
+def call_overhead_rows_for(device: torch.device | str, setting="auto", kind: str = "looped") -> float:
+    """The price of a call on ``device`` for a mixer of ``kind``: ``setting`` if it is a number, else the
+    default of :data:`CALL_OVERHEAD_ROWS`.
 
     >>> call_overhead_rows_for("cpu"), call_overhead_rows_for("cuda:0"), call_overhead_rows_for("cpu", 3)
     (0.5, 8.0, 3)
+    >>> call_overhead_rows_for("cuda", kind="vectorized")
+    0.1
     """
     if setting != "auto":
         return setting
-    kind = torch.device(device).type
-    return CALL_OVERHEAD_ROWS.get(kind, CALL_OVERHEAD_ROWS["cuda"])
+    prices = CALL_OVERHEAD_ROWS.get(torch.device(device).type, CALL_OVERHEAD_ROWS["cuda"])
+    return prices[kind]
 
 
 def groups_cost(lengths, cuts, call_overhead_rows: float) -> float:
@@ -135,13 +142,28 @@ def cheapest_groups(lengths, call_overhead_rows: float) -> list[int]:
     return cuts[::-1]
 
 
-def length_groups(spans, call_overhead_rows: float) -> list[tuple[list[int], int]]:
+def length_groups(spans, call_overhead_rows: float, max_call_tokens: int | None = None) -> list[tuple[list[int], int]]:
     """Groups of span indices ``(members, longest)``, longest first, partitioned by
-    :func:`cheapest_groups` (``spans`` are ``(row, start, end)``)."""
+    :func:`cheapest_groups` (``spans`` are ``(row, start, end)``). ``max_call_tokens``: a group whose
+    padded slots (members x longest) exceed it is split into consecutive groups that fit (at least one
+    member each), so no call holds more tokens than the packed batch itself: the mixer's activations then
+    peak no higher than an unpacked run over the same rows.
+
+    >>> length_groups([(0, 0, 4), (0, 4, 7), (0, 7, 8)], call_overhead_rows=8)
+    [([0, 1, 2], 4)]
+    >>> length_groups([(0, 0, 4), (0, 4, 7), (0, 7, 8)], call_overhead_rows=8, max_call_tokens=8)
+    [([0, 1], 4), ([2], 1)]
+    """
     order = sorted(range(len(spans)), key=lambda i: spans[i][1] - spans[i][2])  # longest first, stable
     lengths = [spans[i][2] - spans[i][1] for i in order]
     cuts = cheapest_groups(lengths, call_overhead_rows)
-    return [(order[start:end], lengths[start]) for start, end in zip(cuts, cuts[1:])]
+    groups = []
+    for start, end in zip(cuts, cuts[1:]):
+        longest = lengths[start]
+        fit = end - start if max_call_tokens is None else max(1, max_call_tokens // max(longest, 1))
+        for at in range(start, end, fit):
+            groups.append((order[at:min(at + fit, end)], lengths[at]))
+    return groups
 
 
 def padded_length(longest: int, forbidden: frozenset) -> int:
@@ -150,6 +172,8 @@ def padded_length(longest: int, forbidden: frozenset) -> int:
     while length in forbidden:
         length += 1
     return length
+
+
 def group_index(layout, spans, members, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(index [G, L], valid [G, L])``: flattened ``B * N`` token index of every slot (padding slots
     repeat the sequence's last token) and whether it holds a real token. Cached on the layout."""

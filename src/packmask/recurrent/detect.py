@@ -33,7 +33,8 @@ from functools import lru_cache
 
 import torch
 
-__all__ = ["RECURRENT_MODULE_PATTERN", "recurrent_module_names", "find_mixers", "is_sequence_conv", "attention_free"]
+__all__ = ["RECURRENT_MODULE_PATTERN", "recurrent_module_names", "find_mixers", "is_sequence_conv", "attention_free",
+           "mixer_kind"]
 
 #: class names of token-mixing layers other than attention (state-space, recurrent, linear attention)
 RECURRENT_MODULE_PATTERN = re.compile(
@@ -133,3 +134,24 @@ def find_mixers(model) -> list[tuple[str, torch.nn.Module]]:
 
     visit("", model)
     return found
+
+
+def mixer_kind(module) -> str:
+    """How a mixer's PyTorch code runs over the tokens, which prices its calls (:mod:`.batched`):
+    ``"vectorized"`` (every token at once: a convolution over the sequence, a short-convolution block, or
+    Mamba2's state-space duality, whose modeling file defines ``segment_sum`` to scan all chunks in
+    parallel) or ``"looped"`` (a Python loop over chunks or tokens: gated delta rules, Mamba1's selective
+    scan, RG-LRU, RWKV, ...). Read by feature, not by family name, so a new family is priced by its code.
+
+    >>> from packmask.testing import tiny_model
+    >>> [mixer_kind(m) for _, m in find_mixers(tiny_model("mamba"))]
+    ['looped', 'looped']
+    >>> mixer_kind(torch.nn.Conv1d(4, 4, 3, groups=4))
+    'vectorized'
+    """
+    import sys
+
+    if isinstance(module, torch.nn.Conv1d) or "ShortConv" in type(module).__name__:
+        return "vectorized"
+    defining = sys.modules.get(type(module).__module__)
+    return "vectorized" if callable(getattr(defining, "segment_sum", None)) else "looped"

@@ -54,6 +54,7 @@ from ..layout_tree import TreeLayout
 from ..segments import row_spans_from_cu_seqlens
 from .batched import call_overhead_rows_for, gather_tokens, group_index, length_groups, padded_length
 from .context import current_layout
+from .detect import mixer_kind
 from .settings import SETTINGS, configure
 from .tree_paths import tree_paths
 
@@ -87,15 +88,17 @@ def _row_spans(layout) -> list[tuple[int, int, int]]:
     return memo["row_spans"]
 
 
-def _groups(layout, spans, device) -> list[tuple[list[int], int]]:
-    """The calls for ``spans`` on ``device``: grouped by :func:`.batched.length_groups` (once per
-    forward, spans and price, on the layout's memo), or one per sequence with ``batched=False``."""
+def _groups(layout, spans, device, kind: str) -> list[tuple[list[int], int]]:
+    """The calls for ``spans`` on ``device`` for a mixer of ``kind`` (:func:`.detect.mixer_kind`): grouped
+    by :func:`.batched.length_groups` (once per forward, spans and price, on the layout's memo), no call
+    holding more tokens than the packed batch, or one per sequence with ``batched=False``."""
     if not SETTINGS["batched"]:
         return [([i], e - s) for i, (_, s, e) in enumerate(spans)]
-    overhead = call_overhead_rows_for(device, SETTINGS["call_overhead_rows"])
-    key = ("length_groups", overhead, tuple(spans))  # the spans too: a tree layout's paths, or its rows
+    overhead = call_overhead_rows_for(device, SETTINGS["call_overhead_rows"], kind)
+    cap = layout.batch_size * layout.seq_len if SETTINGS["cap_calls"] else None
+    key = ("length_groups", overhead, cap, tuple(spans))  # the spans too: a tree layout's paths, or its rows
     if key not in layout._memo:
-        layout._memo[key] = length_groups(spans, overhead)
+        layout._memo[key] = length_groups(spans, overhead, cap)
     return layout._memo[key]
 
 
@@ -144,6 +147,7 @@ class SegmentedForward:
         self.name = name
         self.module_class = type(module).__name__
         self.channels_first = isinstance(module, torch.nn.Conv1d)
+        self.kind = mixer_kind(module)  # prices its grouped calls (.batched)
         self.signature = inspect.signature(original)
         self.var_keyword = next((p.name for p in self.signature.parameters.values() if p.kind == p.VAR_KEYWORD), None)
         # padded lengths avoid these sizes, so an output's token axis is never mistaken (see .batched)
@@ -162,7 +166,7 @@ class SegmentedForward:
             arguments, extra = self._bind(layout, args, kwargs)
             paths = tree_paths(layout) if isinstance(layout, TreeLayout) else None  # shared-prefix rows
             spans = _row_spans(layout) if paths is None else paths.spans
-            groups = _groups(layout, spans, next(iter(arguments.values())).device)
+            groups = _groups(layout, spans, next(iter(arguments.values())).device, self.kind)
             return self._batched(layout, spans, groups, arguments, extra, paths)
         except _Refuse as why:
             raise UnsupportedModelError(

@@ -34,11 +34,11 @@ __all__ = ["SETTINGS", "PATHS", "configure", "checked_call_overhead"]
 PATHS = ("auto", "generic", "varlen")
 
 #: the current settings (read by :mod:`.segmented` and :mod:`.varlen`; change them with :func:`configure`)
-SETTINGS = {"batched": True, "path": "auto", "cpu_kernels": False, "call_overhead_rows": "auto"}
+SETTINGS = {"batched": True, "path": "auto", "cpu_kernels": False, "call_overhead_rows": "auto", "cap_calls": True}
 
 
 def configure(*, batched: bool | None = None, path: str | None = None, cpu_kernels: bool | None = None,
-              call_overhead_rows: float | str | None = None) -> dict:
+              call_overhead_rows: float | str | None = None, cap_calls: bool | None = None) -> dict:
     """Set how packed forwards run the mixers; returns the previous settings (see the module doc).
 
     ``batched``: the generic path groups sequences into a few right-padded calls (True, default;
@@ -46,7 +46,8 @@ def configure(*, batched: bool | None = None, path: str | None = None, cpu_kerne
     ``cpu_kernels``: let the kernel path run on CPU tensors (tests under ``TRITON_INTERPRET=1``).
     ``call_overhead_rows``: what one grouped call costs, in extra padded rows of its length (a number
     >= 0 for every device; ``"auto"``: the device's :data:`.batched.CALL_OVERHEAD_ROWS`). Larger
-    makes fewer, more padded calls.
+    makes fewer, more padded calls. ``cap_calls``: no grouped call holds more token slots than the packed
+    batch itself (True, default: the mixers' activations peak no higher than an unpacked run's).
 
     >>> configure(batched=False)["batched"], configure(batched=True)["batched"]
     (True, False)
@@ -60,7 +61,7 @@ def configure(*, batched: bool | None = None, path: str | None = None, cpu_kerne
     packmask.errors.PackmaskError: configure(call_overhead_rows=...) takes "auto" or a number >= 0, got -1.
     """
     previous = dict(SETTINGS)
-    for name, value in (("batched", batched), ("cpu_kernels", cpu_kernels)):
+    for name, value in (("batched", batched), ("cpu_kernels", cpu_kernels), ("cap_calls", cap_calls)):
         if value is not None:
             if not isinstance(value, bool):
                 raise PackmaskError(f"configure({name}=...) takes True or False, got {value!r}.")
