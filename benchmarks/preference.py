@@ -169,8 +169,16 @@ def grpo_step(policy, ref, kw, batch):
 
 
 def timed(step, batches, dev, warm, steps):
+    """``(examples/s, s/step, peak GiB, first s)``: the first step of the method (its kernels' and the
+    layout's warm-up) timed apart, then ``steps`` warm ones."""
+    first = 0.0
     for i in range(warm):
+        t = time.perf_counter()
         step(*batches[i % len(batches)][:2])
+        if i == 0:
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            first = time.perf_counter() - t
     if dev == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -184,7 +192,7 @@ def timed(step, batches, dev, warm, steps):
         torch.cuda.synchronize()
     dt = time.perf_counter() - t
     mem = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0
-    return n / dt, dt / steps, mem
+    return n / dt, dt / steps, mem, first
 
 
 def forced(name):
@@ -192,7 +200,7 @@ def forced(name):
 
 
 def run_method(step, backend, batches, dev, warm, steps):
-    """``(examples/s, s/step, peak GiB)``, or the refusal / failure as a string."""
+    """``(examples/s, s/step, peak GiB, first s)``, or the refusal / failure as a string."""
     try:
         with forced(backend):
             return timed(step, batches, dev, warm, steps)
@@ -316,7 +324,7 @@ def preference_case(kind, c, s, smoke, rng, tok, row, rows_per_step, policy, ref
             continue
         out = run_method(lambda kw, b: step(pol, rf, kw, b), backend, batches, dev, warm, steps)
         pol.zero_grad(set_to_none=True)
-        res["methods"][name] = (dict(examples_per_s=out[0], step_s=out[1], peak_gib=out[2]) if isinstance(out, tuple)
+        res["methods"][name] = (dict(examples_per_s=out[0], step_s=out[1], peak_gib=out[2], first_s=out[3]) if isinstance(out, tuple)
                                 else dict(refused=out) if out.startswith("refused") else dict(error=out))
     return res, ok
 
@@ -359,7 +367,8 @@ def agentic_case(c, s, smoke, rng, tok, row, rows_per_step, policy, sdpa_policy,
             continue
         out = run_method(lambda kw, b: grpo_step(pol, None, kw, b), backend, batches, dev, warm, steps)
         pol.zero_grad(set_to_none=True)
-        res["methods"][name] = (dict(examples_per_s=out[0] / per_group, step_s=out[1], peak_gib=out[2])
+        res["methods"][name] = (dict(examples_per_s=out[0] / per_group, step_s=out[1], peak_gib=out[2],
+                                     first_s=out[3])
                                 if isinstance(out, tuple) else dict(refused=out) if out.startswith("refused")
                                 else dict(error=out))
     return res, ok
@@ -370,14 +379,15 @@ def print_table(case, res):
     unit = "groups/s" if case in ("grpo", "agentic") else "examples/s"
     other = "paths" if case == "agentic" else "dup"
     print(f"\n{case}: ideal token ratio ({other}/tree) {res['ideal_token_ratio']:.2f}")
-    print(f"{'method':<14}{unit:>12}{'step s':>10}{'peak GiB':>10}{'tree / this':>13}")
+    print(f"{'method':<14}{unit:>12}{'step s':>10}{'first s':>10}{'peak GiB':>10}{'tree / this':>13}")
     tree = m.get("tree", {}).get("examples_per_s")
     for name, r in m.items():
         if "examples_per_s" not in r:
             print(f"{name:<14} {r.get('refused') or r.get('error')}")
             continue
         ratio = tree / r["examples_per_s"] if tree else float("nan")
-        print(f"{name:<14}{r['examples_per_s']:>12.2f}{r['step_s']:>10.3f}{r['peak_gib']:>10.2f}{ratio:>13.2f}")
+        print(f"{name:<14}{r['examples_per_s']:>12.2f}{r['step_s']:>10.3f}{r['first_s']:>10.3f}{r['peak_gib']:>10.2f}"
+              f"{ratio:>13.2f}")
 
 
 if __name__ == "__main__":
