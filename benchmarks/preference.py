@@ -102,8 +102,26 @@ def forest_batches(forest, row, rows_per_step, dup, dev):
         else:
             kw["attention_mask"] = batch["attention_mask"]
         n_ex = len(np.unique(sub.seg_example))
+        batch["row_fill"] = float(sub.row_lengths().sum() / (rows_per_step * row))  # real tokens / slots
         out.append((kw, batch, n_ex))
     return out
+
+
+def row_fill(batches):
+    """Mean share of the timed rows' token slots holding real tokens (None for padded batches)."""
+    fills = [b[1].get("row_fill") for b in batches if isinstance(b[1], dict)]
+    return float(np.mean(fills)) if fills and None not in fills else None
+
+
+def tree_rows(row, rows_per_step, tree_row):
+    """``(row, rows per step)`` for the tree methods: ``tree_row`` tokens a row (0: ``row``), as many rows a
+    step as keep the step's token slots equal to the other packed methods' (a tree larger than half a row
+    leaves the rest of it empty: longer rows fit more of them)."""
+    if not tree_row:
+        return row, rows_per_step
+    if (row * rows_per_step) % tree_row:
+        raise SystemExit(f"--tree-row {tree_row} must divide a step's {row * rows_per_step} token slots")
+    return tree_row, row * rows_per_step // tree_row
 
 
 def _row_slice(packed, a, b):
@@ -223,12 +241,15 @@ def main():
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--cases", default="ultrafeedback,long_prompt,grpo,agentic")
+    ap.add_argument("--tree-row", type=int, default=0,
+                    help="tokens per tree row (same token slots a step as the other packed methods; 0: --row's)")
     a = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() and not a.smoke else "cpu"
     smoke = dev == "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     s = 20 if smoke else 1                         # length shrink factor
     row, rows_per_step = (8192 // 16, 2) if smoke else (8192, 2)
+    tree_row = a.tree_row // (16 if smoke else 1)  # the smoke run shrinks rows 16x
     cfg = dict(vocab_size=512 if smoke else 32000, hidden_size=64 if smoke else 2048,
                intermediate_size=128 if smoke else 5632, num_hidden_layers=2 if smoke else 8,
                num_attention_heads=4 if smoke else 32, num_key_value_heads=2 if smoke else 4,
@@ -250,17 +271,18 @@ def main():
     env = dict(torch=torch.__version__, transformers=transformers.__version__, packmask=packmask.__version__,
                device=torch.cuda.get_device_name() if dev == "cuda" else "cpu", dtype=str(dtype),
                date=time.strftime("%Y-%m-%d"), row=row, rows_per_step=rows_per_step, layers=cfg["num_hidden_layers"],
-               hidden=cfg["hidden_size"], steps=steps, smoke=smoke)
+               hidden=cfg["hidden_size"], steps=steps, smoke=smoke, tree_row=tree_row or row)
     print(env)
     results, failed = {}, False
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     for case in a.cases.split(","):
         kind, c = cases[case]
         if kind == "agentic":
-            res, ok = agentic_case(c, s, smoke, rng, tok, row, rows_per_step, policy, sdpa_policy, dev, warm, steps, tol)
+            res, ok = agentic_case(c, s, smoke, rng, tok, row, rows_per_step, policy, sdpa_policy, dev, warm, steps, tol,
+                                   tree_row)
         else:
             res, ok = preference_case(kind, c, s, smoke, rng, tok, row, rows_per_step, policy, ref, sdpa_policy,
-                                      sdpa_ref, dev, warm, steps, tol)
+                                      sdpa_ref, dev, warm, steps, tol, tree_row)
         results[case] = res
         failed |= not ok
         print_table(case, res)
@@ -283,7 +305,7 @@ def check_sums(case, sums, tol):
 
 
 def preference_case(kind, c, s, smoke, rng, tok, row, rows_per_step, policy, ref, sdpa_policy, sdpa_ref, dev, warm,
-                    steps, tol):
+                    steps, tol, tree_row=0):
     G = c.get("G", 2)
     n = 24 if smoke else (200 if kind == "dpo" else 60)
     plen = lognormal(rng, n, c["p"] / s, c["sp"], 2, row // 4)
@@ -294,7 +316,7 @@ def preference_case(kind, c, s, smoke, rng, tok, row, rows_per_step, policy, ref
     ideal = float((plen * G + rlen.sum(1)).sum() / (plen + rlen.sum(1)).sum())
     step = dpo_step if kind == "dpo" else grpo_step
     pad_per_step = 8 if kind == "dpo" else 2
-    tree_batches = packed_batches(examples, row, rows_per_step, False, dev)
+    tree_batches = packed_batches(examples, *tree_rows(row, rows_per_step, tree_row), False, dev)
     methods = {name: (policy, ref, tree_batches, backend) for name, backend in TREE_KERNELS.items()}
     methods["dup_varlen"] = (policy, ref, packed_batches(examples, row, rows_per_step, True, dev), "auto")
     methods["trl_padded"] = (sdpa_policy, sdpa_ref, padded_batches(examples, pad_per_step, dev, True, kind == "grpo"),
@@ -324,18 +346,19 @@ def preference_case(kind, c, s, smoke, rng, tok, row, rows_per_step, policy, ref
             continue
         out = run_method(lambda kw, b: step(pol, rf, kw, b), backend, batches, dev, warm, steps)
         pol.zero_grad(set_to_none=True)
-        res["methods"][name] = (dict(examples_per_s=out[0], step_s=out[1], peak_gib=out[2], first_s=out[3]) if isinstance(out, tuple)
+        res["methods"][name] = (dict(examples_per_s=out[0], step_s=out[1], peak_gib=out[2], first_s=out[3],
+                                     row_fill=row_fill(batches)) if isinstance(out, tuple)
                                 else dict(refused=out) if out.startswith("refused") else dict(error=out))
     return res, ok
 
 
-def agentic_case(c, s, smoke, rng, tok, row, rows_per_step, policy, sdpa_policy, dev, warm, steps, tol):
+def agentic_case(c, s, smoke, rng, tok, row, rows_per_step, policy, sdpa_policy, dev, warm, steps, tol, tree_row=0):
     from _agentic import LEAVES, forests, padded_rollouts, rollout_group, rollout_totals
     n = 6 if smoke else 24
     groups = [rollout_group(rng, tok, c["ctx"] / s, c["reply"] / s) for _ in range(n)]
     tree_forest, paths_forest = forests(groups)
     ideal = float(paths_forest.seg_lengths.sum() / tree_forest.seg_lengths.sum())
-    tree_batches = forest_batches(tree_forest, row, rows_per_step, False, dev)
+    tree_batches = forest_batches(tree_forest, *tree_rows(row, rows_per_step, tree_row), False, dev)
     methods = {name: (policy, tree_batches, backend, 1) for name, backend in TREE_KERNELS.items()}
     methods["paths_varlen"] = (policy, forest_batches(paths_forest, row, rows_per_step, True, dev), "auto", LEAVES)
     methods["dense_padded"] = (sdpa_policy, padded_rollouts(groups, 1, dev), "auto", 1)
@@ -368,7 +391,7 @@ def agentic_case(c, s, smoke, rng, tok, row, rows_per_step, policy, sdpa_policy,
         out = run_method(lambda kw, b: grpo_step(pol, None, kw, b), backend, batches, dev, warm, steps)
         pol.zero_grad(set_to_none=True)
         res["methods"][name] = (dict(examples_per_s=out[0] / per_group, step_s=out[1], peak_gib=out[2],
-                                     first_s=out[3])
+                                     first_s=out[3], row_fill=row_fill(batches))
                                 if isinstance(out, tuple) else dict(refused=out) if out.startswith("refused")
                                 else dict(error=out))
     return res, ok
@@ -379,15 +402,16 @@ def print_table(case, res):
     unit = "groups/s" if case in ("grpo", "agentic") else "examples/s"
     other = "paths" if case == "agentic" else "dup"
     print(f"\n{case}: ideal token ratio ({other}/tree) {res['ideal_token_ratio']:.2f}")
-    print(f"{'method':<14}{unit:>12}{'step s':>10}{'first s':>10}{'peak GiB':>10}{'tree / this':>13}")
+    print(f"{'method':<14}{unit:>12}{'step s':>10}{'first s':>10}{'peak GiB':>10}{'row fill':>10}{'tree / this':>13}")
     tree = m.get("tree", {}).get("examples_per_s")
     for name, r in m.items():
         if "examples_per_s" not in r:
             print(f"{name:<14} {r.get('refused') or r.get('error')}")
             continue
         ratio = tree / r["examples_per_s"] if tree else float("nan")
+        fill = "-" if r.get("row_fill") is None else f"{r['row_fill']:.2f}"
         print(f"{name:<14}{r['examples_per_s']:>12.2f}{r['step_s']:>10.3f}{r['first_s']:>10.3f}{r['peak_gib']:>10.2f}"
-              f"{ratio:>13.2f}")
+              f"{fill:>10}{ratio:>13.2f}")
 
 
 if __name__ == "__main__":

@@ -74,6 +74,9 @@ for m in ("cudnn", "datasets", "trl", "fla"): print(m, "importable" if u.find_sp
         step priority spec_decode 90 env ITERS=5 python3 benchmarks/spec_decode.py ;;
     trees)  # issue 23: what the H200 run of 2026-12-05 left unmeasured (GRPO, agentic, tree steps, kernels alone)
         step trees preference_grpo 230 python3 benchmarks/preference.py --steps 3 --cases grpo,agentic --out "$OUT/trees/grpo"
+        # agentic trees (~5k tokens a group) fill 8192-token rows to 0.65: 16384-token tree rows (same slots a step)
+        step trees preference_agentic_16k 150 python3 benchmarks/preference.py --steps 3 --cases agentic --tree-row 16384 \
+            --out "$OUT/trees/agentic_16k"
         step trees tree_attention 110 env STEPS=4 python3 benchmarks/tree_attention.py
         step trees tree_kernels 130 env HEAD_DIMS=64,128 python3 benchmarks/tree_kernels.py ;;
     trees-again)  # issue 23: draft trees and DPO (measured 2026-12-05; again after a change to auto or the cost table)
