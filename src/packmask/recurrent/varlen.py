@@ -42,6 +42,7 @@ function, or that called a sequence convolution module directly, raises instead 
 """
 from __future__ import annotations
 
+import threading
 import types
 
 import torch
@@ -151,6 +152,9 @@ class MixerForward(SegmentedForward):
         super().__init__(module, original, name)
         self.module = module
         self._plan = None
+        # the kernel functions are swapped on this instance for one call: two threads running the same model
+        # must not see each other's boundaries (or restore each other's functions mid-call)
+        self._swap = threading.RLock()
 
     def plan(self):
         """:func:`kernel_plan` of this mixer, computed on first use (the kernels a process has do not change)."""
@@ -206,21 +210,23 @@ class MixerForward(SegmentedForward):
         plan, _ = self.plan()
         funcs = self.module.__dict__["_kernel_funcs"]
         replacements = {name: (cls(name) if cls is CacheOnly else cls(boundaries)) for name, (_, cls) in plan.items()}
-        saved = {name: funcs[name].__dict__.get("forward") for name in replacements}
-        guards = [m.register_forward_pre_hook(_refuse_conv_call) for m in self.module.modules() if is_sequence_conv(m)]
         call_args, call_kwargs = self._varlen_arguments(args, kwargs)
-        try:
-            for name, replacement in replacements.items():
-                funcs[name].forward = _bound(replacement, funcs[name])
-            out = self.original(*call_args, **call_kwargs)
-        finally:
-            for name, previous in saved.items():
-                if previous is None:
-                    funcs[name].__dict__.pop("forward", None)
-                else:
-                    funcs[name].forward = previous
-            for guard in guards:
-                guard.remove()
+        with self._swap:
+            saved = {name: funcs[name].__dict__.get("forward") for name in replacements}
+            guards = [m.register_forward_pre_hook(_refuse_conv_call) for m in self.module.modules()
+                      if is_sequence_conv(m)]
+            try:
+                for name, replacement in replacements.items():
+                    funcs[name].forward = _bound(replacement, funcs[name])
+                out = self.original(*call_args, **call_kwargs)
+            finally:
+                for name, previous in saved.items():
+                    if previous is None:
+                        funcs[name].__dict__.pop("forward", None)
+                    else:
+                        funcs[name].forward = previous
+                for guard in guards:
+                    guard.remove()
         missed = [name for name, r in replacements.items() if getattr(r, "calls", 1) == 0]
         if missed:
             raise PackmaskError(f"packmask's varlen path: {self.name} ({self.module_class}) ran without calling its "
