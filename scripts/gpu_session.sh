@@ -64,14 +64,16 @@ for m in ("cudnn", "datasets", "trl", "fla"): print(m, "importable" if u.find_sp
     tests-models)  # the cuda-marked tests of hybrid and vision-language models
         step tests-models cuda 560 python3 -m pytest -q -p no:cacheprovider -m cuda -rs "${pytest_fast[@]}" \
             --junitxml="$OUT/tests-models/cuda.xml" tests/multimodal tests/recurrent tests/models tests/cli ;;
-    priority)  # one call (~560 s) with what the open issues' done-when still lack, most needed first: the hybrid table
-        # (24), GRPO + agentic trees, the tree step, draft trees after the decode route (23)
-        step priority hybrid_sft 170 python3 benchmarks/hybrid.py --model all --dist sft --rows 1 --steps 2 \
-            --out "$OUT/priority/hybrid_sft"
-        step priority preference_grpo 200 python3 benchmarks/preference.py --steps 2 --cases grpo,agentic \
-            --out "$OUT/priority/grpo"
-        step priority tree_attention 90 env STEPS=3 python3 benchmarks/tree_attention.py
-        step priority spec_decode 90 env ITERS=5 python3 benchmarks/spec_decode.py ;;
+    priority)  # one call (~560 s) with what the last session could not measure, most needed first: every cuda
+        # test (the decode route's are new), the recurrent price by mixer kind and the call cap (24), agentic trees
+        # on 16k rows and draft trees with auto's new choices (23)
+        step priority cuda-all 180 python3 -m pytest -q -p no:cacheprovider -m cuda -rs "${pytest_fast[@]}" \
+            --junitxml="$OUT/priority/cuda-all.xml" tests
+        step priority hybrid_sft 150 python3 benchmarks/hybrid.py --model all --dist sft --rows 1 --steps 2 \
+            --methods packmask,contaminated --out "$OUT/priority/hybrid_sft"
+        step priority agentic_16k 100 python3 benchmarks/preference.py --steps 2 --cases agentic --tree-row 16384 \
+            --out "$OUT/priority/agentic_16k"
+        step priority spec_decode 90 env ITERS=10 python3 benchmarks/spec_decode.py ;;
     trees)  # issue 23: what the H200 run of 2026-12-05 left unmeasured (GRPO, agentic, tree steps, kernels alone)
         step trees preference_grpo 230 python3 benchmarks/preference.py --steps 3 --cases grpo,agentic --out "$OUT/trees/grpo"
         # agentic trees (~5k tokens a group) fill 8192-token rows to 0.65: 16384-token tree rows (same slots a step)
