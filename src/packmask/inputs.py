@@ -138,9 +138,10 @@ def layout_from_position_ids(position_ids: torch.Tensor, batch_size: int | None 
         padding = padding_mask
     if padding is None:
         return cached_on(pos, ("pos", B, causal, None), lambda: _documents_of_positions(pos.expand(B, N), None, causal))
-    key = ("pos", B, causal, id(padding), padding._version)
     build = lambda: (padding, _documents_of_positions(pos.expand(B, N), padding.bool(), causal))  # noqa: E731
-    return cached_on(pos, key, build)[1]
+    if padding.is_inference():  # no version counter (torch.inference_mode): not cached
+        return build()[1]
+    return cached_on(pos, ("pos", B, causal, id(padding), padding._version), build)[1]
 
 
 def _documents_of_positions(pos, padding, causal):

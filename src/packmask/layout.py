@@ -69,6 +69,8 @@ def cached_on(tensor: torch.Tensor, key, compute: Callable):
     owner = tensor
     while owner._base is not None:  # views (mask[:, None]) share their base's cache
         owner = owner._base
+    if owner.is_inference():  # torch.inference_mode: no version counter to see in-place edits, so no cache
+        return compute()
     store = owner.__dict__.setdefault("_packmask_cache", {})
     full_key = (key, tuple(tensor.shape), tensor.stride(), tensor.storage_offset(), owner._version)
     if full_key not in store:  # None ("nothing packed") is a result too, computed once
