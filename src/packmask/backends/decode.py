@@ -130,7 +130,8 @@ _UNUSUAL_KWARGS = frozenset({"s_aux", "sinks", "position_bias", "packmask_layout
 def may_take_a_route(mask, kwargs: dict) -> bool:
     """Whether a layer with this mask may reuse an earlier layer's route: a 4D mask with more key columns
     than queries (a cache), not an inference tensor (no version counter), no gradients (not training, not a
-    checkpointed layer's recomputation), not under ``torch.compile``, no sinks / bias / external layout in ``kwargs``. Cheap: checked first."""
+    checkpointed layer's recomputation), not under ``torch.compile``, no sinks / bias / external layout in
+    ``kwargs``. Cheap: checked first."""
     return (isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-1] > mask.shape[-2]
             and not mask.is_inference()  # torch.inference_mode: no version counter to key the route on
             and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
