@@ -104,7 +104,14 @@ def backend(name: str):
 
 
 def current_request() -> str | None:
-    """The backend a ``backend(...)`` block asks for here, None outside one (no model setting, no replay)."""
+    """The backend a ``backend(...)`` block asks for here, None outside one (no model setting, no replay).
+
+    >>> current_request() is None
+    True
+    >>> with backend("eager"):
+    ...     current_request()
+    'eager'
+    """
     return _forced.get()
 
 

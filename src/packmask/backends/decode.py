@@ -131,7 +131,15 @@ def may_take_a_route(mask, kwargs: dict) -> bool:
     """Whether a layer with this mask may reuse an earlier layer's route: a 4D mask with more key columns
     than queries (a cache), not an inference tensor (no version counter), no gradients (not training, not a
     checkpointed layer's recomputation), not under ``torch.compile``, no sinks / bias / external layout in
-    ``kwargs``. Cheap: checked first."""
+    ``kwargs``. Cheap: checked first.
+
+    >>> draft = torch.ones(1, 1, 3, 10, dtype=torch.bool)      # 3 draft tokens over 7 cached ones
+    >>> with torch.no_grad():
+    ...     may_take_a_route(draft, {}), may_take_a_route(draft[..., :3], {}), may_take_a_route(draft, {"sinks": 1})
+    (True, False, False)
+    >>> may_take_a_route(draft, {})                           # gradients on: every layer dispatches
+    False
+    """
     return (isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-1] > mask.shape[-2]
             and not mask.is_inference()  # torch.inference_mode: no version counter to key the route on
             and not torch.is_grad_enabled() and not torch.compiler.is_compiling()

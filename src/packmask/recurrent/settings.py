@@ -76,7 +76,15 @@ def configure(*, batched: bool | None = None, path: str | None = None, cpu_kerne
 
 
 def checked_call_overhead(value):
-    """``value`` if it is ``"auto"`` or a finite number >= 0, else a one-line :class:`PackmaskError`."""
+    """``value`` if it is ``"auto"`` or a finite number >= 0, else a one-line :class:`PackmaskError`.
+
+    >>> checked_call_overhead("auto"), checked_call_overhead(2.5)
+    ('auto', 2.5)
+    >>> checked_call_overhead(float("nan"))
+    Traceback (most recent call last):
+    ...
+    packmask.errors.PackmaskError: configure(call_overhead_rows=...) takes "auto" or a number >= 0, got nan.
+    """
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if value == "auto" or (number and math.isfinite(value) and value >= 0):
         return value
