@@ -195,6 +195,7 @@ def test_signal_mid_write_leaves_previous_output_untouched(tmp_path, big_jsonl, 
         time.sleep(0.005)
     process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=120)
+    print(stderr)  # whole, in the failure report (a native crash's traceback from faulthandler is long)
     assert process.returncode == (130 if signum == signal.SIGINT else 143), (process.returncode, stdout, stderr)
     assert ("interrupted" if signum == signal.SIGINT else "terminated") in stderr
     assert "Traceback" not in stderr

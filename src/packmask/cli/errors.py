@@ -7,7 +7,8 @@ Every error a user can act on is printed as one line, ``error: <problem> (fix: <
 """
 from __future__ import annotations
 
-__all__ = ["CLIError", "Terminated", "EXIT_USAGE", "EXIT_FAILED", "EXIT_SIGINT", "EXIT_SIGTERM"]
+__all__ = ["CLIError", "Terminated", "EXIT_USAGE", "EXIT_FAILED", "EXIT_SIGINT", "EXIT_SIGTERM", "STOPS",
+           "raise_if_stopped"]
 
 EXIT_USAGE = 2      # the user can fix it: bad path, column, option, record
 EXIT_FAILED = 1     # the command ran and found a problem (verify failed, a benchmark check failed) or crashed
@@ -32,3 +33,32 @@ class Terminated(KeyboardInterrupt):
     """Raised by the CLI's SIGTERM handler, so a ``kill`` unwinds like Ctrl-C: every ``finally``
     runs and a half-written temporary file is removed (a ``KeyboardInterrupt`` subclass, so no
     library's ``except Exception`` swallows it)."""
+
+
+#: the signals the CLI's handlers received (SIGINT / SIGTERM numbers). Their exception can land where Python
+#: swallows it (a ``__del__`` run by the garbage collector: "Exception ignored in ..."), so this record counts
+STOPS: list[int] = []
+
+_SIGTERM = 15
+
+
+def raise_if_stopped() -> None:
+    """:class:`Terminated` (SIGTERM) or :class:`KeyboardInterrupt` (Ctrl-C) if one arrived, even one whose
+    exception was swallowed: checked before outputs are committed and after a command returns, so a stop
+    never ends in a committed write.
+
+    >>> raise_if_stopped()
+    >>> STOPS.append(15)
+    >>> raise_if_stopped()
+    Traceback (most recent call last):
+    ...
+    packmask.cli.errors.Terminated
+    >>> STOPS[:] = [2]
+    >>> raise_if_stopped()
+    Traceback (most recent call last):
+    ...
+    KeyboardInterrupt
+    >>> STOPS.clear()
+    """
+    if STOPS:
+        raise Terminated() if _SIGTERM in STOPS else KeyboardInterrupt()

@@ -23,7 +23,7 @@ import sys
 import traceback
 from contextlib import contextmanager
 
-from .errors import EXIT_FAILED, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, CLIError, Terminated
+from .errors import EXIT_FAILED, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, STOPS, CLIError, Terminated, raise_if_stopped
 from .parser import OVERFLOWS, STRATEGIES, build_parser
 
 __all__ = ["main", "run", "CLIError", "build_parser", "STRATEGIES", "OVERFLOWS"]
@@ -34,26 +34,43 @@ def main(argv: list[str] | None = None) -> int:
     return run(build_parser().parse_args(argv))
 
 
-_TERMINATED: list[int] = []  # set by the handler: a library may swallow the exception but not this
-
-
 def _raise_terminated(signum, frame):
-    _TERMINATED.append(signum)
+    STOPS.append(signum)  # a library, or a __del__, may swallow the exception but not this
     raise Terminated()
+
+
+def _raise_interrupt(signum, frame):
+    STOPS.append(signum)
+    raise KeyboardInterrupt()
 
 
 @contextmanager
 def _sigterm_unwinds():
     """SIGTERM raises :class:`Terminated` (so ``finally`` blocks clean up) while a command runs."""
+    STOPS.clear()  # a command run in the same process after a stopped one starts afresh
     try:
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     except ValueError:  # not the main thread (e.g. called from a worker): leave signals alone
         yield
         return
+    # Ctrl-C keeps Python's behaviour (KeyboardInterrupt) but is recorded too, unless someone set their own
+    previous_int = signal.getsignal(signal.SIGINT)
+    if previous_int is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _raise_interrupt)
+    previous_hook = sys.unraisablehook
+
+    def quiet_stops(unraisable):  # a stop swallowed in a __del__ is recorded and acted on: no traceback for it
+        if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and STOPS):
+            previous_hook(unraisable)
+
+    sys.unraisablehook = quiet_stops
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if previous_int is signal.default_int_handler:
+            signal.signal(signal.SIGINT, previous_int)
+        sys.unraisablehook = previous_hook
 
 
 def run(args) -> int:
@@ -69,7 +86,9 @@ def run(args) -> int:
                 _quiet_libraries()
             module_name, function_name = args.run.split(":")
             command = getattr(importlib.import_module(f"{__package__}.{module_name}"), function_name)
-            return command(args, console)
+            status = command(args, console)
+            raise_if_stopped()  # a SIGTERM whose exception was swallowed still stops the command
+            return status
         except KeyboardInterrupt as stop:
             return _stopped(errors, stop)
         except CLIError as error:
@@ -80,7 +99,7 @@ def run(args) -> int:
         except Exception as error:  # noqa: BLE001 -- the last line of defence: no traceback unless --debug
             from ..errors import PackmaskError
 
-            stop = _interrupt_behind(error) or (Terminated() if _TERMINATED else None)
+            stop = _interrupt_behind(error) or (Terminated() if STOPS else None)
             if stop is not None:  # a library (Arrow, pandas) re-raised our Ctrl-C / SIGTERM as its own error
                 return _stopped(errors, stop)
 

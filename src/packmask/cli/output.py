@@ -24,7 +24,7 @@ import signal
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import CLIError
+from .errors import CLIError, raise_if_stopped
 from .inputs import suffix_of
 
 __all__ = ["AtomicOutputs", "json_safe", "check_output", "check_plot_path", "write_packed", "sidecar_path", "packed_metadata",
@@ -201,6 +201,7 @@ class AtomicOutputs:
     def _commit(self) -> None:
         for temporary, target in self._staged:
             _fsync(temporary)
+        raise_if_stopped()  # a SIGTERM swallowed on the way here (a __del__) still rolls the write back
         with _signals_held():
             for temporary, target in self._staged:
                 if temporary.is_dir() and target.is_dir():  # os.replace cannot replace a non-empty folder
@@ -253,8 +254,7 @@ def write_packed(packed, output: Path, metadata: dict, outputs: AtomicOutputs) -
         _write_parquet(packed, outputs.stage(output), metadata)
         return [output]
     if suffix in (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz"):
-        compression = "gzip" if suffix.endswith(".gz") else None
-        packed.to_json(str(outputs.stage(output)), lines=True, compression=compression)
+        write_json_lines(packed, outputs.stage(output), gzipped=suffix.endswith(".gz"))
         sidecar = sidecar_path(output)
         outputs.stage(sidecar).write_text(json.dumps(metadata, indent=2) + "\n")
         return [output, sidecar]
@@ -262,6 +262,39 @@ def write_packed(packed, output: Path, metadata: dict, outputs: AtomicOutputs) -
     packed.save_to_disk(str(folder))
     (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     return [output]
+
+
+def write_json_lines(packed, path: Path, gzipped: bool = False, batch_size: int = 1024) -> None:
+    """Write a :class:`datasets.Dataset` (its indices mapping respected) as JSON lines, one compact object
+    per row, read from Arrow a batch at a time.
+
+    Not ``Dataset.to_json``: its pandas encoder can crash the process (SIGSEGV) when Ctrl-C / SIGTERM
+    raises inside it, as the CLI's signal handler does mid-write; the standard ``json`` module unwinds,
+    so the staged file is removed and the previous output kept.
+
+    >>> import datasets, tempfile, os
+    >>> rows = datasets.Dataset.from_dict({"input_ids": [[5, 6, 7], [8]], "seq_lengths": [[2, 1], [1]]})
+    >>> path = Path(tempfile.mkdtemp()) / "rows.jsonl"
+    >>> write_json_lines(rows.select([1, 0]), path)
+    >>> print(path.read_text(), end="")
+    {"input_ids":[8],"seq_lengths":[1]}
+    {"input_ids":[5,6,7],"seq_lengths":[2,1]}
+    >>> write_json_lines(datasets.Dataset.from_dict({"w": [float("nan")], "t": ["NaN"]}), path)
+    >>> path.read_text()
+    '{"w":null,"t":"NaN"}\\n'
+    """
+    import gzip
+
+    def line(row) -> str:
+        text = json.dumps(row, separators=(",", ":"))
+        if "NaN" in text or "Infinity" in text:  # a non-finite float (or those words in a string): null, not NaN
+            text = json.dumps(json_safe(row), separators=(",", ":"))
+        return text + "\n"
+
+    opener = gzip.open if gzipped else open
+    with opener(path, "wt", encoding="utf-8") as file:
+        for table in packed.with_format("arrow").iter(batch_size=batch_size):
+            file.write("".join(line(row) for row in table.to_pylist()))
 
 
 def json_safe(value):
