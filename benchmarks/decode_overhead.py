@@ -30,6 +30,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import packmask
 from _report import finish
+from spec_decode import draft_parents  # the same draft tree as the end-to-end benchmark
 from packmask.backends import AttentionSpec, choose_backend
 from packmask.host_syncs import count_host_syncs
 from packmask.inputs import layout_from_mask
@@ -40,15 +41,6 @@ PAST = int(os.environ.get("PAST", 256))
 DRAFT = 64
 BATCH = int(os.environ.get("BATCH", 1))
 REPS = int(os.environ.get("REPS", 300))
-
-
-def draft_parents(n=DRAFT, seed=0):  # as benchmarks/spec_decode.py
-    g = torch.Generator().manual_seed(seed)
-    parents = [-1, -1, -1, -1]
-    while len(parents) < n:
-        i = len(parents)
-        parents.append(int(torch.randint(max(0, i - 6), i, (1,), generator=g)))
-    return torch.tensor(parents)
 
 
 def per_call_us(fn, reps=REPS, rounds=5):
